@@ -1,0 +1,8 @@
+"""Layer-wise sharpness-aware minimization for the Hugging Face `Trainer` (Lee, KDD 2024, arXiv 2503.14205)."""
+
+from .config import LWSAMConfig
+from .selection import select_layers
+from .trainer import LWSAMTrainer
+
+__all__ = ["LWSAMConfig", "LWSAMTrainer", "select_layers"]
+__version__ = "0.1.0"

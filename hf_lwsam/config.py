@@ -1,0 +1,162 @@
+"""`LWSAMConfig`: `TrainingArguments` plus the `sam_*` options of layer-wise SAM."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+SELECTION_MODES = ("pattern", "all", "probe")
+PROBE_METRICS = ("grad_norm", "grad_norm_per_param")
+
+# Optimizers that step inside backward hooks: there is no `.grad` left for a second pass to fill.
+_UNSUPPORTED_OPTIMIZERS = (
+    "lomo",
+    "adalomo",
+    "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise",
+    "galore_adafactor_layerwise",
+    "apollo_adamw_layerwise",
+)
+
+
+def _deepspeed_zero_stage(deepspeed: dict | str | None) -> int:
+    """The ZeRO stage of a DeepSpeed config given as a dict, a JSON string or a JSON file path (0 if none)."""
+    if not deepspeed:
+        return 0
+    config: Any = deepspeed
+    if isinstance(deepspeed, str):
+        if os.path.isfile(deepspeed):
+            with open(deepspeed, encoding="utf-8") as f:
+                config = json.load(f)
+        else:
+            try:
+                config = json.loads(deepspeed)
+            except json.JSONDecodeError:
+                return 0  # let transformers report an unreadable config
+    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else 0
+    return int(stage) if str(stage).isdigit() else 0
+
+
+@dataclass
+class LWSAMConfig(TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] for [`LWSAMTrainer`]: every stock option plus the `sam_*` options of
+    layer-wise sharpness-aware minimization (Lee, KDD 2024, arXiv 2503.14205).
+
+    Parameters:
+        sam_rho (`float`, *optional*, defaults to `0.05`):
+            Perturbation radius rho: the ascent step is `rho * g_S / ||g_S||`. Must be >= 0.
+        sam_selection (`str`, *optional*, defaults to `"pattern"`):
+            Which parameters are perturbed. `"pattern"`: the layers named by `sam_target_layers` (output-side default
+            when unset); `"all"`: conventional SAM over every trainable parameter; `"probe"`: the layers with the
+            largest measured gradient norms.
+        sam_target_layers (`list[str]` or `str`, *optional*):
+            Modules to perturb, matched against `model.named_modules()` like PEFT's `target_modules`: a string is a
+            regular expression matched with `re.fullmatch`; a list matches a module whose name equals an entry or ends
+            with `"." + entry`. Every trainable parameter under a matched module is perturbed. When unset: the last
+            block of the model's repeated-block trunk, the final norm and the task head (an output embedding tied to
+            the input embedding is left out).
+        sam_exclude_layers (`list[str]` or `str`, *optional*):
+            Modules removed from the selection, same matching rules.
+        sam_adaptive (`bool`, *optional*, defaults to `False`):
+            ASAM's scale-invariant ascent `rho * |w|^2 g / || |w| g ||` over the selected parameters.
+    """
+
+    sam_rho: float = field(
+        default=0.05,
+        metadata={"help": "SAM perturbation radius rho (>= 0): the ascent step is rho * g_S / ||g_S||."},
+    )
+    sam_selection: str = field(
+        default="pattern",
+        metadata={
+            "help": "Which parameters to perturb: 'pattern' (the layers named by --sam_target_layers, output-side "
+            "default when unset), 'all' (conventional SAM) or 'probe' (largest measured gradient norms).",
+            "choices": list(SELECTION_MODES),
+        },
+    )
+    sam_target_layers: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to perturb, PEFT target_modules semantics: one value is a regex matched with "
+            "re.fullmatch against module names; several values match a name exactly or as a dotted suffix. "
+            "Default: the last trunk block + final norm + task head (untied).",
+            "nargs": "+",
+        },
+    )
+    sam_exclude_layers: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Modules to leave unperturbed, same matching rules as --sam_target_layers.", "nargs": "+"},
+    )
+    sam_adaptive: bool = field(
+        default=False,
+        metadata={"help": "Use ASAM's scale-invariant perturbation rho * |w|^2 g / || |w| g || over the selection."},
+    )
+
+    def __post_init__(self):
+        # As in TRL's ModelConfig: a single command-line value is a regex, several are names.
+        for name in ("sam_target_layers", "sam_exclude_layers"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str):
+                setattr(self, name, value[0])
+        # Before the stock checks, so an unsupported setup (FSDP, ZeRO-2/3) is refused with our message.
+        self._validate_sam()
+        super().__post_init__()
+        self._refuse_reentrant_checkpointing()  # after the stock gradient_* -> activation_* aliasing
+
+    def _validate_sam(self) -> None:
+        if not isinstance(self.sam_rho, (int, float)) or not self.sam_rho >= 0:
+            raise ValueError(f"sam_rho={self.sam_rho!r} is invalid: the perturbation radius must be >= 0 (e.g. 0.05).")
+        if self.sam_selection not in SELECTION_MODES:
+            raise ValueError(
+                f"sam_selection={self.sam_selection!r} is unknown: use one of {', '.join(map(repr, SELECTION_MODES))}."
+            )
+        if self.sam_selection == "probe":
+            raise ValueError(
+                "sam_selection='probe' (automatic selection by gradient-norm probing) is not available in this "
+                "version: use sam_selection='pattern' with sam_target_layers, or 'all'."
+            )
+        for name in ("sam_target_layers", "sam_exclude_layers"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not (
+                isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value)
+            ):
+                raise ValueError(
+                    f"{name}={value!r} is invalid: pass a regex string or a non-empty list of module names."
+                )
+        self._refuse_unsupported_setups()
+
+    def _refuse_unsupported_setups(self) -> None:
+        supported = "Supported: single device, DDP (torchrun / accelerate launch) and DeepSpeed ZeRO stage 0-1."
+        if self.fsdp:
+            raise ValueError(
+                f"fsdp={self.fsdp!r} is not supported by LWSAMTrainer yet: the perturbation needs whole, unsharded "
+                f"gradients of the selected layers. {supported} Drop --fsdp."
+            )
+        stage = _deepspeed_zero_stage(self.deepspeed)
+        if stage >= 2:
+            raise ValueError(
+                f"DeepSpeed ZeRO stage {stage} (deepspeed={self.deepspeed!r}) is not supported by LWSAMTrainer: "
+                f"ZeRO-2/3 partition gradients and parameters. {supported} Set zero_optimization.stage to 0 or 1."
+            )
+        optim = getattr(self.optim, "value", self.optim)
+        if optim in _UNSUPPORTED_OPTIMIZERS:
+            raise ValueError(
+                f"optim={optim!r} is not supported by LWSAMTrainer: it updates weights inside the backward pass, so "
+                "the perturbed step cannot be taken. Use a standard optimizer such as optim='adamw_torch'."
+            )
+
+    def _refuse_reentrant_checkpointing(self) -> None:
+        enabled = getattr(self, "activation_checkpointing", self.gradient_checkpointing)
+        kwargs = getattr(self, "activation_checkpointing_kwargs", self.gradient_checkpointing_kwargs)
+        if isinstance(kwargs, str):
+            kwargs = json.loads(kwargs)
+        if enabled and (kwargs or {}).get("use_reentrant", False):
+            raise ValueError(
+                "activation_checkpointing_kwargs={'use_reentrant': True} is not supported by LWSAMTrainer: reentrant "
+                "checkpointing cannot back-propagate to a subset of parameters. Use "
+                "{'use_reentrant': False} (the transformers default)."
+            )

@@ -1,0 +1,171 @@
+"""`LWSAMTrainer`: the stock `Trainer` with a layer-wise SAM `training_step`. The math lives in `sam.py`."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
+
+from .config import LWSAMConfig
+from .sam import Perturbation, ascent_direction
+from .selection import layer_parameters, select_layers
+
+logger = logging.get_logger(__name__)
+
+
+def as_lwsam_config(args: TrainingArguments) -> LWSAMConfig:
+    """A plain `TrainingArguments` converted to `LWSAMConfig` with the SAM defaults."""
+    if isinstance(args, LWSAMConfig):
+        return args
+    values = {f.name: getattr(args, f.name) for f in fields(args) if f.init and hasattr(args, f.name)}
+    return LWSAMConfig(**values)
+
+
+class LWSAMTrainer(Trainer):
+    r"""
+    A drop-in [`~transformers.Trainer`] that trains with layer-wise sharpness-aware minimization.
+
+    Every micro-batch takes two passes: the ascent gradient g_S of the selected parameters S at w (a truncated
+    backward that leaves `.grad` alone), then the stock `training_step` at w + e_S, after which S is restored
+    bit-exactly. The optimizer, scheduler, clipping and checkpointing are the stock ones.
+
+    Args:
+        args ([`LWSAMConfig`] or [`~transformers.TrainingArguments`], *optional*):
+            Training options; a plain `TrainingArguments` is converted to `LWSAMConfig` with the SAM defaults.
+        *other arguments*: as for [`~transformers.Trainer`].
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *a: Any, **kw: Any):
+        if args is None:
+            args = LWSAMConfig(output_dir="trainer_output")
+        super().__init__(model, as_lwsam_config(args), *a, **kw)
+        self._sam_layers = self._select_sam_layers()  # validates the patterns now, not at the first step
+        self._sam_params: list[tuple[str, nn.Parameter]] | None = None
+        self._sam_window: dict[str, Any] = {}
+        self._sam_last_log_step = 0
+
+    # ----------------------------------------------------------------------------------------------- selection
+    def _select_sam_layers(self) -> list[str] | None:
+        """Layer names for `"pattern"`, `None` for `"all"` (every trainable parameter)."""
+        if self.args.sam_selection == "all":
+            return None
+        return select_layers(self.model, self.args.sam_target_layers, self.args.sam_exclude_layers)
+
+    def _sam_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        if self._sam_params is None:
+            if self._sam_layers is None:
+                self._sam_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+                layers = "all trainable parameters"
+            else:
+                self._sam_params = layer_parameters(self.model, self._sam_layers)
+                layers = ", ".join(self._sam_layers)
+            numel = sum(p.numel() for _, p in self._sam_params)
+            logger.info(f"LW-SAM perturbs {len(self._sam_params)} tensors ({numel:,} parameters): {layers}")
+        return self._sam_params
+
+    def perturbed_parameter_names(self) -> list[str]:
+        """Names, as in `model.named_parameters()` of the model given to the trainer, of the parameters the current
+        step perturbs."""
+        return [name for name, _ in self._sam_parameters()]
+
+    @property
+    def num_perturbed_layers(self) -> int:
+        """How many layers (modules owning trainable parameters) the current step perturbs."""
+        if self._sam_layers is not None:
+            return len(self._sam_layers)
+        return sum(1 for m in self.model.modules() if any(p.requires_grad for p in m.parameters(recurse=False)))
+
+    # ---------------------------------------------------------------------------------------------------- step
+    def _loss_as_stock(self, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+        """Normalise a `compute_loss` result exactly as the stock `training_step` does before backward."""
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_ga is None:
+            scaled_for_ga = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        if not scaled_for_ga:
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
+
+    def _ascent_gradient(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any, params: list[nn.Parameter]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """Pass 1 at w: the clean loss and g_S, through a backward truncated at S. Leaves `.grad` untouched and
+        never all-reduces (each process perturbs with its own micro-batch gradient)."""
+        with self.accelerator.no_sync(model):
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)
+            loss = self._loss_as_stock(loss, num_items_in_batch)
+            scaler = getattr(self.accelerator, "scaler", None)
+            # fp16: differentiate the scaled loss so small gradients don't underflow; e_S is scale-free.
+            target = scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
+            grads = torch.autograd.grad(target, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        scale = scaler.get_scale() if target is not loss else 1.0
+        return loss.detach(), grads, scale
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """One layer-wise SAM micro-batch: ascent on S, the stock step at w + e_S, then S restored.
+
+        Returns the clean (unperturbed) loss, normalised as the stock step normalises it.
+        """
+        model.train()
+        params = [p for _, p in self._sam_parameters()]
+        clean_loss, grads, grad_scale = self._ascent_gradient(model, inputs, num_items_in_batch, params)
+        # The pass-1 graph is gone here: `loss` went out of scope and autograd.grad freed what it traversed.
+        steps, norm = ascent_direction(params, grads, self.args.sam_rho, self.args.sam_adaptive)
+        del grads
+        skipped = steps is None  # non-finite g_S (fp16 overflow): a plain step for this micro-batch
+        perturbation = Perturbation.apply(params, steps)
+        del steps
+        try:
+            perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            perturbation.restore()  # bit-exact, also when pass 2 raises
+        self._record_step(clean_loss, perturbed_loss, norm / grad_scale, skipped=skipped)
+        return clean_loss
+
+    # ------------------------------------------------------------------------------------------------- logging
+    def _record_step(self, clean: torch.Tensor, perturbed: torch.Tensor, norm: float, skipped: bool) -> None:
+        w = self._sam_window
+        w["clean"] = w.get("clean", 0.0) + clean.float()
+        w["perturbed"] = w.get("perturbed", 0.0) + perturbed.float()
+        if not skipped:
+            w["grad_norm"] = w.get("grad_norm", 0.0) + norm
+        w["skipped"] = w.get("skipped", 0) + int(skipped)
+        w["micro_batches"] = w.get("micro_batches", 0) + 1
+
+    def _window_metrics(self) -> dict[str, float]:
+        """`sam/*` averages over the logging window; losses on the scale of the stock `loss` (per optimizer step)."""
+        w, self._sam_window = self._sam_window, {}
+        steps = max(self.state.global_step - self._sam_last_log_step, 1)
+        self._sam_last_log_step = self.state.global_step
+        sums = torch.stack([torch.as_tensor(w[k], dtype=torch.float32, device=self.args.device) for k in
+                            ("clean", "perturbed")] + [torch.tensor(float(w.get(k, 0.0)), device=self.args.device)
+                                                        for k in ("grad_norm", "skipped", "micro_batches")])
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="mean")
+        clean, perturbed, grad_norm, skipped, micro_batches = sums.tolist()
+        used = max(micro_batches - skipped, 1e-12)
+        return {
+            "sam/loss_perturbed": round(perturbed / steps, 4),
+            "sam/sharpness": round((perturbed - clean) / steps, 6),
+            "sam/grad_norm_selected": round(grad_norm / used, 6),
+            "sam/num_perturbed_layers": float(self.num_perturbed_layers),
+            "sam/skipped": skipped,
+        }
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the `sam/*` window averages to the training logs, then log as the stock `Trainer` does."""
+        if "loss" in logs and self._sam_window:
+            logs.update(self._window_metrics())
+        super().log(logs, start_time)
+

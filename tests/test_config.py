@@ -1,0 +1,79 @@
+"""`LWSAMConfig` validation and the trainer's construction-time checks: clear `ValueError`s, never `assert`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from conftest import shakespeare_lm_dataset, tiny_gpt2
+from hf_lwsam import LWSAMConfig, LWSAMTrainer
+
+
+def _config(tmp_path, **kwargs) -> LWSAMConfig:
+    return LWSAMConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sam_rho=-0.1), r"sam_rho=-0.1 is invalid: the perturbation radius must be >= 0"),
+        (dict(sam_rho=float("nan")), r"sam_rho=nan is invalid"),
+        (dict(sam_selection="everything"), r"sam_selection='everything' is unknown: use one of 'pattern', 'all'"),
+        (dict(sam_selection="probe"), r"sam_selection='probe' .* is not available in this version"),
+        (dict(sam_target_layers=[]), r"sam_target_layers=\[\] is invalid: pass a regex string or a non-empty list"),
+        (dict(sam_exclude_layers=[3]), r"sam_exclude_layers=\[3\] is invalid"),
+        (dict(fsdp="full_shard"), r"fsdp='full_shard' is not supported by LWSAMTrainer yet.* Drop --fsdp"),
+        (dict(deepspeed={"zero_optimization": {"stage": 2}}),
+         r"DeepSpeed ZeRO stage 2 .* Set zero_optimization.stage to 0 or 1"),
+        (dict(deepspeed=json.dumps({"zero_optimization": {"stage": 3}})), r"DeepSpeed ZeRO stage 3"),
+        (dict(optim="lomo"), r"optim='lomo' is not supported by LWSAMTrainer.* optim='adamw_torch'"),
+        (dict(optim="galore_adamw_layerwise"), r"optim='galore_adamw_layerwise' is not supported"),
+        (dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True}),
+         r"'use_reentrant': True\} is not supported.*'use_reentrant': False"),
+        (dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}),
+         r"'use_reentrant': True\} is not supported"),
+    ],
+)
+def test_bad_config_raises_value_error(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **kwargs)
+
+
+def test_deepspeed_zero_stage_from_a_json_file(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO stage 2"):
+        _config(tmp_path, deepspeed=str(path))
+
+
+def test_defaults_and_non_reentrant_checkpointing_are_accepted(tmp_path):
+    config = _config(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
+    assert (config.sam_rho, config.sam_selection, config.sam_adaptive) == (0.05, "pattern", False)
+    assert config.sam_target_layers is None and config.sam_exclude_layers is None
+
+
+def test_hf_argument_parser_exposes_sam_flags():
+    (config,) = HfArgumentParser(LWSAMConfig).parse_args_into_dataclasses(
+        ["--output_dir", "o", "--sam_rho", "0.1", "--sam_selection", "all", "--sam_adaptive",
+         "--sam_target_layers", "h.4", "h.5", "--sam_exclude_layers", r".*ln_.*", "--report_to", "none"]
+    )
+    assert config.sam_rho == 0.1 and config.sam_selection == "all" and config.sam_adaptive
+    assert config.sam_target_layers == ["h.4", "h.5"]  # several values: names
+    assert config.sam_exclude_layers == r".*ln_.*"  # one value: a regex, as in TRL
+    help_text = HfArgumentParser(LWSAMConfig).format_help()
+    assert "--sam_rho" in help_text and "perturbation radius" in help_text
+
+
+def test_plain_training_arguments_are_converted(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, report_to="none", use_cpu=True)
+    trainer = LWSAMTrainer(model=tiny_gpt2(), args=args, train_dataset=shakespeare_lm_dataset(4))
+    assert isinstance(trainer.args, LWSAMConfig)
+    assert trainer.args.learning_rate == 3e-4 and trainer.args.sam_rho == 0.05
+    assert trainer.perturbed_parameter_names()[0] == "transformer.h.2.ln_1.weight"
+
+
+def test_trainer_rejects_unmatched_patterns_at_construction(tmp_path):
+    with pytest.raises(ValueError, match=r"sam_target_layers='blocks.9' matches no module of GPT2LMHeadModel"):
+        LWSAMTrainer(model=tiny_gpt2(), args=_config(tmp_path, sam_target_layers="blocks.9"))

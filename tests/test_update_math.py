@@ -1,0 +1,158 @@
+"""The trainer's update equals an independent computation of the (layer-wise) SAM formula.
+
+One optimizer step of SGD(lr=1): w_new = w - sum_b grad L_b(w_S + e_S^b, w_rest), with
+e_S^b = rho * g_S^b / ||g_S^b|| (ASAM: rho * |w|^2 g / || |w| g ||), g_S^b = grad_S L_b(w), and L_b the
+micro-batch loss normalised as the stock Trainer normalises it. Causal LMs take `num_items_in_batch`: the loss is
+summed over the micro-batch's tokens / the window's token count. BERT classifiers declare `**kwargs` (so the Trainer
+skips its division by the accumulation steps) but ignore `num_items_in_batch`: each micro-batch contributes its mean.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from conftest import shakespeare_lm_dataset, tiny_bert, tiny_gpt2, tiny_llama_lora, tweet_bytes_dataset
+from hf_lwsam import LWSAMTrainer
+
+
+def _summed_loss(model, batch, causal: bool) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    if causal:  # next-token prediction: position t predicts token t+1
+        logits, labels = logits[:, :-1], batch["labels"][:, 1:]
+    else:
+        labels = batch["labels"]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+    return loss, labels.numel()
+
+
+def reference_update(model, batches, selected: list[str] | None, rho: float, causal: bool, adaptive: bool = False):
+    """w_new under SGD lr=1 after one accumulation window, computed by hand."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = list(params)
+    # The divisor of each micro-batch's summed loss (see the module docstring).
+    window_items = sum(_summed_loss(model, b, causal)[1] for b in batches) if causal else len(batches[0]["labels"])
+    total = [torch.zeros_like(p) for p in params.values()]
+    for batch in batches:
+        sel = [params[n] for n in (selected if selected is not None else names)]
+        loss, _ = _summed_loss(model, batch, causal)
+        g = torch.autograd.grad(loss / window_items, sel, allow_unused=True)
+        g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(sel, g)]
+        if adaptive:
+            norm = torch.sqrt(sum(((p.abs() * gi) ** 2).sum() for p, gi in zip(sel, g)))
+            e = [rho * p.detach() ** 2 * gi / norm for p, gi in zip(sel, g)]
+        else:
+            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+            e = [rho * gi / norm for gi in g]
+        saved = [p.detach().clone() for p in sel]
+        with torch.no_grad():
+            for p, ei in zip(sel, e):
+                p.add_(ei)
+        loss, _ = _summed_loss(model, batch, causal)
+        grads = torch.autograd.grad(loss / window_items, list(params.values()), allow_unused=True)
+        with torch.no_grad():
+            for p, s in zip(sel, saved):
+                p.copy_(s)
+        total = [t + (0 if gi is None else gi) for t, gi in zip(total, grads)]
+    return {n: (p - t).detach() for (n, p), t in zip(params.items(), total)}
+
+
+def _batches(dataset, size: int = 2):
+    return [{k: torch.tensor(dataset[i : i + size][k]) for k in dataset.column_names} for i in range(0, len(dataset), size)]
+
+
+def _rel(a: dict, b: dict, ref: dict) -> float:
+    """||(a - ref) - (b - ref)|| / ||b - ref||: relative difference of two updates from the same start."""
+    num = sum(((a[n] - b[n]).double() ** 2).sum() for n in a)
+    den = sum(((b[n] - ref[n]).double() ** 2).sum() for n in a)
+    return float(torch.sqrt(num / den))
+
+
+CASES = {
+    "gpt2-last-block": dict(make=tiny_gpt2, data=lambda: shakespeare_lm_dataset(4), causal=True,
+                            sam=dict(sam_target_layers=r"transformer\.h\.2")),
+    "gpt2-all": dict(make=tiny_gpt2, data=lambda: shakespeare_lm_dataset(4), causal=True,
+                     sam=dict(sam_selection="all")),
+    "gpt2-asam-last-block": dict(make=tiny_gpt2, data=lambda: shakespeare_lm_dataset(4), causal=True,
+                                 sam=dict(sam_target_layers=["h.2", "ln_f"], sam_adaptive=True)),
+    "gpt2-asam-all": dict(make=tiny_gpt2, data=lambda: shakespeare_lm_dataset(4), causal=True,
+                          sam=dict(sam_selection="all", sam_adaptive=True)),
+    "llama-lora-default": dict(make=tiny_llama_lora, data=lambda: shakespeare_lm_dataset(4), causal=True, sam={}),
+    "bert-classifier-default": dict(make=tiny_bert, data=lambda: tweet_bytes_dataset(4), causal=False, sam={}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_update_matches_independent_formula(case, sgd_args):
+    spec = CASES[case]
+    rho = 0.5  # large enough that SAM's update is far from the plain one
+    model, dataset = spec["make"](), spec["data"]()
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    reference_model = copy.deepcopy(model)
+
+    trainer = LWSAMTrainer(model=model, args=sgd_args(sam_rho=rho, **spec["sam"]), train_dataset=dataset)
+    selected = trainer.perturbed_parameter_names()
+    trainer.train()
+    got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    expected = reference_update(reference_model, _batches(dataset), selected, rho, spec["causal"],
+                                adaptive=spec["sam"].get("sam_adaptive", False))
+    assert _rel(got, expected, start) <= 1e-5
+
+    plain = reference_update(copy.deepcopy(reference_model), _batches(dataset), selected, 0.0, spec["causal"])
+    # The check has teeth: the SAM update is measurably different from plain SGD's.
+    assert _rel(plain, expected, start) > 1e-3
+    if spec["sam"].get("sam_selection") == "all":
+        assert selected == list(start)
+    else:
+        assert 0 < len(selected) < len(start)
+
+
+def test_lora_default_perturbs_last_block_adapters_only(sgd_args):
+    model = tiny_llama_lora()
+    trainer = LWSAMTrainer(model=model, args=sgd_args(), train_dataset=shakespeare_lm_dataset(4))
+    names = trainer.perturbed_parameter_names()
+    assert names and all("layers.1." in n and ".lora_" in n for n in names)
+    assert set(names) <= {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_zero_learning_rate_leaves_weights_bit_identical(sgd_args):
+    model = tiny_gpt2()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    LWSAMTrainer(model=model, args=sgd_args(learning_rate=0.0, sam_rho=0.5), train_dataset=shakespeare_lm_dataset(4)).train()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_rho_zero_equals_plain_trainer(sgd_args):
+    plain_model, sam_model = tiny_gpt2(), tiny_gpt2()
+    args = sgd_args(max_steps=3, learning_rate=0.1, sam_rho=0.0, sam_selection="all")
+    Trainer(model=plain_model, args=args, train_dataset=shakespeare_lm_dataset(12)).train()
+    LWSAMTrainer(model=sam_model, args=args, train_dataset=shakespeare_lm_dataset(12)).train()
+    for (name, p), q in zip(plain_model.named_parameters(), sam_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+class _FailingSecondPass(LWSAMTrainer):
+    """Raises inside pass 2 (the perturbed forward), as an OOM or a bad batch would."""
+
+    calls = 0
+
+    def compute_loss(self, model, inputs, **kwargs):
+        type(self).calls += 1
+        if type(self).calls == 2:
+            raise RuntimeError("boom in pass 2")
+        return super().compute_loss(model, inputs, **kwargs)
+
+
+def test_failing_step_leaves_weights_unperturbed(sgd_args):
+    model = tiny_gpt2()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _FailingSecondPass(model=model, args=sgd_args(sam_rho=0.5), train_dataset=shakespeare_lm_dataset(4))
+    with pytest.raises(RuntimeError, match="boom in pass 2"):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())  # pass 1 never touched .grad
