@@ -64,6 +64,10 @@ class LWSAMConfig(TrainingArguments):
             Modules removed from the selection, same matching rules.
         sam_adaptive (`bool`, *optional*, defaults to `False`):
             ASAM's scale-invariant ascent `rho * |w|^2 g / || |w| g ||` over the selected parameters.
+        sam_sync_perturbation (`bool`, *optional*, defaults to `False`):
+            Multi-process only: all-reduce (mean) the ascent gradient g_S before normalising it, so that the step
+            equals single-process SAM over the global batch. By default each process perturbs with its own
+            micro-batch gradient (m-sharpness), which costs no communication.
     """
 
     sam_rho: float = field(
@@ -94,6 +98,13 @@ class LWSAMConfig(TrainingArguments):
     sam_adaptive: bool = field(
         default=False,
         metadata={"help": "Use ASAM's scale-invariant perturbation rho * |w|^2 g / || |w| g || over the selection."},
+    )
+    sam_sync_perturbation: bool = field(
+        default=False,
+        metadata={
+            "help": "All-reduce (mean) the ascent gradient across processes before normalising it (global-batch "
+            "SAM). Default: each process perturbs with its own micro-batch gradient, with no communication."
+        },
     )
 
     def __post_init__(self):

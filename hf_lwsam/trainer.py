@@ -17,6 +17,17 @@ from .selection import layer_parameters, select_layers
 logger = logging.get_logger(__name__)
 
 
+def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean of `tensors` over all processes, in one coalesced all-reduce."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return list(_unflatten_dense_tensors(flat, tensors))
+
+
 def as_lwsam_config(args: TrainingArguments) -> LWSAMConfig:
     """A plain `TrainingArguments` converted to `LWSAMConfig` with the SAM defaults."""
     if isinstance(args, LWSAMConfig):
@@ -107,6 +118,8 @@ class LWSAMTrainer(Trainer):
             target = scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
             grads = torch.autograd.grad(target, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if self.args.sam_sync_perturbation and self.accelerator.num_processes > 1:
+            grads = all_reduce_mean(grads)
         scale = scaler.get_scale() if target is not loss else 1.0
         return loss.detach(), grads, scale
 
