@@ -64,6 +64,10 @@ class LWSAMConfig(TrainingArguments):
             Modules removed from the selection, same matching rules.
         sam_adaptive (`bool`, *optional*, defaults to `False`):
             ASAM's scale-invariant ascent `rho * |w|^2 g / || |w| g ||` over the selected parameters.
+        sam_reuse_activations (`bool`, *optional*, defaults to `True`):
+            Keep pass 1's outputs of the trunk blocks below the lowest perturbed block and replay them in pass 2, so
+            only the upper blocks, the final norm and the head run twice. Same gradients as without reuse; falls back
+            to recomputing (with a logged reason) when that would not be exact.
         sam_sync_perturbation (`bool`, *optional*, defaults to `False`):
             Multi-process only: all-reduce (mean) the ascent gradient g_S before normalising it, so that the step
             equals single-process SAM over the global batch. By default each process perturbs with its own
@@ -98,6 +102,13 @@ class LWSAMConfig(TrainingArguments):
     sam_adaptive: bool = field(
         default=False,
         metadata={"help": "Use ASAM's scale-invariant perturbation rho * |w|^2 g / || |w| g || over the selection."},
+    )
+    sam_reuse_activations: bool = field(
+        default=True,
+        metadata={
+            "help": "Replay pass 1's outputs of the trunk blocks below the lowest perturbed block in pass 2 instead "
+            "of recomputing them (same gradients, less compute); falls back with a logged reason when unsafe."
+        },
     )
     sam_sync_perturbation: bool = field(
         default=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import fields
 from typing import Any
 
@@ -11,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import LWSAMConfig
+from .reuse import ActivationReuse, capture_rng, plan_reuse, restore_rng
 from .sam import Perturbation, ascent_direction
 from .selection import layer_parameters, select_layers
 
@@ -56,6 +58,8 @@ class LWSAMTrainer(Trainer):
         super().__init__(model, as_lwsam_config(args), *a, **kw)
         self._sam_layers = self._select_sam_layers()  # validates the patterns now, not at the first step
         self._sam_params: list[tuple[str, nn.Parameter]] | None = None
+        self._reuse_plan: tuple[nn.ModuleList, int] | None = None
+        self.reuse_disabled_reason: str | None = None  # why pass 2 recomputes everything (None: reuse active)
         self._sam_window: dict[str, Any] = {}
         self._sam_last_log_step = 0
 
@@ -77,6 +81,32 @@ class LWSAMTrainer(Trainer):
             numel = sum(p.numel() for _, p in self._sam_params)
             logger.info(f"LW-SAM perturbs {len(self._sam_params)} tensors ({numel:,} parameters): {layers}")
         return self._sam_params
+
+    def _set_sam_layers(self, layers: list[str] | None) -> None:
+        """Change the selection (e.g. after a probe); the parameters and the reuse plan are re-resolved lazily."""
+        self._sam_layers, self._sam_params, self._reuse_plan, self.reuse_disabled_reason = layers, None, None, None
+
+    def _activation_reuse(self, params: list[nn.Parameter]) -> ActivationReuse | None:
+        """The reuse helper for this step, or `None` (plain two-pass) with the reason logged once."""
+        if not self.args.sam_reuse_activations or self.reuse_disabled_reason is not None:
+            return None
+        if self._reuse_plan is None:
+            plan = (
+                "sam_selection='all' perturbs every layer, so there is nothing below the perturbed layers to reuse"
+                if self._sam_layers is None
+                else plan_reuse(self.model, params)
+            )
+            if isinstance(plan, str):
+                self._disable_reuse(plan)
+                return None
+            self._reuse_plan = plan
+            logger.info(f"LW-SAM activation reuse: pass 2 replays the first {plan[1]} of {len(plan[0])} trunk blocks")
+        return ActivationReuse(*self._reuse_plan)
+
+    def _disable_reuse(self, reason: str) -> None:
+        self.reuse_disabled_reason = reason
+        log = logger.info if self._sam_layers is None else logger.warning
+        log(f"LW-SAM activation reuse is off, pass 2 recomputes the whole model: {reason}.")
 
     def perturbed_parameter_names(self) -> list[str]:
         """Names, as in `model.named_parameters()` of the model given to the trainer, of the parameters the current
@@ -132,17 +162,28 @@ class LWSAMTrainer(Trainer):
         """
         model.train()
         params = [p for _, p in self._sam_parameters()]
-        clean_loss, grads, grad_scale = self._ascent_gradient(model, inputs, num_items_in_batch, params)
-        # The pass-1 graph is gone here: `loss` went out of scope and autograd.grad freed what it traversed.
-        steps, norm = ascent_direction(params, grads, self.args.sam_rho, self.args.sam_adaptive)
-        del grads
-        skipped = steps is None  # non-finite g_S (fp16 overflow): a plain step for this micro-batch
-        perturbation = Perturbation.apply(params, steps)
-        del steps
-        try:
-            perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            perturbation.restore()  # bit-exact, also when pass 2 raises
+        reuse = self._activation_reuse(params)
+        rng = capture_rng()
+        with reuse.session() if reuse is not None else nullcontext():
+            if reuse is not None:
+                reuse.record()  # keep the outputs of the blocks below the cut, graph included
+            clean_loss, grads, grad_scale = self._ascent_gradient(model, inputs, num_items_in_batch, params)
+            # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks'
+            # graph (reuse) survives.
+            steps, norm = ascent_direction(params, grads, self.args.sam_rho, self.args.sam_adaptive)
+            del grads
+            skipped = steps is None  # non-finite g_S (fp16 overflow): a plain step for this micro-batch
+            perturbation = Perturbation.apply(params, steps)
+            del steps
+            restore_rng(rng)  # pass 2 draws the same dropout masks as pass 1: e_S is evaluated where it was computed
+            if reuse is not None:
+                reuse.replay()
+            try:
+                perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                perturbation.restore()  # bit-exact, also when pass 2 raises
+        if reuse is not None and reuse.mismatch:
+            self._disable_reuse(reuse.mismatch)
         self._record_step(clean_loss, perturbed_loss, norm / grad_scale, skipped=skipped)
         return clean_loss
 
