@@ -1,0 +1,187 @@
+"""Throughput and peak memory of LW-SAM against plain AdamW and full SAM, through the real Trainer code path.
+
+Every method trains the same GPT-2-shaped model (random init and random tokens: throughput does not depend on the
+weights) with the stock `Trainer` loop; a callback times each optimizer step. Methods are interleaved over several
+rounds after a warm-up, and the table reports medians and ratios measured side by side in this one process.
+
+    python scripts/benchmark_throughput.py                                    # CPU default: 6 layers, d=256, T=128
+    python scripts/benchmark_throughput.py --device cuda --bf16 --preset gpt2-350m --json benchmarks/gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback
+from transformers.utils import logging as hf_logging
+
+from hf_lwsam import LWSAMConfig, LWSAMTrainer
+
+PRESETS = {  # layers, d_model, heads, seq_len, batch, vocab
+    "cpu": (6, 256, 4, 128, 8, 4096),
+    "gpt2-124m": (12, 768, 12, 1024, 16, 50257),
+    "gpt2-350m": (24, 1024, 16, 1024, 8, 50257),
+}
+
+
+@dataclass
+class Method:
+    name: str
+    sam: dict | None  # None: the plain Trainer
+
+
+def methods(n_layer: int, ks: list[int]) -> list[Method]:
+    out = [Method("adamw", None), Method("full SAM", dict(sam_selection="all"))]
+    for reuse in (False, True):
+        for k in ks:
+            # The last k blocks and ln_f; GPT-2's lm_head is tied to the input embedding, so it is recomputed only.
+            layers = [f"transformer.h.{i}" for i in range(n_layer - k, n_layer)] + ["transformer.ln_f"]
+            label = f"LW-SAM k={k} " + ("reuse" if reuse else "truncated")
+            out.append(Method(label, dict(sam_target_layers=layers, sam_reuse_activations=reuse)))
+    return out
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Random token ids as a causal-LM dataset (no `datasets` dependency, so it runs on a bare GPU image)."""
+
+    def __init__(self, rows: int, seq_len: int, vocab: int):
+        self.ids = torch.randint(0, vocab, (rows, seq_len))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (device synchronised), the data loading excluded."""
+
+    def __init__(self, device: str):
+        self.device, self.times, self._t0 = device, [], 0.0
+
+    def _sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the process's peak RSS (VmHWM)
+            f.write("5")
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    return kib / 2**20
+
+
+def run(method: Method, model, data, a, steps: int) -> tuple[list[float], float]:
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench-"), per_device_train_batch_size=a.batch, max_steps=steps,
+        learning_rate=1e-4, optim="adamw_torch_fused" if a.device == "cuda" else "adamw_torch",
+        bf16=a.bf16, report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        use_cpu=a.device == "cpu", dataloader_num_workers=0, seed=0,
+    )
+    args = LWSAMConfig(**common, **(method.sam or {}))
+    timer = StepTimer(a.device)
+    cls = Trainer if method.sam is None else LWSAMTrainer
+    trainer = cls(model=model, args=args, train_dataset=data, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)
+    gc.collect()
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
+    reset_peak_memory(a.device)
+    trainer.train()
+    peak = peak_memory_gib(a.device)
+    model.zero_grad(set_to_none=True)
+    del trainer
+    return timer.times[a.warmup :], peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="model shape (default: cpu)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="output-side blocks perturbed")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all methods")
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per method and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every run")
+    p.add_argument("--batch", type=int, default=None, help="per-device batch (default: the preset's)")
+    p.add_argument("--seq_len", type=int, default=None)
+    p.add_argument("--methods", nargs="+", default=None, help="only methods whose name contains one of these")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    a = p.parse_args()
+    preset = a.preset or ("gpt2-124m" if a.device == "cuda" else "cpu")
+    n_layer, d, heads, seq_len, batch, vocab = PRESETS[preset]
+    a.seq_len, a.batch = a.seq_len or seq_len, a.batch or batch
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+
+    config = GPT2Config(n_layer=n_layer, n_embd=d, n_head=heads, n_positions=a.seq_len, vocab_size=vocab)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"
+    n_rows = a.batch * (a.steps + a.warmup)
+    data = RandomTokens(n_rows, a.seq_len, vocab)
+    todo = [m for m in methods(n_layer, a.k) if a.methods is None or any(s in m.name for s in a.methods)]
+    device_name = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+    print(f"{preset}: {n_layer} layers, d={d}, T={a.seq_len}, batch={a.batch}, vocab={vocab}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, device={device_name}, bf16={a.bf16}")
+
+    times: dict[str, list[float]] = {m.name: [] for m in todo}
+    peaks: dict[str, float] = {m.name: 0.0 for m in todo}
+    for r in range(a.rounds):
+        order = todo if r % 2 == 0 else todo[::-1]  # alternate the order so drift hits every method alike
+        for m in order:
+            t, peak = run(m, model, data, a, a.warmup + a.steps)
+            times[m.name] += t
+            peaks[m.name] = max(peaks[m.name], peak)
+            print(f"  round {r + 1}/{a.rounds} {m.name:24s} median {statistics.median(t) * 1e3:8.1f} ms/step", flush=True)
+
+    tokens = a.batch * a.seq_len
+    base = statistics.median(times["adamw"]) if "adamw" in times else None
+    rows = []
+    for m in todo:
+        ms = statistics.median(times[m.name])
+        rows.append(dict(method=m.name, ms_per_step=ms * 1e3, tokens_per_s=tokens / ms,
+                         ratio_to_adamw=(base / ms) if base else None, peak_gib=peaks[m.name],
+                         peak_ratio=(peaks[m.name] / peaks["adamw"]) if "adamw" in peaks else None))
+    print(f"\n| method | ms/step | tokens/s | ÷ AdamW | peak GiB | peak ÷ AdamW |\n|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['ratio_to_adamw']:.3f}" if r["ratio_to_adamw"] else "-"
+        peak_ratio = f"{r['peak_ratio']:.3f}" if r["peak_ratio"] else "-"
+        print(f"| {r['method']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_gib']:.2f} "
+              f"| {peak_ratio} |")
+    if a.json:
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(dict(preset=preset, device=device_name, bf16=a.bf16, batch=a.batch, seq_len=a.seq_len,
+                           rounds=a.rounds, steps=a.steps, peak_memory="cuda max_memory_allocated" if
+                           a.device == "cuda" else "process peak RSS (VmHWM)", results=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
