@@ -1,0 +1,48 @@
+"""Smoke runs of the benchmark scripts: they run end to end and write what they promise (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: int) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_throughput_benchmark_runs_every_method_and_writes_json(tmp_path):
+    out = tmp_path / "t.json"
+    stdout = _run("scripts/benchmark_throughput.py", "--seq_len", "32", "--batch", "2", "--k", "1", "--rounds", "1",
+                  "--steps", "1", "--warmup", "1", "--json", str(out), timeout=300)
+    result = json.loads(out.read_text())
+    names = [r["method"] for r in result["results"]]
+    assert names == ["adamw", "full SAM", "LW-SAM k=1 truncated", "LW-SAM k=1 reuse"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in result["results"])
+    assert result["results"][0]["ratio_to_adamw"] == 1.0
+    assert "| LW-SAM k=1 reuse |" in stdout
+
+
+def test_throughput_benchmark_help():
+    assert "--preset" in _run("scripts/benchmark_throughput.py", "--help", timeout=120)
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_quick(tmp_path):
+    _run("scripts/benchmark_accuracy.py", "--quick", "--tasks", "lm", "cls-full", "--seeds", "0",
+         "--out", str(tmp_path), timeout=1800)
+    table = (tmp_path / "quick" / "accuracy.md").read_text()
+    for method in ("adamw", "full SAM", "LW-SAM default", "LW-SAM probe k=2"):
+        assert f"| lm | {method} |" in table and f"| cls-full | {method} |" in table
+    assert (tmp_path / "quick" / "accuracy.png").stat().st_size > 1000
+    runs = list((tmp_path / "quick" / "runs").glob("*.json"))
+    assert len(runs) == 2 * (3 + 4)  # per task: 3 sweep runs (one rho) + 4 test runs (one seed)
