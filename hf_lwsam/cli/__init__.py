@@ -1,0 +1,1 @@
+"""Command-line entry points of hf_lwsam (`hf-lwsam-train`)."""

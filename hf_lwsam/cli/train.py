@@ -1,0 +1,436 @@
+"""`hf-lwsam-train` (also `python scripts/train.py`): fine-tune a model with layer-wise SAM from the command line.
+
+Sequence classification or causal language modelling, any Hub model or local directory, Hub datasets or local files,
+optional LoRA, evaluation through `evaluate`, a model card in `output_dir/README.md` and `--push_to_hub`. With no model
+or data flags it fine-tunes the shipped all-MiniLM-L6-v2 on the shipped tweets, offline, in ~2 minutes on 2 CPU cores.
+
+    hf-lwsam-train                                         # the embedded offline default
+    hf-lwsam-train config.yaml --learning_rate 3e-5        # a YAML/JSON config, flags override it
+    accelerate launch -m hf_lwsam.cli.train --model_name_or_path ... --dataset_name ...
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    default_data_collator,
+    set_seed,
+)
+from transformers.utils import logging
+
+from ..model_card import ModelCardInfo, perturbed_layers, write_model_card
+from ..reuse import capture_rng, restore_rng
+from ..trainer import LWSAMTrainer
+from .args import DataArguments, ModelArguments, TrainArguments, UsageError, parse_args
+from .data import (
+    load_raw_data,
+    pack_for_causal_lm,
+    prepare_labels,
+    resolve_columns,
+    tokenize_for_classification,
+)
+from .metrics import causal_lm_metrics, classification_metrics, describe_sources
+
+logger = logging.get_logger("hf_lwsam.cli.train")
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+EMBEDDED_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class CLITrainer(LWSAMTrainer):
+    r"""
+    [`LWSAMTrainer`] for the script: writes the model card whenever the model is saved (and before a Hub push, through
+    the stock `create_model_card` hook), adds `perplexity` to causal-LM evaluations, and times its micro-batch steps;
+    during the first steps it also times a few plain (non-SAM) steps on the same batches and discards their gradients.
+
+    Args:
+        card_info ([`ModelCardInfo`]): what the card says about the run beyond the trainer's own state.
+        card_name (`str`): the card's title.
+        *other arguments*: as for [`LWSAMTrainer`].
+    """
+
+    def __init__(self, *a: Any, card_info: ModelCardInfo, card_name: str, **kw: Any):
+        super().__init__(*a, **kw)
+        self.card_info, self.card_name = card_info, card_name
+        self.sam_step_times: list[float] = []
+        self.plain_step_times: list[float] = []
+        self.tokens_seen = 0
+        self._steps_called = 0
+
+    # --------------------------------------------------------------------------------------------- model card
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The LW-SAM card instead of the stock draft (called by `push_to_hub`)."""
+        if self.is_world_process_zero():
+            write_model_card(self, self.card_info, self.args.output_dir, self.card_name)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as the stock `Trainer` does, then write the card next to the weights."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            write_model_card(self, self.card_info, output_dir or self.args.output_dir, self.card_name)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.card_info.task == "causal_lm":
+            from .metrics import add_perplexity
+
+            for key in [k for k in logs if k.endswith("_loss") and k != "loss"]:
+                add_perplexity(logs, prefix=key[: -len("_loss")])
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------------------------------------- timing
+    def _sync(self) -> None:
+        if self.args.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _may_time_plain_step(self) -> bool:
+        """Every `stride`-th micro-batch after the first, so the timed pairs spread over the run."""
+        n = self.args.measure_plain_steps
+        if n <= 0 or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self._steps_called == 0:
+            return False
+        total = max(self.state.max_steps * self.args.gradient_accumulation_steps, 1)
+        stride = max(total // (n + 1), 1)
+        return self._steps_called % stride == 0 and len(self.plain_step_times) < n
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        mask = inputs.get("attention_mask")
+        self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        if not self._may_time_plain_step():
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        else:
+            # The stock step on the same batch, for the overhead figure. It leaves no trace: its gradients and the
+            # RNG draws it consumed are put back, so a measured run trains exactly like an unmeasured one. The order
+            # alternates between pairs so that neither step always runs on warm caches.
+            params = [p for p in model.parameters() if p.requires_grad]
+            saved = [None if p.grad is None else p.grad.clone() for p in params]
+            rng = capture_rng()
+
+            def plain_step() -> float:
+                restore_rng(rng)
+                self._sync()
+                start = time.perf_counter()
+                Trainer.training_step(self, model, inputs, num_items_in_batch)
+                self._sync()
+                for p, g in zip(params, saved):
+                    p.grad = g
+                restore_rng(rng)
+                return time.perf_counter() - start
+
+            plain_first = len(self.plain_step_times) % 2 == 0
+            plain = plain_step() if plain_first else None
+            self._sync()
+            start = time.perf_counter()
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self._sync()
+            sam = time.perf_counter() - start
+            if not plain_first:
+                after_sam = [None if p.grad is None else p.grad.clone() for p in params]
+                rng_after = capture_rng()
+                saved = after_sam
+                plain = plain_step()
+                restore_rng(rng_after)
+            self.plain_step_times.append(plain)
+            self.sam_step_times.append(sam)
+        self._steps_called += 1
+        return loss
+
+    def throughput(self, train_runtime: float) -> dict[str, Any]:
+        """Train time, tokens/s (without the timed plain steps) and the LW-SAM / plain step-time ratio."""
+        measured = sum(self.plain_step_times)
+        seconds = max(train_runtime - measured, 1e-9)
+        result: dict[str, Any] = {
+            "train_runtime": round(train_runtime, 1),
+            "tokens_per_second": round(self.tokens_seen * self.accelerator.num_processes / seconds, 1),
+            "device": f"{self.accelerator.num_processes} x {self.args.device.type}",
+        }
+        if self.plain_step_times and self.sam_step_times:
+            ratio = statistics.median(sam / plain for sam, plain in zip(self.sam_step_times, self.plain_step_times))
+            result.update(sam_overhead=round(ratio, 2),
+                          plain_steps=len(self.plain_step_times), sam_steps=len(self.sam_step_times))
+        return result
+
+
+# ------------------------------------------------------------------------------------------------ model loading
+def _looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a Hub id (`name` or `org/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_model_config(model_args: ModelArguments) -> tuple[str, Any, bool]:
+    """The model path (the shipped MiniLM by default), its config, and whether it names a Hub repo."""
+    name = model_args.model_name_or_path
+    if name is None:
+        from ..data import minilm_path
+
+        try:
+            name = minilm_path()
+        except FileNotFoundError as e:
+            raise UsageError(f"{e} (or pass --model_name_or_path)") from None
+    is_local = os.path.isdir(name)
+    if not is_local and (_looks_like_path(name) or os.path.exists(name)):
+        raise UsageError(f"--model_name_or_path {name!r} does not exist: pass an existing model directory or a "
+                         "Hub model id such as 'bert-base-uncased'.")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        from huggingface_hub import constants
+
+        if is_local:
+            raise UsageError(f"--model_name_or_path {name!r} is not a model directory (no usable config.json: "
+                             f"{' '.join(str(e).split())[:200]}): pass a directory written by "
+                             "save_pretrained.") from None
+        if constants.HF_HUB_OFFLINE:
+            raise UsageError(f"--model_name_or_path {name!r} is not a local directory and the Hub is offline "
+                             "(HF_HUB_OFFLINE=1) with no cached copy: pass a local model directory, or unset "
+                             "HF_HUB_OFFLINE.") from None
+        raise UsageError(f"--model_name_or_path {name!r} could not be loaded from the Hub: "
+                         f"{' '.join(str(e).split())[:200]}; check the id or pass a local directory.") from None
+    return name, config, not is_local
+
+
+def resolve_task(task: str | None, config: Any, label_column: str | None, name: str) -> str:
+    """The explicit `--task`, else classification for labelled data, else causal LM for a causal-LM model."""
+    if task is not None:
+        return task
+    if label_column is not None:
+        return "classification"
+    if any(arch.endswith(CAUSAL_SUFFIXES) for arch in (config.architectures or [])):
+        return "causal_lm"
+    raise UsageError(f"cannot tell the task: the data has no label column and {name!r} is not a causal LM; pass "
+                     "--label_column NAME for classification, or --task causal_lm with a causal LM.")
+
+
+def load_model_and_tokenizer(name: str, task: str, model_args: ModelArguments, labels: list[str] | None):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"no tokenizer could be loaded from {name!r} ({' '.join(str(e).split())[:200]}): save one "
+                         "next to the model with tokenizer.save_pretrained.") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)}, trust_remote_code=model_args.trust_remote_code,
+            )
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = tokenizer.pad_token_id
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{name!r} cannot be loaded for {task}: {' '.join(str(e).split())[:250]}") from None
+    if model_args.use_lora:
+        model = _add_lora(model, task, model_args)
+    return model, tokenizer
+
+
+def _add_lora(model: Any, task: str, model_args: ModelArguments) -> Any:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = model_args.lora_target_modules
+    if targets is not None and len(targets) == 1:
+        targets = targets[0]  # one value: a regex or 'all-linear', as in PEFT
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UsageError(f"LoRA could not be added: {' '.join(str(e).split())[:250]}; pass --lora_target_modules "
+                         "with module names of this model (or 'all-linear').") from None
+
+
+# --------------------------------------------------------------------------------------------------- output dir
+def _staging_dir(output_dir: Path) -> Path:
+    return output_dir.parent / f".{output_dir.name}.incomplete"
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {str(output_dir)!r} is a file: pass a directory path.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise UsageError(f"--output_dir {str(output_dir)!r} is not empty: pass --overwrite_output_dir to replace it, "
+                         "or a new --output_dir.")
+
+
+def _limit(split: Any, n: int | None) -> Any:
+    return split if n is None else split.select(range(min(n, len(split))))
+
+
+def _max_length(data_args: DataArguments, tokenizer: Any, config: Any, task: str) -> int:
+    if data_args.max_length is not None:
+        if data_args.max_length < 2:
+            raise UsageError(f"--max_length {data_args.max_length} is too small: pass at least 2 (e.g. 128).")
+        return data_args.max_length
+    limits = [512 if task == "classification" else 1024, tokenizer.model_max_length]
+    limits += [v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)]
+    return min(limits)
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse, validate, train, evaluate, save (with card) and optionally push; returns the final metrics."""
+    model_args, data_args, args, embedded = parse_args(argv)
+    log_level = args.get_process_log_level()
+    logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_explicit_format()
+    set_seed(args.seed)
+
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    check_output_dir(output_dir, args.overwrite_output_dir)
+    name, config, is_hub = load_model_config(model_args)
+    raw = load_raw_data(data_args, embedded, args.seed)
+    text_column, label_column = resolve_columns(raw.splits, data_args.text_column, data_args.label_column)
+    task = resolve_task(model_args.task, config, label_column if model_args.task != "causal_lm" else None, name)
+    if task == "classification" and label_column is None:
+        raise UsageError(f"--task classification needs labels and the data has none of the default label columns: "
+                         f"pass --label_column with one of {raw.splits['train'].column_names}.")
+    splits = raw.splits
+    splits["train"] = _limit(splits["train"], data_args.max_train_samples)
+    if not args.do_predict and "test" in splits:
+        del splits["test"]  # only evaluated with --do_predict
+    for split in ("validation", "test"):
+        if split in splits:
+            splits[split] = _limit(splits[split], data_args.max_eval_samples)
+    labels = None
+    if task == "classification":
+        splits, labels = prepare_labels(splits, label_column)
+    model, tokenizer = load_model_and_tokenizer(name, task, model_args, labels)
+    max_length = _max_length(data_args, tokenizer, config, task)
+    with args.main_process_first(desc="dataset preprocessing"):
+        if task == "classification":
+            splits = tokenize_for_classification(splits, tokenizer, text_column, max_length,
+                                                 data_args.preprocessing_num_workers)
+            collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.fp16 or args.bf16 else None)
+            compute_metrics, metric_sources = classification_metrics()
+            preprocess = None
+        else:
+            splits = pack_for_causal_lm(splits, tokenizer, text_column, max_length, data_args.preprocessing_num_workers)
+            collator = default_data_collator
+            compute_metrics, preprocess, metric_sources = causal_lm_metrics()
+    for split, rows in splits.items():
+        if len(rows) == 0:
+            raise UsageError(f"the {split} split has no rows left after dropping empty texts: pass data with "
+                             "non-empty texts, a larger --max_train_samples/--max_eval_samples, or for causal LM a smaller "
+                             "--max_length.")
+
+    base_model = EMBEDDED_BASE_MODEL if model_args.model_name_or_path is None else name
+    card_info = ModelCardInfo(
+        task=task, base_model=base_model, base_model_is_hub_id=is_hub or model_args.model_name_or_path is None,
+        dataset_ids=raw.dataset_ids, dataset_description=raw.description,
+        num_train_examples=len(splits["train"]), num_eval_examples=len(splits["validation"]), labels=labels,
+        max_length=max_length, metric_source=describe_sources(metric_sources),
+        lora={"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
+              "target_modules": model_args.lora_target_modules} if model_args.use_lora else None,
+        repo_id=args.hub_model_id or output_dir.name,
+    )
+    if args.push_to_hub and args.hub_model_id is None:
+        args.hub_model_id = output_dir.name  # the repo is named after the final directory, not the staging one
+    staging = _staging_dir(output_dir)
+    if args.should_save and not args.resume_from_checkpoint:
+        shutil.rmtree(staging, ignore_errors=True)
+    args.output_dir = str(staging)
+    succeeded = False
+    try:
+        try:
+            trainer = CLITrainer(
+                model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
+                processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
+                preprocess_logits_for_metrics=preprocess, card_info=card_info, card_name=output_dir.name,
+            )
+        except Exception as e:
+            if not args.push_to_hub or "huggingface_hub" not in type(e).__module__:
+                raise
+            raise UsageError(f"--push_to_hub could not create the Hub repo {args.hub_model_id!r} "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): check the network and "
+                             "--hub_token, or drop --push_to_hub.") from None
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        metrics = dict(train_result.metrics)
+        card_info.throughput = trainer.throughput(metrics["train_runtime"])
+        metrics.update(trainer.evaluate())
+        if args.do_predict and "test" in splits:
+            metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
+        trainer.log_metrics("all", metrics)
+        trainer.save_metrics("all", metrics)
+        trainer.save_state()
+        trainer.save_model(_internal_call=True)  # weights, tokenizer and README.md; the push comes after the move
+        trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            output_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, output_dir)
+        trainer.accelerator.wait_for_everyone()
+        succeeded = True
+    finally:
+        if args.should_save and staging.exists():
+            if not succeeded and any(staging.glob("checkpoint-*")):
+                logger.warning(f"The run failed; its checkpoints are kept in {staging}: resume with "
+                               f"--resume_from_checkpoint {staging}/checkpoint-N --output_dir {output_dir}.")
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+    trainer.args.output_dir = str(output_dir)
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message="End of training", model_name=output_dir.name)
+    if trainer.is_world_process_zero():
+        print(summary(trainer, metrics, task, card_info, output_dir))
+    return metrics
+
+
+def summary(trainer: CLITrainer, metrics: dict[str, Any], task: str, info: ModelCardInfo, output_dir: Path) -> str:
+    """The short end-of-run report."""
+    layers, num_params = perturbed_layers(trainer)
+    t = info.throughput
+    lines = ["", "***** hf-lwsam-train summary *****"]
+    if task == "classification":
+        lines += [f"  eval accuracy      : {metrics.get('eval_accuracy', float('nan')):.4f}",
+                  f"  eval macro-F1      : {metrics.get('eval_f1', float('nan')):.4f}"]
+    else:
+        lines += [f"  eval perplexity    : {metrics.get('eval_perplexity', float('nan')):.2f}",
+                  f"  eval token accuracy: {metrics.get('eval_accuracy', float('nan')):.4f}"]
+    lines.append(f"  train time         : {t['train_runtime']:.1f} s ({info.num_train_examples:,} "
+                 f"{'examples' if task == 'classification' else 'blocks'}, {trainer.state.global_step} steps)")
+    lines.append(f"  tokens/s           : {t['tokens_per_second']:,.0f}")
+    if t.get("sam_overhead"):
+        lines.append(f"  LW-SAM vs plain    : {t['sam_overhead']:.2f}x step time (median over {t['plain_steps']} "
+                     "batches of this run, each timed with a plain and an LW-SAM step)")
+    else:
+        lines.append("  LW-SAM vs plain    : not measured (--measure_plain_steps 0 or multi-process)")
+    shown = ", ".join(layers[:6]) + (f", ... (+{len(layers) - 6})" if len(layers) > 6 else "")
+    lines.append(f"  perturbed layers   : {len(layers)} ({num_params:,} parameters): {shown}")
+    lines.append(f"  metrics            : {info.metric_source}")
+    lines.append(f"  output             : {output_dir} (model card: README.md)")
+    if trainer.args.push_to_hub:
+        lines.append(f"  pushed to          : https://huggingface.co/{trainer.hub_model_id}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: returns 0 on success, 2 on bad input (one line on stderr)."""
+    try:
+        run(argv)
+    except UsageError as e:
+        print(f"hf-lwsam-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

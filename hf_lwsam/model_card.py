@@ -1,0 +1,234 @@
+"""Model cards for models trained with `LWSAMTrainer`: Hub metadata plus the LW-SAM setup, results and throughput.
+
+The card is rendered by `huggingface_hub.ModelCard.from_template` from the Jinja template
+`hf_lwsam/templates/model_card.md.j2` (a copy is kept at `model_cards/model_card.md.j2`); the YAML front matter is a
+`huggingface_hub.ModelCardData`, so `model-index` follows the Hub's schema.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md.j2"
+CARD_TAGS = ("hf-lwsam", "sharpness-aware-minimization", "layer-wise-sam")
+PAPER = "https://arxiv.org/abs/2503.14205"
+
+# Hub pipeline tags and model-index task types by CLI task.
+PIPELINE_TAGS = {"classification": "text-classification", "causal_lm": "text-generation"}
+METRIC_NAMES = {"accuracy": "Accuracy", "f1": "Macro F1", "perplexity": "Perplexity", "loss": "Loss"}
+
+
+@dataclass
+class ModelCardInfo:
+    r"""
+    What the card says about a run, beyond what the trainer knows.
+
+    Parameters:
+        task (`str`): `"classification"` or `"causal_lm"`.
+        base_model (`str`): the Hub id or local path of the model that was fine-tuned.
+        base_model_is_hub_id (`bool`): whether `base_model` is a Hub id (then it goes into the `base_model` metadata).
+        dataset_ids (`list[str]`): Hub dataset ids for the `datasets` metadata (empty for local files).
+        dataset_description (`str`): a short human-readable description of the training data.
+        num_train_examples / num_eval_examples (`int`): examples (blocks for causal LM) used.
+        labels (`list[str]`, *optional*): class names (classification).
+        max_length (`int`, *optional*): truncation length, or the block size for causal LM.
+        lora (`dict`, *optional*): LoRA settings when a PEFT adapter was trained.
+        metric_source (`str`): where the `evaluate` metrics came from.
+        repo_id (`str`, *optional*): where the model is pushed (used in the usage snippet).
+        throughput (`dict`): `train_runtime`, `tokens_per_second`, `sam_overhead`, `plain_steps`, `sam_steps`.
+    """
+
+    task: str
+    base_model: str
+    base_model_is_hub_id: bool = False
+    dataset_ids: list[str] = field(default_factory=list)
+    dataset_description: str = "a custom dataset"
+    num_train_examples: int = 0
+    num_eval_examples: int = 0
+    labels: list[str] | None = None
+    max_length: int | None = None
+    lora: dict[str, Any] | None = None
+    metric_source: str = ""
+    repo_id: str | None = None
+    throughput: dict[str, Any] = field(default_factory=dict)
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    return value
+
+
+def perturbed_layers(trainer: Any) -> tuple[list[str], int]:
+    """The modules (in parameter order) and the parameter count that `trainer` perturbs."""
+    names = trainer.perturbed_parameter_names()
+    params = dict(trainer.model.named_parameters())
+    layers = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
+    return layers, sum(params[n].numel() for n in names if n in params)
+
+
+def final_eval_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged evaluation metrics, without the `eval_` prefix and the runtime counters."""
+    for entry in reversed(log_history):
+        if any(k.startswith("eval_") for k in entry):
+            skip = ("runtime", "samples_per_second", "steps_per_second")
+            return {k[5:]: v for k, v in entry.items() if k.startswith("eval_") and not k.endswith(skip)}
+    return {}
+
+
+def results_table(log_history: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """One row per evaluation: the latest training loss, epoch, step and the eval metrics (as `TrainingSummary`)."""
+    rows, train_loss, metric_names = [], "No log", []
+    for entry in log_history:
+        if "loss" in entry:
+            train_loss = _fmt(entry["loss"])
+        metrics = {k: v for k, v in entry.items() if k.startswith("eval_")}
+        if not metrics:
+            continue
+        row = {"Training Loss": train_loss, "Epoch": _fmt(entry.get("epoch")), "Step": entry.get("step")}
+        for key, value in metrics.items():
+            if key.endswith(("runtime", "samples_per_second", "steps_per_second")):
+                continue
+            short = key[len("eval_"):]
+            name = "Validation Loss" if short == "loss" else METRIC_NAMES.get(short, short.replace("_", " ").title())
+            if name not in metric_names:
+                metric_names.append(name)
+            row[name] = _fmt(value)
+        rows.append(row)
+    return ["Training Loss", "Epoch", "Step", *metric_names], rows
+
+
+def _hyperparameters(args: Any, world_size: int) -> dict[str, Any]:
+    total = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(world_size, 1)
+    values = {
+        "learning_rate": args.learning_rate,
+        "train_batch_size": args.per_device_train_batch_size,
+        "eval_batch_size": args.per_device_eval_batch_size,
+        "seed": args.seed,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "total_train_batch_size": total,
+        "optimizer": getattr(args.optim, "value", args.optim),
+        "weight_decay": args.weight_decay,
+        "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        "warmup_steps": args.warmup_steps,
+        "num_epochs": args.num_train_epochs if args.max_steps <= 0 else None,
+        "training_steps": args.max_steps if args.max_steps > 0 else None,
+        "mixed_precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else None),
+        "num_devices": world_size if world_size > 1 else None,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _versions(lora: bool) -> dict[str, str]:
+    import datasets
+    import torch
+    import transformers
+
+    from . import __version__
+
+    versions = {"hf_lwsam": __version__, "Transformers": transformers.__version__, "PyTorch": torch.__version__,
+                "Datasets": datasets.__version__}
+    if lora:
+        import peft
+
+        versions["PEFT"] = peft.__version__
+    versions["Python"] = platform.python_version()
+    return versions
+
+
+def _usage_snippet(info: ModelCardInfo, repo: str) -> str:
+    if info.lora:
+        auto = "AutoPeftModelForSequenceClassification" if info.task == "classification" else "AutoPeftModelForCausalLM"
+        return (f"from peft import {auto}\nfrom transformers import AutoTokenizer\n\n"
+                f'model = {auto}.from_pretrained("{repo}")\ntokenizer = AutoTokenizer.from_pretrained("{repo}")')
+    if info.task == "classification":
+        return (f'from transformers import pipeline\n\nclassifier = pipeline("text-classification", model="{repo}")\n'
+                'print(classifier("I love this!"))')
+    return (f'from transformers import pipeline\n\ngenerator = pipeline("text-generation", model="{repo}")\n'
+            'print(generator("To be, or not to be", max_new_tokens=40)[0]["generated_text"])')
+
+
+def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> ModelCard:
+    """Render the card of `trainer`'s run.
+
+    Args:
+        trainer ([`LWSAMTrainer`]): the trainer (its `args`, `state.log_history` and perturbed parameters are used).
+        info ([`ModelCardInfo`]): what the trainer does not know (base model, data, throughput, ...).
+        model_name (`str`): the card's title and `model-index` name.
+    """
+    args, log_history = trainer.args, trainer.state.log_history
+    layers, num_params = perturbed_layers(trainer)
+    eval_metrics = final_eval_metrics(log_history)
+    task_type = PIPELINE_TAGS[info.task]
+    dataset_type = info.dataset_ids[0] if info.dataset_ids else "custom"
+    eval_results = [
+        EvalResult(task_type=task_type, dataset_type=dataset_type, dataset_name=info.dataset_description,
+                   metric_type=key, metric_name=METRIC_NAMES[key], metric_value=float(eval_metrics[key]))
+        for key in ("accuracy", "f1", "perplexity") if key in eval_metrics and math.isfinite(eval_metrics[key])
+    ]
+    card_data = ModelCardData(
+        library_name="peft" if info.lora else "transformers",
+        base_model=info.base_model if info.base_model_is_hub_id else None,
+        datasets=info.dataset_ids or None,
+        tags=[*CARD_TAGS, *(["lora", "peft"] if info.lora else []), task_type],
+        pipeline_tag=task_type,
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+    columns, rows = results_table(log_history)
+    world_size = getattr(getattr(trainer, "accelerator", None), "num_processes", 1)
+    sam = {
+        "rho": args.sam_rho,
+        "selection": args.sam_selection,
+        "target_layers": args.sam_target_layers if args.sam_target_layers is not None else "default (output side)",
+        "exclude_layers": args.sam_exclude_layers,
+        "adaptive": args.sam_adaptive,
+        "reuse_activations": getattr(args, "sam_reuse_activations", False),
+        "layers": layers,
+        "num_layers": len(layers),
+        "num_parameters": f"{num_params:,}",
+    }
+    throughput = {"train_runtime": None, "tokens_per_second": None, "sam_overhead": None, "device": None,
+                  **{k: _fmt(v) for k, v in info.throughput.items()}}
+    lora = info.lora or {}
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name,
+        base_model=info.base_model,
+        base_model_url=f"https://huggingface.co/{info.base_model}" if info.base_model_is_hub_id else None,
+        dataset_description=info.dataset_description,
+        task=info.task.replace("_", "-"),
+        task_description={"classification": "sequence classification", "causal_lm": "causal language modelling"}[
+            info.task],
+        num_train_examples=info.num_train_examples,
+        num_eval_examples=info.num_eval_examples,
+        max_length=info.max_length,
+        labels=info.labels,
+        use_lora=bool(info.lora),
+        lora_r=lora.get("r"), lora_alpha=lora.get("alpha"), lora_dropout=lora.get("dropout"),
+        lora_target_modules=lora.get("target_modules") or "PEFT default for the architecture",
+        eval_results={METRIC_NAMES.get(k, k): _fmt(v) for k, v in eval_metrics.items()},
+        sam=sam,
+        hyperparameters=_hyperparameters(args, world_size),
+        results_columns=columns,
+        results_table=rows,
+        throughput=throughput,
+        metric_source=info.metric_source,
+        usage_snippet=_usage_snippet(info, info.repo_id or model_name),
+        versions=_versions(bool(info.lora)),
+    )
+
+
+def write_model_card(trainer: Any, info: ModelCardInfo, output_dir: str | Path, model_name: str) -> Path:
+    """Render the card and write it to `output_dir/README.md`; returns the path."""
+    path = Path(output_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build_model_card(trainer, info, model_name).save(path)
+    return path

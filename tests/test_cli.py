@@ -1,0 +1,295 @@
+"""`hf-lwsam-train`: real short runs (tiny models built from configs, the shipped tweets and Shakespeare), the config
+file, and every bad input (one line on stderr, exit code 2, no output directory)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+
+from hf_lwsam import select_layers
+from hf_lwsam.cli.args import EMBEDDED_DEFAULTS, parse_args
+from hf_lwsam.cli.train import main
+from hf_lwsam.data import TWEET_LABELS, load_tweets, minilm_path, shakespeare_files
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--num_train_epochs", "1",
+        "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--logging_steps", "2",
+        "--use_cpu", "true", "--measure_plain_steps", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spinning makes them
+    10x slower; restored afterwards so other test modules keep their setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ real assets
+def make_tiny_bert_dir(path: Path) -> Path:
+    """A tiny randomly initialised BERT classifier with the shipped MiniLM tokenizer, saved as a model directory."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_tiny_gpt2_dir(path: Path) -> Path:
+    """A tiny GPT-2 with a byte-level BPE tokenizer trained in-process on Hamlet, saved as a model directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = Path(shakespeare_files()["hamlet"][0]).read_text(encoding="utf-8")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                        model_max_length=64)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_tweet_csvs(path: Path, n_train: int = 64, n_validation: int = 32) -> tuple[Path, Path]:
+    """Real tweets as csv files with string labels (`sentiment`), as a user would have them."""
+    tweets = load_tweets()
+    path.mkdir(parents=True, exist_ok=True)
+    files = []
+    for split, n in (("train", n_train), ("validation", n_validation)):
+        rows = tweets[split].select(range(n))
+        Dataset.from_dict({"text": rows["text"], "sentiment": [TWEET_LABELS[i] for i in rows["label"]]}).to_csv(
+            path / f"{split}.csv", index=False)
+        files.append(path / f"{split}.csv")
+    return files[0], files[1]
+
+
+def write_play_texts(path: Path) -> tuple[Path, Path]:
+    """The first 8 kB of Hamlet for training and the next 3 kB for validation, as .txt files."""
+    text = Path(shakespeare_files()["hamlet"][0]).read_text(encoding="utf-8")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "train.txt").write_text(text[:8_000], encoding="utf-8")
+    (path / "validation.txt").write_text(text[8_000:11_000], encoding="utf-8")
+    return path / "train.txt", path / "validation.txt"
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_assets")
+    train_csv, validation_csv = write_tweet_csvs(root / "tweets")
+    train_txt, validation_txt = write_play_texts(root / "plays")
+    return {"bert": make_tiny_bert_dir(root / "tiny-bert"), "gpt2": make_tiny_gpt2_dir(root / "tiny-gpt2"),
+            "train_csv": train_csv, "validation_csv": validation_csv, "train_txt": train_txt,
+            "validation_txt": validation_txt, "root": root}
+
+
+# ------------------------------------------------------------------------------------------------- real runs
+def test_classification_from_csv_files_saves_a_reloadable_model(assets, tmp_path):
+    out = tmp_path / "clf"
+    code, stdout, stderr = run_cli(["--model_name_or_path", assets["bert"], "--train_file", assets["train_csv"],
+                                    "--validation_file", assets["validation_csv"], "--label_column", "sentiment",
+                                    "--max_length", "32", "--learning_rate", "1e-3", "--output_dir", out, *FAST])
+    assert code == 0, stderr
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "all_results.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not list(tmp_path.glob(".*incomplete")), "the staging directory must be moved into place"
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0.0 <= results["eval_f1"] <= results["eval_accuracy"] + 1
+    # String labels become sorted class ids, stored in the config so the pipeline prints names.
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert f"eval accuracy      : {results['eval_accuracy']:.4f}" in stdout
+    assert f"eval macro-F1      : {results['eval_f1']:.4f}" in stdout
+    assert "tokens/s" in stdout and f"perturbed layers   : {len(select_layers(model))} " in stdout
+    assert "LW-SAM vs plain    : " in stdout and "x step time (median over 2 batches" in stdout
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == math.ceil(64 / 16)
+    assert all("sam/loss_perturbed" in log for log in state["log_history"] if "loss" in log)
+
+
+def test_causal_lm_is_inferred_packs_blocks_and_reports_perplexity(assets, tmp_path):
+    out = tmp_path / "clm"
+    code, stdout, stderr = run_cli(["--model_name_or_path", assets["gpt2"], "--train_file", assets["train_txt"],
+                                    "--validation_file", assets["validation_txt"], "--max_length", "32",
+                                    "--learning_rate", "3e-3", "--output_dir", out, *FAST])
+    assert code == 0, stderr
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert 0.0 < results["eval_accuracy"] < 1.0  # next-token accuracy
+    # Packing: every block is --max_length tokens, so one epoch is ceil(blocks / batch) steps.
+    tokenizer = AutoTokenizer.from_pretrained(assets["gpt2"])
+    from hf_lwsam.cli.data import pack_for_causal_lm
+    from datasets import DatasetDict, load_dataset
+
+    raw = load_dataset("text", data_files={"train": str(assets["train_txt"])}, sample_by="paragraph")
+    packed = pack_for_causal_lm(DatasetDict(raw), tokenizer, "text", 32, None)["train"]
+    assert {len(ids) for ids in packed["input_ids"]} == {32} and packed["labels"] == packed["input_ids"]
+    n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in raw["train"]["text"]
+                   if t.strip())
+    assert len(packed) == n_tokens // 32
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == math.ceil(len(packed) / 16)
+    assert "eval perplexity" in stdout
+    assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == 2
+
+
+def test_lora_classification_saves_an_adapter(assets, tmp_path):
+    out = tmp_path / "lora"
+    code, stdout, stderr = run_cli(["--model_name_or_path", assets["bert"], "--train_file", assets["train_csv"],
+                                    "--validation_file", assets["validation_csv"], "--label_column", "sentiment",
+                                    "--use_lora", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules",
+                                    "query", "value", "--max_train_samples", "32", "--max_length", "32",
+                                    "--output_dir", out, *FAST])
+    assert code == 0, stderr
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and set(adapter["target_modules"]) == {"query", "value"}
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert "lora_" in stdout  # the perturbed layers of the last block are its adapters
+
+
+def test_embedded_default_runs_offline(tmp_path):
+    out = tmp_path / "default"
+    code, stdout, stderr = run_cli(["--max_train_samples", "32", "--max_eval_samples", "32", "--max_length", "16",
+                                    "--output_dir", out, "--disable_tqdm", "true", "--measure_plain_steps", "0"])
+    assert code == 0, stderr
+    card = (out / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and "negative, neutral, positive" in card
+    assert "bert.encoder.layer.5.attention.self.query" in stdout and "shipped in hf_lwsam/metrics" in stdout
+
+
+@pytest.mark.slow
+def test_embedded_default_full_run_learns(tmp_path):
+    """The README's main command as is (2,000 tweets, one epoch): it must learn the 3-class task."""
+    out = tmp_path / "default"
+    code, stdout, stderr = run_cli(["--output_dir", out])
+    assert code == 0, stderr
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_accuracy"] > 0.6 and results["eval_f1"] > 0.5, results
+    assert "LW-SAM vs plain" in stdout and "x step time" in stdout
+
+
+# ----------------------------------------------------------------------------------------- config file, flags
+def test_yaml_config_with_flags_overriding(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": "some/dir", "train_file": "t.csv", "learning_rate": 1e-3,
+                                      "sam_rho": 0.1, "sam_target_layers": ["classifier"], "use_lora": True}))
+    model_args, data_args, args, embedded = parse_args([str(config), "--learning_rate", "2e-3", "--task", "clm"])
+    assert not embedded and model_args.model_name_or_path == "some/dir" and data_args.train_file == "t.csv"
+    assert args.learning_rate == 2e-3 and args.sam_rho == 0.1 and model_args.use_lora
+    assert args.sam_target_layers == "classifier"  # one name: a regex, as on the command line
+    assert model_args.task == "causal_lm" and args.per_device_train_batch_size == 8  # stock default, not embedded
+    json_config = tmp_path / "run.json"
+    json_config.write_text(json.dumps({"output_dir": str(tmp_path / "o"), "num_train_epochs": 2}))
+    _, _, args, embedded = parse_args([str(json_config)])
+    assert embedded and args.num_train_epochs == 2 and args.per_device_train_batch_size == 32
+    assert args.output_dir == str(tmp_path / "o")
+
+
+def test_no_flags_selects_the_embedded_default():
+    _, data_args, args, embedded = parse_args([])
+    assert embedded and data_args.max_length == EMBEDDED_DEFAULTS["max_length"] == 64
+    assert args.per_device_train_batch_size == 32 and args.num_train_epochs == 1
+    model_args, data_args, args, embedded = parse_args(["--train-file", "t.csv", "--model-name-or-path", "m"])
+    assert not embedded and data_args.max_length is None and args.per_device_train_batch_size == 8
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+def _bad_inputs(assets: dict, tmp_path: Path) -> dict[str, tuple[list, str]]:
+    model = ["--model_name_or_path", assets["bert"]]
+    files = ["--train_file", assets["train_csv"], "--validation_file", assets["validation_csv"], "--label_column",
+             "sentiment"]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    one_class = tmp_path / "one_class.csv"
+    Dataset.from_dict({"text": ["good day", "nice", "fine", "ok then"], "label": ["pos"] * 4}).to_csv(one_class,
+                                                                                                    index=False)
+    return {
+        "missing train file": ([*model, "--validation_file", assets["validation_csv"]], "--train_file"),
+        "nonexistent train file": ([*model, "--train_file", tmp_path / "nope.csv"], "does not exist"),
+        "unknown text column": ([*model, *files, "--text_column", "body"], "--text_column 'body'"),
+        "unknown label column": ([*model, *files[:4], "--label_column", "stars"], "--label_column 'stars'"),
+        "empty dataset": ([*model, "--train_file", empty], "no rows"),
+        "one class": ([*model, "--train_file", one_class], "at least 2"),
+        "model path missing": (["--model_name_or_path", tmp_path / "no-model", *files], "does not exist"),
+        "hub model offline": (["--model_name_or_path", "hf-lwsam-test/not-cached", *files], "offline"),
+        "hub dataset offline": ([*model, "--dataset_name", "hf-lwsam-test/not-cached"], "offline"),
+        "unknown task": ([*model, *files, "--task", "translation"], "--task 'translation'"),
+        "bad sam_rho": ([*model, *files, "--sam_rho", "-0.5"], "sam_rho"),
+        "unknown flag": ([*model, *files, "--sam_rhoo", "0.1"], "--sam_rhoo"),
+        "unlabelled data for an encoder": ([*model, "--train_file", assets["train_txt"]], "--task causal_lm"),
+        "push while offline": ([*model, *files, "--push_to_hub", "--max_train_samples", "8"], "--push_to_hub"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing train file", "nonexistent train file", "unknown text column", "unknown label column", "empty dataset",
+    "one class", "model path missing", "hub model offline", "hub dataset offline", "unknown task", "bad sam_rho",
+    "unknown flag", "unlabelled data for an encoder", "push while offline",
+])
+def test_bad_input_is_one_line_exit_2_and_no_output(assets, tmp_path, case):
+    argv, expected = _bad_inputs(assets, tmp_path)[case]
+    out = tmp_path / "out"
+    code, _, stderr = run_cli([*argv, "--output_dir", out, "--report_to", "none", "--use_cpu", "true"])
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2
+    assert lines[-1].startswith("hf-lwsam-train: error: ") and expected in lines[-1], stderr
+    assert any(fix in lines[-1] for fix in (" pass ", " drop ", "see hf-lwsam-train --help", "(e.g. "))
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "no half-written output directory"
+
+
+def test_non_empty_output_dir_needs_overwrite(assets, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous run")
+    argv = ["--model_name_or_path", assets["bert"], "--train_file", assets["train_csv"], "--label_column",
+            "sentiment", "--output_dir", out]
+    code, _, stderr = run_cli(argv)
+    assert code == 2 and "--overwrite_output_dir" in stderr and (out / "keep.txt").read_text() == "previous run"
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~10 s on 2 cores
+def test_script_wrapper_exits_2_with_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--task", "nope", "--output_dir",
+                           str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hf-lwsam-train: error: --task 'nope' is unknown: pass --task classification or --task causal_lm (or leave "
+        "it out to infer it)."]
+    assert not (tmp_path / "o").exists()
