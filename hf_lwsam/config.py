@@ -72,6 +72,21 @@ class LWSAMConfig(TrainingArguments):
             Multi-process only: all-reduce (mean) the ascent gradient g_S before normalising it, so that the step
             equals single-process SAM over the global batch. By default each process perturbs with its own
             micro-batch gradient (m-sharpness), which costs no communication.
+        sam_top_k (`int`, *optional*, defaults to `2`):
+            `sam_selection="probe"`: how many layers to perturb (>= 1; capped at the number of candidates).
+        sam_top_ratio (`float`, *optional*):
+            `sam_selection="probe"`: perturb `ceil(sam_top_ratio * number of candidate layers)` layers instead, with
+            `0 < sam_top_ratio <= 1`. When set it wins over `sam_top_k`.
+        sam_probe_interval (`int`, *optional*, defaults to `100`):
+            `sam_selection="probe"`: optimizer steps between probes (a probe starts at every step that is a multiple
+            of it); `0` probes once, at the start.
+        sam_probe_batches (`int`, *optional*, defaults to `1`):
+            `sam_selection="probe"`: micro-batches whose gradients a probe uses, at least. A probe reads the gradient
+            of whole accumulation windows, so it spans `ceil(sam_probe_batches / gradient_accumulation_steps)`
+            optimizer steps.
+        sam_probe_metric (`str`, *optional*, defaults to `"grad_norm"`):
+            `sam_selection="probe"`: the ranking score, `"grad_norm"` (L2 norm of the layer's gradient) or
+            `"grad_norm_per_param"` (that norm / sqrt(number of the layer's parameters)).
     """
 
     sam_rho: float = field(
@@ -118,6 +133,37 @@ class LWSAMConfig(TrainingArguments):
         },
     )
 
+    sam_top_k: int = field(
+        default=2,
+        metadata={"help": "sam_selection='probe': how many layers (largest gradient norms) to perturb (>= 1)."},
+    )
+    sam_top_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "sam_selection='probe': perturb ceil(ratio * number of candidate layers) layers, 0 < ratio <= 1. "
+            "Wins over --sam_top_k when set."
+        },
+    )
+    sam_probe_interval: int = field(
+        default=100,
+        metadata={"help": "sam_selection='probe': optimizer steps between probes; 0 probes once, at the start."},
+    )
+    sam_probe_batches: int = field(
+        default=1,
+        metadata={
+            "help": "sam_selection='probe': micro-batches whose gradients a probe uses, at least (a probe reads whole "
+            "accumulation windows: ceil(batches / gradient_accumulation_steps) optimizer steps)."
+        },
+    )
+    sam_probe_metric: str = field(
+        default="grad_norm",
+        metadata={
+            "help": "sam_selection='probe': ranking score, 'grad_norm' (L2 norm of the layer's gradient) or "
+            "'grad_norm_per_param' (that norm / sqrt(number of the layer's parameters)).",
+            "choices": list(PROBE_METRICS),
+        },
+    )
+
     def __post_init__(self):
         # As in TRL's ModelConfig: a single command-line value is a regex, several are names.
         for name in ("sam_target_layers", "sam_exclude_layers"):
@@ -136,11 +182,7 @@ class LWSAMConfig(TrainingArguments):
             raise ValueError(
                 f"sam_selection={self.sam_selection!r} is unknown: use one of {', '.join(map(repr, SELECTION_MODES))}."
             )
-        if self.sam_selection == "probe":
-            raise ValueError(
-                "sam_selection='probe' (automatic selection by gradient-norm probing) is not available in this "
-                "version: use sam_selection='pattern' with sam_target_layers, or 'all'."
-            )
+        self._validate_probe()
         for name in ("sam_target_layers", "sam_exclude_layers"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str) and not (
@@ -150,6 +192,43 @@ class LWSAMConfig(TrainingArguments):
                     f"{name}={value!r} is invalid: pass a regex string or a non-empty list of module names."
                 )
         self._refuse_unsupported_setups()
+
+    def _validate_probe(self) -> None:
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not is_int(self.sam_top_k) or self.sam_top_k < 1:
+            raise ValueError(
+                f"sam_top_k={self.sam_top_k!r} is invalid: the number of probed layers to perturb must be an integer "
+                ">= 1 (e.g. 2), or set sam_top_ratio."
+            )
+        ratio = self.sam_top_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
+            raise ValueError(
+                f"sam_top_ratio={ratio!r} is invalid: use a fraction of the candidate layers in (0, 1] (e.g. 0.1), "
+                "or None to use sam_top_k."
+            )
+        if not is_int(self.sam_probe_interval) or self.sam_probe_interval < 0:
+            raise ValueError(
+                f"sam_probe_interval={self.sam_probe_interval!r} is invalid: use an integer >= 0 (optimizer steps "
+                "between probes, e.g. 100; 0 probes once at the start)."
+            )
+        if not is_int(self.sam_probe_batches) or self.sam_probe_batches < 1:
+            raise ValueError(
+                f"sam_probe_batches={self.sam_probe_batches!r} is invalid: use an integer >= 1 (micro-batches per probe)."
+            )
+        if self.sam_probe_metric not in PROBE_METRICS:
+            raise ValueError(
+                f"sam_probe_metric={self.sam_probe_metric!r} is unknown: use one of {', '.join(map(repr, PROBE_METRICS))}."
+            )
+        accumulation = max(int(self.gradient_accumulation_steps), 1)
+        windows = -(-self.sam_probe_batches // accumulation)  # ceil: optimizer steps a probe spans
+        if self.sam_probe_interval and windows > self.sam_probe_interval:
+            raise ValueError(
+                f"sam_probe_interval={self.sam_probe_interval} is shorter than one probe: sam_probe_batches="
+                f"{self.sam_probe_batches} with gradient_accumulation_steps={accumulation} spans {windows} optimizer "
+                f"steps. Set sam_probe_interval >= {windows} or lower sam_probe_batches."
+            )
 
     def _refuse_unsupported_setups(self) -> None:
         supported = "Supported: single device, DDP (torchrun / accelerate launch) and DeepSpeed ZeRO stage 0-1."

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import LWSAMConfig
+from .probe import LayerProbe
 from .reuse import ActivationReuse, capture_rng, plan_reuse, restore_rng
 from .sam import Perturbation, ascent_direction
 from .selection import layer_parameters, select_layers
@@ -65,9 +66,15 @@ class LWSAMTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------------- selection
     def _select_sam_layers(self) -> list[str] | None:
-        """Layer names for `"pattern"`, `None` for `"all"` (every trainable parameter)."""
+        """Layer names for `"pattern"`, `None` for `"all"` (every trainable parameter); for `"probe"` the probe's
+        current selection (before the first probe: the `k` output-most candidates)."""
         if self.args.sam_selection == "all":
             return None
+        if self.args.sam_selection == "probe":
+            if getattr(self, "_layer_probe", None) is None:
+                self._layer_probe = LayerProbe(self)  # validates the candidates and k now
+                self.add_callback(self._layer_probe)  # restores the probed selection on resume
+            return list(self._layer_probe.selection)
         return select_layers(self.model, self.args.sam_target_layers, self.args.sam_exclude_layers)
 
     def _sam_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -185,6 +192,8 @@ class LWSAMTrainer(Trainer):
         if reuse is not None and reuse.mismatch:
             self._disable_reuse(reuse.mismatch)
         self._record_step(clean_loss, perturbed_loss, norm / grad_scale, skipped=skipped)
+        if self.args.sam_selection == "probe":  # on a probe step's last micro-batch: rank the `.grad` norms, re-select
+            self._layer_probe.after_micro_batch(self)
         return clean_loss
 
     # ------------------------------------------------------------------------------------------------- logging
@@ -206,15 +215,19 @@ class LWSAMTrainer(Trainer):
                             ("clean", "perturbed")] + [torch.tensor(float(w.get(k, 0.0)), device=self.args.device)
                                                         for k in ("grad_norm", "skipped", "micro_batches")])
         if self.accelerator.num_processes > 1:
-            sums = self.accelerator.reduce(sums, reduction="mean")
+            sums = self.accelerator.reduce(sums, reduction="sum")  # totals over processes
         clean, perturbed, grad_norm, skipped, micro_batches = sums.tolist()
+        per_step = steps * self.accelerator.num_processes  # losses: mean over processes, per optimizer step
         used = max(micro_batches - skipped, 1e-12)
         return {
-            "sam/loss_perturbed": round(perturbed / steps, 4),
-            "sam/sharpness": round((perturbed - clean) / steps, 6),
+            "sam/loss_perturbed": round(perturbed / per_step, 4),
+            "sam/sharpness": round((perturbed - clean) / per_step, 6),
             "sam/grad_norm_selected": round(grad_norm / used, 6),
+            "sam/skipped": skipped,  # micro-batches, counted over all processes
             "sam/num_perturbed_layers": float(self.num_perturbed_layers),
-            "sam/skipped": skipped,
+            # Probe: selection changes in this window (identical on every process: no reduction needed).
+            **({"sam/selection_changed": float(self._layer_probe.pop_changes())}
+               if self.args.sam_selection == "probe" else {}),
         }
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
