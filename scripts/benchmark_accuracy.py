@@ -179,7 +179,7 @@ def train_and_eval(task: str, method: Method, rho: float, seed: int, split: str,
         model = cls_model(lora=task == "cls-lora", seed=seed)
         common.update(per_device_train_batch_size=32, per_device_eval_batch_size=128,
                       num_train_epochs=budget.cls_epochs, learning_rate=5e-4 if task == "cls-lora" else 1e-4,
-                      warmup_ratio=0.06)
+                      warmup_steps=0.06)  # a float in [0, 1): a ratio of the total steps
         collator, compute_metrics = DataCollatorWithPadding(tokenizer), classification_metrics()[0]
         tokens = sum(len(ids) for ids in data["train"]["input_ids"]) * budget.cls_epochs
     else:

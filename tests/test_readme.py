@@ -1,0 +1,20 @@
+"""The README's Python usage example runs as written (in a temporary directory)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
+    usage = README.read_text().split("## Usage", 1)[1]
+    code = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md (Usage)", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 8  # 256 tweets / batch 32, one epoch
+    assert any("sam/sharpness" in log for log in trainer.state.log_history)
+    assert "eval_loss" in capsys.readouterr().out
