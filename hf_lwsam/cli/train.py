@@ -116,33 +116,30 @@ class CLITrainer(LWSAMTrainer):
             # RNG draws it consumed are put back, so a measured run trains exactly like an unmeasured one. The order
             # alternates between pairs so that neither step always runs on warm caches.
             params = [p for p in model.parameters() if p.requires_grad]
-            saved = [None if p.grad is None else p.grad.clone() for p in params]
-            rng = capture_rng()
 
             def plain_step() -> float:
-                restore_rng(rng)
+                """Time the stock step, then put back `.grad` and the RNG state it found."""
+                grads = [None if p.grad is None else p.grad.clone() for p in params]
+                rng = capture_rng()
                 self._sync()
-                start = time.perf_counter()
+                begin = time.perf_counter()
                 Trainer.training_step(self, model, inputs, num_items_in_batch)
                 self._sync()
-                for p, g in zip(params, saved):
+                elapsed = time.perf_counter() - begin
+                for p, g in zip(params, grads):
                     p.grad = g
                 restore_rng(rng)
-                return time.perf_counter() - start
+                return elapsed
 
             plain_first = len(self.plain_step_times) % 2 == 0
-            plain = plain_step() if plain_first else None
+            plain = plain_step() if plain_first else 0.0
             self._sync()
             start = time.perf_counter()
             loss = super().training_step(model, inputs, num_items_in_batch)
             self._sync()
             sam = time.perf_counter() - start
             if not plain_first:
-                after_sam = [None if p.grad is None else p.grad.clone() for p in params]
-                rng_after = capture_rng()
-                saved = after_sam
                 plain = plain_step()
-                restore_rng(rng_after)
             self.plain_step_times.append(plain)
             self.sam_step_times.append(sam)
         self._steps_called += 1
