@@ -38,11 +38,24 @@ def test_throughput_benchmark_help():
 
 @pytest.mark.slow
 def test_accuracy_benchmark_quick(tmp_path):
-    _run("scripts/benchmark_accuracy.py", "--quick", "--tasks", "lm", "cls-full", "--seeds", "0",
-         "--out", str(tmp_path), timeout=1800)
+    args = ("scripts/benchmark_accuracy.py", "--quick", "--tasks", "lm", "cls-full", "--seeds", "0", "--out", str(tmp_path))
+    _run(*args, timeout=1800)
     table = (tmp_path / "quick" / "accuracy.md").read_text()
     for method in ("adamw", "full SAM", "LW-SAM default", "LW-SAM probe k=2"):
         assert f"| lm | {method} |" in table and f"| cls-full | {method} |" in table
     assert (tmp_path / "quick" / "accuracy.png").stat().st_size > 1000
-    runs = list((tmp_path / "quick" / "runs").glob("*.json"))
-    assert len(runs) == 2 * (3 + 4)  # per task: 3 sweep runs (one rho) + 4 test runs (one seed)
+    runs = sorted((tmp_path / "quick" / "runs").glob("*.json"))
+    assert len(runs) == 2 * 4  # per task: AdamW + 3 SAM methods (one rho, one seed); each run is evaluated twice
+    for path in runs:
+        run = json.loads(path.read_text())
+        assert run["validation"].keys() == run["test"].keys() and run["wall_s"] > 0  # seed 0: both splits
+
+    # Resumable: a second call trains nothing, except a run whose cached configuration no longer matches.
+    stale = tmp_path / "quick" / "runs" / "cls-full__adamw__rho0.0__seed0.json"
+    run = json.loads(stale.read_text())
+    stale.write_text(json.dumps(dict(run, config=dict(run["config"], lr=1.0))))
+    stdout = _run(*args, timeout=1800)
+    assert [line.split("run ")[-1] for line in stdout.splitlines() if "] run " in line] == [
+        "cls-full__adamw__rho0.0__seed0"
+    ]
+    assert json.loads(stale.read_text())["config"] == run["config"]
