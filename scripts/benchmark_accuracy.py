@@ -2,8 +2,9 @@
 
 Methods (same budget and hyperparameters otherwise): plain AdamW; full SAM (`sam_selection="all"`); layer-wise SAM
 with the output-side default pattern; layer-wise SAM with probe selection (k = 2); with `--asam`, the ASAM variants of
-the two fixed SAM modes. rho is chosen per method by a sweep on a validation split (seed 0), then every method is
-trained with `--seeds` and evaluated on a separate test split.
+the two fixed SAM modes; with `--probe_no_embeddings`, the probe with the embeddings left out of its candidates.
+Each run trains once and is evaluated on a validation split (seed 0: the rho sweep) and a separate test split. rho is
+chosen per method on validation, then every method is trained with `--seeds` and reported on test.
 
 Tasks:
   cls-full  the shipped pretrained MiniLM fine-tuned on the shipped tweets (3-class sentiment): accuracy, macro-F1
@@ -11,11 +12,12 @@ Tasks:
   lm        a small GPT-2 pretrained from scratch on most Shakespeare plays (cached), fine-tuned on a held-out group
             of plays; perplexity on a further held-out play
 
-Every finished run is cached as JSON under `<out>/runs/` and skipped when the script runs again (resumable).
-Outputs: `<out>/runs/*.json`, `<out>/accuracy.md` (table), `<out>/accuracy.png` (metric vs relative cost).
+Every finished run is cached as JSON under `<out>/runs/` (with the configuration it was made with; a run made with
+another configuration is redone) and skipped when the script runs again (resumable).
+Outputs: `<out>/runs/*.json`, `<out>/<report>.md` (table), `<out>/<report>.png` (metric vs relative cost).
 
-    python scripts/benchmark_accuracy.py            # the default run (about 80 minutes on 2 CPU cores)
-    python scripts/benchmark_accuracy.py --quick    # a few minutes: tiny budgets, 2 seeds, one rho
+    python scripts/benchmark_accuracy.py            # the default run (79 min measured on 2 CPU cores, +3 to pretrain)
+    python scripts/benchmark_accuracy.py --quick    # about 3 minutes: tiny budgets, 2 seeds, one rho
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from hf_lwsam.data import load_tweets, minilm_path, shakespeare_files  # noqa: E
 
 LM_FINETUNE_PLAYS = ("twelfth-night", "as-you-like-it", "much-ado-about-nothing", "the-merchant-of-venice")
 LM_TEST_PLAY = "a-midsummer-night-s-dream"
-LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])  # the classifier head is trained too
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])  # + the classifier head, trained
 # Every method trains with the AdamW baseline's learning rate. cls: the best validation accuracy (seed 0) of
 # {5e-5, 1e-4, 2e-4, 4e-4} (full) and {5e-4, 2e-3, 4e-3, 8e-3, 1.5e-2} (LoRA). lm: fixed, not tuned (1e-3 gives a
 # lower validation perplexity but a higher test perplexity: it over-fits the fine-tuning plays).
@@ -189,8 +191,8 @@ def run_config(task: str, budget: Budget) -> dict:
         if task == "cls-lora":
             hp.update(lora=LORA)
     else:
-        hp = dict(batch=16, steps=budget.lm_finetune_steps, lr=LEARNING_RATE[task], warmup_steps=5, block=budget.lm_block,
-                  vocab=budget.lm_vocab, pretrain_steps=budget.lm_pretrain_steps, eval_blocks=budget.lm_eval_blocks)
+        hp = dict(batch=16, steps=budget.lm_finetune_steps, lr=LEARNING_RATE[task], warmup_steps=5,
+                  block=budget.lm_block, vocab=budget.lm_vocab, pretrain_steps=budget.lm_pretrain_steps, eval_blocks=budget.lm_eval_blocks)
     return dict(task=task, **hp)
 
 
@@ -280,7 +282,8 @@ def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float]
         diffs = [r["test"][metric] - base[r["seed"]]["test"][metric] for r in runs]
         wins = sum(d < 0 if task == "lm" else d > 0 for d in diffs)
         f1 = _mean_std([r["test"]["f1"] for r in runs]) if task.startswith("cls") else "-"
-        paired = "-" if name == "adamw" else f"{statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs) if len(diffs) > 1 else 0:.4f} ({wins}/{len(runs)} better)"
+        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        paired = "-" if name == "adamw" else f"{statistics.mean(diffs):+.4f} ± {spread:.4f} ({wins}/{len(runs)} better)"
         lines.append(f"| {task} | {name} | {chosen.get(name, '-')} | {_mean_std(vals)} | {f1} | "
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f} | {statistics.mean(thr):.2f} | {paired} |")
         points.append(dict(task=task, method=name, mean=statistics.mean(vals),

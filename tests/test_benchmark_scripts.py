@@ -38,7 +38,8 @@ def test_throughput_benchmark_help():
 
 @pytest.mark.slow
 def test_accuracy_benchmark_quick(tmp_path):
-    args = ("scripts/benchmark_accuracy.py", "--quick", "--tasks", "lm", "cls-full", "--seeds", "0", "--out", str(tmp_path))
+    args = ("scripts/benchmark_accuracy.py", "--quick", "--tasks", "lm", "cls-full", "--seeds", "0",
+            "--out", str(tmp_path))
     _run(*args, timeout=1800)
     table = (tmp_path / "quick" / "accuracy.md").read_text()
     for method in ("adamw", "full SAM", "LW-SAM default", "LW-SAM probe k=2"):
