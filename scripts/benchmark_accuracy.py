@@ -192,7 +192,8 @@ def run_config(task: str, budget: Budget) -> dict:
             hp.update(lora=LORA)
     else:
         hp = dict(batch=16, steps=budget.lm_finetune_steps, lr=LEARNING_RATE[task], warmup_steps=5,
-                  block=budget.lm_block, vocab=budget.lm_vocab, pretrain_steps=budget.lm_pretrain_steps, eval_blocks=budget.lm_eval_blocks)
+                  block=budget.lm_block, vocab=budget.lm_vocab, pretrain_steps=budget.lm_pretrain_steps,
+                  eval_blocks=budget.lm_eval_blocks)
     return dict(task=task, **hp)
 
 
