@@ -135,6 +135,11 @@ def main() -> None:
     cli = parser.parse_args()
     for name in cli.scenarios:
         run(name, cli.out)
+    # Leave no gloo thread to be torn down at interpreter exit: without this a rank can abort
+    # ("terminate called without an active exception", SIGABRT) after its results are written.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
