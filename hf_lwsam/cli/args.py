@@ -3,7 +3,9 @@ from flags and an optional YAML/JSON config file (flags override the file)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -104,7 +106,10 @@ class TrainArguments(LWSAMConfig):
     """[`LWSAMConfig`] plus the two options the script adds."""
 
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a non-empty --output_dir (refused otherwise)."}
+        default=False,
+        metadata={"help": "Start over: remove a previous run's checkpoints, logs and final files from --output_dir "
+                          "(files it did not write are never touched). Default: a rerun resumes from the last "
+                          "checkpoint there."},
     )
     measure_plain_steps: int = field(
         default=4,
@@ -142,7 +147,33 @@ def _read_config_file(path: str, parser: HfArgumentParser) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"config file {path!r} has unknown options {unknown}: use the flag names of "
                          "hf-lwsam-train --help without the leading dashes.")
-    return values
+    return {key: _typed_config_value(parser, path, key, value) for key, value in values.items()}
+
+
+def _typed_config_value(parser: HfArgumentParser, path: str, key: str, value: Any) -> Any:
+    """A config-file value converted and checked as the flag's own type would (argparse does not check defaults)."""
+    action = next((a for a in parser._actions if a.dest == key), None)
+    if action is None or value is None or isinstance(value, dict):
+        return value  # dict-valued options (e.g. lr_scheduler_kwargs) are checked by TrainingArguments
+    many = action.nargs in ("+", "*")
+    if isinstance(value, list) and not many:
+        raise UsageError(f"config file {path!r}: {key} is a list ({value!r}): pass a single value.")
+    items = value if isinstance(value, list) else [value]
+    converted = []
+    for item in items:
+        if isinstance(item, (list, dict)):
+            raise UsageError(f"config file {path!r}: {key} holds a nested {type(item).__name__}: pass plain values.")
+        try:
+            item = action.type(str(item)) if callable(action.type) else item
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            kind = getattr(action.type, "__name__", "value")
+            raise UsageError(f"config file {path!r}: {key}: {item!r} is not a valid {kind}: pass a "
+                             f"{'number' if kind in ('int', 'float') else 'value'} like the flag --{key} takes.") from None
+        if action.choices is not None and item not in action.choices:
+            raise UsageError(f"config file {path!r}: {key}: {item!r} is not one of {list(action.choices)}: pass one "
+                             "of them.")
+        converted.append(item)
+    return converted if isinstance(value, list) else converted[0]
 
 
 def parse_args(
@@ -174,4 +205,94 @@ def parse_args(
             raise UsageError(f"--task {model_args.task!r} is unknown: pass --task classification or "
                              "--task causal_lm (or leave it out to infer it).")
         model_args.task = TASK_ALIASES[model_args.task]
+    validate_args(model_args, data_args, train_args, given)
     return model_args, data_args, train_args, embedded
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, flag: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise UsageError(f"--{flag} {value} is invalid: pass {fix}.")
+
+
+def validate_args(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments, given: set[str]) -> None:
+    """Every check that needs neither the data nor the model, so bad values fail before anything is loaded.
+
+    `given` holds the option names set on the command line or in the config file (flags that would be ignored are
+    refused).
+    """
+    a, d, m = args, data_args, model_args
+    _require(_finite(a.learning_rate) and a.learning_rate >= 0, "learning_rate", a.learning_rate,
+             "a finite learning rate >= 0 (e.g. 5e-5)")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        _require(getattr(a, name) >= 1, name, getattr(a, name), "an integer >= 1")
+    _require(a.max_steps == -1 or a.max_steps >= 1, "max_steps", a.max_steps,
+             "a number of optimizer steps >= 1, or -1 to train for --num_train_epochs")
+    _require(_finite(a.num_train_epochs) and (a.num_train_epochs > 0 or a.max_steps >= 1), "num_train_epochs",
+             a.num_train_epochs, "a number of epochs > 0 (e.g. 3), or --max_steps N")
+    for name in ("seed", "data_seed"):
+        value = getattr(a, name)
+        _require(value is None or 0 <= value < 2**32, name, value, "an integer between 0 and 2**32 - 1")
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
+        value = getattr(a, name)
+        _require(value is None or (_finite(value) and value >= 0), name, value, "a finite value >= 0")
+    for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
+        value = getattr(a, name)
+        _require(_finite(value) and 0 <= value < 1, name, value, "a value in [0, 1)")
+    _require(_finite(a.adam_epsilon) and a.adam_epsilon > 0, "adam_epsilon", a.adam_epsilon, "a value > 0 (e.g. 1e-8)")
+    for name in ("logging_steps", "save_steps", "eval_steps"):
+        value = getattr(a, name)
+        _require(value is None or (_finite(value) and value > 0), name, value, "a number of steps > 0")
+    _require(a.save_total_limit is None or a.save_total_limit >= 1, "save_total_limit", a.save_total_limit,
+             "the number of checkpoints to keep, >= 1 (or leave it out to keep all)")
+    _require(a.dataloader_num_workers >= 0, "dataloader_num_workers", a.dataloader_num_workers, "an integer >= 0")
+    _require(a.measure_plain_steps >= 0, "measure_plain_steps", a.measure_plain_steps, "an integer >= 0 (0: off)")
+    _check_report_to(a.report_to)
+
+    _require(m.lora_r >= 1, "lora_r", m.lora_r, "a LoRA rank >= 1 (e.g. 8)")
+    _require(_finite(m.lora_alpha) and m.lora_alpha > 0, "lora_alpha", m.lora_alpha, "a scaling alpha > 0 (e.g. 16)")
+    _require(_finite(m.lora_dropout) and 0 <= m.lora_dropout < 1, "lora_dropout", m.lora_dropout, "a value in [0, 1)")
+    lora_flags = sorted(f"--{n}" for n in given if n.startswith("lora_"))
+    if lora_flags and not m.use_lora:
+        raise UsageError(f"{', '.join(lora_flags)} given without --use_lora, so it would be ignored: add --use_lora, or "
+                         "drop the LoRA flags.")
+
+    _require(d.max_length is None or d.max_length >= 2, "max_length", d.max_length, "at least 2 (e.g. 128)")
+    for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+        value = getattr(d, name)
+        _require(value is None or value >= 1, name, value, "an integer >= 1 (or leave it out)")
+    _require(1 <= d.validation_split_percentage <= 99, "validation_split_percentage", d.validation_split_percentage,
+             "a percentage between 1 and 99")
+    if d.dataset_config_name and not d.dataset_name:
+        raise UsageError("--dataset_config_name given without --dataset_name: pass --dataset_name HUB_ID too, or drop "
+                         "--dataset_config_name.")
+    if d.test_file and not a.do_predict:
+        raise UsageError("--test_file is only evaluated with --do_predict: add --do_predict, or drop --test_file.")
+    if a.do_predict and d.train_file and not d.test_file:
+        raise UsageError("--do_predict needs a test split: pass --test_file PATH, or drop --do_predict.")
+    if d.text_column is not None and d.text_column == d.label_column:
+        raise UsageError(f"--text_column and --label_column are both {d.text_column!r}: pass two different columns.")
+    if d.label_column is not None and m.task == "causal_lm":
+        raise UsageError("--label_column is not used by --task causal_lm: drop it, or pass --task classification.")
+
+
+def _check_report_to(report_to: Any) -> None:
+    """Every `--report_to` integration must be installed (the Trainer would fail at construction)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    requested = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    requested = [r for r in requested if r not in ("none", "all")]
+    unknown = [r for r in requested if r not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise UsageError(f"--report_to {' '.join(unknown)} is unknown: pass none or some of "
+                         f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}.")
+    missing = [r for r in requested if r not in get_available_reporting_integrations()]
+    if missing:
+        raise UsageError(f"--report_to {' '.join(missing)}: {', '.join(missing)} is not installed: pip install it, or "
+                         "pass --report_to none.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import math
 import os
 from dataclasses import dataclass, field
 from itertools import chain
@@ -32,6 +34,38 @@ def _hub_offline() -> bool:
                                                                                                     "TRUE")
 
 
+def _check_file(flag: str, path: str) -> str:
+    """The `datasets` builder for one data file, after checking it exists, is non-empty UTF-8 and has a known
+    extension (so a bad file fails with a line naming it, before `load_dataset`)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a directory: pass the path of a csv, json, jsonl or txt file.")
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path!r} does not exist: pass the path of a csv, json, jsonl or txt file.")
+    ext = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
+    if ext not in FILE_BUILDERS:
+        raise UsageError(f"{flag} {path!r} has an unsupported extension {ext!r}: use .csv, .json, .jsonl or .txt.")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{flag} {path!r} is empty (0 bytes): pass a file with data rows.")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{flag} {path!r} is not UTF-8 text (byte {chunk[e.start]:#04x} at offset "
+                                 f"{offset + e.start}): re-save it as UTF-8.") from None
+            offset += len(chunk)
+    return FILE_BUILDERS[ext]
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost message of an exception chain (datasets wraps the parser's error)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+
+
 def _load_files(data_args: DataArguments) -> DatasetDict:
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
     files = {split: path for split, path in files.items() if path}
@@ -39,27 +73,29 @@ def _load_files(data_args: DataArguments) -> DatasetDict:
         given = ", ".join(f"--{split}_file" for split in files)
         raise UsageError(f"{given} given without --train_file: pass --train_file PATH (csv, json, jsonl or txt) or "
                          "--dataset_name HUB_ID.")
-    extensions = set()
-    for split, path in files.items():
-        if not os.path.isfile(path):
-            raise UsageError(f"--{split}_file {path!r} does not exist: pass the path of a csv, json, jsonl or "
-                             "txt file.")
-        ext = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
-        if ext not in FILE_BUILDERS:
-            raise UsageError(f"--{split}_file {path!r} has an unsupported extension {ext!r}: use .csv, .json, "
-                             ".jsonl or .txt.")
-        extensions.add(FILE_BUILDERS[ext])
-    if len(extensions) > 1:
-        raise UsageError(f"the data files mix formats ({', '.join(sorted(extensions))}): pass files of one format.")
-    builder = extensions.pop()
+    builders = {_check_file(f"--{split}_file", path) for split, path in files.items()}
+    if len(builders) > 1:
+        raise UsageError(f"the data files mix formats ({', '.join(sorted(builders))}): pass files of one format.")
+    builder = builders.pop()
     kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
-        return load_dataset(builder, data_files=files, **kwargs)
-    except Exception as e:  # unreadable or empty files: datasets raises many types
-        if "corresponds to no data" in str(e) or "empty" in str(e).lower():
+        splits = load_dataset(builder, data_files=files, **kwargs)
+    except Exception as e:  # unreadable files: datasets wraps the parser's error (pandas, pyarrow, json)
+        cause = _root_cause(e)
+        if "EmptyDataError" in cause or "corresponds to no data" in cause:
             raise UsageError("the data files have no rows: pass a --train_file (and --validation_file) with data "
                              "rows below the header.") from None
-        raise UsageError(f"could not read the data files as {builder}: {' '.join(str(e).split())[:300]}") from None
+        raise UsageError(f"could not read the data files as {builder} ({cause}): fix the file, e.g. one row per line "
+                         f"with the header's number of fields{' and quoted commas' if builder == 'csv' else ''}."
+                         ) from None
+    for split, rows in splits.items():
+        if len(rows) == 0:
+            raise UsageError(f"--{split}_file {files[split]!r} has no data rows: pass a file with rows below the "
+                             "header.")
+        if builder == "csv" and len(rows.column_names) == 1 and "\t" in rows.column_names[0]:
+            raise UsageError(f"--{split}_file {files[split]!r} is tab-separated: save it comma-separated (.csv), or "
+                             "as .jsonl.")
+    return splits
 
 
 def load_raw_data(data_args: DataArguments, embedded: bool, seed: int) -> RawData:
@@ -129,6 +165,12 @@ def resolve_columns(
         text_column = next((c for c in TEXT_COLUMN_CANDIDATES if c in strings), strings[0] if strings else None)
         if text_column is None:
             raise UsageError(f"the data has no text column: pass --text_column with one of {columns}.")
+    if not (isinstance(features[text_column], Value) and features[text_column].dtype in ("string", "large_string")):
+        strings = [c for c in columns if isinstance(features[c], Value) and features[c].dtype in ("string",
+                                                                                                 "large_string")]
+        raise UsageError(f"--text_column {text_column!r} holds {getattr(features[text_column], 'dtype', 'non-text')} "
+                         f"values, not text: pass --text_column with a text column"
+                         f"{' (one of ' + str(strings) + ')' if strings else ''}.")
     for split in splits.values():
         missing = [c for c in (text_column, label_column) if c is not None and c not in split.column_names]
         if missing:
@@ -140,20 +182,34 @@ def resolve_columns(
 def prepare_labels(splits: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
     """Labels as integer class ids in a `labels` column, and the class names (from a `ClassLabel` or sorted values)."""
     feature = splits["train"].features[label_column]
+    for name, split in splits.items():
+        missing = sum(1 for v in split[label_column] if _is_missing(v))
+        if missing:
+            raise UsageError(f"{missing} of {len(split)} {name} rows have no {label_column!r} label: fill in or drop "
+                             f"those rows, or pass another --label_column.")
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
         to_id = None
     else:
-        values = sorted({v for split in splits.values() for v in split[label_column] if v is not None}, key=str)
+        values = sorted(set(splits["train"][label_column]), key=str)
         names = [str(v) for v in values]
         to_id = {v: i for i, v in enumerate(values)}
-    present = {v for v in splits["train"][label_column] if v is not None}
+        for name, split in splits.items():
+            unseen = sorted(set(split[label_column]) - set(values), key=str)
+            if unseen:
+                raise UsageError(f"the {name} split has label(s) {unseen[:5]} that the training data lacks (it has "
+                                 f"{names[:10]}): pass {name} data with the training labels only, or more training "
+                                 "data.")
+    present = set(splits["train"][label_column])
     if len(present) < 2:
         only = next(iter(present), None)
         raise UsageError(f"--label_column {label_column!r} has {len(present)} class(es) in the training data "
                          f"({only!r}): classification needs at least 2; pass another --label_column, or --task "
                          "causal_lm for unlabelled text.")
-    splits = splits.filter(lambda row: row[label_column] is not None)
+    rows = len(splits["train"])
+    if len(present) >= 10 and len(present) > rows / 2:
+        raise UsageError(f"--label_column {label_column!r} has {len(present)} distinct values in {rows} training rows, "
+                         "which looks like text, not class labels: pass the column of class labels as --label_column.")
     if to_id is not None:  # values -> class ids, typed as a ClassLabel (a plain map would keep the old dtype)
         converted = {}
         for name, split in splits.items():
@@ -166,6 +222,19 @@ def prepare_labels(splits: DatasetDict, label_column: str) -> tuple[DatasetDict,
         splits = splits.rename_column(label_column, "labels") if "labels" not in splits["train"].column_names else \
             splits.map(lambda row: {"labels": row[label_column]})
     return splits, names
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and
+                                                                                 not value.strip())
+
+
+def check_texts(splits: DatasetDict, text_column: str) -> None:
+    """Every split needs at least one non-empty text."""
+    for name, split in splits.items():
+        if not any(isinstance(t, str) and t.strip() for t in split[text_column]):
+            raise UsageError(f"the {name} split has no non-empty text in --text_column {text_column!r}: pass data "
+                             "with texts, or another --text_column.")
 
 
 def tokenize_for_classification(

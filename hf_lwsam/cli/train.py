@@ -11,8 +11,8 @@ or data flags it fine-tunes the shipped all-MiniLM-L6-v2 on the shipped tweets, 
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -31,13 +31,18 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from accelerate import PartialState
+import datasets.utils as datasets_progress
 from transformers.utils import logging
 
 from ..model_card import ModelCardInfo, perturbed_layers, write_model_card
 from ..reuse import capture_rng, restore_rng
+from ..preemption import PreemptionCallback
+from ..selection import select_layers
 from ..trainer import LWSAMTrainer
 from .args import DataArguments, ModelArguments, TrainArguments, UsageError, parse_args
 from .data import (
+    check_texts,
     load_raw_data,
     pack_for_causal_lm,
     prepare_labels,
@@ -45,11 +50,13 @@ from .data import (
     tokenize_for_classification,
 )
 from .metrics import causal_lm_metrics, classification_metrics, describe_sources
+from .output import FINAL_TMP_NAME, apply_plan, begin_final_save, finish_final_save, plan_output_dir
 
 logger = logging.get_logger("hf_lwsam.cli.train")
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 EMBEDDED_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+EXIT_PREEMPTED = 128 + 15  # the shell's status for SIGTERM
 
 
 class CLITrainer(LWSAMTrainer):
@@ -178,6 +185,9 @@ def load_model_config(model_args: ModelArguments) -> tuple[str, Any, bool]:
         except FileNotFoundError as e:
             raise UsageError(f"{e} (or pass --model_name_or_path)") from None
     is_local = os.path.isdir(name)
+    if os.path.isfile(name):
+        raise UsageError(f"--model_name_or_path {name!r} is a file: pass the model's directory (with config.json) or "
+                         "a Hub model id.")
     if not is_local and (_looks_like_path(name) or os.path.exists(name)):
         raise UsageError(f"--model_name_or_path {name!r} does not exist: pass an existing model directory or a "
                          "Hub model id such as 'bert-base-uncased'.")
@@ -254,17 +264,31 @@ def _add_lora(model: Any, task: str, model_args: ModelArguments) -> Any:
                          "with module names of this model (or 'all-linear').") from None
 
 
-# --------------------------------------------------------------------------------------------------- output dir
-def _staging_dir(output_dir: Path) -> Path:
-    return output_dir.parent / f".{output_dir.name}.incomplete"
+# ------------------------------------------------------------------------------------------------ checks
+def check_model_config(config: Any, name: str, model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Checks against the model's config, before any data or weights are loaded."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    if model_args.task == "causal_lm" and architectures and not any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+        raise UsageError(f"--task causal_lm needs a causal language model and {name!r} is a "
+                         f"{', '.join(architectures)}: pass a causal LM (e.g. --model_name_or_path "
+                         "openai-community/gpt2), or --task classification.")
+    positions = [v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)]
+    if data_args.max_length is not None and positions and data_args.max_length > min(positions):
+        raise UsageError(f"--max_length {data_args.max_length} is longer than the {min(positions)} positions "
+                         f"{name!r} supports: pass --max_length {min(positions)} or less.")
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir {str(output_dir)!r} is a file: pass a directory path.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise UsageError(f"--output_dir {str(output_dir)!r} is not empty: pass --overwrite_output_dir to replace it, "
-                         "or a new --output_dir.")
+def check_sam_layers(model: Any, args: TrainArguments) -> None:
+    """The `sam_target_layers` / `sam_exclude_layers` patterns must match this model (as the trainer would check)."""
+    if args.sam_selection == "all" or (args.sam_selection == "probe" and args.sam_target_layers is None
+                                       and args.sam_exclude_layers is None):
+        return
+    target = args.sam_target_layers if args.sam_target_layers is not None or args.sam_selection == "pattern" else ".+"
+    try:
+        select_layers(model, target, args.sam_exclude_layers)
+    except ValueError as e:
+        flag = "--sam_exclude_layers" if "sam_exclude_layers=" in str(e).split(" ", 1)[0] else "--sam_target_layers"
+        raise UsageError(f"{' '.join(str(e).split())} Pass {flag} with names of this model.") from None
 
 
 def _limit(split: Any, n: int | None) -> Any:
@@ -273,17 +297,33 @@ def _limit(split: Any, n: int | None) -> Any:
 
 def _max_length(data_args: DataArguments, tokenizer: Any, config: Any, task: str) -> int:
     if data_args.max_length is not None:
-        if data_args.max_length < 2:
-            raise UsageError(f"--max_length {data_args.max_length} is too small: pass at least 2 (e.g. 128).")
         return data_args.max_length
     limits = [512 if task == "classification" else 1024, tokenizer.model_max_length]
     limits += [v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)]
     return min(limits)
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No `datasets` progress bars while loading and checking the data (a bad file then fails with one line)."""
+    was_enabled = not datasets_progress.are_progress_bars_disabled()
+    datasets_progress.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_progress.enable_progress_bars()
+
+
+class Preempted(Exception):
+    """Training stopped on a termination signal after saving a checkpoint; running the command again resumes."""
+
+
 # --------------------------------------------------------------------------------------------------------- main
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse, validate, train, evaluate, save (with card) and optionally push; returns the final metrics."""
+    """Parse, validate, train (resuming from the last checkpoint in `output_dir`), evaluate, save (with card) and
+    optionally push; returns the final metrics. Raises `UsageError` for bad input before anything is written, and
+    `Preempted` after a SIGTERM checkpoint."""
     model_args, data_args, args, embedded = parse_args(argv)
     log_level = args.get_process_log_level()
     logging.set_verbosity(log_level)
@@ -291,25 +331,34 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(args.seed)
 
     output_dir = Path(args.output_dir).expanduser().resolve()
-    check_output_dir(output_dir, args.overwrite_output_dir)
+    plan = plan_output_dir(output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
     name, config, is_hub = load_model_config(model_args)
-    raw = load_raw_data(data_args, embedded, args.seed)
-    text_column, label_column = resolve_columns(raw.splits, data_args.text_column, data_args.label_column)
-    task = resolve_task(model_args.task, config, label_column if model_args.task != "causal_lm" else None, name)
-    if task == "classification" and label_column is None:
-        raise UsageError(f"--task classification needs labels and the data has none of the default label columns: "
-                         f"pass --label_column with one of {raw.splits['train'].column_names}.")
-    splits = raw.splits
-    splits["train"] = _limit(splits["train"], data_args.max_train_samples)
-    if not args.do_predict and "test" in splits:
-        del splits["test"]  # only evaluated with --do_predict
-    for split in ("validation", "test"):
-        if split in splits:
-            splits[split] = _limit(splits[split], data_args.max_eval_samples)
-    labels = None
-    if task == "classification":
-        splits, labels = prepare_labels(splits, label_column)
+    check_model_config(config, name, model_args, data_args)
+    with _quiet_datasets():
+        raw = load_raw_data(data_args, embedded, args.seed)
+        if args.do_predict and "test" not in raw.splits:
+            raise UsageError("--do_predict needs a test split and the data has none: pass --test_file PATH, or drop "
+                             "--do_predict.")
+        text_column, label_column = resolve_columns(raw.splits, data_args.text_column, data_args.label_column)
+        task = resolve_task(model_args.task, config, label_column if model_args.task != "causal_lm" else None, name)
+        if task == "classification" and label_column is None:
+            raise UsageError(f"--task classification needs labels and the data has none of the default label "
+                             f"columns: pass --label_column with one of {raw.splits['train'].column_names}.")
+        if task == "causal_lm":
+            check_model_config(config, name, ModelArguments(task=task), data_args)
+        splits = raw.splits
+        splits["train"] = _limit(splits["train"], data_args.max_train_samples)
+        if not args.do_predict and "test" in splits:
+            del splits["test"]  # only evaluated with --do_predict
+        for split in ("validation", "test"):
+            if split in splits:
+                splits[split] = _limit(splits[split], data_args.max_eval_samples)
+        labels = None
+        if task == "classification":
+            splits, labels = prepare_labels(splits, label_column)
+        check_texts(splits, text_column)
     model, tokenizer = load_model_and_tokenizer(name, task, model_args, labels)
+    check_sam_layers(model, args)
     max_length = _max_length(data_args, tokenizer, config, task)
     with args.main_process_first(desc="dataset preprocessing"):
         if task == "classification":
@@ -339,51 +388,46 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         repo_id=args.hub_model_id or output_dir.name,
     )
     if args.push_to_hub and args.hub_model_id is None:
-        args.hub_model_id = output_dir.name  # the repo is named after the final directory, not the staging one
-    staging = _staging_dir(output_dir)
-    if args.should_save and not args.resume_from_checkpoint:
-        shutil.rmtree(staging, ignore_errors=True)
-    args.output_dir = str(staging)
-    succeeded = False
-    try:
-        try:
-            trainer = CLITrainer(
-                model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
-                processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
-                preprocess_logits_for_metrics=preprocess, card_info=card_info, card_name=output_dir.name,
-            )
-        except Exception as e:
-            if not args.push_to_hub or "huggingface_hub" not in type(e).__module__:
-                raise
-            raise UsageError(f"--push_to_hub could not create the Hub repo {args.hub_model_id!r} "
-                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): check the network and "
-                             "--hub_token, or drop --push_to_hub.") from None
-        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        metrics = dict(train_result.metrics)
-        card_info.throughput = trainer.throughput(metrics["train_runtime"])
-        metrics.update(trainer.evaluate())
-        if args.do_predict and "test" in splits:
-            metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
-        trainer.log_metrics("all", metrics)
-        trainer.save_metrics("all", metrics)
-        trainer.save_state()
-        trainer.save_model(_internal_call=True)  # weights, tokenizer and README.md; the push comes after the move
-        trainer.accelerator.wait_for_everyone()
+        args.hub_model_id = output_dir.name
+    with args.main_process_first(desc="output directory"):
         if args.should_save:
-            if output_dir.exists():
-                shutil.rmtree(output_dir)
-            output_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging, output_dir)
-        trainer.accelerator.wait_for_everyone()
-        succeeded = True
-    finally:
-        if args.should_save and staging.exists():
-            if not succeeded and any(staging.glob("checkpoint-*")):
-                logger.warning(f"The run failed; its checkpoints are kept in {staging}: resume with "
-                               f"--resume_from_checkpoint {staging}/checkpoint-N --output_dir {output_dir}.")
-            else:
-                shutil.rmtree(staging, ignore_errors=True)
-    trainer.args.output_dir = str(output_dir)
+            apply_plan(plan)  # the only place a previous run's files are removed (--overwrite_output_dir)
+    args.output_dir = str(output_dir)
+    try:
+        trainer = CLITrainer(
+            model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
+            processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=preprocess, card_info=card_info, card_name=output_dir.name,
+        )
+    except Exception as e:
+        if not args.push_to_hub or "huggingface_hub" not in type(e).__module__:
+            raise
+        raise UsageError(f"--push_to_hub could not create the Hub repo {args.hub_model_id!r} "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): check the network and "
+                         "--hub_token, or drop --push_to_hub.") from None
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
+    train_result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+    if preemption.preempted:
+        step = preemption.stopped_at_step
+        raise Preempted(f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}; saved "
+                        f"{output_dir / f'checkpoint-{step}'}: run the same command again to resume from it.")
+    metrics = dict(train_result.metrics)
+    card_info.throughput = trainer.throughput(metrics["train_runtime"])
+    metrics.update(trainer.evaluate())
+    if args.do_predict and "test" in splits:
+        metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
+    trainer.log_metrics("all", metrics)
+    # The final artefacts go to a temporary folder, are renamed into place, and all_results.json comes last.
+    tmp = output_dir / FINAL_TMP_NAME
+    with args.main_process_first(desc="final save"):
+        if args.should_save:
+            begin_final_save(output_dir)
+    trainer.save_model(str(tmp), _internal_call=True)  # weights, tokenizer and README.md; the push comes after
+    if args.should_save:
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+        finish_final_save(output_dir, tmp, metrics)
+    trainer.accelerator.wait_for_everyone()
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training", model_name=output_dir.name)
     if trainer.is_world_process_zero():
@@ -420,12 +464,17 @@ def summary(trainer: CLITrainer, metrics: dict[str, Any], task: str, info: Model
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: returns 0 on success, 2 on bad input (one line on stderr)."""
+    """Console entry point: returns 0 on success, 2 on bad input and 143 (128 + SIGTERM) when preempted, each with
+    one line on stderr."""
     try:
         run(argv)
     except UsageError as e:
         print(f"hf-lwsam-train: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        if PartialState().is_main_process:
+            print(f"hf-lwsam-train: preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -1,0 +1,174 @@
+"""The output directory of `hf-lwsam-train`: what a rerun resumes, what `--overwrite_output_dir` may remove, and the
+final save that never leaves a directory looking finished before it is.
+
+A run writes `checkpoint-N/` folders (and the Trainer's `runs/` logs) straight into `output_dir`, as the Hugging Face
+example scripts do. The final weights, tokenizer, model card and `trainer_state.json` are written to
+`.hf-lwsam-final.tmp/`, listed in `.hf-lwsam-train.json`, then renamed into place; `all_results.json` is written
+last, so it marks a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import logging
+
+from .args import UsageError
+
+logger = logging.get_logger("hf_lwsam.cli.train")
+
+RESULTS_NAME = "all_results.json"  # written last: its presence marks a finished run
+MANIFEST_NAME = ".hf-lwsam-train.json"  # the final artefacts' names, written before they are moved into place
+FINAL_TMP_NAME = ".hf-lwsam-final.tmp"
+LOGS_NAME = "runs"  # the Trainer's default logging_dir
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
+
+
+@dataclass
+class OutputPlan:
+    """What the run does with `output_dir`: resume from `checkpoint` (or start at step 0) after removing `remove`."""
+
+    output_dir: Path
+    checkpoint: str | None = None
+    remove: list[Path] = field(default_factory=list)
+
+
+def _written_by_cli(output_dir: Path) -> set[str]:
+    """Names in `output_dir` that a run of this CLI writes (whether or not they exist)."""
+    names = {RESULTS_NAME, MANIFEST_NAME, FINAL_TMP_NAME, LOGS_NAME}
+    manifest = output_dir / MANIFEST_NAME
+    if manifest.is_file():
+        try:
+            names.update(n for n in json.loads(manifest.read_text(encoding="utf-8")).get("files", []) if "/" not in n)
+        except (OSError, ValueError, AttributeError):
+            pass
+    return names | {p.name for p in output_dir.iterdir() if _CHECKPOINT.match(p.name) and p.is_dir()}
+
+
+def _is_previous_run(output_dir: Path) -> bool:
+    return (output_dir / MANIFEST_NAME).is_file() or (output_dir / FINAL_TMP_NAME).is_dir() or any(
+        _CHECKPOINT.match(p.name) and p.is_dir() for p in output_dir.iterdir())
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """`get_last_checkpoint(output_dir)`, skipping checkpoints without `trainer_state.json` (the Trainer writes it
+    last, so a checkpoint without it was interrupted while being saved)."""
+    last = get_last_checkpoint(str(output_dir))
+    if last is None or os.path.isfile(os.path.join(last, TRAINER_STATE_NAME)):
+        return last
+    logger.warning(f"{last} is incomplete (no {TRAINER_STATE_NAME}: interrupted while saving); it is not resumed from")
+    complete = [p for p in output_dir.iterdir() if _CHECKPOINT.match(p.name) and (p / TRAINER_STATE_NAME).is_file()]
+    return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if complete else None
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """`--resume_from_checkpoint PATH` must be a checkpoint folder the Trainer wrote."""
+    if not os.path.isdir(path):
+        what = "is a file" if os.path.exists(path) else "does not exist"
+        raise UsageError(f"--resume_from_checkpoint {path!r} {what}: pass a checkpoint-N folder, or leave the flag out "
+                         "to resume from the last checkpoint in --output_dir.")
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+        raise UsageError(f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {TRAINER_STATE_NAME}): "
+                         "pass a checkpoint-N folder written by the Trainer.")
+
+
+def _check_writable(output_dir: Path) -> None:
+    """The nearest existing ancestor must be a directory we can create entries in (checked without writing)."""
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--output_dir {str(output_dir)!r} is under the file {str(existing)!r}: pass a directory path.")
+    # os.access is True for root on read-only file systems such as /proc: also check the file system's flags.
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {str(output_dir)!r} is not writable ({str(existing)!r} is read-only for this "
+                         "user): pass a directory you can write to.")
+
+
+def plan_output_dir(output_dir: Path, overwrite: bool, resume_from_checkpoint: str | None) -> OutputPlan:
+    """Decide, without touching the disk, how the run uses `output_dir`. Raises `UsageError` for a directory that holds
+    a finished run (without `--overwrite_output_dir`) or files this CLI did not write."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {str(output_dir)!r} is a file: pass a directory path.")
+    _check_writable(output_dir)
+    if resume_from_checkpoint:
+        check_resume_checkpoint(resume_from_checkpoint)
+    plan = OutputPlan(output_dir, checkpoint=resume_from_checkpoint or None)
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return plan
+    ours = _written_by_cli(output_dir)
+    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in ours)
+    if not _is_previous_run(output_dir):
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+            raise UsageError(
+                f"--output_dir {str(output_dir)!r} holds files hf-lwsam-train did not write ({shown}) and no previous "
+                "run" + (" (--overwrite_output_dir only removes a previous run's files)" if overwrite else "")
+                + ": pass a new or empty --output_dir.")
+        return plan
+    if overwrite:
+        if resume_from_checkpoint and Path(resume_from_checkpoint).resolve().is_relative_to(output_dir):
+            raise UsageError("--resume_from_checkpoint is inside --output_dir, which --overwrite_output_dir clears: "
+                             "drop one of the two flags.")
+        plan.remove = sorted(p for p in output_dir.iterdir() if p.name in ours)
+        return plan
+    if (output_dir / RESULTS_NAME).is_file() and (output_dir / MANIFEST_NAME).is_file():
+        raise UsageError(f"--output_dir {str(output_dir)!r} holds a finished run: pass --overwrite_output_dir to train "
+                         "again from step 0 (only the previous run's files are removed), or a new --output_dir.")
+    if plan.checkpoint is None:
+        plan.checkpoint = last_complete_checkpoint(output_dir)
+    return plan
+
+
+def apply_plan(plan: OutputPlan) -> None:
+    """Remove what `--overwrite_output_dir` replaces (main process only), and log what the run resumes from."""
+    if plan.remove:
+        kept = sorted(p.name for p in plan.output_dir.iterdir() if p not in plan.remove)
+        logger.warning(f"--overwrite_output_dir: removing the previous run's {', '.join(p.name for p in plan.remove)} "
+                       f"from {plan.output_dir}" + (f" (keeping {', '.join(kept)})" if kept else ""))
+        for path in plan.remove:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if plan.checkpoint is not None:
+        state = json.loads(Path(plan.checkpoint, TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        logger.warning(f"Resuming from {plan.checkpoint} (global step {state.get('global_step')}); pass "
+                       "--overwrite_output_dir to start over instead.")
+    elif plan.output_dir.is_dir() and _is_previous_run(plan.output_dir) and not plan.remove:
+        logger.warning(f"{plan.output_dir} holds a previous run without a complete checkpoint: starting from step 0.")
+
+
+def begin_final_save(output_dir: Path) -> Path:
+    """A fresh temporary folder inside `output_dir` for the final artefacts."""
+    tmp = output_dir / FINAL_TMP_NAME
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def finish_final_save(output_dir: Path, tmp: Path, results: dict) -> None:
+    """List the artefacts in `tmp` in the manifest, rename them into `output_dir`, and write `all_results.json`
+    last. Interrupted anywhere, the directory lacks `all_results.json` and a rerun resumes."""
+    (output_dir / RESULTS_NAME).unlink(missing_ok=True)
+    names = sorted(p.name for p in tmp.iterdir())
+    _write_json_atomically(output_dir / MANIFEST_NAME, {"files": names + [RESULTS_NAME]})
+    for name in names:
+        target = output_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    tmp.rmdir()
+    _write_json_atomically(output_dir / RESULTS_NAME, results)
