@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +192,14 @@ class LWSAMConfig(TrainingArguments):
                 raise ValueError(
                     f"{name}={value!r} is invalid: pass a regex string or a non-empty list of module names."
                 )
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ValueError(
+                        f"{name}={value!r} is not a valid regular expression ({e}): pass a regex such as "
+                        f"'.*layer\\.5.*', or several module names."
+                    ) from None
         self._refuse_unsupported_setups()
 
     def _validate_probe(self) -> None:

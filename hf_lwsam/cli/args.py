@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -120,7 +122,8 @@ class TrainArguments(LWSAMConfig):
 
 
 def _one_line_error(message: str) -> None:
-    raise UsageError(message.splitlines()[-1] if message else "invalid arguments")
+    message = re.sub(r"(--[\w]+)/--[\w-]+", r"\1", message.splitlines()[-1] if message else "invalid arguments")
+    raise UsageError(f"{message}: pass a valid value (hf-lwsam-train --help lists each flag's type and choices).")
 
 
 def make_parser() -> HfArgumentParser:
@@ -136,12 +139,13 @@ def _read_config_file(path: str, parser: HfArgumentParser) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise UsageError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-                         f"{str(e).splitlines()[0]}") from None
+        raise UsageError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'} "
+                         f"({str(e).splitlines()[0]}): fix the file's syntax.") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise UsageError(f"config file {path!r} must hold a mapping of option: value, not {type(values).__name__}.")
+        raise UsageError(f"config file {path!r} holds a {type(values).__name__}: pass a mapping of option: value "
+                         "lines.")
     known = {f.name for dtype in parser.dataclass_types for f in fields(dtype)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -193,19 +197,21 @@ def parse_args(
     defaults = {**(EMBEDDED_DEFAULTS if embedded else {}), **config}
     if defaults:
         parser.set_defaults(**defaults)
+    namespace, _ = parser.parse_known_args(argv)  # argparse errors here; unknown flags are reported below
+    validate_args(namespace, namespace, namespace, given)  # before the dataclasses' own, terser checks
     try:
         model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # option validation in __post_init__ (e.g. LWSAMConfig), unused arguments
         message = " ".join(str(e).split())
         if "not used by the HfArgumentParser" in message:
-            message = f"unknown arguments {message.split(': ', 1)[-1]}: see hf-lwsam-train --help for the flags."
+            message = (f"unknown arguments {message.split(': ', 1)[-1]}: drop them, or pass flags that "
+                       "hf-lwsam-train --help lists.")
         raise UsageError(message) from None
     if model_args.task is not None:
         if model_args.task not in TASK_ALIASES:
             raise UsageError(f"--task {model_args.task!r} is unknown: pass --task classification or "
                              "--task causal_lm (or leave it out to infer it).")
         model_args.task = TASK_ALIASES[model_args.task]
-    validate_args(model_args, data_args, train_args, given)
     return model_args, data_args, train_args, embedded
 
 
@@ -218,11 +224,11 @@ def _require(ok: bool, flag: str, value: Any, fix: str) -> None:
         raise UsageError(f"--{flag} {value} is invalid: pass {fix}.")
 
 
-def validate_args(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments, given: set[str]) -> None:
+def validate_args(model_args: Any, data_args: Any, args: Any, given: set[str]) -> None:
     """Every check that needs neither the data nor the model, so bad values fail before anything is loaded.
 
-    `given` holds the option names set on the command line or in the config file (flags that would be ignored are
-    refused).
+    The arguments are the parsed dataclasses or the parser's namespace (same attribute names); `given` holds the
+    option names set on the command line or in the config file (flags that would be ignored are refused).
     """
     a, d, m = args, data_args, model_args
     _require(_finite(a.learning_rate) and a.learning_rate >= 0, "learning_rate", a.learning_rate,
@@ -275,8 +281,16 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, args: Tr
         raise UsageError("--do_predict needs a test split: pass --test_file PATH, or drop --do_predict.")
     if d.text_column is not None and d.text_column == d.label_column:
         raise UsageError(f"--text_column and --label_column are both {d.text_column!r}: pass two different columns.")
-    if d.label_column is not None and m.task == "causal_lm":
+    if d.label_column is not None and TASK_ALIASES.get(m.task) == "causal_lm":
         raise UsageError("--label_column is not used by --task causal_lm: drop it, or pass --task classification.")
+
+
+def hub_offline() -> bool:
+    """Whether the Hub is switched off for datasets (`HF_HUB_OFFLINE` or `HF_DATASETS_OFFLINE`)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or flag
 
 
 def _check_report_to(report_to: Any) -> None:

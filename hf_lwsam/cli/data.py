@@ -11,7 +11,7 @@ from typing import Any
 
 from datasets import ClassLabel, DatasetDict, Value, load_dataset
 
-from .args import DataArguments, UsageError
+from .args import DataArguments, UsageError, hub_offline
 
 FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text", "text": "text"}
 TEXT_COLUMN_CANDIDATES = ("text", "sentence", "content", "review", "document")
@@ -25,13 +25,6 @@ class RawData:
     splits: DatasetDict
     description: str
     dataset_ids: list[str] = field(default_factory=list)
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES",
-                                                                                                    "TRUE")
 
 
 def _check_file(flag: str, path: str) -> str:
@@ -56,6 +49,13 @@ def _check_file(flag: str, path: str) -> str:
                 raise UsageError(f"{flag} {path!r} is not UTF-8 text (byte {chunk[e.start]:#04x} at offset "
                                  f"{offset + e.start}): re-save it as UTF-8.") from None
             offset += len(chunk)
+    if FILE_BUILDERS[ext] == "csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            head = [line for line in (f.readline(), f.readline()) if line.strip()]
+        if "\t" in head[0] and "," not in head[0]:
+            raise UsageError(f"{flag} {path!r} is tab-separated: save it comma-separated (.csv), or as .jsonl.")
+        if len(head) < 2:
+            raise UsageError(f"{flag} {path!r} has no data rows below its header: pass a file with rows.")
     return FILE_BUILDERS[ext]
 
 
@@ -92,9 +92,6 @@ def _load_files(data_args: DataArguments) -> DatasetDict:
         if len(rows) == 0:
             raise UsageError(f"--{split}_file {files[split]!r} has no data rows: pass a file with rows below the "
                              "header.")
-        if builder == "csv" and len(rows.column_names) == 1 and "\t" in rows.column_names[0]:
-            raise UsageError(f"--{split}_file {files[split]!r} is tab-separated: save it comma-separated (.csv), or "
-                             "as .jsonl.")
     return splits
 
 
@@ -115,7 +112,7 @@ def load_raw_data(data_args: DataArguments, embedded: bool, seed: int) -> RawDat
         try:
             splits = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         except Exception as e:
-            if _hub_offline():
+            if hub_offline():
                 raise UsageError(f"--dataset_name {data_args.dataset_name!r} cannot be downloaded: the Hub is offline "
                                  "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not cached; pass local files with "
                                  "--train_file/--validation_file instead.") from None
@@ -162,7 +159,8 @@ def resolve_columns(
     if text_column is None:
         strings = [c for c in columns if c != label_column and isinstance(features[c], Value)
                    and features[c].dtype in ("string", "large_string")]
-        text_column = next((c for c in TEXT_COLUMN_CANDIDATES if c in strings), strings[0] if strings else None)
+        text_column = next((c for c in TEXT_COLUMN_CANDIDATES if c in columns and c != label_column),
+                           strings[0] if strings else None)
         if text_column is None:
             raise UsageError(f"the data has no text column: pass --text_column with one of {columns}.")
     if not (isinstance(features[text_column], Value) and features[text_column].dtype in ("string", "large_string")):
@@ -187,6 +185,17 @@ def prepare_labels(splits: DatasetDict, label_column: str) -> tuple[DatasetDict,
         if missing:
             raise UsageError(f"{missing} of {len(split)} {name} rows have no {label_column!r} label: fill in or drop "
                              f"those rows, or pass another --label_column.")
+    present = set(splits["train"][label_column])
+    if len(present) < 2:
+        only = next(iter(present), None)
+        raise UsageError(f"--label_column {label_column!r} has {len(present)} class(es) in the training data "
+                         f"({only!r}): classification needs at least 2; pass another --label_column, or --task "
+                         "causal_lm for unlabelled text.")
+    rows = len(splits["train"])
+    wordy = all(isinstance(v, str) for v in present) and sum(len(v.split()) for v in present) >= 3 * len(present)
+    if wordy and len(present) >= 10 and len(present) > rows / 2:
+        raise UsageError(f"--label_column {label_column!r} has {len(present)} distinct values in {rows} training rows, "
+                         "which looks like text, not class labels: pass the column of class labels as --label_column.")
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
         to_id = None
@@ -200,16 +209,6 @@ def prepare_labels(splits: DatasetDict, label_column: str) -> tuple[DatasetDict,
                 raise UsageError(f"the {name} split has label(s) {unseen[:5]} that the training data lacks (it has "
                                  f"{names[:10]}): pass {name} data with the training labels only, or more training "
                                  "data.")
-    present = set(splits["train"][label_column])
-    if len(present) < 2:
-        only = next(iter(present), None)
-        raise UsageError(f"--label_column {label_column!r} has {len(present)} class(es) in the training data "
-                         f"({only!r}): classification needs at least 2; pass another --label_column, or --task "
-                         "causal_lm for unlabelled text.")
-    rows = len(splits["train"])
-    if len(present) >= 10 and len(present) > rows / 2:
-        raise UsageError(f"--label_column {label_column!r} has {len(present)} distinct values in {rows} training rows, "
-                         "which looks like text, not class labels: pass the column of class labels as --label_column.")
     if to_id is not None:  # values -> class ids, typed as a ClassLabel (a plain map would keep the old dtype)
         converted = {}
         for name, split in splits.items():

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,15 +81,20 @@ def check_resume_checkpoint(path: str) -> None:
 
 
 def _check_writable(output_dir: Path) -> None:
-    """The nearest existing ancestor must be a directory we can create entries in (checked without writing)."""
+    """The nearest existing ancestor must be a directory we can create entries in (a probe folder is created and
+    removed at once)."""
     existing = output_dir
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"--output_dir {str(output_dir)!r} is under the file {str(existing)!r}: pass a directory path.")
-    # os.access is True for root on read-only file systems such as /proc: also check the file system's flags.
-    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
-    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+    writable = os.access(existing, os.W_OK | os.X_OK)
+    if writable:  # os.access is True for root where mkdir still fails (/proc): create and remove a probe folder
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".hf-lwsam-probe-", dir=existing))
+        except OSError:
+            writable = False
+    if not writable:
         raise UsageError(f"--output_dir {str(output_dir)!r} is not writable ({str(existing)!r} is read-only for this "
                          "user): pass a directory you can write to.")
 

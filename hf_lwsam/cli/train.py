@@ -12,6 +12,7 @@ or data flags it fine-tunes the shipped all-MiniLM-L6-v2 on the shipped tweets, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import statistics
 import sys
@@ -221,7 +222,7 @@ def resolve_task(task: str | None, config: Any, label_column: str | None, name: 
                      "--label_column NAME for classification, or --task causal_lm with a causal LM.")
 
 
-def load_model_and_tokenizer(name: str, task: str, model_args: ModelArguments, labels: list[str] | None):
+def load_tokenizer(name: str, model_args: ModelArguments) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -229,21 +230,33 @@ def load_model_and_tokenizer(name: str, task: str, model_args: ModelArguments, l
                          "next to the model with tokenizer.save_pretrained.") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, config: Any, task: str, model_args: ModelArguments, labels: list[str] | None,
+               tokenizer: Any, skeleton: bool = False) -> Any:
+    """The model (with its LoRA adapter); `skeleton=True` builds it from `config` on the meta device instead, with
+    no weights loaded, to check the LoRA and LW-SAM layer names first."""
+    label_kwargs: dict[str, Any] = {} if task != "classification" else {
+        "num_labels": len(labels), "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)}}
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     try:
-        if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                name, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id={label: i for i, label in enumerate(labels)}, trust_remote_code=model_args.trust_remote_code,
-            )
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = tokenizer.pad_token_id
+        if skeleton:
+            config = copy.deepcopy(config)
+            for key, value in label_kwargs.items():
+                setattr(config, key, value)
+            with torch.device("meta"):
+                model = auto.from_config(config, trust_remote_code=model_args.trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+            model = auto.from_pretrained(name, trust_remote_code=model_args.trust_remote_code, **label_kwargs)
     except (OSError, ValueError) as e:
         raise UsageError(f"{name!r} cannot be loaded for {task}: {' '.join(str(e).split())[:250]}") from None
+    if task == "classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     if model_args.use_lora:
         model = _add_lora(model, task, model_args)
-    return model, tokenizer
+    return model
 
 
 def _add_lora(model: Any, task: str, model_args: ModelArguments) -> Any:
@@ -305,7 +318,8 @@ def _max_length(data_args: DataArguments, tokenizer: Any, config: Any, task: str
 
 @contextlib.contextmanager
 def _quiet_datasets():
-    """No `datasets` progress bars while loading and checking the data (a bad file then fails with one line)."""
+    """No `datasets` progress bars while loading, checking and tokenizing the data (bad data then fails with one
+    line; the Trainer's own progress bar is unaffected)."""
     was_enabled = not datasets_progress.are_progress_bars_disabled()
     datasets_progress.disable_progress_bars()
     try:
@@ -357,10 +371,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if task == "classification":
             splits, labels = prepare_labels(splits, label_column)
         check_texts(splits, text_column)
-    model, tokenizer = load_model_and_tokenizer(name, task, model_args, labels)
-    check_sam_layers(model, args)
+    tokenizer = load_tokenizer(name, model_args)
     max_length = _max_length(data_args, tokenizer, config, task)
-    with args.main_process_first(desc="dataset preprocessing"):
+    with args.main_process_first(desc="dataset preprocessing"), _quiet_datasets():
         if task == "classification":
             splits = tokenize_for_classification(splits, tokenizer, text_column, max_length,
                                                  data_args.preprocessing_num_workers)
@@ -376,6 +389,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             raise UsageError(f"the {split} split has no rows left after dropping empty texts: pass data with "
                              "non-empty texts, a larger --max_train_samples/--max_eval_samples, or for causal LM a smaller "
                              "--max_length.")
+    # The LoRA and LW-SAM layer names are checked on a weightless copy, so a bad name fails before the weights load.
+    check_sam_layers(load_model(name, config, task, model_args, labels, tokenizer, skeleton=True), args)
+    model = load_model(name, config, task, model_args, labels, tokenizer)
 
     base_model = EMBEDDED_BASE_MODEL if model_args.model_name_or_path is None else name
     card_info = ModelCardInfo(

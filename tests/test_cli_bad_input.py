@@ -1,0 +1,306 @@
+"""Every input a user can get wrong, through `hf-lwsam-train`: exit code 2, exactly one line on stderr that says what
+to pass instead, nothing written or deleted (the output directory is not created, the input files are untouched).
+
+The table runs `main(argv)` in-process (fast); two cases run as real processes to prove that the real stderr holds
+that one line and nothing else (no traceback, progress bar or load report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import make_tiny_bert_dir, make_tiny_gpt2_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
+
+REPO = Path(__file__).resolve().parent.parent
+FIXES = (" pass ", " drop ", " add ", " use ", " fix ", " save ", " fill ", " re-save ", "pip install", " must be ",
+         " set ", " unset ")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad_input_assets")
+    train_csv, validation_csv = write_tweet_csvs(root / "data", n_train=48, n_validation=16)
+    data = root / "data"
+    files = {
+        "zero.csv": b"",
+        "header_only.csv": b"text,sentiment\n",
+        "latin1.csv": "text,sentiment\ncaf\u00e9 au lait,positive\nbad day,negative\n".encode("latin-1"),
+        "ragged.csv": b"text,sentiment\ngood,positive\nbad,negative,extra,fields\nok,neutral\n",
+        "tabs.csv": b"text\tsentiment\ngood day\tpositive\nbad day\tnegative\n",
+        "broken.jsonl": b'{"text": "good", "sentiment": "positive"}\n{"text": "bad", "sentiment": \n',
+        "nan_labels.csv": b"text,sentiment\ngood day,positive\nbad day,\nok day,neutral\nawful,negative\n",
+        "numeric_text.csv": b"text,sentiment\n1,positive\n2,negative\n3,neutral\n4,positive\n",
+        "unseen.csv": b"text,sentiment\ngood day,positive\nbad day,ecstatic\n",
+        "one_class.csv": b"text,sentiment\ngood day,pos\nnice,pos\nfine,pos\n",
+        "blank_texts.csv": b'text,sentiment\n" ",positive\n" ",negative\n',
+        "train.xlsx": b"not really a spreadsheet",
+        "train.jsonl": b'{"text": "good", "sentiment": "positive"}\n',
+        "short.txt": b"Too short.\n",
+        "plays.txt": b"To be, or not to be, that is the question.\n",
+    }
+    for name, content in files.items():
+        (data / name).write_bytes(content)
+    (data / "a_directory.csv").mkdir()
+    (root / "a_file").write_text("not a directory")
+    (root / "not_a_model").mkdir()
+    (root / "not_a_checkpoint").mkdir()
+    configs = {
+        "unknown_key.yaml": "learning_rate: 1e-3\nlearnin_rate: 2e-3\n",
+        "list_value.yaml": "learning_rate: [1, 2]\n",
+        "bad_int.yaml": "per_device_train_batch_size: eight\n",
+        "bad_choice.yaml": "sam_selection: everything\n",
+        "invalid.yaml": "learning_rate: [1, 2\n",
+        "not_mapping.yaml": "- learning_rate\n- 1e-3\n",
+        "bad.json": '{"learning_rate": }',
+    }
+    for name, text in configs.items():
+        (root / name).write_text(text)
+    return {"root": root, "data": data, "train_csv": train_csv, "validation_csv": validation_csv,
+            "bert": make_tiny_bert_dir(root / "tiny-bert"), "gpt2": make_tiny_gpt2_dir(root / "tiny-gpt2")}
+
+
+def _cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
+    """name -> (argv after the base flags, a substring of the error line)."""
+    d, root = a["data"], a["root"]
+    csv = ["--train_file", a["train_csv"], "--validation_file", a["validation_csv"]]
+
+    def train(name: str) -> list:
+        return ["--train_file", d / name, "--validation_file", a["validation_csv"]]
+
+    def both(name: str) -> list:
+        return ["--train_file", d / name, "--validation_file", d / name]
+
+    def config(name: str) -> list:
+        return ["__config__", root / name]
+
+    return {
+        # training options
+        "learning_rate -1": (["--learning_rate", "-1"], "--learning_rate -1.0 is invalid"),
+        "learning_rate nan": (["--learning_rate", "nan"], "--learning_rate nan"),
+        "learning_rate inf": (["--learning_rate", "inf"], "--learning_rate inf"),
+        "learning_rate not a number": (["--learning_rate", "fast"], "--learning_rate"),
+        "train batch 0": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
+        "eval batch -1": (["--per_device_eval_batch_size", "-1"], "--per_device_eval_batch_size -1"),
+        "batch not an int": (["--per_device_train_batch_size", "abc"], "--per_device_train_batch_size"),
+        "accumulation 0": (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0"),
+        "epochs nan": (["--max_steps", "-1", "--num_train_epochs", "nan"], "--num_train_epochs nan"),
+        "epochs 0": (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs 0"),
+        "epochs -1": (["--max_steps", "-1", "--num_train_epochs", "-1"], "--num_train_epochs -1"),
+        "max_steps 0": (["--max_steps", "0"], "--max_steps 0"),
+        "max_steps -5": (["--max_steps", "-5"], "--max_steps -5"),
+        "seed -1": (["--seed", "-1"], "--seed -1"),
+        "seed 2**32": (["--seed", str(2**32)], "--seed 4294967296"),
+        "data_seed -3": (["--data_seed", "-3"], "--data_seed -3"),
+        "weight_decay -1": (["--weight_decay", "-1"], "--weight_decay -1"),
+        "max_grad_norm -1": (["--max_grad_norm", "-1"], "--max_grad_norm -1"),
+        "warmup_steps -1": (["--warmup_steps", "-1"], "--warmup_steps -1"),
+        "adam_beta1 1.5": (["--adam_beta1", "1.5"], "--adam_beta1 1.5"),
+        "adam_beta2 -0.1": (["--adam_beta2", "-0.1"], "--adam_beta2 -0.1"),
+        "adam_epsilon 0": (["--adam_epsilon", "0"], "--adam_epsilon 0"),
+        "label_smoothing 1": (["--label_smoothing_factor", "1"], "--label_smoothing_factor 1"),
+        "logging_steps 0": (["--logging_steps", "0"], "--logging_steps 0"),
+        "save_steps 0": (["--save_strategy", "steps", "--save_steps", "0"], "--save_steps 0"),
+        "eval_steps -1": (["--eval_strategy", "steps", "--eval_steps", "-1"], "--eval_steps -1"),
+        "save_total_limit 0": (["--save_total_limit", "0"], "--save_total_limit 0"),
+        "dataloader workers -1": (["--dataloader_num_workers", "-1"], "--dataloader_num_workers -1"),
+        "measure_plain_steps -1": (["--measure_plain_steps", "-1"], "--measure_plain_steps -1"),
+        "unknown save_strategy": (["--save_strategy", "sometimes"], "sometimes"),
+        "report_to wandb, not installed": (["--report_to", "wandb"], "wandb is not installed"),
+        "report_to unknown": (["--report_to", "myboard"], "myboard"),
+        "fsdp": (["--fsdp", "full_shard"], "fsdp"),
+        "optim lomo": (["--optim", "lomo"], "lomo"),
+        "unknown flag": (["--sam_rhoo", "0.1"], "--sam_rhoo"),
+        # LW-SAM options
+        "sam_rho -0.5": (["--sam_rho", "-0.5"], "sam_rho=-0.5"),
+        "sam_rho nan": (["--sam_rho", "nan"], "sam_rho=nan"),
+        "sam_selection unknown": (["--sam_selection", "everything"], "everything"),
+        "sam_top_k 0": (["--sam_selection", "probe", "--sam_top_k", "0"], "sam_top_k=0"),
+        "sam_top_ratio 2": (["--sam_selection", "probe", "--sam_top_ratio", "2"], "sam_top_ratio=2"),
+        "sam_probe_interval -1": (["--sam_selection", "probe", "--sam_probe_interval", "-1"], "sam_probe_interval=-1"),
+        "sam_probe_batches 0": (["--sam_selection", "probe", "--sam_probe_batches", "0"], "sam_probe_batches=0"),
+        "sam_probe_metric unknown": (["--sam_probe_metric", "hessian"], "hessian"),
+        "sam_target_layers invalid regex": (["--sam_target_layers", "["], "not a valid regular expression"),
+        "sam_target_layers match nothing": (["--sam_target_layers", "blocks.9"], "matches no module"),
+        "sam_target_layers names match nothing": (["--sam_target_layers", "h.11", "lm_head"], "matches no module"),
+        "sam_exclude_layers match nothing": (["--sam_exclude_layers", "nothing.*"], "sam_exclude_layers"),
+        # model and LoRA options
+        "unknown task": (["--task", "translation"], "--task 'translation'"),
+        "causal_lm on an encoder": (["--task", "causal_lm", "--label_column", None], "needs a causal language model"),
+        "model path missing": (["--model_name_or_path", root / "no-model"], "does not exist"),
+        "model path is a file": (["--model_name_or_path", root / "a_file"], "is a file"),
+        "model dir without config": (["--model_name_or_path", root / "not_a_model"], "not a model directory"),
+        "hub model offline": (["--model_name_or_path", "hf-lwsam-test/not-cached"], "offline"),
+        "lora_r 0": (["--use_lora", "--lora_r", "0"], "--lora_r 0"),
+        "lora_alpha 0": (["--use_lora", "--lora_alpha", "0"], "--lora_alpha 0"),
+        "lora_dropout 1": (["--use_lora", "--lora_dropout", "1"], "--lora_dropout 1"),
+        "lora_target_modules without use_lora": (["--lora_target_modules", "query"], "without --use_lora"),
+        "lora_r without use_lora": (["--lora_r", "4"], "without --use_lora"),
+        # data options
+        "max_length 1": (["--max_length", "1"], "--max_length 1"),
+        "max_length above the positions": (["--max_length", "1000000"], "positions"),
+        "max_train_samples 0": (["--max_train_samples", "0"], "--max_train_samples 0"),
+        "max_eval_samples -1": (["--max_eval_samples", "-1"], "--max_eval_samples -1"),
+        "validation_split_percentage 0": (["--validation_split_percentage", "0"], "--validation_split_percentage 0"),
+        "validation_split_percentage 100": (["--validation_split_percentage", "100"], "100"),
+        "preprocessing workers 0": (["--preprocessing_num_workers", "0"], "--preprocessing_num_workers 0"),
+        "dataset_config_name alone": (["--dataset_config_name", "cola"], "--dataset_config_name"),
+        "both dataset sources": (["--dataset_name", "glue"], "one data source"),
+        "hub dataset offline": (["--train_file", None, "--validation_file", None, "--dataset_name",
+                                 "hf-lwsam-test/not-cached"], "offline"),
+        "test_file without do_predict": (["--test_file", a["validation_csv"]], "--do_predict"),
+        "do_predict without a test file": (["--do_predict"], "--test_file"),
+        "same text and label column": (["--text_column", "sentiment"], "both 'sentiment'"),
+        "label_column with causal_lm": (["--task", "causal_lm", "--model_name_or_path", a["gpt2"]],
+                                        "--label_column is not used"),
+        "text and label columns swapped": (["--text_column", "sentiment", "--label_column", "text"], "looks like text"),
+        "unknown text column": (["--text_column", "body"], "--text_column 'body'"),
+        "unknown label column": (["--label_column", "stars"], "--label_column 'stars'"),
+        "unlabelled text for an encoder": (["--label_column", None, "--train_file", d / "plays.txt",
+                                            "--validation_file", d / "plays.txt"], "--task causal_lm"),
+        # data files
+        "train file missing": (["--train_file", d / "nope.csv"], "does not exist"),
+        "validation file without train file": (["--train_file", None], "without --train_file"),
+        "train file is a directory": (["--train_file", d / "a_directory.csv"], "is a directory"),
+        "zero-byte csv": (train("zero.csv"), "empty (0 bytes)"),
+        "header-only csv": (train("header_only.csv"), "no data rows"),
+        "latin-1 csv": (train("latin1.csv"), "not UTF-8"),
+        "ragged csv": (train("ragged.csv"), "Expected 2 fields"),
+        "tab-separated csv": (train("tabs.csv"), "tab-separated"),
+        "broken jsonl": (["--train_file", d / "broken.jsonl", "--validation_file", None], "could not read"),
+        "missing and NaN labels": (train("nan_labels.csv"), "have no 'sentiment' label"),
+        "numeric text column": (both("numeric_text.csv"), "not text"),
+        "validation label unseen in training": (["--validation_file", d / "unseen.csv"], "'ecstatic'"),
+        "one class": (train("one_class.csv"), "at least 2"),
+        "only blank texts": (both("blank_texts.csv"), "no non-empty text"),
+        "unsupported extension": (["--train_file", d / "train.xlsx"], "unsupported extension"),
+        "mixed formats": (["--train_file", d / "train.jsonl"], "mix formats"),
+        "causal LM text shorter than a block": (["--model_name_or_path", a["gpt2"], "--label_column", None,
+                                                 "--train_file", d / "short.txt", "--validation_file", d / "short.txt",
+                                                 "--max_length", "64"], "shorter than one block"),
+        # output directory and checkpoints
+        "output_dir is the data folder, --overwrite_output_dir": (["--output_dir", d, "--overwrite_output_dir"],
+                                                                  "did not write"),
+        "output_dir holds other files": (["--output_dir", d], "did not write"),
+        "output_dir under /proc": (["--output_dir", "/proc/hf-lwsam-out"], "not writable"),
+        "output_dir under a file": (["--output_dir", root / "a_file" / "out"], "under the file"),
+        "output_dir is a file": (["--output_dir", root / "a_file"], "is a file"),
+        "resume_from_checkpoint missing": (["--resume_from_checkpoint", "/nonexistent"], "does not exist"),
+        "resume_from_checkpoint not a checkpoint": (["--resume_from_checkpoint", root / "not_a_checkpoint"],
+                                                    "not a complete checkpoint"),
+        # config files
+        "config unknown key": (config("unknown_key.yaml"), "learnin_rate"),
+        "config list for a float": (config("list_value.yaml"), "learning_rate is a list"),
+        "config word for an int": (config("bad_int.yaml"), "'eight' is not a valid int"),
+        "config value not a choice": (config("bad_choice.yaml"), "'everything' is not one of"),
+        "config invalid yaml": (config("invalid.yaml"), "not valid YAML"),
+        "config not a mapping": (config("not_mapping.yaml"), "mapping"),
+        "config invalid json": (config("bad.json"), "not valid JSON"),
+        "config file missing": (config("missing.yaml"), "does not exist"),
+    }
+
+
+def _argv(assets: dict, out: Path, case: list) -> list[str]:
+    """Base flags (tiny model, real tweets, a tiny budget), then the case's flags (later flags win; `None` drops the
+    flag from the base; `__config__ PATH` puts a config file first)."""
+    base = {"--model_name_or_path": assets["bert"], "--train_file": assets["train_csv"],
+            "--validation_file": assets["validation_csv"], "--label_column": "sentiment", "--max_length": "32",
+            "--max_steps": "2", "--per_device_train_batch_size": "8", "--report_to": "none", "--use_cpu": "true",
+            "--disable_tqdm": "true", "--measure_plain_steps": "0", "--output_dir": out}
+    first, rest = [], list(case)
+    if rest and rest[0] == "__config__":
+        first, rest = [str(rest[1])], rest[2:]
+        base.pop("--report_to")
+    extra = []
+    i = 0
+    while i < len(rest):
+        flag = rest[i]
+        values = []
+        i += 1
+        while i < len(rest) and not (isinstance(rest[i], str) and rest[i].startswith("--")):
+            values.append(rest[i])
+            i += 1
+        if flag in base and values == [None]:
+            del base[flag]
+        elif flag in base and len(values) == 1:
+            base[flag] = values[0]
+        else:
+            extra += [flag, *values]
+    return first + [str(x) for kv in base.items() for x in kv] + [str(x) for x in extra]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every path under `root`, with the content hash of files."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+CASE_NAMES = list(_cases({k: Path("/x") for k in ("data", "root", "train_csv", "validation_csv", "bert", "gpt2")}))
+
+
+def test_the_table_covers_at_least_a_hundred_inputs():
+    assert len(CASE_NAMES) == len(set(CASE_NAMES)) >= 100
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, case):
+    argv_case, expected = _cases(assets)[case]
+    out = tmp_path / "out"
+    argv = _argv(assets, out, argv_case)
+    before = _snapshot(assets["root"])
+    code, stdout, stderr = run_cli(argv)
+    lines = stderr.splitlines()
+    assert code == 2, f"exit {code}: {stderr[-2000:]}"
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{stderr[-2000:]}"
+    assert lines[0].startswith("hf-lwsam-train: error: ") and expected in lines[0], lines[0]
+    assert any(fix in lines[0].lower() for fix in FIXES), f"the line must say what to pass instead: {lines[0]}"
+    assert stdout == ""
+    assert not out.exists(), "nothing may be written"
+    assert _snapshot(assets["root"]) == before, "the inputs must be untouched and nothing written next to them"
+
+
+@pytest.mark.parametrize("case, expected", [
+    (["--learning_rate", "-1"], "hf-lwsam-train: error: --learning_rate -1.0 is invalid: pass a finite learning rate "
+                                ">= 0 (e.g. 5e-5)."),
+    (["--validation_file", "unseen.csv"], "hf-lwsam-train: error: the validation split has label(s) ['ecstatic'] "
+                                          "that the training data lacks"),
+])
+def test_real_process_stderr_is_exactly_one_line(assets, tmp_path, case, expected):
+    """Through a real interpreter, so logging handlers, progress bars and load reports would all show."""
+    if case[1] == "unseen.csv":
+        case = [case[0], assets["data"] / case[1]]
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "hf_lwsam.cli.train", *_argv(assets, out, case)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(expected), proc.stderr[-3000:]
+    assert proc.stdout == "" and not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_config_values_are_typed_like_flags(tmp_path):
+    from hf_lwsam.cli.args import parse_args
+
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1e-3\nuse_lora: true\nlora_target_modules: [query, value]\nmax_steps: 3\n"
+                    "train_file: t.csv\n")
+    model_args, _, args, _ = parse_args([str(path)])
+    # YAML reads `1e-3` as a string: it is converted as the flag would be, not passed on as text.
+    assert args.learning_rate == 1e-3 and isinstance(args.learning_rate, float)
+    assert model_args.use_lora is True and model_args.lora_target_modules == ["query", "value"]
+    assert args.max_steps == 3 and json.loads(json.dumps(args.max_steps)) == 3
+
+
+def test_push_to_hub_while_offline_exits_2_with_one_error_line(assets, tmp_path):
+    """The Hub repo is created with the Trainer, after the weights are loaded, so their progress bar comes first."""
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(_argv(assets, out, ["--push_to_hub"]))
+    errors = [line for line in stderr.splitlines() if "hf-lwsam-train" in line]
+    assert code == 2 and len(errors) == 1 and "--push_to_hub could not create the Hub repo" in errors[0]
+    assert "Traceback" not in stderr and not out.exists()
