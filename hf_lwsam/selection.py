@@ -7,7 +7,8 @@ Matching a larger module (a whole transformer block) selects every layer beneath
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -45,18 +46,66 @@ def find_trunk(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
-def _tied_to_input_embedding(model: nn.Module, module: nn.Module) -> bool:
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding, or `None` for models without one (vision CNNs raise `NotImplementedError`)."""
     get_input = getattr(model, "get_input_embeddings", None)
-    embedding = get_input() if callable(get_input) else None
+    try:
+        embedding = get_input() if callable(get_input) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return embedding if isinstance(embedding, nn.Module) else None
+
+
+def _tied_to_input_embedding(model: nn.Module, module: nn.Module) -> bool:
+    embedding = input_embedding(model)
     if embedding is None:
         return False
     embedding_ids = {id(p) for p in embedding.parameters()}
     return any(id(p) in embedding_ids for p in module.parameters(recurse=False))
 
 
-def output_side_modules(model: nn.Module) -> list[str]:
-    """The default selection: the trunk's last block plus every module registered after the trunk (final norm, task
+ExecutionOrder = tuple[dict[str, int], int]
+
+
+def trace_execution_order(model: nn.Module, run: Callable[[], Any]) -> ExecutionOrder:
+    """When each module of `model` is first entered during `run()` (a forward of the model), and when the trunk's
+    last block first returns: `({name: entry number}, entries before that return)`. A module entered at or after
+    that number runs after the trunk."""
+    entered: dict[str, int] = {}
+    trunk_end = [-1]
+    trunk = find_trunk(model)
+    last_block = trunk[1][len(trunk[1]) - 1] if trunk is not None else None
+    handles = []
+
+    def on_enter(name: str) -> Callable:
+        def hook(*_: Any) -> None:
+            entered.setdefault(name, len(entered))
+
+        return hook
+
+    def on_last_block_exit(*_: Any) -> None:
+        if trunk_end[0] < 0:
+            trunk_end[0] = len(entered)
+
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(on_enter(name)))
+        if last_block is not None:
+            handles.append(last_block.register_forward_hook(on_last_block_exit))
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return entered, trunk_end[0]
+
+
+def output_side_modules(model: nn.Module, order: ExecutionOrder | None = None) -> list[str]:
+    """The default selection: the trunk's last block plus every module that runs after the trunk (final norm, task
     head), leaving out an output embedding tied to the input embedding.
+
+    Without `order` (see `trace_execution_order`), "after the trunk" means registered after it; with it, first entered
+    after the trunk's last block returned (modules never entered are left out), so modules registered after the
+    trunk that run before it (BART's `layernorm_embedding`, DeBERTa-v2's `rel_embeddings`) are not perturbed.
 
     Raises `ValueError` when no trunk is found.
     """
@@ -74,10 +123,10 @@ def output_side_modules(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if name == trunk_name:
             seen_trunk = True
+        if not name or name == trunk_name or name.startswith(trunk_name + "."):
             continue
-        if not seen_trunk or name.startswith(trunk_name + "."):
-            continue
-        if _owns_trainable(module) and not _tied_to_input_embedding(model, module):
+        after = seen_trunk if order is None else order[0].get(name, -1) >= order[1] >= 0
+        if after and _owns_trainable(module) and not _tied_to_input_embedding(model, module):
             names.append(name)
     return names
 
@@ -89,7 +138,9 @@ def _example_names(model: nn.Module, limit: int = 8) -> str:
     return "[" + ", ".join(layers) + "]"
 
 
-def select_layers(model: nn.Module, target_layers: Pattern = None, exclude_layers: Pattern = None) -> list[str]:
+def select_layers(
+    model: nn.Module, target_layers: Pattern = None, exclude_layers: Pattern = None, order: ExecutionOrder | None = None
+) -> list[str]:
     """The names of the layers (modules owning trainable parameters) that layer-wise SAM would perturb.
 
     A dry run of the selection before training.
@@ -101,13 +152,16 @@ def select_layers(model: nn.Module, target_layers: Pattern = None, exclude_layer
             PEFT `target_modules` semantics; `None` selects the output-side default (see `output_side_modules`).
         exclude_layers (`list[str]` or `str`, *optional*):
             Same semantics; removes every layer under a matched module.
+        order (`tuple`, *optional*):
+            `trace_execution_order(model, run)`: decide the default's "after the trunk" by execution order (the
+            trainer traces its first batch); without it, by registration order.
 
     Raises:
         `ValueError`: when a pattern matches no module, or matches only frozen modules.
     """
     named = dict(model.named_modules())
     if target_layers is None:
-        roots = output_side_modules(model)
+        roots = output_side_modules(model, order)
     else:
         roots = [name for name in named if name and name_matches(name, target_layers)]
         if not roots:

@@ -14,8 +14,9 @@ from transformers.utils import logging
 from .config import LWSAMConfig
 from .probe import LayerProbe
 from .reuse import ActivationReuse, capture_rng, plan_reuse, restore_rng
+from .running_stats import BufferGuard
 from .sam import Perturbation, ascent_direction
-from .selection import layer_parameters, select_layers
+from .selection import layer_parameters, select_layers, trace_execution_order
 
 logger = logging.get_logger(__name__)
 
@@ -63,6 +64,11 @@ class LWSAMTrainer(Trainer):
         self.reuse_disabled_reason: str | None = None  # why pass 2 recomputes everything (None: reuse active)
         self._sam_window: dict[str, Any] = {}
         self._sam_last_log_step = 0
+        self._buffer_guard = BufferGuard(self.model)
+        # The default selection ("after the trunk") is re-decided by execution order on the first batch.
+        self._default_selection_untraced = (
+            self.args.sam_selection == "pattern" and self.args.sam_target_layers is None
+        )
 
     # ----------------------------------------------------------------------------------------------- selection
     def _select_sam_layers(self) -> list[str] | None:
@@ -76,6 +82,32 @@ class LWSAMTrainer(Trainer):
                 self.add_callback(self._layer_probe)  # restores the probed selection on resume
             return list(self._layer_probe.selection)
         return select_layers(self.model, self.args.sam_target_layers, self.args.sam_exclude_layers)
+
+    @torch.no_grad()
+    def _trace_default_selection(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        """Once, on the first batch: one no-grad eval forward that orders the modules by execution, so the default
+        selection keeps only modules that run after the trunk (registration order can put modules that run before it,
+        such as BART's `layernorm_embedding`, after it)."""
+        self._default_selection_untraced = False
+        unwrapped = self.accelerator.unwrap_model(model)
+        rng = capture_rng()
+        try:
+            unwrapped.eval()
+            with self.compute_loss_context_manager():
+                order = trace_execution_order(unwrapped, lambda: unwrapped(**self._prepare_inputs(inputs)))
+            layers = select_layers(self.model, None, self.args.sam_exclude_layers, order=order)
+        except Exception as e:  # a model that cannot run on the batch as is: keep the registration-order default
+            logger.warning(f"LW-SAM could not trace the execution order ({type(e).__name__}: {e}); the default "
+                           "selection stays by registration order.")
+            return
+        finally:
+            unwrapped.train()
+            restore_rng(rng)
+        if layers != self._sam_layers:
+            dropped = sorted(set(self._sam_layers or []) - set(layers))
+            logger.info(f"LW-SAM default selection by execution order: left out {', '.join(dropped) or 'nothing'} "
+                        "(run before the trunk or never called).")
+            self._set_sam_layers(layers)
 
     def _sam_parameters(self) -> list[tuple[str, nn.Parameter]]:
         if self._sam_params is None:
@@ -167,14 +199,18 @@ class LWSAMTrainer(Trainer):
 
         Returns the clean (unperturbed) loss, normalised as the stock step normalises it.
         """
+        if self._default_selection_untraced:
+            self._trace_default_selection(model, inputs)
         model.train()
         params = [p for _, p in self._sam_parameters()]
         reuse = self._activation_reuse(params)
         rng = capture_rng()
+        self._buffer_guard.mark()
         with reuse.session() if reuse is not None else nullcontext():
             if reuse is not None:
                 reuse.record()  # keep the outputs of the blocks below the cut, graph included
             clean_loss, grads, grad_scale = self._ascent_gradient(model, inputs, num_items_in_batch, params)
+            self._buffer_guard.keep_pass_one()  # running statistics: pass 1's update is the step's only one
             # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks'
             # graph (reuse) survives.
             steps, norm = ascent_direction(params, grads, self.args.sam_rho, self.args.sam_adaptive)
@@ -189,6 +225,7 @@ class LWSAMTrainer(Trainer):
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 perturbation.restore()  # bit-exact, also when pass 2 raises
+                self._buffer_guard.restore()
         if reuse is not None and reuse.mismatch:
             self._disable_reuse(reuse.mismatch)
         self._record_step(clean_loss, perturbed_loss, norm / grad_scale, skipped=skipped)

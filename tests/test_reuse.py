@@ -13,14 +13,18 @@ from hf_lwsam import LWSAMTrainer
 
 
 class _ComputeCounter:
-    """Counts real forward computations of a submodule inside the first trunk block (replays skip them)."""
+    """Counts real forward computations of a submodule inside the first trunk block (replays skip them; a hook would
+    not do: replays fire the submodules' hooks again, as recomputing would)."""
 
     def __init__(self, module: nn.Module):
         self.calls = 0
-        module.register_forward_pre_hook(self._count)
+        forward = module.forward
 
-    def _count(self, *_):
-        self.calls += 1
+        def counting_forward(*args, **kwargs):
+            self.calls += 1
+            return forward(*args, **kwargs)
+
+        module.forward = counting_forward
 
 
 def _first_block_submodule(model) -> nn.Module:
