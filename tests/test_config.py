@@ -32,6 +32,8 @@ def _config(tmp_path, **kwargs) -> LWSAMConfig:
          r"sam_probe_interval=2 is shorter than one probe.*Set sam_probe_interval >= 4"),
         (dict(sam_target_layers=[]), r"sam_target_layers=\[\] is invalid: pass a regex string or a non-empty list"),
         (dict(sam_exclude_layers=[3]), r"sam_exclude_layers=\[3\] is invalid"),
+        (dict(sam_target_layers="["), r"sam_target_layers='\[' is not a valid regular expression"),
+        (dict(sam_exclude_layers="(a"), r"sam_exclude_layers='\(a' is not a valid regular expression"),
         (dict(fsdp="full_shard"), r"fsdp='full_shard' is not supported by LWSAMTrainer yet.* Drop --fsdp"),
         (dict(deepspeed={"zero_optimization": {"stage": 2}}),
          r"DeepSpeed ZeRO stage 2 .* Set zero_optimization.stage to 0 or 1"),
