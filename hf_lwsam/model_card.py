@@ -1,7 +1,7 @@
 """Model cards for models trained with `LWSAMTrainer`: Hub metadata plus the LW-SAM setup, results and throughput.
 
 The card is rendered by `huggingface_hub.ModelCard.from_template` from the Jinja template
-`hf_lwsam/templates/model_card.md.j2` (a copy is kept at `model_cards/model_card.md.j2`); the YAML front matter is a
+`hf_lwsam/templates/model_card.md.j2` (the only copy, shipped as package data); the YAML front matter is a
 `huggingface_hub.ModelCardData`, so `model-index` follows the Hub's schema.
 """
 

@@ -16,10 +16,14 @@ from hf_lwsam.model_card import TEMPLATE_PATH
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_documented_template_is_the_shipped_one():
-    documented = REPO / "model_cards" / "model_card.md.j2"
-    assert documented.read_text(encoding="utf-8") == TEMPLATE_PATH.read_text(encoding="utf-8")
-    assert not documented.is_symlink()
+def test_the_template_has_one_source_that_packaging_ships():
+    import tomllib
+
+    copies = [p for p in REPO.rglob("model_card.md.j2") if ".git" not in p.parts and "build" not in p.parts]
+    assert copies == [TEMPLATE_PATH], f"one template, no drifting copies: {copies}"
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = [p for pattern in package_data["hf_lwsam"] for p in (REPO / "hf_lwsam").glob(pattern)]
+    assert TEMPLATE_PATH in shipped
 
 
 def test_card_of_a_real_run_has_the_runs_values(tmp_path):
