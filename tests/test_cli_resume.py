@@ -102,3 +102,57 @@ def test_sigterm_saves_at_the_step_end_exits_143_and_the_rerun_resumes(command, 
     assert state["global_step"] == step
     assert not (out / "all_results.json").exists() and not (out / "model.safetensors").exists()
     _assert_resumed_and_equal(command, out, step, uninterrupted)
+
+
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """RANK -> pid of the worker processes under an `accelerate launch` process (read from /proc)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        rank = next((v[5:] for v in environ if v.startswith(b"RANK=")), None)
+        if parent == launcher_pid and rank is not None:
+            ranks[int(rank)] = int(entry.name)
+    return ranks
+
+
+@pytest.mark.slow  # two `accelerate launch` runs of two processes each: ~1 minute on 2 cores
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the ranks")
+def test_sigterm_to_one_rank_under_accelerate_stops_every_rank_at_the_same_step(command, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "scripts" / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(port),
+              "-m", "hf_lwsam.cli.train", *command[3:]]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*launch, "--output_dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, cwd=REPO)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    ranks = _rank_pids(proc.pid)
+    assert set(ranks) == {0, 1}, ranks
+    os.kill(ranks[1], signal.SIGTERM)  # only rank 1 is told to stop; rank 0 must agree through the all-reduce
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    messages = [line for line in stderr.splitlines() if "hf-lwsam-train: preempted" in line]
+    assert len(messages) == 1, stderr[-3000:]  # printed by rank 0, which received no signal itself
+    step = int(messages[0].split("stopped by SIGTERM at step ")[1].split()[0])
+    assert step < MAX_STEPS
+    assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
+    rerun = subprocess.run([*launch, "--output_dir", str(out)], capture_output=True, text=True, env=ENV, cwd=REPO,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"checkpoint-{step} (global step {step})" in rerun.stderr
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
