@@ -43,6 +43,13 @@ def _run(command: list[str], out: Path) -> subprocess.CompletedProcess:
 
 def _start_and_signal(command: list[str], out: Path, signum: int) -> subprocess.Popen:
     """Start the run and send `signum` as soon as its first checkpoint is complete."""
+    proc = _start_and_wait_for_a_checkpoint(command, out)
+    proc.send_signal(signum)
+    return proc
+
+
+def _start_and_wait_for_a_checkpoint(command: list[str], out: Path) -> subprocess.Popen:
+    """Start the run; return once its first checkpoint is complete (the Trainer writes trainer_state.json last)."""
     proc = subprocess.Popen([*command, "--output_dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV, cwd=REPO)
     deadline = time.monotonic() + 240
@@ -50,7 +57,6 @@ def _start_and_signal(command: list[str], out: Path, signum: int) -> subprocess.
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 240 s"
         time.sleep(0.02)
-    proc.send_signal(signum)
     return proc
 
 
@@ -134,13 +140,7 @@ def test_sigterm_to_one_rank_under_accelerate_stops_every_rank_at_the_same_step(
               str(REPO / "scripts" / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(port),
               "-m", "hf_lwsam.cli.train", *command[3:]]
     out = tmp_path / "out"
-    proc = subprocess.Popen([*launch, "--output_dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV, cwd=REPO)
-    deadline = time.monotonic() + 240
-    while not (out / "checkpoint-4" / "trainer_state.json").exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.02)
+    proc = _start_and_wait_for_a_checkpoint(launch, out)
     ranks = _rank_pids(proc.pid)
     assert set(ranks) == {0, 1}, ranks
     os.kill(ranks[1], signal.SIGTERM)  # only rank 1 is told to stop; rank 0 must agree through the all-reduce
