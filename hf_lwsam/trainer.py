@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import fields
+import copy
+import inspect
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -11,7 +14,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .config import LWSAMConfig
+from .config import as_lwsam_config, mixed_subclass
 from .probe import LayerProbe
 from .reuse import ActivationReuse, capture_rng, plan_reuse, restore_rng
 from .running_stats import BufferGuard
@@ -32,32 +35,68 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(_unflatten_dense_tensors(flat, tensors))
 
 
-def as_lwsam_config(args: TrainingArguments) -> LWSAMConfig:
-    """A plain `TrainingArguments` converted to `LWSAMConfig` with the SAM defaults."""
-    if isinstance(args, LWSAMConfig):
-        return args
-    values = {f.name: getattr(args, f.name) for f in fields(args) if f.init and hasattr(args, f.name)}
-    return LWSAMConfig(**values)
+# Trainers whose step does not compose with two passes over one prepared batch.
+_REFUSED_TRAINERS = {
+    "GRPOTrainer": "it generates completions inside the step on its own schedule and weighs the loss by importance "
+    "ratios against that generation",
+    "RLOOTrainer": "it generates completions inside the step on its own schedule and weighs the loss by importance "
+    "ratios against that generation",
+}
 
 
-class LWSAMTrainer(Trainer):
+def _native_config_class(trainer_cls: type) -> type[TrainingArguments]:
+    """The config class `trainer_cls` expects for `args` (the most derived `TrainingArguments` subclass in the
+    annotation of its `args` parameter), `TrainingArguments` if it cannot be read."""
+    try:
+        hint = typing.get_type_hints(trainer_cls.__init__).get("args")
+    except Exception:  # unresolvable forward references
+        return TrainingArguments
+    found = [t for t in (typing.get_args(hint) or (hint,)) if isinstance(t, type) and issubclass(t, TrainingArguments)]
+    return max(found, key=lambda t: len(t.__mro__), default=TrainingArguments)
+
+
+class LWSAMMixin:
     r"""
-    A drop-in [`~transformers.Trainer`] that trains with layer-wise sharpness-aware minimization.
+    The layer-wise SAM `training_step` for any [`~transformers.Trainer`] subclass: put it first among the bases
+    (`class MyTrainer(LWSAMMixin, SFTTrainer)`), or use [`lwsam_trainer`].
 
     Every micro-batch takes two passes: the ascent gradient g_S of the selected parameters S at w (a truncated
-    backward that leaves `.grad` alone), then the stock `training_step` at w + e_S, after which S is restored
-    bit-exactly. The optimizer, scheduler, clipping and checkpointing are the stock ones.
+    backward that leaves `.grad` alone), then the base class's own `training_step` at w + e_S, after which S is
+    restored bit-exactly. The optimizer, scheduler, clipping and checkpointing are the base class's.
+
+    The micro-batch's inputs are prepared once (`_prepare_inputs`) and both passes use them. What the base class's
+    `compute_loss` records as a side effect (TRL's `_metrics` lists and `_total_train_tokens`) is kept from pass 1 only,
+    the clean pass whose loss `training_step` returns, so metrics and token counts are those of plain training.
 
     Args:
-        args ([`LWSAMConfig`] or [`~transformers.TrainingArguments`], *optional*):
-            Training options; a plain `TrainingArguments` is converted to `LWSAMConfig` with the SAM defaults.
-        *other arguments*: as for [`~transformers.Trainer`].
+        args (`TrainingArguments`, *optional*):
+            Training options carrying the `sam_*` fields (an instance of [`lwsam_config`]`(...)`, e.g. [`LWSAMConfig`]).
+            Any other config is copied field by field into such a class, every value kept and the `sam_*` options at
+            their defaults; `None` gives the defaults.
+        *other arguments*: as for the base trainer; positional arguments are bound to the base's parameters and
+            passed on by keyword.
     """
 
-    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *a: Any, **kw: Any):
-        if args is None:
-            args = LWSAMConfig(output_dir="trainer_output")
-        super().__init__(model, as_lwsam_config(args), *a, **kw)
+    _lwsam_native_config: type[TrainingArguments] | None = None  # the base trainer's config class (read lazily)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        base = next(c for c in type(self).__mro__ if issubclass(c, Trainer) and not issubclass(c, LWSAMMixin))
+        for name in (c.__name__ for c in base.__mro__):
+            if name in _REFUSED_TRAINERS:
+                raise ValueError(f"{name} is not supported by hf_lwsam: {_REFUSED_TRAINERS[name]}, so the two passes "
+                                 "of LW-SAM would not see the same batch and loss. Use SFTLWSAMTrainer or "
+                                 "DPOLWSAMTrainer (hf_lwsam.trl), or LWSAMTrainer.")
+        signature = inspect.signature(base.__init__)
+        bound = signature.bind(None, *args, **kwargs).arguments  # None stands for self
+        bound.pop(next(iter(signature.parameters)))
+        for name, parameter in signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+                bound.update(bound.pop(name))
+            elif parameter.kind is inspect.Parameter.VAR_POSITIONAL and bound.pop(name, ()):
+                raise TypeError(f"{base.__name__} takes extra positional arguments; pass them by keyword.")
+        native = self._lwsam_native_config or _native_config_class(base)
+        bound["args"] = as_lwsam_config(bound.get("args"), native)
+        super().__init__(**bound)
         self._sam_layers = self._select_sam_layers()  # validates the patterns now, not at the first step
         self._sam_params: list[tuple[str, nn.Parameter]] | None = None
         self._reuse_plan: tuple[nn.ModuleList, int] | None = None
@@ -94,7 +133,7 @@ class LWSAMTrainer(Trainer):
         try:
             unwrapped.eval()
             with self.compute_loss_context_manager():
-                order = trace_execution_order(unwrapped, lambda: unwrapped(**self._prepare_inputs(inputs)))
+                order = trace_execution_order(unwrapped, lambda: unwrapped(**inputs))
             layers = select_layers(self.model, None, self.args.sam_exclude_layers, order=order)
         except Exception as e:  # a model that cannot run on the batch as is: keep the registration-order default
             logger.warning(f"LW-SAM could not trace the execution order ({type(e).__name__}: {e}); the default "
@@ -178,9 +217,11 @@ class LWSAMTrainer(Trainer):
     ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
         """Pass 1 at w: the clean loss and g_S, through a backward truncated at S. Leaves `.grad` untouched and
         never all-reduces (each process perturbs with its own micro-batch gradient)."""
-        with self.accelerator.no_sync(model):
+        # TRL's SFT/DPO run their step inside an activation-offload context; pass 1 runs inside it too.
+        offload = getattr(self, "maybe_activation_offload_context", None) or nullcontext()
+        with self.accelerator.no_sync(model), offload:
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             loss = self._loss_as_stock(loss, num_items_in_batch)
             scaler = getattr(self.accelerator, "scaler", None)
             # fp16: differentiate the scaled loss so small gradients don't underflow; e_S is scale-free.
@@ -199,8 +240,9 @@ class LWSAMTrainer(Trainer):
 
         Returns the clean (unperturbed) loss, normalised as the stock step normalises it.
         """
+        inputs = self._prepare_inputs(inputs)  # once per micro-batch: TRL's can be stateful
         if self._default_selection_untraced:
-            self._trace_default_selection(model, inputs)
+            self._trace_default_selection(model, copy.copy(inputs))
         model.train()
         params = [p for _, p in self._sam_parameters()]
         reuse = self._activation_reuse(params)
@@ -209,7 +251,8 @@ class LWSAMTrainer(Trainer):
         with reuse.session() if reuse is not None else nullcontext():
             if reuse is not None:
                 reuse.record()  # keep the outputs of the blocks below the cut, graph included
-            clean_loss, grads, grad_scale = self._ascent_gradient(model, inputs, num_items_in_batch, params)
+            # Each pass gets its own shallow copy: a compute_loss may pop from its inputs (labels for label smoothing).
+            clean_loss, grads, grad_scale = self._ascent_gradient(model, copy.copy(inputs), num_items_in_batch, params)
             self._buffer_guard.keep_pass_one()  # running statistics: pass 1's update is the step's only one
             # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks'
             # graph (reuse) survives.
@@ -222,7 +265,8 @@ class LWSAMTrainer(Trainer):
             if reuse is not None:
                 reuse.replay()
             try:
-                perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
+                with self._inputs_already_prepared(), self._records_from_pass_one():
+                    perturbed_loss = super().training_step(model, copy.copy(inputs), num_items_in_batch)
             finally:
                 perturbation.restore()  # bit-exact, also when pass 2 raises
                 self._buffer_guard.restore()
@@ -232,6 +276,33 @@ class LWSAMTrainer(Trainer):
         if self.args.sam_selection == "probe":  # on a probe step's last micro-batch: rank the `.grad` norms, re-select
             self._layer_probe.after_micro_batch(self)
         return clean_loss
+
+    @contextmanager
+    def _inputs_already_prepared(self) -> Iterator[None]:
+        """The base step's own `_prepare_inputs` call passes the prepared inputs through."""
+        self._prepare_inputs = lambda prepared: prepared
+        try:
+            yield
+        finally:
+            del self._prepare_inputs
+
+    @contextmanager
+    def _records_from_pass_one(self) -> Iterator[None]:
+        """Undo what pass 2's `compute_loss` records as a side effect (TRL: `_metrics` lists, `_total_train_tokens`):
+        metrics and token counts come from the clean pass 1 only, as in plain training."""
+        metrics = getattr(self, "_metrics", None)
+        saved = {mode: {k: list(v) for k, v in m.items()} for mode, m in metrics.items()} if isinstance(
+            metrics, dict) else None
+        tokens = getattr(self, "_total_train_tokens", None)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                for mode, recorded in metrics.items():
+                    recorded.clear()
+                    recorded.update(saved.get(mode, {}))
+            if tokens is not None:
+                self._total_train_tokens = tokens
 
     # ------------------------------------------------------------------------------------------------- logging
     def _record_step(self, clean: torch.Tensor, perturbed: torch.Tensor, norm: float, skipped: bool) -> None:
@@ -273,3 +344,38 @@ class LWSAMTrainer(Trainer):
             logs.update(self._window_metrics())
         super().log(logs, start_time)
 
+
+
+class LWSAMTrainer(LWSAMMixin, Trainer):
+    r"""
+    A drop-in [`~transformers.Trainer`] that trains with layer-wise sharpness-aware minimization: [`LWSAMMixin`] plus
+    `Trainer`.
+
+    Every micro-batch takes two passes: the ascent gradient g_S of the selected parameters S at w (a truncated
+    backward that leaves `.grad` alone), then the stock `training_step` at w + e_S, after which S is restored
+    bit-exactly. The optimizer, scheduler, clipping and checkpointing are the stock ones.
+
+    Args:
+        args ([`LWSAMConfig`] or [`~transformers.TrainingArguments`], *optional*):
+            Training options; a plain `TrainingArguments` is converted to `LWSAMConfig` with the SAM defaults.
+        *other arguments*: as for [`~transformers.Trainer`].
+    """
+
+
+_TRAINER_CLASSES: dict[type, type] = {}
+
+
+def lwsam_trainer(trainer_cls: type[Trainer]) -> type[Trainer]:
+    """The LW-SAM subclass of `trainer_cls` ([`LWSAMMixin`] first among its bases); the same class object on repeated
+    calls, `trainer_cls` itself when it already is one, [`LWSAMTrainer`] for `Trainer`.
+
+    Args:
+        trainer_cls (`type`): a `Trainer` subclass, e.g. `trl.SFTTrainer`.
+    """
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
+        raise ValueError(f"lwsam_trainer({trainer_cls!r}): pass a transformers.Trainer subclass, e.g. trl.SFTTrainer.")
+    if issubclass(trainer_cls, LWSAMMixin):
+        return trainer_cls
+    if trainer_cls is Trainer:
+        return LWSAMTrainer
+    return mixed_subclass(LWSAMMixin, trainer_cls, "Trainer", _TRAINER_CLASSES, "with layer-wise SAM steps")

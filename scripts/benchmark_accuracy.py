@@ -55,7 +55,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_lwsam import LWSAMConfig, LWSAMTrainer  # noqa: E402
 from hf_lwsam.cli.metrics import classification_metrics  # noqa: E402
-from hf_lwsam.data import load_tweets, minilm_path, shakespeare_files  # noqa: E402
+from hf_lwsam.data import load_tweets, minilm_path, shakespeare_files, train_byte_bpe  # noqa: E402
 
 LM_FINETUNE_PLAYS = ("twelfth-night", "as-you-like-it", "much-ado-about-nothing", "the-merchant-of-venice")
 LM_TEST_PLAY = "a-midsummer-night-s-dream"
@@ -129,17 +129,6 @@ def cls_model(lora: bool, seed: int):
     return model
 
 
-def _byte_bpe(texts: list[str], vocab: int) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
 def _read(play: str) -> str:
     with open(shakespeare_files()[play][0], encoding="utf-8") as f:
         return f.read()
@@ -160,7 +149,7 @@ def lm_assets(budget: Budget, cache: Path, log) -> tuple[str, DatasetDict]:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
     else:
         log(f"pretraining a small GPT-2 on {len(pretrain_plays)} plays ({budget.lm_pretrain_steps} steps) -> {ckpt}")
-        tokenizer = _byte_bpe([_read(p) for p in pretrain_plays], budget.lm_vocab)
+        tokenizer = train_byte_bpe([_read(p) for p in pretrain_plays], budget.lm_vocab)
         corpus = _blocks(tokenizer, [_read(p) for p in pretrain_plays], budget.lm_block)
         set_seed(0)
         config = GPT2Config(vocab_size=len(tokenizer), n_positions=budget.lm_block, n_embd=128, n_layer=4,

@@ -98,6 +98,16 @@ def peak_memory_gib(device: str) -> float:
     return kib / 2**20
 
 
+def trainer_classes(a) -> tuple[type, type, type, type]:
+    """(plain trainer, its config, LW-SAM trainer, its config) for `--trainer`."""
+    if a.trainer == "sft":
+        import trl
+
+        from hf_lwsam.trl import SFTLWSAMConfig, SFTLWSAMTrainer
+        return trl.SFTTrainer, trl.SFTConfig, SFTLWSAMTrainer, SFTLWSAMConfig
+    return Trainer, LWSAMConfig, LWSAMTrainer, LWSAMConfig
+
+
 def run(method: Method, model, data, a, steps: int) -> tuple[list[float], float]:
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench-"), per_device_train_batch_size=a.batch, max_steps=steps,
@@ -105,10 +115,17 @@ def run(method: Method, model, data, a, steps: int) -> tuple[list[float], float]
         bf16=a.bf16, report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
         use_cpu=a.device == "cpu", dataloader_num_workers=0, seed=0,
     )
-    args = LWSAMConfig(**common, **(method.sam or {}))
+    plain_cls, plain_config, sam_cls, sam_config = trainer_classes(a)
+    extra = {}
+    if a.trainer == "sft":  # SFTConfig's own defaults otherwise (non-reentrant activation checkpointing unless off)
+        common.update(max_length=a.seq_len, activation_checkpointing=a.sft_checkpointing)
+        extra = dict(processing_class=a.tokenizer)
     timer = StepTimer(a.device)
-    cls = Trainer if method.sam is None else LWSAMTrainer
-    trainer = cls(model=model, args=args, train_dataset=data, callbacks=[timer])
+    if method.sam is None:
+        trainer = plain_cls(model=model, args=plain_config(**common), train_dataset=data, callbacks=[timer], **extra)
+    else:
+        trainer = sam_cls(model=model, args=sam_config(**common, **method.sam), train_dataset=data, callbacks=[timer],
+                          **extra)
     trainer.remove_callback(PrinterCallback)
     gc.collect()
     if a.device == "cuda":
@@ -134,6 +151,10 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=None, help="only methods whose name contains one of these")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--trainer", choices=["trainer", "sft"], default="trainer",
+                   help="the bare Trainer (default), or TRL's SFTTrainer against SFTLWSAMTrainer (needs trl)")
+    p.add_argument("--sft_checkpointing", type=int, choices=[0, 1], default=1,
+                   help="--trainer sft: activation checkpointing (SFTConfig's default is on)")
     a = p.parse_args()
     preset = a.preset or ("gpt2-124m" if a.device == "cuda" else "cpu")
     n_layer, d, heads, seq_len, batch, vocab = PRESETS[preset]
@@ -146,9 +167,15 @@ def main() -> None:
     model.loss_type = "ForCausalLM"
     n_rows = a.batch * (a.steps + a.warmup)
     data = RandomTokens(n_rows, a.seq_len, vocab)
+    if a.trainer == "sft":  # TRL takes a datasets.Dataset (pre-tokenized: no tokenization), and a tokenizer for padding
+        from datasets import Dataset
+
+        from hf_lwsam.data import train_byte_bpe
+        data = Dataset.from_dict({"input_ids": data.ids.tolist()})
+        a.tokenizer = train_byte_bpe(["padding only: the ids are random"], 300)
     todo = [m for m in methods(n_layer, a.k) if a.methods is None or any(s in m.name for s in a.methods)]
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
-    print(f"{preset}: {n_layer} layers, d={d}, T={a.seq_len}, batch={a.batch}, vocab={vocab}, "
+    print(f"{a.trainer} {preset}: {n_layer} layers, d={d}, T={a.seq_len}, batch={a.batch}, vocab={vocab}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, device={device_name}, bf16={a.bf16}")
 
     times: dict[str, list[float]] = {m.name: [] for m in todo}
@@ -178,7 +205,7 @@ def main() -> None:
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         with open(a.json, "w") as f:
-            json.dump(dict(preset=preset, device=device_name, bf16=a.bf16, batch=a.batch, seq_len=a.seq_len,
+            json.dump(dict(trainer=a.trainer, preset=preset, device=device_name, bf16=a.bf16, batch=a.batch, seq_len=a.seq_len,
                            rounds=a.rounds, steps=a.steps, peak_memory="cuda max_memory_allocated" if
                            a.device == "cuda" else "process peak RSS (VmHWM)", results=rows), f, indent=2)
 

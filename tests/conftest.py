@@ -88,6 +88,24 @@ def tiny_bert(seed: int = 0, n_layer: int = 2) -> BertForSequenceClassification:
     return BertForSequenceClassification(config)
 
 
+_TOKENIZERS: dict = {}
+
+
+def shakespeare_paragraphs(n: int, play: str = "hamlet", min_chars: int = 40) -> list[str]:
+    """The first `n` paragraphs of a real play with at least `min_chars` characters."""
+    text = _text_bytes(play).decode("utf-8")
+    return [p.strip() for p in text.split("\n\n") if len(p.strip()) >= min_chars][:n]
+
+
+def tiny_tokenizer(vocab: int = 300):
+    """A byte-level BPE trained in-process on one play (no download); pad = eos = `<|endoftext|>` (id 0)."""
+    if vocab not in _TOKENIZERS:
+        from hf_lwsam.data import train_byte_bpe
+
+        _TOKENIZERS[vocab] = train_byte_bpe(shakespeare_paragraphs(400), vocab)
+    return _TOKENIZERS[vocab]
+
+
 @pytest.fixture
 def sgd_args(tmp_path):
     """Arguments for one plain SGD step (lr=1, no momentum, decay, clipping or warmup), sequential batches."""

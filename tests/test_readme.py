@@ -18,3 +18,19 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
     assert trainer.state.global_step == 8  # 256 tweets / batch 32, one epoch
     assert any("sam/sharpness" in log for log in trainer.state.log_history)
     assert "eval_loss" in capsys.readouterr().out
+
+
+def test_readme_trl_example_runs(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("trl")
+    section = README.read_text().split("## With TRL", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md (With TRL)", "exec"), namespace)
+    sft, dpo = namespace["sft"], namespace["dpo"]
+    assert sft.state.global_step == 8 and dpo.state.global_step == 4
+    assert any("sam/sharpness" in log and "num_tokens" in log for log in sft.state.log_history)
+    assert any("sam/sharpness" in log and "rewards/margins" in log for log in dpo.state.log_history)
+    assert dpo.reuse_disabled_reason is None

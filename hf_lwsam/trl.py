@@ -1,0 +1,32 @@
+"""LW-SAM inside TRL's trainers: `SFTLWSAMTrainer` / `SFTLWSAMConfig` and `DPOLWSAMTrainer` / `DPOLWSAMConfig`.
+
+Each is built by the two factories, [`lwsam_trainer`] and [`lwsam_config`], so it is TRL's own trainer and config
+(data handling, defaults, metrics, model card) with the LW-SAM step and the `sam_*` options added:
+
+    from hf_lwsam.trl import SFTLWSAMConfig, SFTLWSAMTrainer
+
+    args = SFTLWSAMConfig(output_dir="out", sam_rho=0.05)  # every SFTConfig option and default, plus sam_*
+    SFTLWSAMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+
+TRL's metrics (`num_tokens`, `entropy`, `mean_token_accuracy`, DPO's `rewards/*`, `logps/*`, `logits/*`) are recorded
+once per micro-batch, from the clean pass 1. `GRPOTrainer` and `RLOOTrainer` are refused (see `LWSAMMixin`).
+"""
+
+from __future__ import annotations
+
+try:
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+except ImportError as e:  # an optional extra
+    raise ImportError('hf_lwsam.trl needs TRL: pip install "hf_lwsam[trl]" (or pip install trl).') from e
+
+from .config import lwsam_config
+from .trainer import lwsam_trainer
+
+SFTLWSAMConfig = lwsam_config(SFTConfig)
+SFTLWSAMTrainer = lwsam_trainer(SFTTrainer)
+DPOLWSAMConfig = lwsam_config(DPOConfig)
+DPOLWSAMTrainer = lwsam_trainer(DPOTrainer)
+for _cls in (SFTLWSAMConfig, SFTLWSAMTrainer, DPOLWSAMConfig, DPOLWSAMTrainer):
+    _cls.__module__ = __name__  # importable as hf_lwsam.trl.X, so pickled configs (training_args.bin) load anywhere
+
+__all__ = ["DPOLWSAMConfig", "DPOLWSAMTrainer", "SFTLWSAMConfig", "SFTLWSAMTrainer"]
