@@ -11,6 +11,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 SELECTION_MODES = ("pattern", "all", "probe")
+ASCENT_MODES = ("exact", "stale")
 PROBE_METRICS = ("grad_norm", "grad_norm_per_param")
 
 # Optimizers that step inside backward hooks: there is no `.grad` left for a second pass to fill.
@@ -95,6 +96,20 @@ class LWSAMConfigMixin:
         },
     )
 
+    sam_interval: int = field(
+        default=1,
+        metadata={"help": "SAM steps are the optimizer steps s with s % sam_interval == 0; the others are exactly the "
+                          "stock step (1: every step)."},
+    )
+    sam_ascent: str = field(
+        default="exact",
+        metadata={
+            "help": "Where e_S comes from on a SAM step: 'exact' (a truncated ascent pass at w, two passes) or "
+            "'stale' (the previous SAM step's gradient of S, one pass at w + e_S; the logged loss is the perturbed "
+            "one).",
+            "choices": list(ASCENT_MODES),
+        },
+    )
     sam_top_k: int = field(
         default=2,
         metadata={"help": "sam_selection='probe': how many layers (largest gradient norms) to perturb (>= 1)."},
@@ -145,6 +160,12 @@ class LWSAMConfigMixin:
                 f"sam_selection={self.sam_selection!r} is unknown: use one of {', '.join(map(repr, SELECTION_MODES))}."
             )
         self._validate_probe()
+        if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
+            raise ValueError(f"sam_interval={self.sam_interval!r} is invalid: use an integer >= 1 (SAM every "
+                             "sam_interval optimizer steps; 1 = every step).")
+        if self.sam_ascent not in ASCENT_MODES:
+            raise ValueError(f"sam_ascent={self.sam_ascent!r} is unknown: use one of "
+                             f"{', '.join(map(repr, ASCENT_MODES))}.")
         for name in ("sam_target_layers", "sam_exclude_layers"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str) and not (
@@ -264,6 +285,14 @@ class LWSAMConfig(LWSAMConfigMixin, TrainingArguments):
             Multi-process only: all-reduce (mean) the ascent gradient g_S before normalising it, so that the step
             equals single-process SAM over the global batch. By default each process perturbs with its own
             micro-batch gradient (m-sharpness), which costs no communication.
+        sam_interval (`int`, *optional*, defaults to `1`):
+            SAM steps are the optimizer steps `s` with `s % sam_interval == 0` (0-based); every other step is exactly
+            the stock `Trainer` step (one pass, no perturbation). Logged: `sam/sam_steps` per window.
+        sam_ascent (`str`, *optional*, defaults to `"exact"`):
+            Where e_S comes from on a SAM step. `"exact"`: the truncated ascent pass at w (two passes). `"stale"`: the
+            gradient of S that the previous SAM step's backward left in `.grad` (at its perturbed point), so a SAM step
+            is one forward and one backward at w + e_S and the logged `loss` is the perturbed one. The first SAM step
+            (and one after the selection changed) has no such gradient: it is a plain step that records it.
         sam_top_k (`int`, *optional*, defaults to `2`):
             `sam_selection="probe"`: how many layers to perturb (>= 1; capped at the number of candidates).
         sam_top_ratio (`float`, *optional*):

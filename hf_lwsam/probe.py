@@ -234,9 +234,13 @@ class LayerProbe(TrainerCallback):
         self.last_probe_step = -1
 
     def state_dict(self) -> dict[str, Any]:
+        """JSON-able state (a running probe's device sums are read here: at checkpoint time, not in the step)."""
+        pending = self.pending.tolist() if isinstance(self.pending, torch.Tensor) else self.pending
+        windows = self.pending_windows
         return {
             "candidates": list(self.candidates), "k": self.k, "selection": list(self.selection),
-            "pending": self.pending, "pending_windows": self.pending_windows, "num_probes": self.num_probes,
+            "pending": pending, "pending_windows": int(windows) if isinstance(windows, torch.Tensor) else windows,
+            "num_probes": self.num_probes,
             "last_probe_step": self.last_probe_step,
         }
 
@@ -302,23 +306,31 @@ class LayerProbe(TrainerCallback):
             squared /= trainer.accelerator.num_processes
         scaler = getattr(trainer.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
-            squared /= scaler.get_scale() ** 2  # fp16: `.grad` is still scaled here
-        values = squared.tolist()  # the one host sync of a probe step
-        if all(math.isfinite(v) for v in values):  # an overflowed window is left out of the probe
-            self.pending = values if self.pending is None else [a + b for a, b in zip(self.pending, values)]
-            self.pending_windows += 1
+            squared /= scaler._get_scale_async() ** 2  # fp16: `.grad` is still scaled here (the scale as a tensor)
+        # Summed on the device (no host sync until the probe ends); an overflowed window is left out of the probe.
+        squared = squared.double()
+        finite = torch.isfinite(squared).all()
+        if isinstance(self.pending, list):  # restored from a checkpoint
+            self.pending = torch.tensor(self.pending, dtype=torch.float64, device=squared.device)
+        self.pending = torch.where(finite, squared, 0.0) + (0.0 if self.pending is None else self.pending)
+        self.pending_windows = finite.double() + self.pending_windows
         interval, n = trainer.args.sam_probe_interval, self.windows_per_probe(trainer)
         if (step if interval == 0 else step % interval) == n - 1:  # the probe's last window
             self._finish(trainer, step)
-        self._publish(trainer)
+            self._publish(trainer)
 
     def _finish(self, trainer: Any, step: int) -> None:
-        if self.pending is None:
+        pending = torch.as_tensor(self.pending, dtype=torch.float64)
+        windows = torch.as_tensor(self.pending_windows, dtype=torch.float64, device=pending.device).reshape(1)
+        numels = torch.tensor([sum(p.numel() for p in ps) for ps in self._owned.values()], dtype=torch.float64,
+                              device=pending.device)
+        mean = pending / windows.clamp_min(1)  # mean of per-window ||g_l||^2
+        *values, n_windows = torch.cat([scores(mean, numels, trainer.args.sam_probe_metric), windows]).tolist()
+        if not n_windows:  # the tolist above is the probe's one host sync
             logger.warning(f"LW-SAM probe at step {step}: every window overflowed; the selection is kept.")
+            self.pending, self.pending_windows = None, 0
             return
-        mean = torch.tensor(self.pending, dtype=torch.float64) / self.pending_windows  # mean of per-window ||g_l||^2
-        numels = torch.tensor([sum(p.numel() for p in ps) for ps in self._owned.values()], dtype=torch.float64)
-        self.last_norms = dict(zip(self._owned, scores(mean, numels, trainer.args.sam_probe_metric).tolist()))
+        self.last_norms = dict(zip(self._owned, values))
         selection = rank_layers(self.last_norms, self.k)
         self.pending, self.pending_windows = None, 0
         self.num_probes += 1

@@ -23,23 +23,24 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def ascent_direction(
     params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, adaptive: bool = False
-) -> tuple[list[torch.Tensor] | None, float]:
-    """e_S for `params` given their gradients `grads`, and ||g_S|| (||T g_S|| for ASAM).
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """e_S for `params` given their gradients `grads`, ||g_S|| (||T g_S|| for ASAM), and whether g_S is finite.
 
-    Returns `(None, norm)` when the gradient is not finite (fp16 overflow): the caller skips the perturbation.
-    The result may reuse the storage of `grads`.
+    Everything stays on the device (no host synchronisation): a non-finite g_S (fp16 overflow) gives e_S = 0, so that
+    micro-batch takes a plain step, and `finite` says so for the logs. The result may reuse the storage of `grads`.
     """
     if adaptive:
         abs_w = torch._foreach_abs(params)
         grads = torch._foreach_mul(grads, abs_w)  # T g
-    norm = global_norm(grads).item()  # one host sync: the skip decision needs it
-    if not norm < float("inf"):  # inf or NaN
-        return None, norm
-    scale = rho / (norm + 1e-12)  # rho / ||g_S||; 0-gradient gives e = 0
+    norm = global_norm(grads)
+    finite = torch.isfinite(norm)
+    scale = rho / (norm + 1e-12)  # rho / ||g_S||; a zero gradient gives e = 0
     if adaptive:
         torch._foreach_mul_(grads, abs_w)  # T (T g) = T^2 g
     torch._foreach_mul_(grads, scale)
-    return list(grads), norm
+    for g in grads:
+        g.masked_fill_(~finite, 0.0)  # inf/NaN (and x * NaN) become 0: no perturbation, decided on the device
+    return list(grads), norm, finite
 
 
 @dataclass
@@ -54,10 +55,8 @@ class Perturbation:
 
     @classmethod
     @torch.no_grad()
-    def apply(cls, params: list[torch.Tensor], steps: list[torch.Tensor] | None) -> Perturbation:
-        """Add `steps` to `params` in place (nothing when `steps` is `None`)."""
-        if steps is None:
-            return cls(params=[])
+    def apply(cls, params: list[torch.Tensor], steps: list[torch.Tensor]) -> Perturbation:
+        """Add `steps` to `params` in place."""
         backup = [p.detach().clone() for p in params]
         torch._foreach_add_(params, steps)
         return cls(params=params, backup=backup)

@@ -19,6 +19,7 @@ from .probe import LayerProbe
 from .reuse import ActivationReuse, capture_rng, plan_reuse, restore_rng
 from .running_stats import BufferGuard
 from .sam import Perturbation, ascent_direction
+from .schedule import AscentSchedule
 from .selection import layer_parameters, select_layers, trace_execution_order
 
 logger = logging.get_logger(__name__)
@@ -95,7 +96,11 @@ class LWSAMMixin:
             elif parameter.kind is inspect.Parameter.VAR_POSITIONAL and bound.pop(name, ()):
                 raise TypeError(f"{base.__name__} takes extra positional arguments; pass them by keyword.")
         native = self._lwsam_native_config or _native_config_class(base)
-        bound["args"] = as_lwsam_config(bound.get("args"), native)
+        bound["args"] = args = as_lwsam_config(bound.get("args"), native)
+        model = bound.get("model")
+        if args.sam_selection == "pattern" and isinstance(model, nn.Module) and bound.get("peft_config") is None:
+            # Bad layer names fail here, before the base trainer creates output_dir or prepares data.
+            select_layers(model, args.sam_target_layers, args.sam_exclude_layers)
         super().__init__(**bound)
         self._sam_layers = self._select_sam_layers()  # validates the patterns now, not at the first step
         self._sam_params: list[tuple[str, nn.Parameter]] | None = None
@@ -104,6 +109,7 @@ class LWSAMMixin:
         self._sam_window: dict[str, Any] = {}
         self._sam_last_log_step = 0
         self._buffer_guard = BufferGuard(self.model)
+        self._schedule = AscentSchedule(self.args.sam_interval, self.args.sam_ascent)
         # The default selection ("after the trunk") is re-decided by execution order on the first batch.
         self._default_selection_untraced = (
             self.args.sam_selection == "pattern" and self.args.sam_target_layers is None
@@ -230,20 +236,37 @@ class LWSAMMixin:
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         if self.args.sam_sync_perturbation and self.accelerator.num_processes > 1:
             grads = all_reduce_mean(grads)
-        scale = scaler.get_scale() if target is not loss else 1.0
+        # The scale as a device tensor (`get_scale()` would synchronise): g_S's norm is logged unscaled.
+        scale = scaler._get_scale_async() if target is not loss else 1.0
         return loss.detach(), grads, scale
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        """One layer-wise SAM micro-batch: ascent on S, the stock step at w + e_S, then S restored.
+        """One micro-batch: on a SAM step, ascent on S, the base step at w + e_S, then S restored; on any other step
+        (`sam_interval`), exactly the base step.
 
-        Returns the clean (unperturbed) loss, normalised as the stock step normalises it.
+        Returns the loss the base step would log: the clean (unperturbed) loss with `sam_ascent="exact"`, the perturbed
+        one with `"stale"` (there is no clean pass), normalised as the base step normalises it.
         """
         inputs = self._prepare_inputs(inputs)  # once per micro-batch: TRL's can be stateful
         if self._default_selection_untraced:
             self._trace_default_selection(model, copy.copy(inputs))
         model.train()
+        if not self._schedule.is_sam_step(self.state.global_step):
+            with self._inputs_already_prepared():
+                loss = super().training_step(model, inputs, num_items_in_batch)  # the stock step, bit for bit
+            self._record_plain_step()
+        elif self._schedule.stale:
+            loss = self._stale_sam_step(model, inputs, num_items_in_batch)
+        else:
+            loss = self._exact_sam_step(model, inputs, num_items_in_batch)
+        if self.args.sam_selection == "probe":  # on a probe step's last micro-batch: rank the `.grad` norms, re-select
+            self._layer_probe.after_micro_batch(self)
+        return loss
+
+    def _exact_sam_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """Pass 1 at w (truncated ascent), then the base step at w + e_S; returns pass 1's clean loss."""
         params = [p for _, p in self._sam_parameters()]
         reuse = self._activation_reuse(params)
         rng = capture_rng()
@@ -256,10 +279,9 @@ class LWSAMMixin:
             self._buffer_guard.keep_pass_one()  # running statistics: pass 1's update is the step's only one
             # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks'
             # graph (reuse) survives.
-            steps, norm = ascent_direction(params, grads, self.args.sam_rho, self.args.sam_adaptive)
+            steps, norm, finite = ascent_direction(params, grads, self.args.sam_rho, self.args.sam_adaptive)
             del grads
-            skipped = steps is None  # non-finite g_S (fp16 overflow): a plain step for this micro-batch
-            perturbation = Perturbation.apply(params, steps)
+            perturbation = Perturbation.apply(params, steps)  # e_S = 0 where g_S is not finite (fp16 overflow)
             del steps
             restore_rng(rng)  # pass 2 draws the same dropout masks as pass 1: e_S is evaluated where it was computed
             if reuse is not None:
@@ -272,10 +294,49 @@ class LWSAMMixin:
                 self._buffer_guard.restore()
         if reuse is not None and reuse.mismatch:
             self._disable_reuse(reuse.mismatch)
-        self._record_step(clean_loss, perturbed_loss, norm / grad_scale, skipped=skipped)
-        if self.args.sam_selection == "probe":  # on a probe step's last micro-batch: rank the `.grad` norms, re-select
-            self._layer_probe.after_micro_batch(self)
+        self._record_sam_step(clean_loss, perturbed_loss, norm / grad_scale, finite)
         return clean_loss
+
+    def _stale_sam_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """One pass at w + e_S, e_S from the previous SAM step's gradient of S; returns the perturbed loss. Without a
+        kept gradient for the current selection (first SAM step, or after a probe changed S): a plain step."""
+        named = self._sam_parameters()
+        params = [p for _, p in named]
+        kept = self._schedule.direction([n for n, _ in named])
+        if kept is None:
+            steps, norm, finite = [torch.zeros_like(p) for p in params], None, None
+        else:
+            # Clones: ascent_direction works in place, and every micro-batch of the window uses the same kept gradient.
+            steps, norm, finite = ascent_direction(params, [g.clone() for g in kept], self.args.sam_rho,
+                                                   self.args.sam_adaptive)
+        perturbation = Perturbation.apply(params, steps)
+        del steps
+        try:
+            with self._inputs_already_prepared():
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            perturbation.restore()
+        if self.accelerator.sync_gradients:  # the window's last backward: `.grad` holds its (all-reduced) gradient
+            self._schedule.keep(named)
+        if kept is None:
+            self._record_plain_step()
+        else:
+            self._record_sam_step(None, loss, norm, finite)  # scale-free direction: the norm is as kept (scaled)
+        return loss
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Checkpoints also carry the stale ascent's kept gradient and a running probe's sums (both written before
+        `trainer_state.json`, which marks a checkpoint complete)."""
+        super()._save_rng_state(output_dir)
+        if self._schedule.stale and self.args.should_save:
+            self._schedule.save(output_dir)
+        if self.args.sam_selection == "probe":  # a running probe's sums, read from the device at checkpoint time
+            self._layer_probe._publish(self)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None and self._schedule.stale:
+            self._schedule.load(checkpoint, self.args.device)
 
     @contextmanager
     def _inputs_already_prepared(self) -> Iterator[None]:
@@ -305,38 +366,47 @@ class LWSAMMixin:
                 self._total_train_tokens = tokens
 
     # ------------------------------------------------------------------------------------------------- logging
-    def _record_step(self, clean: torch.Tensor, perturbed: torch.Tensor, norm: float, skipped: bool) -> None:
+    def _record_sam_step(self, clean: torch.Tensor | None, perturbed: torch.Tensor, norm: torch.Tensor,
+                         finite: torch.Tensor) -> None:
+        """Add a SAM micro-batch to the window's sums, on the device (no host synchronisation until logging)."""
         w = self._sam_window
-        w["clean"] = w.get("clean", 0.0) + clean.float()
-        w["perturbed"] = w.get("perturbed", 0.0) + perturbed.float()
-        if not skipped:
-            w["grad_norm"] = w.get("grad_norm", 0.0) + norm
-        w["skipped"] = w.get("skipped", 0) + int(skipped)
+        if clean is not None:
+            w["clean"] = w.get("clean", 0.0) + clean.detach().float()
+            w["perturbed"] = w.get("perturbed", 0.0) + perturbed.detach().float()
+            w["exact_micro_batches"] = w.get("exact_micro_batches", 0) + 1
+        w["grad_norm"] = w.get("grad_norm", 0.0) + torch.where(finite, norm.float(), 0.0)
+        w["skipped"] = w.get("skipped", 0.0) + (~finite).float()
         w["micro_batches"] = w.get("micro_batches", 0) + 1
+        if self.accelerator.sync_gradients:
+            w["sam_steps"] = w.get("sam_steps", 0) + 1
+
+    def _record_plain_step(self) -> None:
+        """A non-SAM micro-batch (sam_interval, or the first stale step) only counts towards the window."""
+        self._sam_window.setdefault("micro_batches", 0)
 
     def _window_metrics(self) -> dict[str, float]:
-        """`sam/*` averages over the logging window; losses on the scale of the stock `loss` (per optimizer step)."""
+        """`sam/*` over the logging window (one host sync, here): losses per SAM step on the scale of the stock `loss`,
+        summed over processes then averaged; `sam/sam_steps` counts this process's SAM optimizer steps."""
         w, self._sam_window = self._sam_window, {}
-        steps = max(self.state.global_step - self._sam_last_log_step, 1)
-        self._sam_last_log_step = self.state.global_step
-        sums = torch.stack([torch.as_tensor(w[k], dtype=torch.float32, device=self.args.device) for k in
-                            ("clean", "perturbed")] + [torch.tensor(float(w.get(k, 0.0)), device=self.args.device)
-                                                        for k in ("grad_norm", "skipped", "micro_batches")])
+        keys = ("clean", "perturbed", "grad_norm", "skipped", "micro_batches", "exact_micro_batches")
+        sums = torch.stack([torch.as_tensor(w.get(k, 0.0), dtype=torch.float32, device=self.args.device).reshape(())
+                            for k in keys])
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")  # totals over processes
-        clean, perturbed, grad_norm, skipped, micro_batches = sums.tolist()
-        per_step = steps * self.accelerator.num_processes  # losses: mean over processes, per optimizer step
-        used = max(micro_batches - skipped, 1e-12)
-        return {
-            "sam/loss_perturbed": round(perturbed / per_step, 4),
-            "sam/sharpness": round((perturbed - clean) / per_step, 6),
-            "sam/grad_norm_selected": round(grad_norm / used, 6),
-            "sam/skipped": skipped,  # micro-batches, counted over all processes
-            "sam/num_perturbed_layers": float(self.num_perturbed_layers),
-            # Probe: selection changes in this window (identical on every process: no reduction needed).
-            **({"sam/selection_changed": float(self._layer_probe.pop_changes())}
-               if self.args.sam_selection == "probe" else {}),
-        }
+        clean, perturbed, grad_norm, skipped, micro_batches, exact = sums.tolist()
+        sam_steps = w.get("sam_steps", 0)
+        logs = {"sam/sam_steps": float(sam_steps)}
+        if exact:  # exact SAM steps have both losses
+            per_step = max(sam_steps, 1) * self.accelerator.num_processes  # mean over processes, per optimizer step
+            logs.update({"sam/loss_perturbed": round(perturbed / per_step, 4),
+                         "sam/sharpness": round((perturbed - clean) / per_step, 6)})
+        if micro_batches:
+            logs.update({"sam/grad_norm_selected": round(grad_norm / max(micro_batches - skipped, 1e-12), 6),
+                         "sam/skipped": skipped})  # micro-batches, counted over all processes
+        logs["sam/num_perturbed_layers"] = float(self.num_perturbed_layers)
+        if self.args.sam_selection == "probe":  # selection changes in this window (the same on every process)
+            logs["sam/selection_changed"] = float(self._layer_probe.pop_changes())
+        return logs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the `sam/*` window averages to the training logs, then log as the stock `Trainer` does."""

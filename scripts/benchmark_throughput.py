@@ -1,8 +1,11 @@
 """Throughput and peak memory of LW-SAM against plain AdamW and full SAM, through the real Trainer code path.
 
-Every method trains the same GPT-2-shaped model (random init and random tokens: throughput does not depend on the
-weights) with the stock `Trainer` loop; a callback times each optimizer step. Methods are interleaved over several
-rounds after a warm-up, and the table reports medians and ratios measured side by side in this one process.
+Every method trains the same GPT-2-shaped (or Llama-shaped: `--preset llama-1b`, `--lora`) model (random init and
+random tokens: throughput does not depend on the weights) with the stock `Trainer` loop (or TRL's `SFTTrainer`:
+`--trainer sft`); a callback times each optimizer step. Methods are interleaved over several rounds after a warm-up;
+each round's mean step time is taken (whole `sam_interval` cycles: warm-up 2 and a multiple of 4 timed steps put SAM
+steps at the same share as in training), and the table reports the median over rounds and ratios measured side by
+side in this one process.
 
     python scripts/benchmark_throughput.py                                    # CPU default: 6 layers, d=256, T=128
     python scripts/benchmark_throughput.py --device cuda --bf16 --preset gpt2-350m --json benchmarks/gpu.json
@@ -21,7 +24,15 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+)
 from transformers.utils import logging as hf_logging
 
 from hf_lwsam import LWSAMConfig, LWSAMTrainer
@@ -30,6 +41,7 @@ PRESETS = {  # layers, d_model, heads, seq_len, batch, vocab
     "cpu": (6, 256, 4, 128, 8, 4096),
     "gpt2-124m": (12, 768, 12, 1024, 16, 50257),
     "gpt2-350m": (24, 1024, 16, 1024, 8, 50257),
+    "llama-1b": (16, 2048, 32, 1024, 4, 32000),  # Llama-3.2-1B-like: 8 KV heads, FFN 8192, untied head
 }
 
 
@@ -39,14 +51,20 @@ class Method:
     sam: dict | None  # None: the plain Trainer
 
 
-def methods(n_layer: int, ks: list[int]) -> list[Method]:
+def methods(n_layer: int, ks: list[int], trunk: str = "transformer.h", norm: str = "transformer.ln_f",
+            head: list[str] | None = None) -> list[Method]:
     out = [Method("adamw", None), Method("full SAM", dict(sam_selection="all"))]
     for reuse in (False, True):
         for k in ks:
-            # The last k blocks and ln_f; GPT-2's lm_head is tied to the input embedding, so it is recomputed only.
-            layers = [f"transformer.h.{i}" for i in range(n_layer - k, n_layer)] + ["transformer.ln_f"]
+            # The last k blocks and the final norm (GPT-2's lm_head is tied to the input embedding: recomputed only).
+            layers = [f"{trunk}.{i}" for i in range(n_layer - k, n_layer)] + [norm] + (head or [])
             label = f"LW-SAM k={k} " + ("reuse" if reuse else "truncated")
             out.append(Method(label, dict(sam_target_layers=layers, sam_reuse_activations=reuse)))
+    # Ascent schedules (k=1): one pass at w + e from the previous SAM step's gradient; SAM every 4th step.
+    last = [f"{trunk}.{n_layer - 1}", norm] + (head or [])
+    out.append(Method("LW-SAM k=1 stale", dict(sam_target_layers=last, sam_ascent="stale")))
+    out.append(Method("LW-SAM k=1 reuse interval=4", dict(sam_target_layers=last, sam_interval=4)))
+    out.append(Method("full SAM stale", dict(sam_selection="all", sam_ascent="stale")))
     return out
 
 
@@ -145,12 +163,15 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="output-side blocks perturbed")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all methods")
-    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per method and round")
+    p.add_argument("--steps", type=int, default=8,
+                   help="timed optimizer steps per method and round (a multiple of 4: sam_interval=4 runs SAM on "
+                        "every 4th step, so a round's mean covers whole cycles)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every run")
     p.add_argument("--batch", type=int, default=None, help="per-device batch (default: the preset's)")
     p.add_argument("--seq_len", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=None, help="only methods whose name contains one of these")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--lora", action="store_true", help="llama presets: LoRA r=16 on all linear layers")
     p.add_argument("--trainer", choices=["trainer", "sft"], default="trainer",
                    help="the bare Trainer (default), or TRL's SFTTrainer against SFTLWSAMTrainer (needs trl)")
     p.add_argument("--sft_checkpointing", type=int, choices=[0, 1], default=1,
@@ -162,9 +183,24 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
 
-    config = GPT2Config(n_layer=n_layer, n_embd=d, n_head=heads, n_positions=a.seq_len, vocab_size=vocab)
-    model = GPT2LMHeadModel(config)
-    model.loss_type = "ForCausalLM"
+    if preset.startswith("llama"):
+        config = LlamaConfig(num_hidden_layers=n_layer, hidden_size=d, num_attention_heads=heads, num_key_value_heads=8,
+                             intermediate_size=4 * d, max_position_embeddings=a.seq_len, vocab_size=vocab,
+                             tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
+        model.loss_type = "ForCausalLM"
+        if a.bf16:
+            model = model.to(torch.bfloat16)  # a 1B model is fine-tuned in bf16 weights, not fp32 + autocast
+        if a.lora:
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        todo_methods = methods(n_layer, a.k, trunk="model.layers", norm="model.norm",
+                               head=None if a.lora else ["lm_head"])
+    else:
+        config = GPT2Config(n_layer=n_layer, n_embd=d, n_head=heads, n_positions=a.seq_len, vocab_size=vocab)
+        model = GPT2LMHeadModel(config)
+        model.loss_type = "ForCausalLM"
+        todo_methods = methods(n_layer, a.k)
     n_rows = a.batch * (a.steps + a.warmup)
     data = RandomTokens(n_rows, a.seq_len, vocab)
     if a.trainer == "sft":  # TRL takes a datasets.Dataset (pre-tokenized: no tokenization), and a tokenizer for padding
@@ -173,7 +209,7 @@ def main() -> None:
         from hf_lwsam.data import train_byte_bpe
         data = Dataset.from_dict({"input_ids": data.ids.tolist()})
         a.tokenizer = train_byte_bpe(["padding only: the ids are random"], 300)
-    todo = [m for m in methods(n_layer, a.k) if a.methods is None or any(s in m.name for s in a.methods)]
+    todo = [m for m in todo_methods if a.methods is None or any(s in m.name for s in a.methods)]
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
     print(f"{a.trainer} {preset}: {n_layer} layers, d={d}, T={a.seq_len}, batch={a.batch}, vocab={vocab}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, device={device_name}, bf16={a.bf16}")
@@ -184,9 +220,9 @@ def main() -> None:
         order = todo if r % 2 == 0 else todo[::-1]  # alternate the order so drift hits every method alike
         for m in order:
             t, peak = run(m, model, data, a, a.warmup + a.steps)
-            times[m.name] += t
+            times[m.name].append(statistics.mean(t))  # a round's mean step time: with sam_interval, whole cycles
             peaks[m.name] = max(peaks[m.name], peak)
-            print(f"  round {r + 1}/{a.rounds} {m.name:24s} median {statistics.median(t) * 1e3:8.1f} ms/step", flush=True)
+            print(f"  round {r + 1}/{a.rounds} {m.name:28s} mean {statistics.mean(t) * 1e3:8.1f} ms/step", flush=True)
 
     tokens = a.batch * a.seq_len
     base = statistics.median(times["adamw"]) if "adamw" in times else None

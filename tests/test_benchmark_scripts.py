@@ -26,10 +26,22 @@ def test_throughput_benchmark_runs_every_method_and_writes_json(tmp_path):
                   "--steps", "1", "--warmup", "1", "--json", str(out), timeout=300)
     result = json.loads(out.read_text())
     names = [r["method"] for r in result["results"]]
-    assert names == ["adamw", "full SAM", "LW-SAM k=1 truncated", "LW-SAM k=1 reuse"]
+    assert names == ["adamw", "full SAM", "LW-SAM k=1 truncated", "LW-SAM k=1 reuse", "LW-SAM k=1 stale",
+                     "LW-SAM k=1 reuse interval=4", "full SAM stale"]
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in result["results"])
     assert result["results"][0]["ratio_to_adamw"] == 1.0
     assert "| LW-SAM k=1 reuse |" in stdout
+
+
+def test_throughput_benchmark_runs_inside_trl_sft(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "t.json"
+    _run("scripts/benchmark_throughput.py", "--trainer", "sft", "--seq_len", "32", "--batch", "2", "--k", "1",
+         "--rounds", "1", "--steps", "1", "--warmup", "1", "--methods", "adamw", "k=1 reuse", "--json", str(out),
+         timeout=300)
+    result = json.loads(out.read_text())
+    assert result["trainer"] == "sft" and [r["method"] for r in result["results"]] == [
+        "adamw", "LW-SAM k=1 reuse", "LW-SAM k=1 reuse interval=4"]
 
 
 def test_throughput_benchmark_help():

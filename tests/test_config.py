@@ -85,5 +85,7 @@ def test_plain_training_arguments_are_converted(tmp_path):
 
 
 def test_trainer_rejects_unmatched_patterns_at_construction(tmp_path):
+    args = _config(tmp_path / "never-created", sam_target_layers="blocks.9")
     with pytest.raises(ValueError, match=r"sam_target_layers='blocks.9' matches no module of GPT2LMHeadModel"):
-        LWSAMTrainer(model=tiny_gpt2(), args=_config(tmp_path, sam_target_layers="blocks.9"))
+        LWSAMTrainer(model=tiny_gpt2(), args=args)
+    assert not (tmp_path / "never-created").exists()  # refused before the Trainer creates output_dir
