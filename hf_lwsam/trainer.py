@@ -78,8 +78,6 @@ class LWSAMMixin:
             passed on by keyword.
     """
 
-    _lwsam_native_config: type[TrainingArguments] | None = None  # the base trainer's config class (read lazily)
-
     def __init__(self, *args: Any, **kwargs: Any):
         base = next(c for c in type(self).__mro__ if issubclass(c, Trainer) and not issubclass(c, LWSAMMixin))
         for name in (c.__name__ for c in base.__mro__):
@@ -95,8 +93,7 @@ class LWSAMMixin:
                 bound.update(bound.pop(name))
             elif parameter.kind is inspect.Parameter.VAR_POSITIONAL and bound.pop(name, ()):
                 raise TypeError(f"{base.__name__} takes extra positional arguments; pass them by keyword.")
-        native = self._lwsam_native_config or _native_config_class(base)
-        bound["args"] = args = as_lwsam_config(bound.get("args"), native)
+        bound["args"] = args = as_lwsam_config(bound.get("args"), _native_config_class(base))
         model = bound.get("model")
         if args.sam_selection == "pattern" and isinstance(model, nn.Module) and bound.get("peft_config") is None:
             # Bad layer names fail here, before the base trainer creates output_dir or prepares data.

@@ -2,7 +2,8 @@
 
 Methods (same budget and hyperparameters otherwise): plain AdamW; full SAM (`sam_selection="all"`); layer-wise SAM
 with the output-side default pattern; layer-wise SAM with probe selection (k = 2); with `--asam`, the ASAM variants of
-the two fixed SAM modes; with `--probe_no_embeddings`, the probe with the embeddings left out of its candidates.
+the two fixed SAM modes; with `--probe_no_embeddings`, the probe with the embeddings left out of its candidates; with
+`--schedules`, the default pattern with a stale ascent (`sam_ascent="stale"`) and with SAM every 4th step.
 Each run trains once and is evaluated on a validation split (seed 0: the rho sweep) and a separate test split. rho is
 chosen per method on validation, then every method is trained with `--seeds` and reported on test.
 
@@ -75,7 +76,7 @@ class Method:
 EMBEDDINGS = r".*(embeddings|wte|wpe)"  # BERT's embedding block, GPT-2's token and position embeddings
 
 
-def all_methods(asam: bool = False, probe_no_embeddings: bool = False) -> list[Method]:
+def all_methods(asam: bool = False, probe_no_embeddings: bool = False, schedules: bool = False) -> list[Method]:
     out = [
         Method("adamw", None),
         Method("full SAM", dict(sam_selection="all")),
@@ -90,6 +91,9 @@ def all_methods(asam: bool = False, probe_no_embeddings: bool = False) -> list[M
     if probe_no_embeddings:  # the probe without the embeddings as candidates: their summed gradients rank them high
         out.append(Method("LW-SAM probe k=2 no-emb", dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25,
                                                           sam_exclude_layers=EMBEDDINGS)))
+    if schedules:  # the ascent schedules on the default pattern: a stale ascent (one pass), and SAM every 4th step
+        out += [Method("LW-SAM stale", dict(sam_selection="pattern", sam_ascent="stale")),
+                Method("LW-SAM interval=4", dict(sam_selection="pattern", sam_interval=4))]
     return out
 
 
@@ -312,6 +316,8 @@ def main() -> None:
                    help="ASAM's sweep (default: 0.1 0.5 1.0; ASAM scales e by |w|, so it needs a larger rho)")
     p.add_argument("--probe_no_embeddings", action="store_true",
                    help="also run the probe with the embedding layers left out of its candidates")
+    p.add_argument("--schedules", action="store_true",
+                   help="also run the ascent schedules: sam_ascent='stale' and sam_interval=4 on the default pattern")
     p.add_argument("--out", default="benchmarks/accuracy", help="output folder (runs are cached here)")
     p.add_argument("--report", default="accuracy", help="name of the table and figure: <out>/<report>.md and .png")
     a = p.parse_args()
@@ -329,7 +335,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
     ctx = dict(out=out, log=log)
-    methods = all_methods(a.asam, a.probe_no_embeddings)
+    methods = all_methods(a.asam, a.probe_no_embeddings, a.schedules)
     lines, points = [], []
     for task in a.tasks:
         if task.startswith("cls") and "tweets" not in ctx:
