@@ -43,6 +43,24 @@ def _deepspeed_zero_stage(deepspeed: dict | str | None) -> int:
     return int(stage) if str(stage).isdigit() else 0
 
 
+def _fsdp_version(fsdp_config: dict | str | None) -> int:
+    """The FSDP version of a Trainer `fsdp_config` (a dict, a JSON string or a JSON file); transformers' default is 2."""
+    config: Any = fsdp_config or {}
+    if isinstance(config, str):
+        try:
+            if os.path.isfile(config):
+                with open(config, encoding="utf-8") as f:
+                    config = json.load(f)
+            else:
+                config = json.loads(config)
+        except (OSError, json.JSONDecodeError):
+            return 2  # let transformers report an unreadable config
+    if not isinstance(config, dict):
+        return 2
+    value = config.get("version", config.get("fsdp_version", 2))
+    return int(value) if str(value).isdigit() else 2
+
+
 @dataclass
 class LWSAMConfigMixin:
     r"""
@@ -222,17 +240,21 @@ class LWSAMConfigMixin:
             )
 
     def _refuse_unsupported_setups(self) -> None:
-        supported = "Supported: single device, DDP (torchrun / accelerate launch) and DeepSpeed ZeRO stage 0-1."
-        if self.fsdp:
+        supported = ("Supported: single device, DDP (torchrun / accelerate launch), FSDP2 (fsdp_config version 2) and "
+                     "DeepSpeed ZeRO stage 0-1.")
+        version = _fsdp_version(self.fsdp_config) if self.fsdp else None
+        if version is not None and version != 2:
             raise ValueError(
-                f"fsdp={self.fsdp!r} is not supported by LWSAMTrainer yet: the perturbation needs whole, unsharded "
-                f"gradients of the selected layers. {supported} Drop --fsdp."
+                f"fsdp={self.fsdp!r} with FSDP version {version} is not supported by LWSAMTrainer: FSDP1 flattens the "
+                f"parameters, so the selected layers cannot be perturbed on their own. Use FSDP2: "
+                f"fsdp_config={{'version': 2}} (accelerate: fsdp_version: 2)."
             )
         stage = _deepspeed_zero_stage(self.deepspeed)
         if stage >= 2:
             raise ValueError(
                 f"DeepSpeed ZeRO stage {stage} (deepspeed={self.deepspeed!r}) is not supported by LWSAMTrainer: "
-                f"ZeRO-2/3 partition gradients and parameters. {supported} Set zero_optimization.stage to 0 or 1."
+                f"ZeRO-2/3 partition gradients and parameters inside DeepSpeed's engine, out of reach of the "
+                f"perturbation. {supported} Set zero_optimization.stage to 0 or 1, or shard with FSDP2."
             )
         optim = getattr(self.optim, "value", self.optim)
         if optim in _UNSUPPORTED_OPTIMIZERS:

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .selection import Pattern, _example_names, name_matches, select_layers
+from .sharding import is_sharded, local
 
 logger = logging.get_logger(__name__)
 
@@ -182,7 +183,7 @@ def grad_squared_norms(owned: Mapping[str, list[nn.Parameter]]) -> torch.Tensor:
     """Per-layer `||.grad||^2` in float32 (a missing `.grad` counts as 0): one fused norm kernel, no host sync."""
     params = [p for ps in owned.values() for p in ps]
     device = params[0].device
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = local([p.grad for p in params if p.grad is not None])  # FSDP2: this process's shards (summed by caller)
     norms = torch._foreach_norm([g.float() for g in grads]) if grads else []
     it = iter(norms)
     per_tensor = torch.stack([next(it) if p.grad is not None else torch.zeros((), device=device) for p in params])
@@ -303,7 +304,9 @@ class LayerProbe(TrainerCallback):
             import torch.distributed as dist
 
             dist.all_reduce(squared)  # every process ranks the same vector: identical selections
-            squared /= trainer.accelerator.num_processes
+            if not is_sharded([p for ps in self._owned.values() for p in ps]):
+                squared /= trainer.accelerator.num_processes  # DDP: every process held the whole, all-reduced .grad
+            # FSDP2: the shards' squared norms add up to the whole gradient's
         scaler = getattr(trainer.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             squared /= scaler._get_scale_async() ** 2  # fp16: `.grad` is still scaled here (the scale as a tensor)

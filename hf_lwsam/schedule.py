@@ -46,10 +46,11 @@ class AscentSchedule:
         return self._grads if self._grads is not None and names == self._names else None
 
     @torch.no_grad()
-    def keep(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
-        """Copy `.grad` of S (after the window's last backward, before the optimizer step)."""
-        self._names = [n for n, _ in named]
-        self._grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for _, p in named]
+    def keep(self, names: list[str], grads: list[torch.Tensor | None], like: list[torch.Tensor]) -> None:
+        """Copy the gradient of S (`.grad` after the window's last backward, before the optimizer step; a missing one
+        as zeros shaped like `like`)."""
+        self._names = list(names)
+        self._grads = [torch.zeros_like(t) if g is None else g.detach().clone() for g, t in zip(grads, like)]
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save(self, checkpoint_dir: str) -> None:

@@ -21,19 +21,17 @@ from .running_stats import BufferGuard
 from .sam import Perturbation, ascent_direction
 from .schedule import AscentSchedule
 from .selection import layer_parameters, select_layers, trace_execution_order
+from .sharding import (
+    all_reduce_mean,
+    all_reduce_sum,
+    capture_unsharded,
+    gradient_of,
+    is_sharded,
+    local,
+    shards_of,
+)
 
 logger = logging.get_logger(__name__)
-
-
-def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The mean of `tensors` over all processes, in one coalesced all-reduce."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    flat = _flatten_dense_tensors(tensors)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    return list(_unflatten_dense_tensors(flat, tensors))
 
 
 # Trainers whose step does not compose with two passes over one prepared batch.
@@ -172,11 +170,13 @@ class LWSAMMixin:
         if not self.args.sam_reuse_activations or self.reuse_disabled_reason is not None:
             return None
         if self._reuse_plan is None:
-            plan = (
-                "sam_selection='all' perturbs every layer, so there is nothing below the perturbed layers to reuse"
-                if self._sam_layers is None
-                else plan_reuse(self.model, params)
-            )
+            if self._sam_layers is None:
+                plan = "sam_selection='all' perturbs every layer, so there is nothing below the perturbed layers to reuse"
+            elif is_sharded(params):
+                plan = ("FSDP2 reshards each block after its forward, so replaying the lower blocks would keep their "
+                        "unsharded activations' graph across the all-gathers; not supported yet")
+            else:
+                plan = plan_reuse(self.model, params)
             if isinstance(plan, str):
                 self._disable_reuse(plan)
                 return None
@@ -216,23 +216,29 @@ class LWSAMMixin:
         return loss
 
     def _ascent_gradient(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any, params: list[nn.Parameter]
-    ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
-        """Pass 1 at w: the clean loss and g_S, through a backward truncated at S. Leaves `.grad` untouched and
-        never all-reduces (each process perturbs with its own micro-batch gradient)."""
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any, named: list[tuple[str, nn.Parameter]]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | float]:
+        """Pass 1 at w: the clean loss and g_S, through a backward truncated at S. Leaves `.grad` untouched. By default
+        it never all-reduces (each process perturbs with its own micro-batch gradient); with `sam_sync_perturbation`,
+        and always under FSDP2, g_S is averaged over the processes. Under FSDP2 g_S is taken with respect to the
+        unsharded parameters the forward uses (`sharding.capture_unsharded`) and returned whole."""
+        params = [p for _, p in named]
+        sharded = is_sharded(params)
         # TRL's SFT/DPO run their step inside an activation-offload context; pass 1 runs inside it too.
         offload = getattr(self, "maybe_activation_offload_context", None) or nullcontext()
-        with self.accelerator.no_sync(model), offload:
+        capture = capture_unsharded(self.accelerator.unwrap_model(model), named) if sharded else nullcontext()
+        with self.accelerator.no_sync(model), offload, capture as captured:
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             loss = self._loss_as_stock(loss, num_items_in_batch)
             scaler = getattr(self.accelerator, "scaler", None)
             # fp16: differentiate the scaled loss so small gradients don't underflow; e_S is scale-free.
             target = scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
-            grads = torch.autograd.grad(target, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        if self.args.sam_sync_perturbation and self.accelerator.num_processes > 1:
+            grads = gradient_of(target, named, captured)
+        if (self.args.sam_sync_perturbation or sharded) and self.accelerator.num_processes > 1:
             grads = all_reduce_mean(grads)
+        if sharded:
+            grads = shards_of(grads, params)  # this process's piece of the common g_S
         # The scale as a device tensor (`get_scale()` would synchronise): g_S's norm is logged unscaled.
         scale = scaler._get_scale_async() if target is not loss else 1.0
         return loss.detach(), grads, scale
@@ -264,7 +270,8 @@ class LWSAMMixin:
 
     def _exact_sam_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
         """Pass 1 at w (truncated ascent), then the base step at w + e_S; returns pass 1's clean loss."""
-        params = [p for _, p in self._sam_parameters()]
+        named = self._sam_parameters()
+        params = [p for _, p in named]
         reuse = self._activation_reuse(params)
         rng = capture_rng()
         self._buffer_guard.mark()
@@ -272,13 +279,15 @@ class LWSAMMixin:
             if reuse is not None:
                 reuse.record()  # keep the outputs of the blocks below the cut, graph included
             # Each pass gets its own shallow copy: a compute_loss may pop from its inputs (labels for label smoothing).
-            clean_loss, grads, grad_scale = self._ascent_gradient(model, copy.copy(inputs), num_items_in_batch, params)
+            clean_loss, grads, grad_scale = self._ascent_gradient(model, copy.copy(inputs), num_items_in_batch, named)
             self._buffer_guard.keep_pass_one()  # running statistics: pass 1's update is the step's only one
             # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks'
-            # graph (reuse) survives.
-            steps, norm, finite = ascent_direction(params, grads, self.args.sam_rho, self.args.sam_adaptive)
+            # graph (reuse) survives. Under FSDP2 everything below works on this process's shards of S.
+            shards = local(params)
+            steps, norm, finite = ascent_direction(shards, grads, self.args.sam_rho, self.args.sam_adaptive,
+                                                   sum_across=all_reduce_sum if is_sharded(params) else None)
             del grads
-            perturbation = Perturbation.apply(params, steps)  # e_S = 0 where g_S is not finite (fp16 overflow)
+            perturbation = Perturbation.apply(shards, steps)  # e_S = 0 where g_S is not finite (fp16 overflow)
             del steps
             restore_rng(rng)  # pass 2 draws the same dropout masks as pass 1: e_S is evaluated where it was computed
             if reuse is not None:
@@ -298,15 +307,17 @@ class LWSAMMixin:
         """One pass at w + e_S, e_S from the previous SAM step's gradient of S; returns the perturbed loss. Without a
         kept gradient for the current selection (first SAM step, or after a probe changed S): a plain step."""
         named = self._sam_parameters()
-        params = [p for _, p in named]
-        kept = self._schedule.direction([n for n, _ in named])
+        names, params = [n for n, _ in named], [p for _, p in named]
+        shards = local(params)  # under FSDP2: this process's shards of S, and of their gradients
+        kept = self._schedule.direction(names)
         if kept is None:
-            steps, norm, finite = [torch.zeros_like(p) for p in params], None, None
+            steps, norm, finite = [torch.zeros_like(t) for t in shards], None, None
         else:
             # Clones: ascent_direction works in place, and every micro-batch of the window uses the same kept gradient.
-            steps, norm, finite = ascent_direction(params, [g.clone() for g in kept], self.args.sam_rho,
-                                                   self.args.sam_adaptive)
-        perturbation = Perturbation.apply(params, steps)
+            steps, norm, finite = ascent_direction(shards, [g.clone() for g in kept], self.args.sam_rho,
+                                                   self.args.sam_adaptive,
+                                                   sum_across=all_reduce_sum if is_sharded(params) else None)
+        perturbation = Perturbation.apply(shards, steps)
         del steps
         try:
             with self._inputs_already_prepared():
@@ -314,7 +325,7 @@ class LWSAMMixin:
         finally:
             perturbation.restore()
         if self.accelerator.sync_gradients:  # the window's last backward: `.grad` holds its (all-reduced) gradient
-            self._schedule.keep(named)
+            self._schedule.keep(names, local([p.grad for p in params]), like=shards)
         if kept is None:
             self._record_plain_step()
         else:

@@ -113,7 +113,7 @@ def _cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "unknown save_strategy": (["--save_strategy", "sometimes"], "sometimes"),
         "report_to wandb, not installed": (["--report_to", "wandb"], "wandb is not installed"),
         "report_to unknown": (["--report_to", "myboard"], "myboard"),
-        "fsdp": (["--fsdp", "full_shard"], "fsdp"),
+        "fsdp without a distributed launch": (["--fsdp", "full_shard"], "needs a distributed launch"),
         "optim lomo": (["--optim", "lomo"], "lomo"),
         "unknown flag": (["--sam_rhoo", "0.1"], "--sam_rhoo"),
         # LW-SAM options

@@ -257,6 +257,10 @@ def validate_args(model_args: Any, data_args: Any, args: Any, given: set[str]) -
     _require(a.dataloader_num_workers >= 0, "dataloader_num_workers", a.dataloader_num_workers, "an integer >= 0")
     _require(a.measure_plain_steps >= 0, "measure_plain_steps", a.measure_plain_steps, "an integer >= 0 (0: off)")
     _check_report_to(a.report_to)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_FSDP")
+    if getattr(a, "fsdp", None) and not launched:  # the Trainer would raise "only works in distributed training"
+        raise UsageError(f"--fsdp {a.fsdp} needs a distributed launch: run accelerate launch --config_file "
+                         "scripts/accelerate_configs/fsdp2.yaml scripts/train.py ... (or torchrun), or drop --fsdp.")
 
     _require(m.lora_r >= 1, "lora_r", m.lora_r, "a LoRA rank >= 1 (e.g. 8)")
     _require(_finite(m.lora_alpha) and m.lora_alpha > 0, "lora_alpha", m.lora_alpha, "a scaling alpha > 0 (e.g. 16)")

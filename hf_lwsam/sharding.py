@@ -1,0 +1,105 @@
+"""FSDP2 (`fully_shard`): the ascent gradient of sharded parameters, and e_S distributed to the shards.
+
+Under FSDP2 a parameter is a `DTensor` holding this process's shard (`Shard(0)`), and `torch.autograd.grad` with respect
+to it returns `None`: the forward runs on unsharded parameters that FSDP2 all-gathers into the modules just before
+they run. So pass 1 captures those: a forward pre-hook on each module owning a selected parameter (it runs after
+FSDP2's own pre-forward hook, when the module holds the unsharded parameter) records the tensor the forward uses, and
+`autograd.grad` with respect to the recorded tensors gives the full gradient of this process's micro-batch, with no
+reduce-scatter and no `.grad` side effect. Every process then averages it (global-batch SAM: one common e_S), and adds
+its own shard of e_S to its local shard; the perturbation and its bit-exact undo work on the local tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch without distributed tensors: nothing is ever sharded
+    DTensor, distribute_tensor = (), None
+
+
+def is_sharded(params: list[torch.Tensor]) -> bool:
+    """Whether `params` are FSDP2-sharded (`DTensor`s)."""
+    return bool(DTensor) and any(isinstance(p, DTensor) for p in params)
+
+
+def local(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Each tensor's local shard (for a parameter, the storage FSDP2 all-gathers from); plain tensors and `None` as
+    they are."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+@contextmanager
+def capture_unsharded(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record, during the forward run inside the block, the unsharded tensor each selected parameter is used as.
+
+    Yields `{name: tensor}` (filled as the modules run; the first call of each module counts).
+    """
+    captured: dict[str, torch.Tensor] = {}
+    owners: dict[nn.Module, list[tuple[str, str]]] = {}
+    for name, _ in named:
+        module_name, _, attr = name.rpartition(".")
+        owners.setdefault(model.get_submodule(module_name), []).append((name, attr))
+
+    def hook(module: nn.Module, *_: object) -> None:
+        for name, attr in owners[module]:
+            captured.setdefault(name, module._parameters[attr])
+
+    handles = [module.register_forward_pre_hook(hook) for module in owners]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def shards_of(full: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This process's pieces of full tensors that every process holds identically, laid out as `params`' local shards
+    (no communication)."""
+    return [distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            if isinstance(p, DTensor) else t for t, p in zip(full, params)]
+
+
+def gradient_of(target: torch.Tensor, named: list[tuple[str, nn.Parameter]],
+                captured: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """g_S: the gradient of `target` with respect to the selected parameters (under FSDP2, to the unsharded tensors
+    `capture_unsharded` recorded), through a backward truncated at S that leaves `.grad` alone. A parameter the loss
+    does not use gets zeros; a loss that uses none of them is an error, never a silent plain step."""
+    wrt = [p for _, p in named] if captured is None else [captured.get(n) for n, _ in named]
+    if any(t is None for t in wrt):
+        raise RuntimeError(f"LW-SAM: {sum(t is None for t in wrt)} selected parameters were not used by this forward "
+                           "under FSDP2 (their modules never ran): select layers the loss uses.")
+    grads = torch.autograd.grad(target, wrt, allow_unused=True)
+    if all(g is None for g in grads):
+        shown = ", ".join(n for n, _ in named[:4])
+        raise RuntimeError("LW-SAM: the loss does not depend on any selected parameter (every gradient of S is None), "
+                           f"so no perturbation can be computed: select layers the loss uses ({shown}, ... were "
+                           "selected).")
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all processes (out of place)."""
+    import torch.distributed as dist
+
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean of `tensors` over all processes, in one coalesced all-reduce."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return list(_unflatten_dense_tensors(flat, tensors))
+
+

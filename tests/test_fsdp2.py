@@ -1,0 +1,97 @@
+"""FSDP2 on the CPU: two gloo processes with raw `fully_shard` on a tiny GPT-2 and a tiny Llama with LoRA. One LW-SAM
+step through hf_lwsam's sharded pass 1 / perturb / restore equals single-process LW-SAM on the global batch, g_S is
+not zero, and a failing pass 2 leaves the shards exactly as they were (`tests/fsdp2_worker.py`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import shakespeare_lm_dataset, tiny_gpt2, tiny_llama_lora
+from hf_lwsam.selection import layer_parameters, select_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+RHO = 0.5
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "fsdp2_worker.py"), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_step(make) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """LW-SAM on the global batch (both ranks' rows), SGD lr 1, computed by hand: the weights after the step and the
+    gradient at the perturbed point."""
+    model = make()
+    named = layer_parameters(model, select_layers(model))
+    data = shakespeare_lm_dataset(4)
+    batch = {k: torch.tensor(v) for k, v in data[:4].items()}
+    selected = [p for _, p in named]
+    g = torch.autograd.grad(model(**batch).loss, selected)
+    norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+    with torch.no_grad():
+        for p, gi in zip(selected, g):
+            p.add_(RHO * gi / norm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(**batch).loss, params)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p, gi in zip(selected, g):
+            p.sub_(RHO * gi / norm)
+        for p, gi in zip(params, grads):
+            p.sub_(gi)
+    return {n: p.detach() for n, p in model.named_parameters()}, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("name, make", [("gpt2", tiny_gpt2), ("llama-lora", tiny_llama_lora)])
+def test_fsdp2_step_equals_single_process_lwsam_on_the_global_batch(results, name, make):
+    got = torch.load(results / f"{name}.pt", weights_only=False)
+    assert got["sharded"] == "DTensor" and got["finite"] and got["norm"] > 0  # never silently zero
+    expected, _ = single_process_step(make)
+    start = {n: p.detach() for n, p in make().named_parameters()}
+    num = sum(((got["stepped"][n] - expected[n]).double() ** 2).sum() for n in expected)
+    den = sum(((expected[n] - start[n]).double() ** 2).sum() for n in expected)
+    assert den > 0 and float(torch.sqrt(num / den)) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-lora"])
+def test_fsdp2_failing_pass_two_restores_the_shards_exactly(results, name):
+    assert torch.load(results / f"{name}.pt", weights_only=False)["restored"]
+
+
+@pytest.mark.parametrize("name, make", [("gpt2", tiny_gpt2), ("llama-lora", tiny_llama_lora)])
+def test_fsdp2_probe_norms_of_sharded_gradients_equal_the_whole_gradients(results, name, make):
+    """Every process ranks the same per-layer norms: the shards' squared norms, summed over the processes, equal the
+    per-layer squared norms of the whole (reduced) gradient."""
+    from hf_lwsam.probe import candidate_layers, owned_parameters
+
+    got = torch.load(results / f"{name}.pt", weights_only=False)["layer_norms"]
+    _, grads = single_process_step(make)
+    model = make()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for layer, params in owned_parameters(model, candidate_layers(model)).items():
+        expected = sum(float((grads[names[id(p)]].double() ** 2).sum()) for p in params)
+        assert got[layer] == pytest.approx(expected, rel=1e-4, abs=1e-12), layer
