@@ -18,10 +18,11 @@ from transformers import Trainer
 
 from conftest import shakespeare_lm_dataset, tiny_bert, tiny_gpt2, tiny_llama_lora, tweet_bytes_dataset
 from hf_lwsam import LWSAMTrainer
+from test_reuse_cases import digits_dataset, tiny_vit
 
 
 def _summed_loss(model, batch, causal: bool) -> tuple[torch.Tensor, int]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     if causal:  # next-token prediction: position t predicts token t+1
         logits, labels = logits[:, :-1], batch["labels"][:, 1:]
     else:
@@ -30,12 +31,16 @@ def _summed_loss(model, batch, causal: bool) -> tuple[torch.Tensor, int]:
     return loss, labels.numel()
 
 
-def reference_update(model, batches, selected: list[str] | None, rho: float, causal: bool, adaptive: bool = False):
-    """w_new under SGD lr=1 after one accumulation window, computed by hand."""
+def reference_update(model, batches, selected: list[str] | None, rho: float, causal: bool, adaptive: bool = False,
+                     divided_by_accumulation: bool = False):
+    """w_new under SGD lr=1 after one accumulation window, computed by hand. `divided_by_accumulation`: a model whose
+    forward takes no loss kwargs (ViT), whose micro-batch mean the stock Trainer divides by the accumulation steps."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = list(params)
     # The divisor of each micro-batch's summed loss (see the module docstring).
     window_items = sum(_summed_loss(model, b, causal)[1] for b in batches) if causal else len(batches[0]["labels"])
+    if divided_by_accumulation:
+        window_items *= len(batches)
     total = [torch.zeros_like(p) for p in params.values()]
     for batch in batches:
         sel = [params[n] for n in (selected if selected is not None else names)]
@@ -83,6 +88,9 @@ CASES = {
                           sam=dict(sam_selection="all", sam_adaptive=True)),
     "llama-lora-default": dict(make=tiny_llama_lora, data=lambda: shakespeare_lm_dataset(4), causal=True, sam={}),
     "bert-classifier-default": dict(make=tiny_bert, data=lambda: tweet_bytes_dataset(4), causal=False, sam={}),
+    # Vision: a tiny ViT on real 8x8 digits, the default selection with activation reuse on.
+    "vit-default-reuse": dict(make=lambda: tiny_vit(), data=lambda: digits_dataset(4), causal=False, sam={},
+                              divided_by_accumulation=True),
 }
 
 
@@ -98,12 +106,16 @@ def test_update_matches_independent_formula(case, sgd_args):
     selected = trainer.perturbed_parameter_names()
     trainer.train()
     got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if case.endswith("-reuse"):
+        assert trainer.reuse_disabled_reason is None  # the update below went through activation reuse
 
+    divided = spec.get("divided_by_accumulation", False)
     expected = reference_update(reference_model, _batches(dataset), selected, rho, spec["causal"],
-                                adaptive=spec["sam"].get("sam_adaptive", False))
+                                adaptive=spec["sam"].get("sam_adaptive", False), divided_by_accumulation=divided)
     assert _rel(got, expected, start) <= 1e-5
 
-    plain = reference_update(copy.deepcopy(reference_model), _batches(dataset), selected, 0.0, spec["causal"])
+    plain = reference_update(copy.deepcopy(reference_model), _batches(dataset), selected, 0.0, spec["causal"],
+                             divided_by_accumulation=divided)
     # The check has teeth: the SAM update is measurably different from plain SGD's.
     assert _rel(plain, expected, start) > 1e-3
     if spec["sam"].get("sam_selection") == "all":
