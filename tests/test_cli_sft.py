@@ -51,3 +51,30 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hf-lwsam-sft: error:") and expected in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_push_to_hub_sends_the_lwsam_card(tmp_path, monkeypatch, capsys):
+    """The upload is intercepted at the `huggingface_hub.HfApi` boundary (no network)."""
+    from pathlib import Path
+
+    from huggingface_hub import CommitInfo, HfApi, RepoUrl
+
+    pushed: list[dict] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        pushed.append({"repo_id": repo_id, "files": {p.relative_to(folder_path).as_posix(): p.read_bytes()
+                                                     for p in Path(folder_path).rglob("*") if p.is_file()}})
+        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="End of training",
+                          commit_description="", oid="0" * 40)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "run"
+    assert main(["--output_dir", str(out), *TINY, "--push_to_hub", "--hub_model_id", "someone/sft-lwsam"]) == 0
+    assert [p["repo_id"] for p in pushed] == ["someone/sft-lwsam"]
+    card = pushed[0]["files"]["README.md"].decode("utf-8")
+    assert "hf-lwsam" in card and card == (out / "README.md").read_text()
+    assert "model.safetensors" in pushed[0]["files"]

@@ -214,7 +214,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     with args.main_process_first(desc="final save"):
         if args.should_save:
             begin_final_save(output_dir)
-    trainer.save_model(str(tmp))
+    trainer.save_model(str(tmp), _internal_call=True)  # the push comes once, after the rename
     if args.should_save:
         write_model_card(trainer, card_info, tmp, output_dir.name)
         trainer.state.save_to_json(str(tmp / "trainer_state.json"))
