@@ -346,20 +346,23 @@ def lwsam_config(config_cls: type[TrainingArguments]) -> type[TrainingArguments]
     Args:
         config_cls (`type`): a `TrainingArguments` subclass, e.g. `trl.SFTConfig`.
     """
-    if not (isinstance(config_cls, type) and issubclass(config_cls, TrainingArguments)):
-        raise ValueError(f"lwsam_config({config_cls!r}): pass a TrainingArguments subclass, e.g. trl.SFTConfig.")
-    if issubclass(config_cls, LWSAMConfigMixin):
-        return config_cls
-    if config_cls is TrainingArguments:
-        return LWSAMConfig
-    cls = mixed_subclass(LWSAMConfigMixin, config_cls, "Config", _CONFIG_CLASSES, "plus the `sam_*` options")
+    cls = mixed_subclass(LWSAMConfigMixin, config_cls, (TrainingArguments, LWSAMConfig), "Config", _CONFIG_CLASSES,
+                         "plus the `sam_*` options")
     globals().setdefault(cls.__name__, cls)  # importable by name, so the Trainer can pickle training_args.bin
     return cls
 
 
-def mixed_subclass(mixin: type, base: type, suffix: str, cache: dict[type, type], what: str) -> type:
+def mixed_subclass(mixin: type, base: type, root: tuple[type, type], suffix: str, cache: dict[type, type],
+                   what: str) -> type:
     """`class <Base minus suffix>LWSAM<suffix>(mixin, base)`, made once per `base` and kept in `cache` (`SFTConfig`
-    -> `SFTLWSAMConfig`, `DPOTrainer` -> `DPOLWSAMTrainer`); dataclasses stay dataclasses."""
+    -> `SFTLWSAMConfig`, `DPOTrainer` -> `DPOLWSAMTrainer`); dataclasses stay dataclasses. `base` itself when it already
+    has the mixin; for `root = (class, its LW-SAM class)`, that LW-SAM class."""
+    if not (isinstance(base, type) and issubclass(base, root[0])):
+        raise ValueError(f"{base!r} is not a {root[0].__name__} subclass: pass one, e.g. trl.SFT{suffix}.")
+    if issubclass(base, mixin):
+        return base
+    if base is root[0]:
+        return root[1]
     if base not in cache:
         name = base.__name__
         name = f"{name[: -len(suffix)]}LWSAM{suffix}" if name.endswith(suffix) else f"LWSAM{name}"

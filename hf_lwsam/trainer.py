@@ -450,10 +450,5 @@ def lwsam_trainer(trainer_cls: type[Trainer]) -> type[Trainer]:
     Args:
         trainer_cls (`type`): a `Trainer` subclass, e.g. `trl.SFTTrainer`.
     """
-    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
-        raise ValueError(f"lwsam_trainer({trainer_cls!r}): pass a transformers.Trainer subclass, e.g. trl.SFTTrainer.")
-    if issubclass(trainer_cls, LWSAMMixin):
-        return trainer_cls
-    if trainer_cls is Trainer:
-        return LWSAMTrainer
-    return mixed_subclass(LWSAMMixin, trainer_cls, "Trainer", _TRAINER_CLASSES, "with layer-wise SAM steps")
+    return mixed_subclass(LWSAMMixin, trainer_cls, (Trainer, LWSAMTrainer), "Trainer", _TRAINER_CLASSES,
+                          "with layer-wise SAM steps")

@@ -86,8 +86,10 @@ def test_factories_return_one_class_per_base_and_keep_trl_defaults():
     assert ours.sam_rho == 0.05 and isinstance(ours, trl.SFTConfig) and isinstance(ours, LWSAMConfigMixin)
     with pytest.raises(ValueError, match="sam_rho=-1"):
         DPOLWSAMConfig(output_dir="x", use_cpu=True, sam_rho=-1)
-    with pytest.raises(ValueError, match="TrainingArguments subclass"):
+    with pytest.raises(ValueError, match="is not a TrainingArguments subclass"):
         lwsam_config(dict)
+    with pytest.raises(ValueError, match="is not a Trainer subclass"):
+        lwsam_trainer(dict)
 
 
 def test_a_plain_sft_config_is_converted_keeping_every_value(tmp_path):

@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
 from transformers import set_seed
 from transformers.utils import logging
 
 from ..model_card import ModelCardInfo, write_model_card
-from ..preemption import PreemptionCallback
 from .args import UsageError
-from .output import FINAL_TMP_NAME, apply_plan, begin_final_save, finish_final_save, plan_output_dir
-from .train import EXIT_PREEMPTED, Preempted, check_sam_layers
+from .lifecycle import console_main, save_final, train_resumably
+from .output import apply_plan, plan_output_dir
+from .train import check_sam_layers
 
 logger = logging.get_logger("hf_lwsam.cli.sft")
 
@@ -199,27 +198,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                   processing_class=tokenizer, peft_config=get_peft_config(model_args))
     except ValueError as e:  # e.g. sam_target_layers matching no module of this model
         raise UsageError(" ".join(str(e).split())) from None
-    preemption = PreemptionCallback()
-    trainer.add_callback(preemption)
-    result = trainer.train(resume_from_checkpoint=plan.checkpoint)
-    if preemption.preempted:
-        step = preemption.stopped_at_step
-        raise Preempted(f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}; saved "
-                        f"{output_dir / f'checkpoint-{step}'}: run the same command again to resume from it.")
-    metrics = dict(result.metrics)
+    metrics = train_resumably(trainer, plan.checkpoint, output_dir)
     if test is not None:
         metrics.update(trainer.evaluate())
     trainer.log_metrics("all", metrics)
-    tmp = output_dir / FINAL_TMP_NAME  # final artefacts renamed into place; all_results.json comes last
-    with args.main_process_first(desc="final save"):
-        if args.should_save:
-            begin_final_save(output_dir)
-    trainer.save_model(str(tmp), _internal_call=True)  # the push comes once, after the rename
-    if args.should_save:
-        write_model_card(trainer, card_info, tmp, output_dir.name)
-        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
-        finish_final_save(output_dir, tmp, metrics)
-    trainer.accelerator.wait_for_everyone()
+    save_final(trainer, output_dir, metrics, lambda folder: write_model_card(trainer, card_info, folder,
+                                                                            output_dir.name))
     if args.push_to_hub:
         trainer.create_model_card = lambda *a, **k: write_model_card(trainer, card_info, args.output_dir,
                                                                      output_dir.name)
@@ -234,16 +218,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: 0 on success, 2 on bad input, 143 when preempted; each failure as one line on stderr."""
-    try:
-        run(argv)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except Preempted as e:
-        if PartialState().is_main_process:
-            print(f"{PROG}: preempted: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    return 0
+    return console_main(PROG, run, argv)
 
 
 if __name__ == "__main__":

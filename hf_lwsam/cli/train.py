@@ -32,13 +32,11 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from accelerate import PartialState
 import datasets.utils as datasets_progress
 from transformers.utils import logging
 
 from ..model_card import ModelCardInfo, perturbed_layers, write_model_card
 from ..reuse import capture_rng, restore_rng
-from ..preemption import PreemptionCallback
 from ..selection import select_layers
 from ..trainer import LWSAMTrainer
 from .args import DataArguments, ModelArguments, TrainArguments, UsageError, parse_args
@@ -51,13 +49,13 @@ from .data import (
     tokenize_for_classification,
 )
 from .metrics import causal_lm_metrics, classification_metrics, describe_sources
-from .output import FINAL_TMP_NAME, apply_plan, begin_final_save, finish_final_save, plan_output_dir
+from .lifecycle import console_main, save_final, train_resumably
+from .output import apply_plan, plan_output_dir
 
 logger = logging.get_logger("hf_lwsam.cli.train")
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 EMBEDDED_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-EXIT_PREEMPTED = 128 + 15  # the shell's status for SIGTERM
 
 
 class CLITrainer(LWSAMTrainer):
@@ -329,10 +327,6 @@ def _quiet_datasets():
             datasets_progress.enable_progress_bars()
 
 
-class Preempted(Exception):
-    """Training stopped on a termination signal after saving a checkpoint; running the command again resumes."""
-
-
 # --------------------------------------------------------------------------------------------------------- main
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, validate, train (resuming from the last checkpoint in `output_dir`), evaluate, save (with card) and
@@ -421,29 +415,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise UsageError(f"--push_to_hub could not create the Hub repo {args.hub_model_id!r} "
                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): check the network and "
                          "--hub_token, or drop --push_to_hub.") from None
-    preemption = PreemptionCallback()
-    trainer.add_callback(preemption)
-    train_result = trainer.train(resume_from_checkpoint=plan.checkpoint)
-    if preemption.preempted:
-        step = preemption.stopped_at_step
-        raise Preempted(f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}; saved "
-                        f"{output_dir / f'checkpoint-{step}'}: run the same command again to resume from it.")
-    metrics = dict(train_result.metrics)
+    metrics = train_resumably(trainer, plan.checkpoint, output_dir)
     card_info.throughput = trainer.throughput(metrics["train_runtime"])
     metrics.update(trainer.evaluate())
     if args.do_predict and "test" in splits:
         metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
     trainer.log_metrics("all", metrics)
-    # The final artefacts go to a temporary folder, are renamed into place, and all_results.json comes last.
-    tmp = output_dir / FINAL_TMP_NAME
-    with args.main_process_first(desc="final save"):
-        if args.should_save:
-            begin_final_save(output_dir)
-    trainer.save_model(str(tmp), _internal_call=True)  # weights, tokenizer and README.md; the push comes after
-    if args.should_save:
-        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
-        finish_final_save(output_dir, tmp, metrics)
-    trainer.accelerator.wait_for_everyone()
+    save_final(trainer, output_dir, metrics, write_card=lambda folder: None)  # CLITrainer.save_model writes the card
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training", model_name=output_dir.name)
     if trainer.is_world_process_zero():
@@ -482,16 +460,7 @@ def summary(trainer: CLITrainer, metrics: dict[str, Any], task: str, info: Model
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: returns 0 on success, 2 on bad input and 143 (128 + SIGTERM) when preempted, each with
     one line on stderr."""
-    try:
-        run(argv)
-    except UsageError as e:
-        print(f"hf-lwsam-train: error: {e}", file=sys.stderr)
-        return 2
-    except Preempted as e:
-        if PartialState().is_main_process:
-            print(f"hf-lwsam-train: preempted: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    return 0
+    return console_main("hf-lwsam-train", run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""What every command-line entry point shares: training that resumes and stops cleanly on SIGTERM, the final save
+that is renamed into place, and the exit codes (0 done, 2 bad input, 143 preempted; one line on stderr)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from ..preemption import PreemptionCallback
+from .args import UsageError
+from .output import FINAL_TMP_NAME, begin_final_save, finish_final_save
+
+EXIT_PREEMPTED = 128 + 15  # the shell's status for SIGTERM
+
+
+class Preempted(Exception):
+    """Training stopped on a termination signal after saving a checkpoint; running the command again resumes."""
+
+
+def train_resumably(trainer: Any, checkpoint: str | None, output_dir: Path) -> dict[str, Any]:
+    """`trainer.train()` from `checkpoint` (or step 0) with a `PreemptionCallback`; its metrics, or `Preempted`."""
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if preemption.preempted:
+        step = preemption.stopped_at_step
+        raise Preempted(f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}; saved "
+                        f"{output_dir / f'checkpoint-{step}'}: run the same command again to resume from it.")
+    return dict(result.metrics)
+
+
+def save_final(trainer: Any, output_dir: Path, metrics: dict[str, Any], write_card: Callable[[Path], Any]) -> None:
+    """The final weights, tokenizer, model card (`write_card(folder)`) and `trainer_state.json` go to a temporary
+    folder and are renamed into `output_dir`; `all_results.json` is written last. Interrupted anywhere, the directory
+    does not look finished and a rerun resumes."""
+    args = trainer.args
+    tmp = output_dir / FINAL_TMP_NAME
+    with args.main_process_first(desc="final save"):
+        if args.should_save:
+            begin_final_save(output_dir)
+    trainer.save_model(str(tmp), _internal_call=True)  # no push from here: it comes once, after the rename
+    if args.should_save:
+        write_card(tmp)
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+        finish_final_save(output_dir, tmp, metrics)
+    trainer.accelerator.wait_for_everyone()
+
+
+def console_main(prog: str, run: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """Run `run(argv)`: 0 on success, 2 on bad input and 143 when preempted, each failure as one line on stderr."""
+    try:
+        run(argv)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        if PartialState().is_main_process:
+            print(f"{prog}: preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    return 0
