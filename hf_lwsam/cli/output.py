@@ -1,4 +1,4 @@
-"""The output directory of `hf-lwsam-train`: what a rerun resumes, what `--overwrite_output_dir` may remove, and the
+"""The output directory of `hf-lwsam-train` and `hf-lwsam-sft`: what a rerun resumes, what `--overwrite_output_dir` may remove, and the
 final save that never leaves a directory looking finished before it is.
 
 A run writes `checkpoint-N/` folders (and the Trainer's `runs/` logs) straight into `output_dir`, as the Hugging Face
@@ -116,7 +116,7 @@ def plan_output_dir(output_dir: Path, overwrite: bool, resume_from_checkpoint: s
         if foreign:
             shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
             raise UsageError(
-                f"--output_dir {str(output_dir)!r} holds files hf-lwsam-train did not write ({shown}) and no previous "
+                f"--output_dir {str(output_dir)!r} holds files hf_lwsam did not write ({shown}) and no previous "
                 "run" + (" (--overwrite_output_dir only removes a previous run's files)" if overwrite else "")
                 + ": pass a new or empty --output_dir.")
         return plan
