@@ -1,5 +1,5 @@
-"""The output directory of `hf-lwsam-train` and `hf-lwsam-sft`: what a rerun resumes, what `--overwrite_output_dir` may remove, and the
-final save that never leaves a directory looking finished before it is.
+"""The output directory of `hf-lwsam-train` and `hf-lwsam-sft`: what a rerun resumes, what `--overwrite_output_dir`
+may remove, and the final save that never leaves a directory looking finished before it is.
 
 A run writes `checkpoint-N/` folders (and the Trainer's `runs/` logs) straight into `output_dir`, as the Hugging Face
 example scripts do. The final weights, tokenizer, model card and `trainer_state.json` are written to
