@@ -385,5 +385,6 @@ def as_lwsam_config(args: TrainingArguments | None, native_cls: type[TrainingArg
     if isinstance(args, native_cls):
         target = lwsam_config(type(args))
     names = {f.name for f in fields(target) if f.init}
-    values = {f.name: getattr(args, f.name) for f in fields(args) if f.init and f.name in names and hasattr(args, f.name)}
+    values = {f.name: getattr(args, f.name) for f in fields(args)
+              if f.init and f.name in names and hasattr(args, f.name)}
     return target(**values)

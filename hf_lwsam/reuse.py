@@ -97,7 +97,8 @@ def _same_inputs(now: list, then: list) -> bool:
             if y._version != version:  # pass 1's input was modified in place since: its recorded value is gone
                 return False
             # `is` first: a kept block's input is usually the previous kept block's output object.
-            if not (x is y or (x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y))):
+            same = x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+            if not (x is y or (same and torch.equal(x, y))):
                 return False
         elif type(a) is not type(b) or a != b:
             return False

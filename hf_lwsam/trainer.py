@@ -171,7 +171,8 @@ class LWSAMMixin:
             return None
         if self._reuse_plan is None:
             if self._sam_layers is None:
-                plan = "sam_selection='all' perturbs every layer, so there is nothing below the perturbed layers to reuse"
+                plan = ("sam_selection='all' perturbs every layer, so there is nothing below the perturbed layers to "
+                        "reuse")
             elif is_sharded(params):
                 plan = ("FSDP2 reshards each block after its forward, so replaying the lower blocks would keep their "
                         "unsharded activations' graph across the all-gathers; not supported yet")

@@ -210,7 +210,8 @@ def main() -> None:
         data = Dataset.from_dict({"input_ids": data.ids.tolist()})
         a.tokenizer = train_byte_bpe(["padding only: the ids are random"], 300)
     todo = [m for m in todo_methods if a.methods is None or any(s in m.name for s in a.methods)]
-    device_name = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+    cpu = f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+    device_name = torch.cuda.get_device_name() if a.device == "cuda" else cpu
     print(f"{a.trainer} {preset}: {n_layer} layers, d={d}, T={a.seq_len}, batch={a.batch}, vocab={vocab}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, device={device_name}, bf16={a.bf16}")
 
@@ -241,7 +242,8 @@ def main() -> None:
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         with open(a.json, "w") as f:
-            json.dump(dict(trainer=a.trainer, preset=preset, device=device_name, bf16=a.bf16, batch=a.batch, seq_len=a.seq_len,
+            json.dump(dict(trainer=a.trainer, preset=preset, device=device_name, bf16=a.bf16, batch=a.batch,
+                           seq_len=a.seq_len,
                            rounds=a.rounds, steps=a.steps, peak_memory="cuda max_memory_allocated" if
                            a.device == "cuda" else "process peak RSS (VmHWM)", results=rows), f, indent=2)
 

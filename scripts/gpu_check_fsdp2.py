@@ -124,7 +124,8 @@ def throughput() -> None:
                           logging_strategy="no", disable_tqdm=True)
             timer = StepTimer("cuda")
             sam = methods[name]
-            cls, args = (Trainer, LWSAMConfig(**common)) if sam is None else (LWSAMTrainer, LWSAMConfig(**common, **sam))
+            cls = Trainer if sam is None else LWSAMTrainer
+            args = LWSAMConfig(**common, **(sam or {}))
             trainer = cls(model=model, args=args, train_dataset=data, callbacks=[timer])
             trainer.remove_callback(PrinterCallback)
             torch.cuda.reset_peak_memory_stats()
@@ -140,7 +141,8 @@ def throughput() -> None:
               "|---|---|---|---|---|")
         for name in methods:
             ms = statistics.median(times[name])
-            print(f"| {name} | {ms * 1e3:.1f} | {base / ms:.3f} | {peaks[name]:.2f} | {peaks[name] / peaks['adamw']:.3f} |")
+            peak = peaks[name]
+            print(f"| {name} | {ms * 1e3:.1f} | {base / ms:.3f} | {peak:.2f} | {peak / peaks['adamw']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ from hf_lwsam.selection import layer_parameters, select_layers
 from hf_lwsam.sharding import all_reduce_mean, all_reduce_sum, capture_unsharded, gradient_of, local, shards_of
 
 RHO, ROWS_PER_RANK = 0.5, 2
-MODELS = {"gpt2": (tiny_gpt2, lambda m: m.transformer.h), "llama-lora": (tiny_llama_lora, lambda m: m.base_model.model.model.layers)}
+MODELS = {  # name -> (builder, the trunk's blocks)
+    "gpt2": (tiny_gpt2, lambda m: m.transformer.h),
+    "llama-lora": (tiny_llama_lora, lambda m: m.base_model.model.model.layers),
+}
 
 
 def batch_of(rank: int) -> dict[str, torch.Tensor]:
@@ -78,7 +81,8 @@ def run(name: str, out: str, rank: int, mesh) -> None:
         handle.remove()
     restored = all(torch.equal(a, b) for a, b in zip(before, local(params)))
     if rank == 0:
-        torch.save({"stepped": stepped, "layer_norms": dict(zip(owned, layer_norms.tolist())), "norm": float(norm), "finite": bool(finite), "restored": restored,
+        torch.save({"stepped": stepped, "layer_norms": dict(zip(owned, layer_norms.tolist())), "norm": float(norm),
+                    "finite": bool(finite), "restored": restored,
                     "selected": selected, "sharded": type(params[0]).__name__}, os.path.join(out, f"{name}.pt"))
 
 

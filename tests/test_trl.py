@@ -3,7 +3,6 @@ real text (a Shakespeare play; tweets with their sentiment as preference pairs).
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -93,7 +92,8 @@ def test_factories_return_one_class_per_base_and_keep_trl_defaults():
 
 
 def test_a_plain_sft_config_is_converted_keeping_every_value(tmp_path):
-    args = trl.SFTConfig(output_dir=str(tmp_path / "x"), **{**COMMON, "max_length": 24}, max_steps=1, learning_rate=3e-3)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "x"), **{**COMMON, "max_length": 24}, max_steps=1,
+                         learning_rate=3e-3)
     trainer = SFTLWSAMTrainer(model=tiny_lm(), args=args, train_dataset=sft_data(4), processing_class=tiny_tokenizer())
     assert type(trainer.args) is SFTLWSAMConfig and trainer.args.sam_rho == 0.05
     for name in ("learning_rate", "max_length", "per_device_train_batch_size", "activation_checkpointing"):
@@ -223,8 +223,8 @@ def lora_lm():
 def test_dpo_with_peft_reference_by_disabled_adapters_reuse_is_exact(tmp_path):
     """DPO with a PEFT model and no reference model computes the reference with the adapters disabled: activation
     reuse must tell that forward from the policy's (issue #11)."""
-    runs = [dpo(DPOLWSAMTrainer, DPOLWSAMConfig, tmp_path, model=lora_lm(), **{**SGD, "learning_rate": 0.1}, sam_rho=0.5,
-                sam_reuse_activations=reuse) for reuse in (True, False)]
+    runs = [dpo(DPOLWSAMTrainer, DPOLWSAMConfig, tmp_path, model=lora_lm(), **{**SGD, "learning_rate": 0.1},
+                sam_rho=0.5, sam_reuse_activations=reuse) for reuse in (True, False)]
     assert runs[0].reuse_disabled_reason is None
     a, b = weights(runs[0].model), weights(runs[1].model)
     trained = [n for n in a if "lora_" in n]
