@@ -12,13 +12,24 @@ from accelerate import PartialState
 
 from ..preemption import PreemptionCallback
 from .args import UsageError
-from .output import FINAL_TMP_NAME, begin_final_save, finish_final_save
+from .output import FINAL_TMP_NAME, OutputPlan, apply_plan, begin_final_save, finish_final_save
 
 EXIT_PREEMPTED = 128 + 15  # the shell's status for SIGTERM
 
 
 class Preempted(Exception):
     """Training stopped on a termination signal after saving a checkpoint; running the command again resumes."""
+
+
+def take_output_dir(args: Any, plan: OutputPlan) -> None:
+    """Apply `plan` to its output directory (main process first: the only place a previous run's files are removed,
+    with --overwrite_output_dir), point the run at it, and name the Hub repo after it unless `--hub_model_id` did."""
+    if args.push_to_hub and args.hub_model_id is None:
+        args.hub_model_id = plan.output_dir.name
+    with args.main_process_first(desc="output directory"):
+        if args.should_save:
+            apply_plan(plan)
+    args.output_dir = str(plan.output_dir)
 
 
 def train_resumably(trainer: Any, checkpoint: str | None, output_dir: Path) -> dict[str, Any]:

@@ -27,8 +27,8 @@ from transformers.utils import logging
 
 from ..model_card import ModelCardInfo, write_model_card
 from .args import UsageError
-from .lifecycle import console_main, save_final, train_resumably
-from .output import apply_plan, plan_output_dir
+from .lifecycle import console_main, save_final, take_output_dir, train_resumably
+from .output import plan_output_dir
 from .train import check_sam_layers
 
 logger = logging.get_logger("hf_lwsam.cli.sft")
@@ -187,12 +187,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
               "target_modules": model_args.lora_target_modules} if model_args.use_peft else None,
         repo_id=args.hub_model_id or output_dir.name,
     )
-    if args.push_to_hub and args.hub_model_id is None:
-        args.hub_model_id = output_dir.name
-    with args.main_process_first(desc="output directory"):
-        if args.should_save:
-            apply_plan(plan)  # the only place a previous run's files are removed (--overwrite_output_dir)
-    args.output_dir = str(output_dir)
+    take_output_dir(args, plan)
     try:
         trainer = SFTLWSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
                                   processing_class=tokenizer, peft_config=get_peft_config(model_args))
