@@ -269,6 +269,12 @@ class LWSAMMixin:
             self._layer_probe.after_micro_batch(self)
         return loss
 
+    def _ascent_step(self, params: list[nn.Parameter], shards: list[torch.Tensor], grads: list[torch.Tensor]):
+        """e_S on this process's `shards` of S from their gradients (under FSDP2 the norm is summed over the
+        processes' shards); see `sam.ascent_direction`."""
+        return ascent_direction(shards, grads, self.args.sam_rho, self.args.sam_adaptive,
+                                sum_across=all_reduce_sum if is_sharded(params) else None)
+
     def _exact_sam_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
         """Pass 1 at w (truncated ascent), then the base step at w + e_S; returns pass 1's clean loss."""
         named = self._sam_parameters()
@@ -285,8 +291,7 @@ class LWSAMMixin:
             # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks'
             # graph (reuse) survives. Under FSDP2 everything below works on this process's shards of S.
             shards = local(params)
-            steps, norm, finite = ascent_direction(shards, grads, self.args.sam_rho, self.args.sam_adaptive,
-                                                   sum_across=all_reduce_sum if is_sharded(params) else None)
+            steps, norm, finite = self._ascent_step(params, shards, grads)
             del grads
             perturbation = Perturbation.apply(shards, steps)  # e_S = 0 where g_S is not finite (fp16 overflow)
             del steps
@@ -315,9 +320,7 @@ class LWSAMMixin:
             steps, norm, finite = [torch.zeros_like(t) for t in shards], None, None
         else:
             # Clones: ascent_direction works in place, and every micro-batch of the window uses the same kept gradient.
-            steps, norm, finite = ascent_direction(shards, [g.clone() for g in kept], self.args.sam_rho,
-                                                   self.args.sam_adaptive,
-                                                   sum_across=all_reduce_sum if is_sharded(params) else None)
+            steps, norm, finite = self._ascent_step(params, shards, [g.clone() for g in kept])
         perturbation = Perturbation.apply(shards, steps)
         del steps
         try:
