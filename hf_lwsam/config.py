@@ -12,7 +12,8 @@ from transformers import TrainingArguments
 
 SELECTION_MODES = ("pattern", "all", "probe")
 ASCENT_MODES = ("exact", "stale")
-PROBE_METRICS = ("grad_norm", "grad_norm_per_param")
+PROBE_METRICS = ("grad_norm", "grad_norm_per_param", "grad_norm_per_cost")
+PROBE_GRANULARITIES = ("block", "layer")
 
 # Optimizers that step inside backward hooks: there is no `.grad` left for a second pass to fill.
 _UNSUPPORTED_OPTIMIZERS = (
@@ -154,8 +155,18 @@ class LWSAMConfigMixin:
         default="grad_norm",
         metadata={
             "help": "sam_selection='probe': ranking score, 'grad_norm' (L2 norm of the layer's gradient) or "
-            "'grad_norm_per_param' (that norm / sqrt(number of the layer's parameters)).",
+            "'grad_norm_per_param' (that norm / sqrt(number of the layer's parameters)) or 'grad_norm_per_cost' "
+            "(that norm / the share of the model's compute that perturbing it recomputes).",
             "choices": list(PROBE_METRICS),
+        },
+    )
+    sam_probe_granularity: str = field(
+        default="layer",
+        metadata={
+            "help": "sam_selection='probe': what a candidate is, 'block' (each transformer block as one candidate, plus "
+            "each layer after the trunk; embeddings left out unless named by sam_target_layers) or 'layer' (every "
+            "module owning trainable parameters).",
+            "choices": list(PROBE_GRANULARITIES),
         },
     )
 
@@ -225,6 +236,11 @@ class LWSAMConfigMixin:
         if not is_int(self.sam_probe_batches) or self.sam_probe_batches < 1:
             raise ValueError(
                 f"sam_probe_batches={self.sam_probe_batches!r} is invalid: use an integer >= 1 (micro-batches per probe)."
+            )
+        if self.sam_probe_granularity not in PROBE_GRANULARITIES:
+            raise ValueError(
+                f"sam_probe_granularity={self.sam_probe_granularity!r} is unknown: use one of "
+                f"{', '.join(map(repr, PROBE_GRANULARITIES))}."
             )
         if self.sam_probe_metric not in PROBE_METRICS:
             raise ValueError(
@@ -328,8 +344,14 @@ class LWSAMConfig(LWSAMConfigMixin, TrainingArguments):
             of whole accumulation windows, so it spans `ceil(sam_probe_batches / gradient_accumulation_steps)`
             optimizer steps.
         sam_probe_metric (`str`, *optional*, defaults to `"grad_norm"`):
-            `sam_selection="probe"`: the ranking score, `"grad_norm"` (L2 norm of the layer's gradient) or
-            `"grad_norm_per_param"` (that norm / sqrt(number of the layer's parameters)).
+            `sam_selection="probe"`: the ranking score, `"grad_norm"` (L2 norm of the candidate's gradient),
+            `"grad_norm_per_param"` (that norm / sqrt(number of its parameters)) or `"grad_norm_per_cost"` (that norm
+            / the share of the model's compute that perturbing it puts in the second pass: a deep candidate must earn
+            its recompute).
+        sam_probe_granularity (`str`, *optional*, defaults to `"layer"`):
+            `sam_selection="probe"`: what a candidate is. `"block"`: each transformer block as one candidate plus each
+            layer after the trunk (final norm, head), the input side (embeddings) left out unless `sam_target_layers`
+            names it; `"layer"`: every module owning trainable parameters.
     """
 
 

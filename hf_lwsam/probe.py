@@ -6,7 +6,14 @@ module that directly owns trainable parameters; every parameter counts once, for
 
     score_l = ||g_l||_2                       (metric "grad_norm")
     score_l = ||g_l||_2 / sqrt(numel_l)       (metric "grad_norm_per_param", the RMS gradient entry)
+    score_l = ||g_l||_2 / c_l                 (metric "grad_norm_per_cost"; c_l: `recompute_costs`)
     S       = the k candidates with the largest score (ties: the output-side one first), in depth order
+
+A *candidate* is one layer (`sam_probe_granularity="layer"`) or, at `"block"` granularity, one transformer block
+(all its layers; `||g_B||^2` is the sum of its layers' `||g_l||^2`) or one layer after the trunk, with the input side
+(embeddings) left out unless `sam_target_layers` names it. `c_l` is the share of the model's compute that perturbing
+the candidate puts in the second pass (everything from it to the output, by parameter count), so a candidate deep in
+the stack must have a proportionally larger gradient to be chosen.
 
 In the trainer a probe costs no extra pass: on a probe step it reads the per-layer norms of `.grad` right after
 pass 2 of the accumulation window's last micro-batch (the gradient of the window's loss at w + e), all-reduces the
@@ -30,7 +37,8 @@ from .sharding import is_sharded, local
 
 logger = logging.get_logger(__name__)
 
-METRICS = ("grad_norm", "grad_norm_per_param")
+METRICS = ("grad_norm", "grad_norm_per_param", "grad_norm_per_cost")
+GRANULARITIES = ("block", "layer")
 STATE_KEY = "LWSAMLayerProbe"  # the entry in `TrainerState.stateful_callbacks` (saved in trainer_state.json)
 
 
@@ -91,6 +99,74 @@ def candidate_layers(model: nn.Module, target_layers: Pattern = None, exclude_la
     return layers
 
 
+def block_roots(model: nn.Module) -> list[str]:
+    """The blocks of every repeated-block list: the children of each outermost `nn.ModuleList` of >= 2 same-class
+    modules (GPT-2 `transformer.h.3`, BERT `encoder.layer.5`, T5's encoder and decoder blocks, also under PEFT)."""
+    roots: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(b) for b in module}) != 1:
+            continue
+        if any(name.startswith(r + ".") for r in roots):
+            continue  # a list inside a block (e.g. a block's experts) is part of that block
+        roots += [f"{name}.{i}" for i in range(len(module))]
+    return roots
+
+
+def _input_side(model: nn.Module, name: str, first_block: int, position: dict[str, int]) -> bool:
+    """Embeddings and what runs with them: registered before the first block, an `nn.Embedding`, or named *embed*."""
+    module = model.get_submodule(name)
+    return position[name] < first_block or isinstance(module, nn.Embedding) or "embed" in name.rsplit(".", 1)[-1]
+
+
+def candidate_units(
+    model: nn.Module, target_layers: Pattern = None, exclude_layers: Pattern = None, granularity: str = "block"
+) -> dict[str, list[str]]:
+    """The probe's candidates, `{candidate name: [layers]}` in depth order.
+
+    `"layer"`: every candidate layer (see `candidate_layers`) on its own. `"block"`: each block of the repeated-block
+    lists as one candidate, plus each layer outside them; without `target_layers`, the input side (embeddings and
+    what is registered before the first block) is left out: its summed gradient ranks high while perturbing it
+    recomputes the whole model. A model without repeated blocks falls back to layers.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"sam_probe_granularity={granularity!r} is unknown: use one of {', '.join(map(repr, GRANULARITIES))}."
+        )
+    layers = candidate_layers(model, target_layers, exclude_layers)
+    blocks = block_roots(model)
+    if granularity == "layer" or not blocks:
+        return {layer: [layer] for layer in layers}
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    first_block = position[blocks[0]]
+    units: dict[str, list[str]] = {}
+    for layer in layers:
+        root = next((b for b in blocks if layer == b or layer.startswith(b + ".")), layer)
+        if root == layer and target_layers is None and _input_side(model, layer, first_block, position):
+            continue
+        units.setdefault(root, []).append(layer)
+    if not units:
+        raise ValueError(
+            f"sam_selection='probe' with sam_probe_granularity='block' has no candidate outside the input side of "
+            f"{type(model).__name__}: name the layers with sam_target_layers or use sam_probe_granularity='layer'."
+        )
+    return units
+
+
+def recompute_costs(model: nn.Module, units: Mapping[str, Sequence[str]]) -> torch.Tensor:
+    """Each candidate's share of the model's compute that perturbing it puts in the second pass: the parameters
+    (frozen and tied ones included, `nn.Embedding` lookups excluded: they do no matmul) of every module registered at
+    or after the candidate's first layer, divided by the model's total. A proxy for FLOPs per token."""
+    sizes = [(name, 0 if isinstance(m, nn.Embedding) else sum(p.numel() for p in m.parameters(recurse=False)))
+             for name, m in model.named_modules()]
+    position = {name: i for i, (name, _) in enumerate(sizes)}
+    suffix = [0] * (len(sizes) + 1)
+    for i in range(len(sizes) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] + sizes[i][1]  # compute from module i to the output
+    total = max(suffix[0], 1)
+    return torch.tensor([suffix[min(position[layer] for layer in layers)] / total for layers in units.values()],
+                        dtype=torch.float64)
+
+
 def resolve_top_k(num_candidates: int, top_k: int = 2, top_ratio: float | None = None) -> int:
     """How many layers a probe selects: `ceil(top_ratio * num_candidates)` when `top_ratio` is set (it wins over
     `top_k`), else `top_k`; at most `num_candidates`, at least 1."""
@@ -98,13 +174,17 @@ def resolve_top_k(num_candidates: int, top_k: int = 2, top_ratio: float | None =
     return max(1, min(k, num_candidates))
 
 
-def scores(squared: torch.Tensor, numels: torch.Tensor, metric: str) -> torch.Tensor:
-    """Per-layer scores from per-layer squared gradient norms."""
+def scores(squared: torch.Tensor, numels: torch.Tensor, metric: str, costs: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-candidate scores from per-candidate squared gradient norms (`costs`: see `recompute_costs`)."""
     if metric not in METRICS:
         raise ValueError(f"sam_probe_metric={metric!r} is unknown: use one of {', '.join(map(repr, METRICS))}.")
     norms = squared.double().clamp_min(0).sqrt()  # ||g_l||_2
     if metric == "grad_norm_per_param":
         norms = norms / numels.double().sqrt()  # ||g_l||_2 / sqrt(n_l): RMS entry, size-independent
+    elif metric == "grad_norm_per_cost":
+        if costs is None:
+            raise ValueError("sam_probe_metric='grad_norm_per_cost' needs the candidates' recompute costs.")
+        norms = norms / costs.to(norms.device).clamp_min(1e-12)  # a deep candidate must earn its recompute
     return norms
 
 
@@ -143,7 +223,8 @@ def probe_layer_grad_norms(
         model (`nn.Module`): a model whose output has a `loss` (batches include labels), or see `loss_fn`.
         batches (iterable of `dict`): input batches, already on the model's device.
         metric (`str`, *optional*, defaults to `"grad_norm"`):
-            `"grad_norm"`: `||g_l||_2`; `"grad_norm_per_param"`: `||g_l||_2 / sqrt(numel_l)`.
+            `"grad_norm"`: `||g_l||_2`; `"grad_norm_per_param"`: `||g_l||_2 / sqrt(numel_l)`; `"grad_norm_per_cost"`:
+            `||g_l||_2 / c_l` (see `recompute_costs`).
         layers (`Sequence[str]`, *optional*): restrict to these layers (default: every layer, see `owned_parameters`).
         loss_fn (`Callable`, *optional*): `loss_fn(model, batch) -> scalar loss`; default `model(**batch).loss`.
 
@@ -167,7 +248,8 @@ def probe_layer_grad_norms(
         raise ValueError("probe_layer_grad_norms: `batches` is empty; pass at least one batch.")
     squared = torch.stack([(t.double() / count).pow(2).sum() for t in total])  # ||grad of mean loss||^2 per tensor
     per_layer, numels = _per_layer(owned, squared)
-    return dict(zip(owned, scores(per_layer, numels, metric).tolist()))
+    costs = recompute_costs(model, {name: [name] for name in owned}) if metric == "grad_norm_per_cost" else None
+    return dict(zip(owned, scores(per_layer, numels, metric, costs).tolist()))
 
 
 def _per_layer(owned: Mapping[str, list[nn.Parameter]], per_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,12 +291,16 @@ class LayerProbe(TrainerCallback):
 
     def __init__(self, trainer: Any):
         self._trainer = weakref.ref(trainer)
-        self.candidates = candidate_layers(trainer.model, trainer.args.sam_target_layers, trainer.args.sam_exclude_layers)
-        self.k = resolve_top_k(len(self.candidates), trainer.args.sam_top_k, trainer.args.sam_top_ratio)
-        requested = trainer.args.sam_top_k if trainer.args.sam_top_ratio is None else None
+        args = trainer.args
+        self.units = candidate_units(trainer.model, args.sam_target_layers, args.sam_exclude_layers,
+                                     args.sam_probe_granularity)
+        self.candidates = list(self.units)
+        self.costs = recompute_costs(trainer.model, self.units)
+        self.k = resolve_top_k(len(self.candidates), args.sam_top_k, args.sam_top_ratio)
+        requested = args.sam_top_k if args.sam_top_ratio is None else None
         if requested is not None and requested > len(self.candidates):
             logger.warning(
-                f"sam_top_k={requested} exceeds the {len(self.candidates)} candidate layers: every candidate is selected."
+                f"sam_top_k={requested} exceeds the {len(self.candidates)} probe candidates: every candidate is selected."
             )
         self._owned: dict[str, list[nn.Parameter]] | None = None
         self.history: list[tuple[int, list[str]]] = []  # (step, selection) of every completed probe, this process
@@ -223,6 +309,10 @@ class LayerProbe(TrainerCallback):
         self.reset()
 
     # -- state -------------------------------------------------------------------------------------------------
+    def selected_layers(self) -> list[str]:
+        """The layers of the selected candidates, in depth order (what the trainer perturbs)."""
+        return [layer for name in self.selection for layer in self.units[name]]
+
     def initial_selection(self) -> list[str]:
         """The `k` output-most candidates: the selection before the first probe."""
         return self.candidates[-self.k :]
@@ -269,8 +359,8 @@ class LayerProbe(TrainerCallback):
             logger.info(f"LW-SAM probe state restored at step {state.global_step}: {', '.join(self.selection)}")
         else:
             self.reset()
-        if trainer._sam_layers != self.selection:
-            trainer._set_sam_layers(list(self.selection))
+        if trainer._sam_layers != self.selected_layers():
+            trainer._set_sam_layers(self.selected_layers())
         self._publish(trainer)
 
     # -- schedule ----------------------------------------------------------------------------------------------
@@ -291,8 +381,10 @@ class LayerProbe(TrainerCallback):
         step = trainer.state.global_step
         if not self.is_probe_step(step, trainer):
             return
-        if self._owned is None:
-            self._owned = owned_parameters(trainer.model, self.candidates)
+        if self._owned is None:  # each candidate's parameters (a block: those of all its layers)
+            owned = owned_parameters(trainer.model, [layer for layers in self.units.values() for layer in layers])
+            self._owned = {name: [p for layer in layers for p in owned.get(layer, [])]
+                           for name, layers in self.units.items()}
         if all(p.grad is None for ps in self._owned.values() for p in ps):
             logger.warning(  # e.g. an engine that keeps gradients in its own buffers: nothing to rank
                 f"LW-SAM probe at step {step}: no candidate layer holds a .grad after the backward; the selection "
@@ -328,7 +420,8 @@ class LayerProbe(TrainerCallback):
         numels = torch.tensor([sum(p.numel() for p in ps) for ps in self._owned.values()], dtype=torch.float64,
                               device=pending.device)
         mean = pending / windows.clamp_min(1)  # mean of per-window ||g_l||^2
-        *values, n_windows = torch.cat([scores(mean, numels, trainer.args.sam_probe_metric), windows]).tolist()
+        score = scores(mean, numels, trainer.args.sam_probe_metric, self.costs)
+        *values, n_windows = torch.cat([score, windows]).tolist()
         if not n_windows:  # the tolist above is the probe's one host sync
             logger.warning(f"LW-SAM probe at step {step}: every window overflowed; the selection is kept.")
             self.pending, self.pending_windows = None, 0
@@ -342,7 +435,7 @@ class LayerProbe(TrainerCallback):
         if selection != self.selection:
             self.selection = selection
             self.changes_in_window += 1
-            trainer._set_sam_layers(list(selection))
+            trainer._set_sam_layers(self.selected_layers())
             logger.info(f"LW-SAM probe at step {step} changed the selection (sam/selection_changed): {', '.join(selection)}")
 
     def pop_changes(self) -> int:

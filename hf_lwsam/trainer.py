@@ -120,7 +120,7 @@ class LWSAMMixin:
             if getattr(self, "_layer_probe", None) is None:
                 self._layer_probe = LayerProbe(self)  # validates the candidates and k now
                 self.add_callback(self._layer_probe)  # restores the probed selection on resume
-            return list(self._layer_probe.selection)
+            return self._layer_probe.selected_layers()
         return select_layers(self.model, self.args.sam_target_layers, self.args.sam_exclude_layers)
 
     @torch.no_grad()

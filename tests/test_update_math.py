@@ -88,6 +88,10 @@ CASES = {
                           sam=dict(sam_selection="all", sam_adaptive=True)),
     "llama-lora-default": dict(make=tiny_llama_lora, data=lambda: shakespeare_lm_dataset(4), causal=True, sam={}),
     "bert-classifier-default": dict(make=tiny_bert, data=lambda: tweet_bytes_dataset(4), causal=False, sam={}),
+    # The probe at block granularity, ranked per unit of recompute cost (the first step uses the initial selection).
+    "bert-probe-block-cost": dict(make=tiny_bert, data=lambda: tweet_bytes_dataset(4), causal=False,
+                                  sam=dict(sam_selection="probe", sam_probe_granularity="block",
+                                           sam_probe_metric="grad_norm_per_cost", sam_top_k=3)),
     # Vision: a tiny ViT on real 8x8 digits, the default selection with activation reuse on.
     "vit-default-reuse": dict(make=lambda: tiny_vit(), data=lambda: digits_dataset(4), causal=False, sam={},
                               divided_by_accumulation=True),
