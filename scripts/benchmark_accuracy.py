@@ -32,6 +32,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -49,6 +50,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
     PrinterCallback,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -64,6 +66,7 @@ LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "valu
 # Every method trains with the AdamW baseline's learning rate. cls: the best validation accuracy (seed 0) of
 # {5e-5, 1e-4, 2e-4, 4e-4} (full) and {5e-4, 2e-3, 4e-3, 8e-3, 1.5e-2} (LoRA). lm: fixed, not tuned (1e-3 gives a
 # lower validation perplexity but a higher test perplexity: it over-fits the fine-tuning plays).
+MACHINE = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 LEARNING_RATE = {"cls-full": 4e-4, "cls-lora": 8e-3, "lm": 3e-4}
 
 
@@ -76,12 +79,14 @@ class Method:
 EMBEDDINGS = r".*(embeddings|wte|wpe)"  # BERT's embedding block, GPT-2's token and position embeddings
 
 
-def all_methods(asam: bool = False, probe_no_embeddings: bool = False, schedules: bool = False) -> list[Method]:
+def all_methods(asam: bool = False, probe_no_embeddings: bool = False, schedules: bool = False,
+                probe_modes: bool = False) -> list[Method]:
     out = [
         Method("adamw", None),
         Method("full SAM", dict(sam_selection="all")),
         Method("LW-SAM default", dict(sam_selection="pattern")),
-        Method("LW-SAM probe k=2", dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25)),
+        Method("LW-SAM probe k=2", dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25,
+                                        sam_probe_granularity="layer")),
     ]
     if asam:
         out += [
@@ -90,11 +95,31 @@ def all_methods(asam: bool = False, probe_no_embeddings: bool = False, schedules
         ]
     if probe_no_embeddings:  # the probe without the embeddings as candidates: their summed gradients rank them high
         out.append(Method("LW-SAM probe k=2 no-emb", dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25,
-                                                          sam_exclude_layers=EMBEDDINGS)))
+                                                          sam_exclude_layers=EMBEDDINGS,
+                                                          sam_probe_granularity="layer")))
+    if probe_modes:  # the probe's candidates at block granularity, ranked by gradient norm or per unit of cost
+        out += [Method(f"LW-SAM probe k=2 block{'/cost' if metric.endswith('cost') else ''}",
+                       dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25, sam_probe_granularity="block",
+                            sam_probe_metric=metric)) for metric in ("grad_norm", "grad_norm_per_cost")]
     if schedules:  # the ascent schedules on the default pattern: a stale ascent (one pass), and SAM every 4th step
         out += [Method("LW-SAM stale", dict(sam_selection="pattern", sam_ascent="stale")),
                 Method("LW-SAM interval=4", dict(sam_selection="pattern", sam_interval=4))]
     return out
+
+
+# The probe mode the robustness suite runs: the options spelled out, so that the cache notices a changed default.
+PROBE = dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25, sam_probe_granularity="block",
+             sam_probe_metric="grad_norm")
+
+
+SCHEDULED = ("LW-SAM stale", "LW-SAM interval=4")  # robustness suite: they take the default pattern's rho
+
+
+def robust_methods() -> list[Method]:
+    return [Method("adamw", None), Method("full SAM", dict(sam_selection="all")),
+            Method("LW-SAM default", dict(sam_selection="pattern")), Method("LW-SAM probe", PROBE),
+            Method("LW-SAM stale", dict(sam_selection="pattern", sam_ascent="stale")),
+            Method("LW-SAM interval=4", dict(sam_selection="pattern", sam_interval=4))]
 
 
 @dataclass
@@ -112,6 +137,49 @@ class Budget:
 
 QUICK = Budget(cls_train=192, cls_eval=128, cls_max_length=48, lm_pretrain_steps=30, lm_finetune_steps=12,
                lm_block=64, lm_vocab=1024, lm_eval_blocks=64)
+
+
+# The robustness suite (`--suite robustness`): where the literature reports SAM's largest gains.
+ROBUST_TASKS = ("tweets-noise20", "tweets-noise40", "tweets-small", "digits", "digits-noise20", "digits-noise40")
+
+
+@dataclass
+class RobustBudget:
+    tweets_train: int = 500  # tweets-noise*: 500 training tweets, 4 epochs
+    tweets_small: int = 250  # tweets-small: 250 clean training tweets, 8 epochs
+    tweets_val: int = 500
+    tweets_test: int = 1000
+    tweets_epochs: int = 4
+    small_epochs: int = 8
+    max_length: int = 64
+    digits_val: int = 300  # of scikit-learn's 1797 digits: 500 test, 300 validation, the other 997 train
+    digits_test: int = 500
+    digits_epochs: int = 30
+
+
+QUICK_ROBUST = RobustBudget(tweets_train=96, tweets_small=64, tweets_val=64, tweets_test=64, tweets_epochs=2,
+                            small_epochs=2, max_length=48, digits_epochs=3)
+# AdamW's learning rate per robustness task: the best final validation accuracy (seed 0) of the grid, every method
+# then trains with it (see `tune_learning_rate`).
+ROBUST_LR_GRID = {"tweets": [1e-4, 4e-4], "digits": [1e-3, 3e-3]}
+
+
+def noise_fraction(task: str) -> float:
+    return int(task.rsplit("noise", 1)[1]) / 100 if "noise" in task else 0.0
+
+
+def with_label_noise(data: Dataset, fraction: float, num_classes: int, seed: int = 0) -> Dataset:
+    """Symmetric label noise: `round(fraction * n)` examples, drawn at random, get a label drawn uniformly from the
+    *other* classes. The same examples and labels for every method and seed (`seed` fixes the draw)."""
+    if fraction == 0:
+        return data
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.array(data["label"])
+    flipped = rng.choice(len(labels), size=round(fraction * len(labels)), replace=False)
+    labels[flipped] = (labels[flipped] + rng.integers(1, num_classes, size=len(flipped))) % num_classes
+    return data.remove_columns("label").add_column("label", labels.tolist())
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
@@ -175,10 +243,72 @@ def lm_assets(budget: Budget, cache: Path, log) -> tuple[str, DatasetDict]:
     return str(ckpt), splits
 
 
+
+def robust_data(task: str, rb: RobustBudget) -> tuple[DatasetDict, Any]:
+    """The robustness task's splits (noise in the training split only) and its collator."""
+    if task.startswith("digits"):
+        from sklearn.datasets import load_digits  # real 8x8 handwritten digits shipped inside scikit-learn
+
+        digits = load_digits()
+        images = (torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0).tolist()
+        full = Dataset.from_dict({"pixel_values": images, "label": digits.target.tolist()}).shuffle(seed=42)
+        n_test, n_val = rb.digits_test, rb.digits_val
+        splits = DatasetDict(test=full.select(range(n_test)), validation=full.select(range(n_test, n_test + n_val)),
+                             train=full.select(range(n_test + n_val, len(full))))
+        splits["train"] = with_label_noise(splits["train"], noise_fraction(task), 10)
+        splits = splits.with_format("torch")
+        return splits, None
+    n_train = rb.tweets_small if task == "tweets-small" else rb.tweets_train
+    tweets = load_tweets(seed=42, validation_size=rb.tweets_val, test_size=rb.tweets_test, max_train_samples=n_train)
+    tweets["train"] = with_label_noise(tweets["train"], noise_fraction(task), 3)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokens = tweets.map(lambda b: tokenizer(b["text"], truncation=True, max_length=rb.max_length), batched=True,
+                        remove_columns=["text"])
+    return tokens, DataCollatorWithPadding(tokenizer)
+
+
+def tiny_vit(seed: int):
+    """A ViT trained from scratch on the 8x8 digits: 2x2 patches, 4 blocks of width 64 (~0.2M parameters)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    set_seed(seed)
+    return ViTForImageClassification(ViTConfig(
+        image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+class BestValidation(TrainerCallback):
+    """Keeps the per-epoch validation accuracy and a copy of the weights at its best epoch (for the test at the best
+    validation epoch: early stopping, the usual defence against fitting noisy labels)."""
+
+    def __init__(self):
+        self.curve: list[float] = []
+        self.best, self.best_epoch, self.weights = -1.0, 0.0, None
+        self.active = True
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        if not self.active:
+            return
+        self.curve.append(metrics["eval_accuracy"])
+        if metrics["eval_accuracy"] > self.best:
+            self.best, self.best_epoch = metrics["eval_accuracy"], state.epoch
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 # ------------------------------------------------------------------------------------------------------ runs
-def run_config(task: str, budget: Budget) -> dict:
+def run_config(task: str, budget: Budget | RobustBudget, lr: float | None = None) -> dict:
     """Everything a cached run depends on besides method, rho and seed: a cached run made otherwise is redone."""
-    if task.startswith("cls"):
+    if task in ROBUST_TASKS:
+        if task.startswith("digits"):
+            hp = dict(model="tiny ViT 4x64", batch=32, epochs=budget.digits_epochs, val=budget.digits_val,
+                      test=budget.digits_test)
+        else:
+            small = task == "tweets-small"
+            hp = dict(model="all-MiniLM-L6-v2", batch=32, train=budget.tweets_small if small else budget.tweets_train,
+                      epochs=budget.small_epochs if small else budget.tweets_epochs, val=budget.tweets_val,
+                      test=budget.tweets_test, max_length=budget.max_length)
+        hp.update(lr=lr, warmup_ratio=0.06, noise=noise_fraction(task), noise_kind="symmetric, other classes")
+    elif task.startswith("cls"):
         hp = dict(batch=32, epochs=budget.cls_epochs, lr=LEARNING_RATE[task], warmup_ratio=0.06,
                   train=budget.cls_train, eval=budget.cls_eval, max_length=budget.cls_max_length)
         if task == "cls-lora":
@@ -191,7 +321,7 @@ def run_config(task: str, budget: Budget) -> dict:
 
 
 def _metrics(task: str, metrics: dict) -> dict:
-    if task.startswith("cls"):
+    if task != "lm":
         return dict(accuracy=metrics["eval_accuracy"], f1=metrics["eval_f1"])
     return dict(perplexity=math.exp(metrics["eval_loss"]))
 
@@ -234,21 +364,64 @@ def train_and_eval(task: str, method: Method, rho: float, seed: int, budget: Bud
                 **{split: _metrics(task, trainer.evaluate(data[split])) for split in splits})
 
 
-def cached_run(task: str, method: Method, rho: float, seed: int, budget: Budget, ctx: dict) -> dict:
+def train_and_eval_robust(task: str, method: Method, rho: float, seed: int, rb: RobustBudget, ctx: dict,
+                          lr: float) -> dict:
+    """Train for several epochs, validating every epoch; test at the end and at the best validation epoch."""
+    hp = run_config(task, rb, lr)
+    data, collator = ctx[task]
+    model = tiny_vit(seed) if task.startswith("digits") else cls_model(lora=False, seed=seed)
+    common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
+                  disable_tqdm=True, logging_strategy="epoch", eval_strategy="epoch", seed=seed, data_seed=seed,
+                  weight_decay=0.0, per_device_train_batch_size=hp["batch"], per_device_eval_batch_size=128,
+                  learning_rate=lr, num_train_epochs=hp["epochs"], warmup_steps=hp["warmup_ratio"])
+    best = BestValidation()
+    kwargs = dict(model=model, train_dataset=data["train"], eval_dataset=data["validation"], data_collator=collator,
+                  compute_metrics=classification_metrics()[0], callbacks=[best])
+    if method.sam is None:
+        trainer = Trainer(args=TrainingArguments(**common), **kwargs)
+    else:
+        trainer = LWSAMTrainer(args=LWSAMConfig(**common, sam_rho=rho, **method.sam), **kwargs)
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    best.active = False
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    test_end = _metrics("cls", trainer.evaluate(data["test"]))
+    trainer.model.load_state_dict(best.weights)
+    test_best = _metrics("cls", trainer.evaluate(data["test"]))
+    return dict(task=task, method=method.name, rho=rho, seed=seed, wall_s=wall, config=hp,
+                perturbed=trainer.perturbed_parameter_names() if method.sam else [],
+                validation=dict(accuracy=best.curve[-1]), validation_curve=best.curve, train_loss_curve=losses,
+                best_epoch=best.best_epoch, test=test_end, test_at_best_validation=test_best)
+
+
+def cached_run(task: str, method: Method, rho: float, seed: int, budget: Budget | RobustBudget, ctx: dict,
+               lr: float | None = None) -> dict:
     """`train_and_eval`, cached under `<out>/runs/`; a cached run made with another configuration is redone."""
     key = f"{task}__{method.name.replace(' ', '_').replace('=', '')}__rho{rho}__seed{seed}"
+    if lr is not None and task in ROBUST_TASKS and method.sam is None:
+        key += f"__lr{lr}"  # the robustness suite's AdamW learning-rate sweep
     path = ctx["out"] / "runs" / f"{key}.json"
+    config = run_config(task, budget, lr) if task in ROBUST_TASKS else run_config(task, budget)
+    if method.sam is not None and task in ROBUST_TASKS:
+        config = dict(config, sam=method.sam)  # the method's options: a changed probe mode redoes the run
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("config") == run_config(task, budget):
+        if cached.get("config") == config:
             return cached
         ctx["log"](f"{path.name} was made with another configuration: redoing it")
     ctx["log"](f"run {key}")
-    result = train_and_eval(task, method, rho, seed, budget, ctx)
+    if task in ROBUST_TASKS:
+        result = dict(train_and_eval_robust(task, method, rho, seed, budget, ctx, lr), config=config)
+    else:
+        result = train_and_eval(task, method, rho, seed, budget, ctx)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     val = f"validation {_metric_str(result['validation'])}, " if "validation" in result else ""
-    ctx["log"](f"     -> {val}test {_metric_str(result['test'])}, {result['wall_s']:.0f} s")
+    best = (f", at the best validation epoch ({result['best_epoch']:.0f}) {_metric_str(result['test_at_best_validation'])}"
+            if "best_epoch" in result else "")
+    ctx["log"](f"     -> {val}test {_metric_str(result['test'])}{best}, {result['wall_s']:.0f} s")
     return result
 
 
@@ -257,7 +430,9 @@ def _metric_name(task: str) -> str:
 
 
 def _metric_str(r: dict) -> str:
-    return f"perplexity {r['perplexity']:.2f}" if "perplexity" in r else f"acc {r['accuracy']:.4f} F1 {r['f1']:.4f}"
+    if "perplexity" in r:
+        return f"perplexity {r['perplexity']:.2f}"
+    return f"acc {r['accuracy']:.4f}" + (f" F1 {r['f1']:.4f}" if "f1" in r else "")
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -285,6 +460,51 @@ def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float]
     return lines, points
 
 
+def summarise_robust(task: str, finals: dict[str, list[dict]], chosen: dict[str, float],
+                     costs: dict[str, float]) -> tuple[list[str], list[dict]]:
+    """Test accuracy at the end and at the best validation epoch, paired differences against AdamW per seed."""
+    base = {r["seed"]: r for r in finals["adamw"]}
+    lines, points = [], []
+    for name, runs in finals.items():
+        row = [task, name, str(chosen.get(name, "-"))]
+        for split in ("test", "test_at_best_validation"):
+            vals = [r[split]["accuracy"] for r in runs]
+            diffs = [r[split]["accuracy"] - base[r["seed"]][split]["accuracy"] for r in runs]
+            wins = sum(d > 0 for d in diffs)
+            spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            row += [_mean_std(vals),
+                    "-" if name == "adamw" else f"{statistics.mean(diffs):+.4f} ± {spread:.4f} ({wins}/{len(runs)})"]
+        row += [f"{statistics.mean(r['best_epoch'] for r in runs):.1f}", f"{costs.get(name, float('nan')):.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+        for split in ("test", "test_at_best_validation"):
+            vals = [r[split]["accuracy"] for r in runs]
+            points.append(dict(task=task, method=name, split=split, mean=statistics.mean(vals),
+                               std=statistics.stdev(vals) if len(vals) > 1 else 0.0, throughput=costs.get(name)))
+    return lines, points
+
+
+def plot_robust(points: list[dict], path: Path) -> None:
+    """Test accuracy at the end vs throughput ÷ AdamW, one panel per task (clean and noisy side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(p["task"] for p in points))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for p in [p for p in points if p["task"] == task and p["split"] == "test"]:
+            if p["throughput"] is not None:
+                ax.errorbar(p["throughput"], p["mean"], yerr=p["std"], fmt="o", capsize=4, label=p["method"])
+        ax.set_xlabel("throughput ÷ AdamW (measured side by side)")
+        ax.set_ylabel("test accuracy at the end")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def plot(points: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -305,10 +525,106 @@ def plot(points: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step after the first `warmup`."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup, self.times, self._start = warmup, [], 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def measure_costs(task: str, methods: list[Method], rb: RobustBudget, ctx: dict, lr: float, rounds: int = 3,
+                  steps: int = 12) -> dict[str, float]:
+    """Throughput ÷ AdamW of each method on the task's model and data: interleaved rounds of `steps` timed steps
+    (after 2 warm-up steps; whole `sam_interval=4` cycles), each round's mean step time, the median over rounds of
+    the per-round ratio. Needs an otherwise idle machine."""
+    data, collator = ctx[task]
+    per_round: dict[str, list[float]] = {m.name: [] for m in methods}
+    for _ in range(rounds):
+        step_time = {}
+        for m in methods:
+            model = tiny_vit(0) if task.startswith("digits") else cls_model(lora=False, seed=0)
+            common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
+                          disable_tqdm=True, logging_strategy="no", seed=0, per_device_train_batch_size=32,
+                          learning_rate=lr, max_steps=steps + 2)
+            timer = StepTimer()
+            args = TrainingArguments(**common) if m.sam is None else LWSAMConfig(**common, sam_rho=0.05, **m.sam)
+            cls = Trainer if m.sam is None else LWSAMTrainer
+            trainer = cls(model=model, args=args, train_dataset=data["train"], data_collator=collator,
+                          callbacks=[timer])
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+            step_time[m.name] = statistics.mean(timer.times)
+        for m in methods:
+            per_round[m.name].append(step_time["adamw"] / step_time[m.name])
+    return {name: statistics.median(r) for name, r in per_round.items()}
+
+
+def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out: Path, ctx: dict, log) -> None:
+    """The robustness suite: label noise, small data, and digits; see the module docstring."""
+    methods = [m for m in robust_methods() if a.methods is None or m.name in a.methods or m.sam is None]
+    lines, points = [], []
+    for task in a.tasks:
+        ctx[task] = robust_data(task, rb)
+        family = "digits" if task.startswith("digits") else "tweets"
+        grid = ROBUST_LR_GRID[family][:1] if a.quick else ROBUST_LR_GRID[family]
+        sweep = {lr: cached_run(task, methods[0], 0.0, 0, rb, ctx, lr)["validation"]["accuracy"] for lr in grid}
+        lr = max(sweep, key=sweep.get)
+        log(f"{task} adamw: final validation accuracy by lr {sweep} -> lr={lr}")
+        chosen: dict[str, float] = {}
+        for m in methods[1:]:
+            if m.name in SCHEDULED and "LW-SAM default" in chosen:
+                chosen[m.name] = chosen["LW-SAM default"]  # the same layers and e_S, applied on a schedule
+                continue
+            sweep = {rho: cached_run(task, m, rho, 0, rb, ctx, lr)["validation"]["accuracy"] for rho in rhos}
+            chosen[m.name] = max(sweep, key=sweep.get)
+            log(f"{task} {m.name}: final validation accuracy by rho {sweep} -> rho={chosen[m.name]}")
+        finals = {m.name: [cached_run(task, m, chosen.get(m.name, 0.0), seed, rb, ctx, lr) for seed in seeds]
+                  for m in methods}
+        cost_path = out / f"costs_{task}.json"
+        if a.measure_cost:
+            log(f"{task}: measuring throughput side by side (the machine must be idle)")
+            cost_path.write_text(json.dumps(measure_costs(task, methods, rb, ctx, lr), indent=1))
+        costs = json.loads(cost_path.read_text()) if cost_path.exists() else {}
+        task_lines, task_points = summarise_robust(task, finals, chosen, costs)
+        lines += task_lines
+        points += task_points
+    header = ("| task | method | rho | test acc. at the end | Δ vs AdamW (wins) | test acc. at best validation epoch | "
+              "Δ vs AdamW (wins) | best epoch | throughput ÷ AdamW |\n|---|---|---|---|---|---|---|---|---|")
+    note = (f"Seeds {seeds}; mean ± std over seeds; Δ: paired difference per seed, mean ± std (seeds better than "
+            f"AdamW). AdamW's learning rate chosen on validation from {ROBUST_LR_GRID}, rho per method from {rhos} "
+            "(the schedules take LW-SAM default's rho), both by the final validation accuracy of seed 0. Label "
+            "noise in the training split only. Throughput: `--measure_cost`, interleaved on an idle machine. "
+            f"Machine: {MACHINE}. Budget: {rb}.")
+    write_report(out / a.report, header, lines, note, lambda path: plot_robust(points, path), log)
+
+
+def write_report(stem: Path, header: str, lines: list[str], note: str, draw, log) -> None:
+    """`<stem>.md` (the table and its note) and `<stem>.png` (`draw(path)`), and the table on stdout."""
+    table = header + "\n" + "\n".join(lines) + "\n\n" + note + "\n"
+    stem.with_suffix(".md").write_text(table)
+    draw(stem.with_suffix(".png"))
+    print("\n" + table)
+    log(f"done: {stem}.md, {stem}.png")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny budgets, seeds 0 1, rho 0.05 only (a few minutes)")
-    p.add_argument("--tasks", nargs="+", default=["cls-full", "cls-lora", "lm"], choices=["cls-full", "cls-lora", "lm"])
+    p.add_argument("--suite", default="main", choices=["main", "robustness"],
+                   help="main: cls-full, cls-lora, lm; robustness: label noise, small data, digits (see above)")
+    p.add_argument("--tasks", nargs="+", default=None, choices=["cls-full", "cls-lora", "lm", *ROBUST_TASKS],
+                   help="default: the suite's tasks")
+    p.add_argument("--methods", nargs="+", default=None, help="robustness suite: run only these methods (+ AdamW)")
+    p.add_argument("--measure_cost", action="store_true",
+                   help="robustness suite: measure each method's throughput ÷ AdamW side by side (idle machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
     p.add_argument("--rhos", type=float, nargs="+", default=None, help="sweep (default: 0.01 0.05 0.1)")
     p.add_argument("--asam", action="store_true", help="also run the ASAM variants of the two fixed SAM modes")
@@ -318,9 +634,17 @@ def main() -> None:
                    help="also run the probe with the embedding layers left out of its candidates")
     p.add_argument("--schedules", action="store_true",
                    help="also run the ascent schedules: sam_ascent='stale' and sam_interval=4 on the default pattern")
+    p.add_argument("--probe_modes", action="store_true",
+                   help="also run the probe at block granularity, ranked by gradient norm and by norm per unit of cost")
     p.add_argument("--out", default="benchmarks/accuracy", help="output folder (runs are cached here)")
-    p.add_argument("--report", default="accuracy", help="name of the table and figure: <out>/<report>.md and .png")
+    p.add_argument("--report", default=None,
+                   help="name of the table and figure: <out>/<report>.md and .png (default: accuracy / robustness)")
     a = p.parse_args()
+    robust = a.suite == "robustness"
+    a.tasks = a.tasks or (list(ROBUST_TASKS) if robust else ["cls-full", "cls-lora", "lm"])
+    a.report = a.report or ("robustness" if robust else "accuracy")
+    if robust != all(t in ROBUST_TASKS for t in a.tasks):
+        p.error(f"--tasks {' '.join(a.tasks)} do not belong to --suite {a.suite}")
     budget = QUICK if a.quick else Budget()
     seeds = a.seeds or ([0, 1] if a.quick else [0, 1, 2])
     rhos = a.rhos or ([0.05] if a.quick else [0.01, 0.05, 0.1])
@@ -328,14 +652,16 @@ def main() -> None:
     out = Path(a.out) / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(a.threads or max(torch.get_num_threads(), 1))
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
     ctx = dict(out=out, log=log)
-    methods = all_methods(a.asam, a.probe_no_embeddings, a.schedules)
+    if robust:
+        return run_robustness(a, QUICK_ROBUST if a.quick else RobustBudget(), seeds, rhos, out, ctx, log)
+    methods = all_methods(a.asam, a.probe_no_embeddings, a.schedules, a.probe_modes)
     lines, points = [], []
     for task in a.tasks:
         if task.startswith("cls") and "tweets" not in ctx:
@@ -361,16 +687,11 @@ def main() -> None:
 
     header = ("| task | method | rho | test accuracy / perplexity (mean ± std) | macro-F1 | wall s | "
               "throughput ÷ AdamW | paired Δ vs AdamW (per seed) |\n|---|---|---|---|---|---|---|---|")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     note = (f"Metric: accuracy for cls tasks (macro-F1 beside it), perplexity for lm (lower is better). "
             f"Seeds {seeds}; rho chosen per method on validation from {rhos}"
-            + (f" (ASAM: {asam_rhos})" if a.asam else "") + f". Machine: {machine}. "
+            + (f" (ASAM: {asam_rhos})" if a.asam else "") + f". Machine: {MACHINE}. "
             f"Budget: {budget}.")
-    table = header + "\n" + "\n".join(lines) + "\n\n" + note + "\n"
-    (out / f"{a.report}.md").write_text(table)
-    plot(points, out / f"{a.report}.png")
-    print("\n" + table)
-    log(f"done: {out / a.report}.md, {out / a.report}.png")
+    write_report(out / a.report, header, lines, note, lambda path: plot(points, path), log)
 
 
 if __name__ == "__main__":

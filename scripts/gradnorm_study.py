@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -167,22 +168,32 @@ class GradNormRecorder(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------------------------- runs
-def run_configs(probe_metrics: list[str], ks: list[int]) -> list[tuple[str, dict[str, Any] | None]]:
-    """(label, sam options) per run; `None` = plain AdamW with the stock Trainer."""
-    runs: list[tuple[str, dict[str, Any] | None]] = [("AdamW", None), ("full SAM", dict(sam_selection="all"))]
-    for metric in probe_metrics:
-        for k in ks:
-            runs.append((f"probe k={k} ({metric})", dict(sam_selection="probe", sam_top_k=k, sam_probe_metric=metric)))
-    runs.append(("output-side pattern", dict(sam_selection="pattern")))
-    return runs
+METHODS: dict[str, dict[str, Any] | None] = {  # label -> sam options (`None`: plain AdamW, the stock Trainer)
+    "AdamW": None,
+    "full SAM": dict(sam_selection="all"),
+    "output-side pattern": dict(sam_selection="pattern"),
+    "probe k=2 (layer, grad_norm)": dict(sam_selection="probe", sam_top_k=2, sam_probe_granularity="layer",
+                                         sam_probe_metric="grad_norm"),
+    "probe k=2 (block, grad_norm)": dict(sam_selection="probe", sam_top_k=2, sam_probe_granularity="block",
+                                         sam_probe_metric="grad_norm"),
+    "probe k=2 (block, grad_norm_per_cost)": dict(sam_selection="probe", sam_top_k=2, sam_probe_granularity="block",
+                                                  sam_probe_metric="grad_norm_per_cost"),
+}
 
 
-def train_once(task: Task, label: str, sam: dict[str, Any] | None, opts: argparse.Namespace, out: Path) -> dict:
+def run_config(task: Task, opts: argparse.Namespace) -> dict[str, Any]:
+    """Everything a cached run depends on besides the method and the seed: a cached run made otherwise is redone."""
+    return dict(task=task.name, train=len(task.train), eval=len(task.eval), batch=opts.batch_size, steps=opts.steps,
+                lr=opts.lr, rho=opts.rho, probe_interval=opts.probe_interval, measure_every=opts.measure_every,
+                measure_batches=opts.measure_batches, quick=opts.quick, model_name=opts.model_name)
+
+
+def train_once(task: Task, label: str, sam: dict[str, Any] | None, opts: argparse.Namespace, seed: int) -> dict:
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="gradnorm_"), per_device_train_batch_size=opts.batch_size,
-        num_train_epochs=opts.epochs, learning_rate=opts.lr, warmup_steps=0, weight_decay=0.0,
+        max_steps=opts.steps, learning_rate=opts.lr, warmup_steps=0, weight_decay=0.0,
         lr_scheduler_type="linear", logging_steps=max(1, opts.measure_every), save_strategy="no", report_to="none",
-        use_cpu=not torch.cuda.is_available(), seed=opts.seed, disable_tqdm=True, data_seed=opts.seed,
+        use_cpu=not torch.cuda.is_available(), seed=seed, disable_tqdm=True, data_seed=seed,
         per_device_eval_batch_size=64,
     )
     model = task.make_model()
@@ -201,34 +212,59 @@ def train_once(task: Task, label: str, sam: dict[str, Any] | None, opts: argpars
     steps, norms = recorder.steps, recorder.norms
     last_third = [n for s, n in zip(steps, norms) if s >= steps[-1] * 2 / 3]
     selected = getattr(trainer, "_sam_layers", None)
-    return dict(label=label, metric=metric, grad_norm_last_third=statistics.fmean(last_third), wall_s=wall,
+    return dict(label=label, seed=seed, metric=metric, grad_norm_last_third=statistics.fmean(last_third), wall_s=wall,
                 steps=steps, norms=norms, global_step=result.global_step,
                 selected=None if sam is None or sam.get("sam_selection") == "all" else selected)
 
 
-def render(task: Task, results: list[dict], opts: argparse.Namespace, out: Path) -> tuple[Path, Path]:
-    base = next(r for r in results if r["label"] == "AdamW")
+def cached_run(task: Task, label: str, opts: argparse.Namespace, seed: int, cache: Path) -> dict:
+    """`train_once`, cached as JSON under `cache` with its configuration (resumable; another configuration redoes it)."""
+    config = dict(run_config(task, opts), sam=METHODS[label], seed=seed)
+    path = cache / f"{task.name}{'_quick' if opts.quick else ''}__{re.sub(r'[^A-Za-z0-9]+', '_', label)}__seed{seed}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("config") == config:
+            return cached
+    result = dict(train_once(task, label, METHODS[label], opts, seed), config=config)
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _ms(xs: list[float], fmt: str = ".4f") -> str:
+    return f"{statistics.fmean(xs):{fmt}} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:{fmt}}"
+
+
+def render(task: Task, per_label: dict[str, list[dict]], opts: argparse.Namespace, out: Path) -> tuple[Path, Path]:
+    """The table (mean ± std over seeds, paired ratios per seed) and the plot (mean curve, min-max band)."""
+    base = {r["seed"]: r for r in per_label["AdamW"]}
+    full = {r["seed"]: r for r in per_label.get("full SAM", [])}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     lines = [
-        f"# Whole-model gradient norm: AdamW vs full SAM vs layer-wise SAM with probed layers ({task.name})",
+        f"# Whole-model gradient norm: AdamW vs full SAM vs layer-wise SAM ({task.name})",
         "",
-        f"Task `{task.name}`, {len(task.train)} training examples, batch {opts.batch_size}, {opts.epochs} epoch(s), "
-        f"lr {opts.lr}, rho {opts.rho}, probe interval {opts.probe_interval} steps, seed {opts.seed}, "
-        f"{opts.repeats} repeat(s) (wall time: median), device: {device}, torch {torch.__version__}. "
-        f"Gradient norm: ||grad L(w)|| of the clean loss on {opts.measure_batches} fixed training batches (eval mode), "
-        f"every {opts.measure_every} steps; measurement time excluded from the wall time.",
+        f"Task `{task.name}`, {len(task.train)} training examples, batch {opts.batch_size}, {opts.steps} steps, "
+        f"lr {opts.lr}, rho {opts.rho}, probe interval {opts.probe_interval} steps, seeds {opts.seeds}, device: "
+        f"{device}, torch {torch.__version__}. Gradient norm: ||grad L(w)|| of the clean loss on "
+        f"{opts.measure_batches} fixed training batches (eval mode) every {opts.measure_every} steps, averaged over "
+        "the last third of training; measurement time excluded from the wall time. Ratios are paired per seed "
+        "(mean ± std over seeds). *Share of full SAM's reduction*: (AdamW - method) / (AdamW - full SAM), per seed.",
         "",
-        f"| run | final {task.metric_name} | mean whole-model grad norm (last third) | vs AdamW | wall time (s) | "
-        "throughput vs AdamW | perturbed layers at the end |",
+        f"| run | final {task.metric_name} | grad norm (last third) | ÷ AdamW | share of full SAM's reduction | "
+        "wall ÷ AdamW | perturbed layers at the end (seed 0) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        layers = "all" if r["label"] == "full SAM" else ("-" if r["selected"] is None else ", ".join(r["selected"]))
-        lines.append(
-            f"| {r['label']} | {r['metric']:.4f} | {r['grad_norm_last_third']:.4f} | "
-            f"{r['grad_norm_last_third'] / base['grad_norm_last_third']:.2f} | {r['wall_s']:.1f} | "
-            f"{base['wall_s'] / r['wall_s']:.2f} | {layers} |"
-        )
+    for label, rs in per_label.items():
+        gn = [r["grad_norm_last_third"] for r in rs]
+        ratio = [r["grad_norm_last_third"] / base[r["seed"]]["grad_norm_last_third"] for r in rs]
+        share = [(base[r["seed"]]["grad_norm_last_third"] - r["grad_norm_last_third"])
+                 / (base[r["seed"]]["grad_norm_last_third"] - full[r["seed"]]["grad_norm_last_third"])
+                 for r in rs if r["seed"] in full and label not in ("AdamW", "full SAM")]
+        wall = [r["wall_s"] / base[r["seed"]]["wall_s"] for r in rs]
+        sel = rs[0]["selected"]
+        layers = "all" if label == "full SAM" else ("-" if sel is None else ", ".join(sel))
+        lines.append(f"| {label} | {_ms([r['metric'] for r in rs])} | {_ms(gn)} | {_ms(ratio, '.3f')} | "
+                     f"{_ms(share, '.2f') if share else '-'} | {_ms(wall, '.2f')} | {layers} |")
     stem = f"gradnorm_{task.name}{'_quick' if opts.quick else ''}"  # --quick never overwrites the full results
     md = out / f"{stem}.md"
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -239,13 +275,16 @@ def render(task: Task, results: list[dict], opts: argparse.Namespace, out: Path)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    for r in results:
-        style = "-" if r["label"] in ("AdamW", "full SAM") else "--"
-        ax.plot(r["steps"], r["norms"], style, marker=".", label=f"{r['label']} ({task.metric_name} {r['metric']:.3f})")
+    for label, rs in per_label.items():
+        steps = rs[0]["steps"]
+        curves = np.array([r["norms"] for r in rs])
+        style = "-" if label in ("AdamW", "full SAM") else "--"
+        ax.plot(steps, curves.mean(0), style, label=f"{label} ({len(rs)} seeds)")
+        ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.15)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("whole-model gradient norm ||grad L(w)||")
     ax.set_yscale("log")
-    ax.set_title(f"Whole-model gradient norm during training ({task.name})")
+    ax.set_title(f"Whole-model gradient norm during training ({task.name}; mean, band: min-max over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = out / f"{stem}.png"
@@ -259,51 +298,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="minilm", choices=["minilm", "gpt2"])
     parser.add_argument("--model_name", default=None, help="minilm task: a Hub/local sequence-classification model")
     parser.add_argument("--quick", action="store_true", help="tiny settings, < 3 minutes on 2 CPU cores")
-    parser.add_argument("--train_samples", type=int, default=None, help="default: 1280 (minilm), 1920 (gpt2)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 300; 16 with --quick)")
+    parser.add_argument("--train_samples", type=int, default=None, help="default: steps x batch (one pass)")
     parser.add_argument("--eval_samples", type=int, default=None, help="default: 500 (minilm), 256 (gpt2)")
-    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch_size", type=int, default=None, help="default: 16 (8 with --quick)")
     parser.add_argument("--lr", type=float, default=None, help="default: 1e-4 (minilm), 1e-3 (gpt2)")
     parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--probe_metrics", nargs="+", default=["grad_norm", "grad_norm_per_param"],
-                        choices=["grad_norm", "grad_norm_per_param"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--probe_interval", type=int, default=None, help="default: 20 (5 with --quick)")
-    parser.add_argument("--measure_every", type=int, default=None, help="default: 5 (2 with --quick)")
+    parser.add_argument("--measure_every", type=int, default=None, help="default: 10 (2 with --quick)")
     parser.add_argument("--measure_batches", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats; wall time is the median")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (0 with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output_dir", default=str(REPO / "benchmarks"))
     opts = parser.parse_args(argv)
     opts.batch_size = opts.batch_size or (8 if opts.quick else 16)
+    opts.steps = opts.steps or (16 if opts.quick else 300)
+    opts.seeds = opts.seeds if opts.seeds is not None else ([0] if opts.quick else [0, 1, 2])
     opts.lr = opts.lr or (1e-4 if opts.task == "minilm" else 1e-3)
     opts.probe_interval = opts.probe_interval if opts.probe_interval is not None else (5 if opts.quick else 20)
-    opts.measure_every = opts.measure_every or (2 if opts.quick else 5)
+    opts.measure_every = opts.measure_every or (2 if opts.quick else 10)
+    if "AdamW" not in opts.methods:
+        opts.methods.insert(0, "AdamW")  # every ratio is paired with AdamW's run of the same seed
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    task = build_task(opts.task, opts.quick, opts.seed, opts.model_name, opts.train_samples, opts.eval_samples)
-    runs = run_configs(opts.probe_metrics, opts.ks)
-    print(f"task {task.name}: {len(task.train)} train / {len(task.eval)} eval examples, {len(runs)} runs x "
-          f"{opts.repeats} repeat(s)", flush=True)
-    per_label: dict[str, list[dict]] = {label: [] for label, _ in runs}
-    for repeat in range(opts.repeats):  # interleaved: every config once per repeat
-        for label, sam in runs:
-            r = train_once(task, label, sam, opts, out)
+    per_label: dict[str, list[dict]] = {label: [] for label in opts.methods}
+    for seed in opts.seeds:  # seed-major: one seed's runs back to back (the same data order and head init per seed)
+        task = build_task(opts.task, opts.quick, seed, opts.model_name,
+                          opts.train_samples or opts.steps * opts.batch_size, opts.eval_samples)
+        for label in opts.methods:
+            r = cached_run(task, label, opts, seed, out / "gradnorm_runs")
             per_label[label].append(r)
-            print(f"[{repeat + 1}/{opts.repeats}] {label:32s} {task.metric_name} {r['metric']:.4f}  grad norm (last "
-                  f"third) {r['grad_norm_last_third']:.4f}  wall {r['wall_s']:.1f}s", flush=True)
-    results = []
-    for label, _ in runs:
-        rs = per_label[label]
-        merged = dict(rs[0])
-        merged["wall_s"] = statistics.median(r["wall_s"] for r in rs)
-        merged["metric"] = statistics.fmean(r["metric"] for r in rs)
-        merged["grad_norm_last_third"] = statistics.fmean(r["grad_norm_last_third"] for r in rs)
-        results.append(merged)
-    md, png = render(task, results, opts, out)
-    (out / md.with_suffix(".json").name).write_text(json.dumps({"options": vars(opts), "results": results}, indent=1))
+            print(f"[seed {seed}] {label:40s} {task.metric_name} {r['metric']:.4f}  grad norm (last third) "
+                  f"{r['grad_norm_last_third']:.4f}  wall {r['wall_s']:.1f}s", flush=True)
+    md, png = render(task, per_label, opts, out)
+    (out / md.with_suffix(".json").name).write_text(json.dumps({"options": vars(opts), "results": per_label}, indent=1))
     print(md.read_text(encoding="utf-8"))
     print(f"wrote {md}, {png}")
     return 0

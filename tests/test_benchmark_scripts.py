@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +74,60 @@ def test_accuracy_benchmark_quick(tmp_path):
         "cls-full__adamw__rho0.0__seed0"
     ]
     assert json.loads(stale.read_text())["config"] == run["config"]
+
+
+def _accuracy_script():
+    spec = importlib.util.spec_from_file_location("benchmark_accuracy", ROOT / "scripts" / "benchmark_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_symmetric_label_noise_flips_the_stated_share_to_other_classes():
+    from hf_lwsam.data import load_tweets
+
+    script = _accuracy_script()
+    clean = load_tweets(seed=42)["train"].select(range(600))  # real tweets, 3 classes
+    noisy = script.with_label_noise(clean, 0.4, 3)
+    flipped = [i for i, (a, b) in enumerate(zip(clean["label"], noisy["label"])) if a != b]
+    assert len(flipped) == 240 and noisy["text"] == clean["text"]  # exactly 40 %, texts untouched
+    shifts = [(noisy["label"][i] - clean["label"][i]) % 3 for i in flipped]
+    assert 0.35 < shifts.count(1) / len(shifts) < 0.65  # uniform over the two other classes
+    assert script.with_label_noise(clean, 0.4, 3)["label"] == noisy["label"]  # one fixed draw for every run
+    assert script.with_label_noise(clean, 0.0, 3) is clean
+
+
+def test_robustness_digits_splits_keep_validation_and_test_clean():
+    from sklearn.datasets import load_digits
+
+    script = _accuracy_script()
+    budget = script.RobustBudget()
+    noisy, _ = script.robust_data("digits-noise40", budget)
+    clean, _ = script.robust_data("digits", budget)
+    assert [len(noisy[s]) for s in ("train", "validation", "test")] == [997, 300, 500]
+    column = lambda split, name, data: torch.stack(list(data[split][name]))  # noqa: E731
+    for split in ("validation", "test"):
+        assert torch.equal(column(split, "label", noisy), column(split, "label", clean))
+        assert torch.equal(column(split, "pixel_values", noisy), column(split, "pixel_values", clean))
+    assert (column("train", "label", noisy) != column("train", "label", clean)).sum() == round(0.4 * 997)
+    # Every image is a real scikit-learn digit with its true label in the clean splits.
+    digits = load_digits()
+    lookup = {tuple((torch.tensor(img) / 16.0).flatten().tolist()): int(t) for img, t in zip(digits.images, digits.target)}
+    for split in ("train", "validation", "test"):
+        rows = clean[split].select(range(50))
+        for pixels, label in zip(rows["pixel_values"], rows["label"]):
+            assert lookup[tuple(pixels.flatten().tolist())] == int(label)
+
+
+@pytest.mark.slow
+def test_accuracy_robustness_suite_quick(tmp_path):
+    _run("scripts/benchmark_accuracy.py", "--suite", "robustness", "--quick", "--tasks", "digits-noise40",
+         "--seeds", "0", "1", "--methods", "LW-SAM default", "LW-SAM interval=4", "--out", str(tmp_path),
+         timeout=1800)
+    table = (tmp_path / "quick" / "robustness.md").read_text()
+    for method in ("adamw", "LW-SAM default", "LW-SAM interval=4"):
+        assert f"| digits-noise40 | {method} |" in table
+    run = json.loads((tmp_path / "quick" / "runs" / "digits-noise40__LW-SAM_default__rho0.05__seed1.json").read_text())
+    assert len(run["validation_curve"]) == 3 and run["test_at_best_validation"]["accuracy"] > 0
+    assert (tmp_path / "quick" / "robustness.png").stat().st_size > 1000

@@ -40,12 +40,16 @@ def test_probe_layers_quick(tmp_path):
 
 @pytest.mark.slow
 def test_gradnorm_study_quick(tmp_path):
-    out = _run(str(SCRIPTS / "gradnorm_study.py"), "--quick", "--task", "gpt2", "--ks", "1", "--probe_metrics",
-               "grad_norm", "--output_dir", str(tmp_path))
+    args = (str(SCRIPTS / "gradnorm_study.py"), "--quick", "--task", "gpt2", "--seeds", "0", "1", "--methods",
+            "full SAM", "output-side pattern", "probe k=2 (block, grad_norm_per_cost)", "--output_dir", str(tmp_path))
+    out = _run(*args)
     table = (tmp_path / "gradnorm_gpt2_quick.md").read_text()
-    for label in ("AdamW", "full SAM", "probe k=1 (grad_norm)", "output-side pattern"):
+    for label in ("AdamW", "full SAM", "probe k=2 (block, grad_norm_per_cost)", "output-side pattern"):
         assert f"| {label} |" in table
     assert (tmp_path / "gradnorm_gpt2_quick.png").stat().st_size > 1000
     results = json.loads((tmp_path / "gradnorm_gpt2_quick.json").read_text())["results"]
-    assert all(r["norms"] and all(n > 0 for n in r["norms"]) for r in results)
+    assert all(len(runs) == 2 and all(r["norms"] and all(n > 0 for n in r["norms"]) for r in runs)
+               for runs in results.values())
     assert "wrote" in out
+    assert len(list((tmp_path / "gradnorm_runs").glob("*.json"))) == 8  # 4 methods x 2 seeds, cached
+    assert "[seed 0]" in _run(*args)  # a second call reads the cache (and still reports)
