@@ -13,12 +13,27 @@ Tasks:
   lm        a small GPT-2 pretrained from scratch on most Shakespeare plays (cached), fine-tuned on a held-out group
             of plays; perplexity on a further held-out play
 
+With `--probe_modes`, the probe also at block granularity (`sam_probe_granularity="block"`), ranked by gradient norm
+and by gradient norm per unit of recompute cost (`sam_probe_metric="grad_norm_per_cost"`).
+
+`--suite robustness`: the regimes where the literature reports SAM's largest gains. Methods: AdamW, full SAM,
+LW-SAM default, LW-SAM probe, the stale ascent and SAM every 4th step (these two take LW-SAM default's rho). AdamW's
+learning rate is chosen on validation from a small grid, rho per method; both by the final validation accuracy of
+seed 0. Each run trains several epochs, validates every epoch, and is tested at the end and at its best validation
+epoch (early stopping). Label noise is symmetric (a fixed random share of the training examples gets one of the
+other classes, uniformly) and in the training split only.
+  tweets-noise20/40  MiniLM fine-tuned on 500 tweets with 20% / 40% noisy labels, 4 epochs
+  tweets-small       MiniLM fine-tuned on 250 clean tweets, 8 epochs
+  digits[-noise20/40] a 4-block ViT trained from scratch on scikit-learn's 8x8 digits (997 train / 300 / 500), 30 epochs
+`--measure_cost` adds each method's throughput ÷ AdamW on the task, measured side by side (run it on an idle machine).
+
 Every finished run is cached as JSON under `<out>/runs/` (with the configuration it was made with; a run made with
 another configuration is redone) and skipped when the script runs again (resumable).
 Outputs: `<out>/runs/*.json`, `<out>/<report>.md` (table), `<out>/<report>.png` (metric vs relative cost).
 
     python scripts/benchmark_accuracy.py            # the default run (79 min measured on 2 CPU cores, +3 to pretrain)
     python scripts/benchmark_accuracy.py --quick    # about 3 minutes: tiny budgets, 2 seeds, one rho
+    python scripts/benchmark_accuracy.py --suite robustness --tasks digits-noise40 tweets-noise40 --measure_cost
 """
 
 from __future__ import annotations
@@ -440,14 +455,19 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
 
 
-def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float]) -> tuple[list[str], list[dict]]:
+def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float],
+              costs: dict[str, float] | None = None) -> tuple[list[str], list[dict]]:
+    """Test metric per method; throughput ÷ AdamW from `costs` (measured side by side) when given, else from the
+    runs' wall times."""
     metric = _metric_name(task)
     base = {r["seed"]: r for r in finals["adamw"]}
     lines, points = [], []
     for name, runs in finals.items():
         vals = [r["test"][metric] for r in runs]
-        rel_cost = [base[r["seed"]]["tokens_per_s"] / r["tokens_per_s"] for r in runs]  # wall time ÷ AdamW's
         thr = [r["tokens_per_s"] / base[r["seed"]]["tokens_per_s"] for r in runs]
+        if costs and name in costs:
+            thr = [costs[name]]
+        rel_cost = [1 / t for t in thr]  # wall time ÷ AdamW's
         diffs = [r["test"][metric] - base[r["seed"]]["test"][metric] for r in runs]
         wins = sum(d < 0 if task == "lm" else d > 0 for d in diffs)
         f1 = _mean_std([r["test"]["f1"] for r in runs]) if task.startswith("cls") else "-"
@@ -539,31 +559,54 @@ class StepTimer(TrainerCallback):
             self.times.append(time.perf_counter() - self._start)
 
 
-def measure_costs(task: str, methods: list[Method], rb: RobustBudget, ctx: dict, lr: float, rounds: int = 3,
+def task_model_and_data(task: str, ctx: dict) -> tuple[Any, Dataset, Any, int]:
+    """A fresh model (seed 0), the training split, the collator and the batch size of a task (for `measure_costs`)."""
+    if task in ROBUST_TASKS:
+        data, collator = ctx[task]
+        return (tiny_vit(0) if task.startswith("digits") else cls_model(lora=False, seed=0)), data["train"], collator, 32
+    if task == "lm":
+        ckpt, data = ctx["lm"]
+        model = GPT2LMHeadModel.from_pretrained(ckpt)
+        model.loss_type = "ForCausalLM"
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
+        return model, data["train"], DataCollatorForLanguageModeling(tokenizer, mlm=False), 16
+    data, tokenizer = ctx["tweets"]
+    return cls_model(lora=task == "cls-lora", seed=0), data["train"], DataCollatorWithPadding(tokenizer), 32
+
+
+def measure_costs(task: str, methods: list[Method], ctx: dict, lr: float, rounds: int = 3,
                   steps: int = 12) -> dict[str, float]:
     """Throughput ÷ AdamW of each method on the task's model and data: interleaved rounds of `steps` timed steps
-    (after 2 warm-up steps; whole `sam_interval=4` cycles), each round's mean step time, the median over rounds of
-    the per-round ratio. Needs an otherwise idle machine."""
-    data, collator = ctx[task]
+    (after 2 warm-up steps; whole `sam_interval=4` cycles; a probe picks its layers at step 0), each round's mean step
+    time, the median over rounds of the per-round ratio. Needs an otherwise idle machine."""
     per_round: dict[str, list[float]] = {m.name: [] for m in methods}
     for _ in range(rounds):
         step_time = {}
         for m in methods:
-            model = tiny_vit(0) if task.startswith("digits") else cls_model(lora=False, seed=0)
+            model, train, collator, batch = task_model_and_data(task, ctx)
             common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
-                          disable_tqdm=True, logging_strategy="no", seed=0, per_device_train_batch_size=32,
+                          disable_tqdm=True, logging_strategy="no", seed=0, per_device_train_batch_size=batch,
                           learning_rate=lr, max_steps=steps + 2)
             timer = StepTimer()
             args = TrainingArguments(**common) if m.sam is None else LWSAMConfig(**common, sam_rho=0.05, **m.sam)
             cls = Trainer if m.sam is None else LWSAMTrainer
-            trainer = cls(model=model, args=args, train_dataset=data["train"], data_collator=collator,
-                          callbacks=[timer])
+            trainer = cls(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[timer])
             trainer.remove_callback(PrinterCallback)
             trainer.train()
             step_time[m.name] = statistics.mean(timer.times)
         for m in methods:
             per_round[m.name].append(step_time["adamw"] / step_time[m.name])
     return {name: statistics.median(r) for name, r in per_round.items()}
+
+
+def measured_costs(task: str, methods: list[Method], ctx: dict, lr: float, out: Path, measure: bool,
+                   log) -> dict[str, float]:
+    """`measure_costs`, kept in `<out>/costs_<task>.json` (measured again with `--measure_cost`, else read)."""
+    path = out / f"costs_{task}.json"
+    if measure:
+        log(f"{task}: measuring throughput side by side (the machine must be idle)")
+        path.write_text(json.dumps(measure_costs(task, methods, ctx, lr), indent=1))
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out: Path, ctx: dict, log) -> None:
@@ -587,11 +630,7 @@ def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out
             log(f"{task} {m.name}: final validation accuracy by rho {sweep} -> rho={chosen[m.name]}")
         finals = {m.name: [cached_run(task, m, chosen.get(m.name, 0.0), seed, rb, ctx, lr) for seed in seeds]
                   for m in methods}
-        cost_path = out / f"costs_{task}.json"
-        if a.measure_cost:
-            log(f"{task}: measuring throughput side by side (the machine must be idle)")
-            cost_path.write_text(json.dumps(measure_costs(task, methods, rb, ctx, lr), indent=1))
-        costs = json.loads(cost_path.read_text()) if cost_path.exists() else {}
+        costs = measured_costs(task, methods, ctx, lr, out, a.measure_cost, log)
         task_lines, task_points = summarise_robust(task, finals, chosen, costs)
         lines += task_lines
         points += task_points
@@ -623,7 +662,7 @@ def main() -> None:
                    help="default: the suite's tasks")
     p.add_argument("--methods", nargs="+", default=None, help="robustness suite: run only these methods (+ AdamW)")
     p.add_argument("--measure_cost", action="store_true",
-                   help="robustness suite: measure each method's throughput ÷ AdamW side by side (idle machine)")
+                   help="measure each method's throughput ÷ AdamW on each task side by side (an idle machine)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
     p.add_argument("--rhos", type=float, nargs="+", default=None, help="sweep (default: 0.01 0.05 0.1)")
@@ -681,7 +720,8 @@ def main() -> None:
         for seed in seeds:  # seed-major: each seed's runs back to back, so its throughput ratios are side by side
             for m in methods:
                 finals[m.name].append(cached_run(task, m, chosen.get(m.name, 0.0), seed, budget, ctx))
-        task_lines, task_points = summarise(task, finals, chosen)
+        costs = measured_costs(task, methods, ctx, LEARNING_RATE[task], out, a.measure_cost, log)
+        task_lines, task_points = summarise(task, finals, chosen, costs)
         lines += task_lines
         points += task_points
 
