@@ -125,6 +125,7 @@ def _cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "sam_probe_interval -1": (["--sam_selection", "probe", "--sam_probe_interval", "-1"], "sam_probe_interval=-1"),
         "sam_probe_batches 0": (["--sam_selection", "probe", "--sam_probe_batches", "0"], "sam_probe_batches=0"),
         "sam_probe_metric unknown": (["--sam_probe_metric", "hessian"], "hessian"),
+        "sam_probe_granularity unknown": (["--sam_probe_granularity", "module"], "module"),
         "sam_target_layers invalid regex": (["--sam_target_layers", "["], "not a valid regular expression"),
         "sam_target_layers match nothing": (["--sam_target_layers", "blocks.9"], "matches no module"),
         "sam_target_layers names match nothing": (["--sam_target_layers", "h.11", "lm_head"], "matches no module"),
