@@ -434,8 +434,10 @@ def cached_run(task: str, method: Method, rho: float, seed: int, budget: Budget 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     val = f"validation {_metric_str(result['validation'])}, " if "validation" in result else ""
-    best = (f", at the best validation epoch ({result['best_epoch']:.0f}) {_metric_str(result['test_at_best_validation'])}"
-            if "best_epoch" in result else "")
+    best = ""
+    if "best_epoch" in result:
+        best = f", at the best validation epoch ({result['best_epoch']:.0f}) "
+        best += _metric_str(result["test_at_best_validation"])
     ctx["log"](f"     -> {val}test {_metric_str(result['test'])}{best}, {result['wall_s']:.0f} s")
     return result
 
@@ -563,7 +565,8 @@ def task_model_and_data(task: str, ctx: dict) -> tuple[Any, Dataset, Any, int]:
     """A fresh model (seed 0), the training split, the collator and the batch size of a task (for `measure_costs`)."""
     if task in ROBUST_TASKS:
         data, collator = ctx[task]
-        return (tiny_vit(0) if task.startswith("digits") else cls_model(lora=False, seed=0)), data["train"], collator, 32
+        model = tiny_vit(0) if task.startswith("digits") else cls_model(lora=False, seed=0)
+        return model, data["train"], collator, 32
     if task == "lm":
         ckpt, data = ctx["lm"]
         model = GPT2LMHeadModel.from_pretrained(ckpt)
@@ -634,8 +637,9 @@ def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out
         task_lines, task_points = summarise_robust(task, finals, chosen, costs)
         lines += task_lines
         points += task_points
-    header = ("| task | method | rho | test acc. at the end | Δ vs AdamW (wins) | test acc. at best validation epoch | "
-              "Δ vs AdamW (wins) | best epoch | throughput ÷ AdamW |\n|---|---|---|---|---|---|---|---|---|")
+    header = ("| task | method | rho | test acc. at the end | Δ vs AdamW (wins) | "
+              "test acc. at best validation epoch | Δ vs AdamW (wins) | best epoch | throughput ÷ AdamW |\n"
+              "|---|---|---|---|---|---|---|---|---|")
     note = (f"Seeds {seeds}; mean ± std over seeds; Δ: paired difference per seed, mean ± std (seeds better than "
             f"AdamW). AdamW's learning rate chosen on validation from {ROBUST_LR_GRID}, rho per method from {rhos} "
             "(the schedules take LW-SAM default's rho), both by the final validation accuracy of seed 0. Label "

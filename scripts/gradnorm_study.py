@@ -222,9 +222,10 @@ def train_once(task: Task, label: str, sam: dict[str, Any] | None, opts: argpars
 
 
 def cached_run(task: Task, label: str, opts: argparse.Namespace, seed: int, cache: Path) -> dict:
-    """`train_once`, cached as JSON under `cache` with its configuration (resumable; another configuration redoes it)."""
+    """`train_once`, cached as JSON under `cache` with its configuration (resumable; another one redoes it)."""
     config = dict(run_config(task, opts), sam=METHODS[label], seed=seed)
-    path = cache / f"{task.name}{'_quick' if opts.quick else ''}__{re.sub(r'[^A-Za-z0-9]+', '_', label)}__seed{seed}.json"
+    stem = f"{task.name}{'_quick' if opts.quick else ''}__{re.sub(r'[^A-Za-z0-9]+', '_', label)}"
+    path = cache / f"{stem}__seed{seed}.json"
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("config") == config:

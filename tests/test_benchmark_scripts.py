@@ -113,7 +113,8 @@ def test_robustness_digits_splits_keep_validation_and_test_clean():
     assert (column("train", "label", noisy) != column("train", "label", clean)).sum() == round(0.4 * 997)
     # Every image is a real scikit-learn digit with its true label in the clean splits.
     digits = load_digits()
-    lookup = {tuple((torch.tensor(img) / 16.0).flatten().tolist()): int(t) for img, t in zip(digits.images, digits.target)}
+    lookup = {tuple((torch.tensor(img) / 16.0).flatten().tolist()): int(t)
+              for img, t in zip(digits.images, digits.target)}
     for split in ("train", "validation", "test"):
         rows = clean[split].select(range(50))
         for pixels, label in zip(rows["pixel_values"], rows["label"]):
