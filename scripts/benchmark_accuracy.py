@@ -124,7 +124,7 @@ def all_methods(asam: bool = False, probe_no_embeddings: bool = False, schedules
 
 # The probe mode the robustness suite runs: the options spelled out, so that the cache notices a changed default.
 PROBE = dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25, sam_probe_granularity="block",
-             sam_probe_metric="grad_norm")
+             sam_probe_metric="grad_norm_per_cost")
 
 
 SCHEDULED = ("LW-SAM stale", "LW-SAM interval=4")  # robustness suite: they take the default pattern's rho
@@ -414,7 +414,7 @@ def train_and_eval_robust(task: str, method: Method, rho: float, seed: int, rb: 
 def cached_run(task: str, method: Method, rho: float, seed: int, budget: Budget | RobustBudget, ctx: dict,
                lr: float | None = None) -> dict:
     """`train_and_eval`, cached under `<out>/runs/`; a cached run made with another configuration is redone."""
-    key = f"{task}__{method.name.replace(' ', '_').replace('=', '')}__rho{rho}__seed{seed}"
+    key = f"{task}__{method.name.replace(' ', '_').replace('=', '').replace('/', '-')}__rho{rho}__seed{seed}"
     if lr is not None and task in ROBUST_TASKS and method.sam is None:
         key += f"__lr{lr}"  # the robustness suite's AdamW learning-rate sweep
     path = ctx["out"] / "runs" / f"{key}.json"
