@@ -131,7 +131,7 @@ class LWSAMConfigMixin:
     )
     sam_top_k: int = field(
         default=2,
-        metadata={"help": "sam_selection='probe': how many layers (largest gradient norms) to perturb (>= 1)."},
+        metadata={"help": "sam_selection='probe': how many candidates (highest scores) to perturb (>= 1)."},
     )
     sam_top_ratio: float | None = field(
         default=None,
@@ -152,16 +152,16 @@ class LWSAMConfigMixin:
         },
     )
     sam_probe_metric: str = field(
-        default="grad_norm",
+        default="grad_norm_per_cost",
         metadata={
-            "help": "sam_selection='probe': ranking score, 'grad_norm' (L2 norm of the layer's gradient) or "
-            "'grad_norm_per_param' (that norm / sqrt(number of the layer's parameters)) or 'grad_norm_per_cost' "
+            "help": "sam_selection='probe': ranking score, 'grad_norm' (L2 norm of the candidate's gradient), "
+            "'grad_norm_per_param' (that norm / sqrt(number of its parameters)) or 'grad_norm_per_cost' "
             "(that norm / the share of the model's compute that perturbing it recomputes).",
             "choices": list(PROBE_METRICS),
         },
     )
     sam_probe_granularity: str = field(
-        default="layer",
+        default="block",
         metadata={
             "help": "sam_selection='probe': what a candidate is, 'block' (each transformer block as one candidate, plus "
             "each layer after the trunk; embeddings left out unless named by sam_target_layers) or 'layer' (every "
@@ -343,12 +343,12 @@ class LWSAMConfig(LWSAMConfigMixin, TrainingArguments):
             `sam_selection="probe"`: micro-batches whose gradients a probe uses, at least. A probe reads the gradient
             of whole accumulation windows, so it spans `ceil(sam_probe_batches / gradient_accumulation_steps)`
             optimizer steps.
-        sam_probe_metric (`str`, *optional*, defaults to `"grad_norm"`):
+        sam_probe_metric (`str`, *optional*, defaults to `"grad_norm_per_cost"`):
             `sam_selection="probe"`: the ranking score, `"grad_norm"` (L2 norm of the candidate's gradient),
             `"grad_norm_per_param"` (that norm / sqrt(number of its parameters)) or `"grad_norm_per_cost"` (that norm
             / the share of the model's compute that perturbing it puts in the second pass: a deep candidate must earn
             its recompute).
-        sam_probe_granularity (`str`, *optional*, defaults to `"layer"`):
+        sam_probe_granularity (`str`, *optional*, defaults to `"block"`):
             `sam_selection="probe"`: what a candidate is. `"block"`: each transformer block as one candidate plus each
             layer after the trunk (final norm, head), the input side (embeddings) left out unless `sam_target_layers`
             names it; `"layer"`: every module owning trainable parameters.

@@ -14,6 +14,10 @@ from hf_lwsam import LWSAMTrainer, probe_layer_grad_norms
 from hf_lwsam.probe import candidate_layers
 
 
+# The paper's ranking, the subject of this file: every layer a candidate, scored by its gradient norm.
+LAYER_NORMS = dict(sam_probe_granularity="layer", sam_probe_metric="grad_norm")
+
+
 def _batches(dataset, size: int = 4):
     return [{k: torch.tensor(dataset[i : i + size][k]) for k in dataset.column_names} for i in range(0, len(dataset), size)]
 
@@ -62,7 +66,7 @@ def test_trainer_probe_reads_the_step_gradient(sgd_args):
     model, dataset = tiny_gpt2(), shakespeare_lm_dataset(4)
     expected = probe_layer_grad_norms(copy.deepcopy(model).train(), _batches(dataset))
     trainer = LWSAMTrainer(model=model, train_dataset=dataset, args=sgd_args(
-        sam_selection="probe", sam_probe_granularity="layer", sam_rho=0.0, per_device_train_batch_size=4,
+        sam_selection="probe", **LAYER_NORMS, sam_rho=0.0, per_device_train_batch_size=4,
         gradient_accumulation_steps=1,
         sam_probe_interval=0))
     trainer.train()
@@ -80,7 +84,7 @@ def test_dominant_layer_is_selected(sgd_args):
         model.transformer.h[0].mlp.c_fc.weight.mul_(50.0)
         model.transformer.h[0].mlp.c_fc.bias.mul_(50.0)
     trainer = LWSAMTrainer(model=model, train_dataset=dataset, args=sgd_args(
-        sam_selection="probe", sam_probe_granularity="layer", sam_top_k=1, sam_probe_interval=0, max_steps=2,
+        sam_selection="probe", **LAYER_NORMS, sam_top_k=1, sam_probe_interval=0, max_steps=2,
         learning_rate=1e-3,
         per_device_train_batch_size=4, gradient_accumulation_steps=1))
     initial = list(trainer._sam_layers)
@@ -98,7 +102,7 @@ def test_dominant_layer_is_selected(sgd_args):
 def test_top_k_and_top_ratio_select_the_right_count(sgd_args, options, count):
     model, dataset = tiny_gpt2(), shakespeare_lm_dataset(4)
     trainer = LWSAMTrainer(model=model, train_dataset=dataset, args=sgd_args(
-        sam_selection="probe", sam_probe_granularity="layer", sam_probe_interval=0, max_steps=1, **options))
+        sam_selection="probe", **LAYER_NORMS, sam_probe_interval=0, max_steps=1, **options))
     assert len(trainer._layer_probe.candidates) == 21  # 3 blocks x 6 layers + wte, wpe, ln_f (lm_head tied)
     trainer.train()
     norms, selected = trainer._layer_probe.last_norms, trainer._sam_layers
@@ -118,7 +122,7 @@ def test_probe_schedule(sgd_args, options, probe_steps):
     model, dataset = tiny_gpt2(n_layer=2), shakespeare_lm_dataset(32)
     options.setdefault("gradient_accumulation_steps", 1)
     trainer = LWSAMTrainer(model=model, train_dataset=dataset, args=sgd_args(
-        sam_selection="probe", sam_probe_granularity="layer", learning_rate=1e-3, per_device_train_batch_size=2,
+        sam_selection="probe", **LAYER_NORMS, learning_rate=1e-3, per_device_train_batch_size=2,
         logging_steps=100, **options))
     trainer.train()
     probe = trainer._layer_probe
@@ -127,7 +131,7 @@ def test_probe_schedule(sgd_args, options, probe_steps):
 
 
 def test_resume_keeps_selection_and_schedule(sgd_args, tmp_path):
-    common = dict(sam_selection="probe", sam_probe_granularity="layer", sam_top_k=2, sam_probe_interval=3,
+    common = dict(sam_selection="probe", **LAYER_NORMS, sam_top_k=2, sam_probe_interval=3,
                   sam_probe_batches=2, max_steps=6,
                   gradient_accumulation_steps=1, per_device_train_batch_size=2, learning_rate=0.05,
                   save_strategy="steps", save_steps=4, save_only_model=False, logging_steps=100)
@@ -170,7 +174,7 @@ def test_candidates_follow_patterns():
 def test_trainer_restricts_probe_to_pattern(sgd_args):
     model, dataset = tiny_gpt2(), shakespeare_lm_dataset(4)
     trainer = LWSAMTrainer(model=model, train_dataset=dataset, args=sgd_args(
-        sam_selection="probe", sam_probe_granularity="layer", sam_target_layers=r"transformer\.h\.1", sam_top_k=3,
+        sam_selection="probe", **LAYER_NORMS, sam_target_layers=r"transformer\.h\.1", sam_top_k=3,
         sam_probe_interval=0))
     trainer.train()
     assert len(trainer._sam_layers) == 3 and all(n.startswith("transformer.h.1.") for n in trainer._sam_layers)
