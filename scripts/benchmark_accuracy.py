@@ -17,7 +17,8 @@ With `--probe_modes`, the probe also at block granularity (`sam_probe_granularit
 and by gradient norm per unit of recompute cost (`sam_probe_metric="grad_norm_per_cost"`).
 
 `--suite robustness`: the regimes where the literature reports SAM's largest gains. Methods: AdamW, full SAM,
-LW-SAM default, LW-SAM probe, the stale ascent and SAM every 4th step (these two take LW-SAM default's rho). AdamW's
+LW-SAM default, LW-SAM probe, the stale ascent and SAM every 4th step (these two take LW-SAM default's rho), and
+LW-SAM over the output half of the trunk (how deep the perturbation must reach). AdamW's
 learning rate is chosen on validation from a small grid, rho per method; both by the final validation accuracy of
 seed 0. Each run trains several epochs, validates every epoch, and is tested at the end and at its best validation
 epoch (early stopping). Label noise is symmetric (a fixed random share of the training examples gets one of the
@@ -130,11 +131,17 @@ PROBE = dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25, sam_prob
 SCHEDULED = ("LW-SAM stale", "LW-SAM interval=4")  # robustness suite: they take the default pattern's rho
 
 
-def robust_methods() -> list[Method]:
+# How deep must the perturbation reach? The output half of the trunk (ViT: blocks 2-3 of 4; MiniLM: 3-5 of 6) + head.
+LAST_HALF = {"digits": r"vit\.layers\.[23]|vit\.layernorm|classifier",
+             "tweets": r"bert\.encoder\.layer\.[345]|bert\.pooler\.dense|classifier"}
+
+
+def robust_methods(family: str) -> list[Method]:
     return [Method("adamw", None), Method("full SAM", dict(sam_selection="all")),
             Method("LW-SAM default", dict(sam_selection="pattern")), Method("LW-SAM probe", PROBE),
             Method("LW-SAM stale", dict(sam_selection="pattern", sam_ascent="stale")),
-            Method("LW-SAM interval=4", dict(sam_selection="pattern", sam_interval=4))]
+            Method("LW-SAM interval=4", dict(sam_selection="pattern", sam_interval=4)),
+            Method("LW-SAM last half", dict(sam_selection="pattern", sam_target_layers=LAST_HALF[family]))]
 
 
 @dataclass
@@ -614,11 +621,11 @@ def measured_costs(task: str, methods: list[Method], ctx: dict, lr: float, out: 
 
 def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out: Path, ctx: dict, log) -> None:
     """The robustness suite: label noise, small data, and digits; see the module docstring."""
-    methods = [m for m in robust_methods() if a.methods is None or m.name in a.methods or m.sam is None]
     lines, points = [], []
     for task in a.tasks:
         ctx[task] = robust_data(task, rb)
         family = "digits" if task.startswith("digits") else "tweets"
+        methods = [m for m in robust_methods(family) if a.methods is None or m.name in a.methods or m.sam is None]
         grid = ROBUST_LR_GRID[family][:1] if a.quick else ROBUST_LR_GRID[family]
         sweep = {lr: cached_run(task, methods[0], 0.0, 0, rb, ctx, lr)["validation"]["accuracy"] for lr in grid}
         lr = max(sweep, key=sweep.get)
