@@ -236,6 +236,17 @@ def cached_run(task: Task, label: str, opts: argparse.Namespace, seed: int, cach
     return result
 
 
+def _blocks(layers: list[str]) -> list[str]:
+    """Layer names with every trunk block's layers shown as the block (`bert.encoder.layer.5`)."""
+    out: list[str] = []
+    for name in layers:
+        match = re.match(r"(.*\.(?:layer|layers|h|block)\.\d+)\.", name)
+        short = match.group(1) if match else name
+        if short not in out:
+            out.append(short)
+    return out
+
+
 def _ms(xs: list[float], fmt: str = ".4f") -> str:
     return f"{statistics.fmean(xs):{fmt}} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:{fmt}}"
 
@@ -252,12 +263,13 @@ def render(task: Task, per_label: dict[str, list[dict]], opts: argparse.Namespac
         f"lr {opts.lr}, rho {opts.rho}, probe interval {opts.probe_interval} steps, seeds {opts.seeds}, device: "
         f"{device}, torch {torch.__version__}. Gradient norm: ||grad L(w)|| of the clean loss on "
         f"{opts.measure_batches} fixed training batches (eval mode) every {opts.measure_every} steps, averaged over "
-        "the last third of training; measurement time excluded from the wall time. Ratios are paired per seed "
-        "(mean ± std over seeds). *Share of full SAM's reduction*: (AdamW - method) / (AdamW - full SAM), per seed.",
+        "the last third of training. Ratios are paired per seed (mean ± std over seeds). *Share of full SAM's "
+        "reduction*: (AdamW - method) / (AdamW - full SAM), per seed. The runs' wall times (in the JSON) are not "
+        "a cost measurement: runs shared the cores; see benchmark_throughput.py / --measure_cost for cost.",
         "",
         f"| run | final {task.metric_name} | grad norm (last third) | ÷ AdamW | share of full SAM's reduction | "
-        "wall ÷ AdamW | perturbed layers at the end (seed 0) |",
-        "|---|---|---|---|---|---|---|",
+        "perturbed at the end (seed 0; blocks named as a whole) |",
+        "|---|---|---|---|---|---|",
     ]
     for label, rs in per_label.items():
         gn = [r["grad_norm_last_third"] for r in rs]
@@ -265,11 +277,10 @@ def render(task: Task, per_label: dict[str, list[dict]], opts: argparse.Namespac
         share = [(base[r["seed"]]["grad_norm_last_third"] - r["grad_norm_last_third"])
                  / (base[r["seed"]]["grad_norm_last_third"] - full[r["seed"]]["grad_norm_last_third"])
                  for r in rs if r["seed"] in full and label not in ("AdamW", "full SAM")]
-        wall = [r["wall_s"] / base[r["seed"]]["wall_s"] for r in rs]
         sel = rs[0]["selected"]
-        layers = "all" if label == "full SAM" else ("-" if sel is None else ", ".join(sel))
+        layers = "all" if label == "full SAM" else ("-" if sel is None else ", ".join(_blocks(sel)))
         lines.append(f"| {label} | {_ms([r['metric'] for r in rs])} | {_ms(gn)} | {_ms(ratio, '.3f')} | "
-                     f"{_ms(share, '.2f') if share else '-'} | {_ms(wall, '.2f')} | {layers} |")
+                     f"{_ms(share, '.2f') if share else '-'} | {layers} |")
     stem = f"gradnorm_{task.name}{'_quick' if opts.quick else ''}"  # --quick never overwrites the full results
     md = out / f"{stem}.md"
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
