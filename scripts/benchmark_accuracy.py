@@ -433,6 +433,9 @@ def cached_run(task: str, method: Method, rho: float, seed: int, budget: Budget 
         if cached.get("config") == config:
             return cached
         ctx["log"](f"{path.name} was made with another configuration: redoing it")
+    if ctx.get("report_only"):
+        ctx["log"](f"{key}: no cached run (--report_only: left out)")
+        return None
     ctx["log"](f"run {key}")
     if task in ROBUST_TASKS:
         result = dict(train_and_eval_robust(task, method, rho, seed, budget, ctx, lr), config=config)
@@ -495,7 +498,7 @@ def summarise_robust(task: str, finals: dict[str, list[dict]], chosen: dict[str,
     base = {r["seed"]: r for r in finals["adamw"]}
     lines, points = [], []
     for name, runs in finals.items():
-        row = [task, name, str(chosen.get(name, "-"))]
+        row = [task, name, str(chosen.get(name, "-")), str(len(runs))]
         for split in ("test", "test_at_best_validation"):
             vals = [r[split]["accuracy"] for r in runs]
             diffs = [r[split]["accuracy"] - base[r["seed"]][split]["accuracy"] for r in runs]
@@ -635,18 +638,25 @@ def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out
             if m.name in SCHEDULED and "LW-SAM default" in chosen:
                 chosen[m.name] = chosen["LW-SAM default"]  # the same layers and e_S, applied on a schedule
                 continue
-            sweep = {rho: cached_run(task, m, rho, 0, rb, ctx, lr)["validation"]["accuracy"] for rho in rhos}
-            chosen[m.name] = max(sweep, key=sweep.get)
-            log(f"{task} {m.name}: final validation accuracy by rho {sweep} -> rho={chosen[m.name]}")
+            runs = {rho: cached_run(task, m, rho, 0, rb, ctx, lr) for rho in rhos}
+            sweep = {rho: r["validation"]["accuracy"] for rho, r in runs.items() if r is not None}
+            if sweep:  # (--report_only: a method with no cached sweep run is left out)
+                chosen[m.name] = max(sweep, key=sweep.get)
+                log(f"{task} {m.name}: final validation accuracy by rho {sweep} -> rho={chosen[m.name]}")
+        methods = [m for m in methods if m.sam is None or m.name in chosen]
         finals = {m.name: [cached_run(task, m, chosen.get(m.name, 0.0), seed, rb, ctx, lr) for seed in seeds]
                   for m in methods}
+        paired = {r["seed"] for r in finals["adamw"] if r is not None}  # seeds with an AdamW run to pair with
+        finals = {name: [r for r in runs if r is not None and r["seed"] in paired] for name, runs in finals.items()}
+        finals = {name: runs for name, runs in finals.items() if runs}
+        methods = [m for m in methods if m.name in finals]
         costs = measured_costs(task, methods, ctx, lr, out, a.measure_cost, log)
         task_lines, task_points = summarise_robust(task, finals, chosen, costs)
         lines += task_lines
         points += task_points
-    header = ("| task | method | rho | test acc. at the end | Δ vs AdamW (wins) | "
+    header = ("| task | method | rho | seeds | test acc. at the end | Δ vs AdamW (wins) | "
               "test acc. at best validation epoch | Δ vs AdamW (wins) | best epoch | throughput ÷ AdamW |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+              "|---|---|---|---|---|---|---|---|---|---|")
     note = (f"Seeds {seeds}; mean ± std over seeds; Δ: paired difference per seed, mean ± std (seeds better than "
             f"AdamW). AdamW's learning rate chosen on validation from {ROBUST_LR_GRID}, rho per method from {rhos} "
             "(the schedules take LW-SAM default's rho), both by the final validation accuracy of seed 0. Label "
@@ -675,6 +685,8 @@ def main() -> None:
     p.add_argument("--measure_cost", action="store_true",
                    help="measure each method's throughput ÷ AdamW on each task side by side (an idle machine)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--report_only", action="store_true",
+                   help="robustness suite: train nothing; tabulate the cached runs (missing ones are left out)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
     p.add_argument("--rhos", type=float, nargs="+", default=None, help="sweep (default: 0.01 0.05 0.1)")
     p.add_argument("--asam", action="store_true", help="also run the ASAM variants of the two fixed SAM modes")
@@ -708,7 +720,7 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
-    ctx = dict(out=out, log=log)
+    ctx = dict(out=out, log=log, report_only=a.report_only)
     if robust:
         return run_robustness(a, QUICK_ROBUST if a.quick else RobustBudget(), seeds, rhos, out, ctx, log)
     methods = all_methods(a.asam, a.probe_no_embeddings, a.schedules, a.probe_modes)
