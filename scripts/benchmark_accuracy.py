@@ -613,12 +613,21 @@ def measure_costs(task: str, methods: list[Method], ctx: dict, lr: float, rounds
 
 
 def measured_costs(task: str, methods: list[Method], ctx: dict, lr: float, out: Path, measure: bool,
-                   log) -> dict[str, float]:
-    """`measure_costs`, kept in `<out>/costs_<task>.json` (measured again with `--measure_cost`, else read)."""
+                   log, finals: dict[str, list[dict]] | None = None) -> dict[str, float]:
+    """`measure_costs`, kept in `<out>/costs_<task>.json` (measured again with `--measure_cost`, else read).
+
+    A probe re-selects during training (every 25 steps), so a short timing from step 0 would time its first pick;
+    it is timed with the layers its seed-0 run ended with (`finals`), as a fixed pattern."""
     path = out / f"costs_{task}.json"
     if measure:
         log(f"{task}: measuring throughput side by side (the machine must be idle)")
-        path.write_text(json.dumps(measure_costs(task, methods, ctx, lr), indent=1))
+        timed = []
+        for m in methods:
+            if m.sam and m.sam.get("sam_selection") == "probe" and finals and finals.get(m.name):
+                layers = sorted({name.rsplit(".", 1)[0] for name in finals[m.name][0]["perturbed"]})
+                m = Method(m.name, dict(sam_selection="pattern", sam_target_layers=layers))
+            timed.append(m)
+        path.write_text(json.dumps(measure_costs(task, timed, ctx, lr), indent=1))
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -650,7 +659,7 @@ def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out
         finals = {name: [r for r in runs if r is not None and r["seed"] in paired] for name, runs in finals.items()}
         finals = {name: runs for name, runs in finals.items() if runs}
         methods = [m for m in methods if m.name in finals]
-        costs = measured_costs(task, methods, ctx, lr, out, a.measure_cost, log)
+        costs = measured_costs(task, methods, ctx, lr, out, a.measure_cost, log, finals)
         task_lines, task_points = summarise_robust(task, finals, chosen, costs)
         lines += task_lines
         points += task_points
@@ -743,7 +752,7 @@ def main() -> None:
         for seed in seeds:  # seed-major: each seed's runs back to back, so its throughput ratios are side by side
             for m in methods:
                 finals[m.name].append(cached_run(task, m, chosen.get(m.name, 0.0), seed, budget, ctx))
-        costs = measured_costs(task, methods, ctx, LEARNING_RATE[task], out, a.measure_cost, log)
+        costs = measured_costs(task, methods, ctx, LEARNING_RATE[task], out, a.measure_cost, log, finals)
         task_lines, task_points = summarise(task, finals, chosen, costs)
         lines += task_lines
         points += task_points
