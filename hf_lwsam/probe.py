@@ -32,7 +32,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .selection import Pattern, _example_names, name_matches, select_layers
+from .selection import Pattern, _example_names, is_block_list, name_matches, select_layers
 from .sharding import is_sharded, local
 
 logger = logging.get_logger(__name__)
@@ -104,7 +104,7 @@ def block_roots(model: nn.Module) -> list[str]:
     modules (GPT-2 `transformer.h.3`, BERT `encoder.layer.5`, T5's encoder and decoder blocks, also under PEFT)."""
     roots: list[str] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(b) for b in module}) != 1:
+        if not is_block_list(module):
             continue
         if any(name.startswith(r + ".") for r in roots):
             continue  # a list inside a block (e.g. a block's experts) is part of that block

@@ -28,6 +28,11 @@ def _owns_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
+def is_block_list(module: nn.Module) -> bool:
+    """An `nn.ModuleList` of >= 2 modules of one class: a stack of repeated blocks."""
+    return isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(block) for block in module}) == 1
+
+
 def find_trunk(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The repeated-block trunk: the `nn.ModuleList` of same-class blocks holding the most parameters.
 
@@ -36,9 +41,7 @@ def find_trunk(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """
     best, best_size = None, 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        if len({type(block) for block in module}) != 1:
+        if not is_block_list(module):
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:
