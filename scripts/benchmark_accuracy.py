@@ -75,6 +75,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from hf_lwsam import LWSAMConfig, LWSAMTrainer  # noqa: E402
 from hf_lwsam.cli.metrics import classification_metrics  # noqa: E402
 from hf_lwsam.data import load_tweets, minilm_path, shakespeare_files, train_byte_bpe  # noqa: E402
+from hf_lwsam.step_timer import StepTimer  # noqa: E402
 
 LM_FINETUNE_PLAYS = ("twelfth-night", "as-you-like-it", "much-ado-about-nothing", "the-merchant-of-venice")
 LM_TEST_PLAY = "a-midsummer-night-s-dream"
@@ -557,20 +558,6 @@ def plot(points: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step after the first `warmup`."""
-
-    def __init__(self, warmup: int = 2):
-        self.warmup, self.times, self._start = warmup, [], 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._start)
-
-
 def task_model_and_data(task: str, ctx: dict) -> tuple[Any, Dataset, Any, int]:
     """A fresh model (seed 0), the training split, the collator and the batch size of a task (for `measure_costs`)."""
     if task in ROBUST_TASKS:
@@ -600,13 +587,13 @@ def measure_costs(task: str, methods: list[Method], ctx: dict, lr: float, rounds
             common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
                           disable_tqdm=True, logging_strategy="no", seed=0, per_device_train_batch_size=batch,
                           learning_rate=lr, max_steps=steps + 2)
-            timer = StepTimer()
+            timer = StepTimer()  # the first 2 steps are warm-up, left out below
             args = TrainingArguments(**common) if m.sam is None else LWSAMConfig(**common, sam_rho=0.05, **m.sam)
             cls = Trainer if m.sam is None else LWSAMTrainer
             trainer = cls(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[timer])
             trainer.remove_callback(PrinterCallback)
             trainer.train()
-            step_time[m.name] = statistics.mean(timer.times)
+            step_time[m.name] = statistics.mean(timer.times[2:])
         for m in methods:
             per_round[m.name].append(step_time["adamw"] / step_time[m.name])
     return {name: statistics.median(r) for name, r in per_round.items()}

@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +30,11 @@ from transformers import (
     LlamaForCausalLM,
     PrinterCallback,
     Trainer,
-    TrainerCallback,
 )
 from transformers.utils import logging as hf_logging
 
 from hf_lwsam import LWSAMConfig, LWSAMTrainer
+from hf_lwsam.step_timer import StepTimer
 
 PRESETS = {  # layers, d_model, heads, seq_len, batch, vocab
     "cpu": (6, 256, 4, 128, 8, 4096),
@@ -79,25 +78,6 @@ class RandomTokens(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step (device synchronised), the data loading excluded."""
-
-    def __init__(self, device: str):
-        self.device, self.times, self._t0 = device, [], 0.0
-
-    def _sync(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self._t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.times.append(time.perf_counter() - self._t0)
 
 
 def reset_peak_memory(device: str) -> None:
@@ -233,7 +213,7 @@ def main() -> None:
         rows.append(dict(method=m.name, ms_per_step=ms * 1e3, tokens_per_s=tokens / ms,
                          ratio_to_adamw=(base / ms) if base else None, peak_gib=peaks[m.name],
                          peak_ratio=(peaks[m.name] / peaks["adamw"]) if "adamw" in peaks else None))
-    print(f"\n| method | ms/step | tokens/s | ÷ AdamW | peak GiB | peak ÷ AdamW |\n|---|---|---|---|---|---|")
+    print("\n| method | ms/step | tokens/s | ÷ AdamW | peak GiB | peak ÷ AdamW |\n|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['ratio_to_adamw']:.3f}" if r["ratio_to_adamw"] else "-"
         peak_ratio = f"{r['peak_ratio']:.3f}" if r["peak_ratio"] else "-"

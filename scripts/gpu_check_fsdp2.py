@@ -26,8 +26,9 @@ import torch  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer  # noqa: E402
 
-from benchmark_throughput import RandomTokens, StepTimer  # noqa: E402
+from benchmark_throughput import RandomTokens  # noqa: E402
 from hf_lwsam import LWSAMConfig, LWSAMTrainer  # noqa: E402
+from hf_lwsam.step_timer import StepTimer  # noqa: E402
 
 RHO, FAILED = 0.5, []
 

@@ -68,7 +68,6 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 def _cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
     """name -> (argv after the base flags, a substring of the error line)."""
     d, root = a["data"], a["root"]
-    csv = ["--train_file", a["train_csv"], "--validation_file", a["validation_csv"]]
 
     def train(name: str) -> list:
         return ["--train_file", d / name, "--validation_file", a["validation_csv"]]
