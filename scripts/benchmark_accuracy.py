@@ -507,7 +507,8 @@ def summarise_robust(task: str, finals: dict[str, list[dict]], chosen: dict[str,
             spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
             row += [_mean_std(vals),
                     "-" if name == "adamw" else f"{statistics.mean(diffs):+.4f} ± {spread:.4f} ({wins}/{len(runs)})"]
-        row += [f"{statistics.mean(r['best_epoch'] for r in runs):.1f}", f"{costs.get(name, float('nan')):.2f}"]
+        cost = f"{costs[name]:.2f}" if name in costs else "not measured"
+        row += [f"{statistics.mean(r['best_epoch'] for r in runs):.1f}", cost]
         lines.append("| " + " | ".join(row) + " |")
         for split in ("test", "test_at_best_validation"):
             vals = [r[split]["accuracy"] for r in runs]
@@ -529,6 +530,8 @@ def plot_robust(points: list[dict], path: Path) -> None:
         for p in [p for p in points if p["task"] == task and p["split"] == "test"]:
             if p["throughput"] is not None:
                 ax.errorbar(p["throughput"], p["mean"], yerr=p["std"], fmt="o", capsize=4, label=p["method"])
+        if not any(p["task"] == task and p["throughput"] is not None for p in points):
+            ax.text(0.5, 0.5, "throughput not measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("throughput ÷ AdamW (measured side by side)")
         ax.set_ylabel("test accuracy at the end")
         ax.set_title(task)
