@@ -525,19 +525,22 @@ def plot_robust(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(p["task"] for p in points))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 4), squeeze=False)
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    color = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 4.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for p in [p for p in points if p["task"] == task and p["split"] == "test"]:
             if p["throughput"] is not None:
-                ax.errorbar(p["throughput"], p["mean"], yerr=p["std"], fmt="o", capsize=4, label=p["method"])
+                ax.errorbar(p["throughput"], p["mean"], yerr=p["std"], fmt="o", capsize=4, color=color[p["method"]])
         if not any(p["task"] == task and p["throughput"] is not None for p in points):
             ax.text(0.5, 0.5, "throughput not measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("throughput ÷ AdamW (measured side by side)")
         ax.set_ylabel("test accuracy at the end")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=color[m], marker="o", linestyle="") for m in methods]
+    fig.legend(handles, methods, loc="lower center", ncol=len(methods), fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
 
 
