@@ -529,10 +529,10 @@ def plot_robust(points: list[dict], path: Path) -> None:
     color = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 4.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for p in [p for p in points if p["task"] == task and p["split"] == "test"]:
-            if p["throughput"] is not None:
-                ax.errorbar(p["throughput"], p["mean"], yerr=p["std"], fmt="o", capsize=4, color=color[p["method"]])
-        if not any(p["task"] == task and p["throughput"] is not None for p in points):
+        measured = [p for p in points if p["task"] == task and p["split"] == "test" and p["throughput"] is not None]
+        for p in measured:
+            ax.errorbar(p["throughput"], p["mean"], yerr=p["std"], fmt="o", capsize=4, color=color[p["method"]])
+        if not measured:
             ax.text(0.5, 0.5, "throughput not measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("throughput ÷ AdamW (measured side by side)")
         ax.set_ylabel("test accuracy at the end")
