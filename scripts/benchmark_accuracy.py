@@ -12,6 +12,11 @@ Tasks:
   cls-lora  the same under PEFT LoRA (r=8 on query/value; the classifier head trained)
   lm        a small GPT-2 pretrained from scratch on most Shakespeare plays (cached), fine-tuned on a held-out group
             of plays; perplexity on a further held-out play
+  chat, chat-small, chat-noise40 (`--tasks`, not in the default run)
+            the shipped pretrained SmolLM2-135M-Instruct, LoRA SFT (TRL's SFTTrainer, r=16 on q/v) on tweet sentiment
+            as a chat in its chat template (`hf-lwsam-sft`'s offline task): 192 clean training tweets, 1 epoch; 64
+            clean tweets, 2 epochs; 192 tweets with 40% noisy labels, 1 epoch. Metric: accuracy of the most likely
+            answer among negative/neutral/positive on held-out tweets
 
 With `--probe_modes`, the probe also at block granularity (`sam_probe_granularity="block"`), ranked by gradient norm
 and by gradient norm per unit of recompute cost (`sam_probe_metric="grad_norm_per_cost"`).
@@ -35,6 +40,7 @@ Outputs: `<out>/runs/*.json`, `<out>/<report>.md` (table), `<out>/<report>.png` 
     python scripts/benchmark_accuracy.py            # the default run (79 min measured on 2 CPU cores, +3 to pretrain)
     python scripts/benchmark_accuracy.py --quick    # about 3 minutes: tiny budgets, 2 seeds, one rho
     python scripts/benchmark_accuracy.py --suite robustness --tasks digits-noise40 tweets-noise40 --measure_cost
+    python scripts/benchmark_accuracy.py --tasks chat chat-small chat-noise40 --report accuracy_smollm2
 """
 
 from __future__ import annotations
@@ -74,7 +80,14 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_lwsam import LWSAMConfig, LWSAMTrainer  # noqa: E402
 from hf_lwsam.cli.metrics import classification_metrics  # noqa: E402
-from hf_lwsam.data import load_tweets, minilm_path, shakespeare_files, train_byte_bpe  # noqa: E402
+from hf_lwsam.data import (  # noqa: E402
+    load_tweets,
+    minilm_path,
+    shakespeare_files,
+    smollm2_path,
+    train_byte_bpe,
+    tweet_sentiment_chats,
+)
 from hf_lwsam.step_timer import StepTimer  # noqa: E402
 
 LM_FINETUNE_PLAYS = ("twelfth-night", "as-you-like-it", "much-ado-about-nothing", "the-merchant-of-venice")
@@ -85,6 +98,11 @@ LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "valu
 # lower validation perplexity but a higher test perplexity: it over-fits the fine-tuning plays).
 MACHINE = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 LEARNING_RATE = {"cls-full": 4e-4, "cls-lora": 8e-3, "lm": 3e-4}
+# The SmolLM2 chat tasks: LoRA on the attention's q/v projections; the learning rate is `hf-lwsam-sft`'s offline
+# default (not tuned here).
+CHAT_TASKS = ("chat", "chat-small", "chat-noise40")
+CHAT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+LEARNING_RATE.update({task: 1e-3 for task in CHAT_TASKS})
 
 
 @dataclass
@@ -156,10 +174,15 @@ class Budget:
     lm_block: int = 128
     lm_vocab: int = 4096
     lm_eval_blocks: int = 256
+    # chat tasks (SmolLM2, ~64 tokens a chat; a LoRA step of 8 chats is a few seconds on 2 cores, full SAM's ~2x)
+    chat_train: int = 192  # chat, chat-noise40: 24 steps of 8
+    chat_small: int = 64  # chat-small: 2 epochs, 16 steps
+    chat_small_epochs: int = 2
+    chat_eval: int = 200  # validation and test tweets each
 
 
 QUICK = Budget(cls_train=192, cls_eval=128, cls_max_length=48, lm_pretrain_steps=30, lm_finetune_steps=12,
-               lm_block=64, lm_vocab=1024, lm_eval_blocks=64)
+               lm_block=64, lm_vocab=1024, lm_eval_blocks=64, chat_train=16, chat_small=8, chat_eval=16)
 
 
 # The robustness suite (`--suite robustness`): where the literature reports SAM's largest gains.
@@ -212,6 +235,14 @@ def tweet_splits(budget: Budget) -> DatasetDict:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     return tweets.map(lambda b: tokenizer(b["text"], truncation=True, max_length=budget.cls_max_length),
                       batched=True, remove_columns=["text"]), tokenizer
+
+
+def chat_splits(task: str, budget: Budget) -> DatasetDict:
+    """The chat task's tweets as SmolLM2 chats (label noise in the training split only), with their `label`."""
+    tweets = load_tweets(seed=42, validation_size=budget.chat_eval, test_size=budget.chat_eval,
+                         max_train_samples=budget.chat_small if task == "chat-small" else budget.chat_train)
+    tweets["train"] = with_label_noise(tweets["train"], noise_fraction(task), 3)
+    return DatasetDict({split: tweet_sentiment_chats(data) for split, data in tweets.items()})
 
 
 def cls_model(lora: bool, seed: int):
@@ -336,6 +367,12 @@ def run_config(task: str, budget: Budget | RobustBudget, lr: float | None = None
                   train=budget.cls_train, eval=budget.cls_eval, max_length=budget.cls_max_length)
         if task == "cls-lora":
             hp.update(lora=LORA)
+    elif task in CHAT_TASKS:
+        small = task == "chat-small"
+        hp = dict(model="SmolLM2-135M-Instruct", batch=8, epochs=budget.chat_small_epochs if small else 1,
+                  train=budget.chat_small if small else budget.chat_train, eval=budget.chat_eval,
+                  lr=LEARNING_RATE[task], warmup_steps=2, max_length=128, lora=CHAT_LORA, noise=noise_fraction(task),
+                  noise_kind="symmetric, other classes")
     else:
         hp = dict(batch=16, steps=budget.lm_finetune_steps, lr=LEARNING_RATE[task], warmup_steps=5,
                   block=budget.lm_block, vocab=budget.lm_vocab, pretrain_steps=budget.lm_pretrain_steps,
@@ -349,8 +386,45 @@ def _metrics(task: str, metrics: dict) -> dict:
     return dict(perplexity=math.exp(metrics["eval_loss"]))
 
 
+def train_and_eval_chat(task: str, method: Method, rho: float, seed: int, budget: Budget, ctx: dict) -> dict:
+    """A LoRA SFT of SmolLM2 on the chat task (TRL's `SFTTrainer`, or `SFTLWSAMTrainer`), then the answer accuracy
+    on the test split and, for seed 0, the validation split."""
+    import trl
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from hf_lwsam.cli.sft_offline import answer_accuracy
+    from hf_lwsam.trl import SFTLWSAMConfig, SFTLWSAMTrainer
+
+    hp, chats = run_config(task, budget), ctx[task]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    set_seed(seed)  # the LoRA initialisation depends on the seed
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path())
+    common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
+                  disable_tqdm=True, logging_strategy="no", seed=seed, data_seed=seed, weight_decay=0.0, bf16=False,
+                  per_device_train_batch_size=hp["batch"], learning_rate=hp["lr"], num_train_epochs=hp["epochs"],
+                  warmup_steps=hp["warmup_steps"], max_length=hp["max_length"], activation_checkpointing=False)
+    if method.sam is None:
+        trainer_cls, args = trl.SFTTrainer, trl.SFTConfig(**common)
+    else:
+        trainer_cls, args = SFTLWSAMTrainer, SFTLWSAMConfig(**common, sam_rho=rho, **method.sam)
+    trainer = trainer_cls(model=model, args=args, train_dataset=chats["train"].remove_columns("label"),
+                          processing_class=tokenizer, peft_config=LoraConfig(**CHAT_LORA))
+    trainer.remove_callback(PrinterCallback)
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * hp["epochs"]
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    splits = ("validation", "test") if seed == 0 else ("test",)
+    return dict(task=task, method=method.name, rho=rho, seed=seed, wall_s=wall, tokens_per_s=tokens / wall,
+                perturbed=trainer.perturbed_parameter_names() if method.sam else [], config=hp,
+                **{split: dict(accuracy=answer_accuracy(trainer.model, tokenizer, chats[split])) for split in splits})
+
+
 def train_and_eval(task: str, method: Method, rho: float, seed: int, budget: Budget, ctx: dict) -> dict:
     """Train once, then evaluate on the test split (the report) and, for seed 0, the validation split (rho sweep)."""
+    if task in CHAT_TASKS:
+        return train_and_eval_chat(task, method, rho, seed, budget, ctx)
     hp = run_config(task, budget)
     common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
                   disable_tqdm=True, logging_strategy="no", seed=seed, data_seed=seed, weight_decay=0.0,
@@ -681,7 +755,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny budgets, seeds 0 1, rho 0.05 only (a few minutes)")
     p.add_argument("--suite", default="main", choices=["main", "robustness"],
                    help="main: cls-full, cls-lora, lm; robustness: label noise, small data, digits (see above)")
-    p.add_argument("--tasks", nargs="+", default=None, choices=["cls-full", "cls-lora", "lm", *ROBUST_TASKS],
+    p.add_argument("--tasks", nargs="+", default=None,
+                   choices=["cls-full", "cls-lora", "lm", *CHAT_TASKS, *ROBUST_TASKS],
                    help="default: the suite's tasks")
     p.add_argument("--methods", nargs="+", default=None, help="robustness suite: run only these methods (+ AdamW)")
     p.add_argument("--measure_cost", action="store_true",
@@ -709,6 +784,9 @@ def main() -> None:
     a.report = a.report or ("robustness" if robust else "accuracy")
     if robust != all(t in ROBUST_TASKS for t in a.tasks):
         p.error(f"--tasks {' '.join(a.tasks)} do not belong to --suite {a.suite}")
+    if a.measure_cost and set(a.tasks) & set(CHAT_TASKS):
+        p.error("--measure_cost does not time the chat tasks: run scripts/benchmark_throughput.py --preset "
+                "smollm2-135m --lora --trainer sft for their throughput")
     budget = QUICK if a.quick else Budget()
     seeds = a.seeds or ([0, 1] if a.quick else [0, 1, 2])
     rhos = a.rhos or ([0.05] if a.quick else [0.01, 0.05, 0.1])
@@ -732,6 +810,8 @@ def main() -> None:
             ctx["tweets"] = tweet_splits(budget)
         if task == "lm" and "lm" not in ctx:
             ctx["lm"] = lm_assets(budget, Path(a.out) / "cache", log)
+        if task in CHAT_TASKS and task not in ctx:
+            ctx[task] = chat_splits(task, budget)
         metric = _metric_name(task)
         chosen: dict[str, float] = {}
         if 0 in seeds:  # AdamW seed 0 right before the sweep's seed-0 runs, its partners in the throughput ratio

