@@ -132,3 +132,44 @@ def test_accuracy_robustness_suite_quick(tmp_path):
     run = json.loads((tmp_path / "quick" / "runs" / "digits-noise40__LW-SAM_default__rho0.05__seed1.json").read_text())
     assert len(run["validation_curve"]) == 3 and run["test_at_best_validation"]["accuracy"] > 0
     assert (tmp_path / "quick" / "robustness.png").stat().st_size > 1000
+
+
+def test_chat_tasks_noise_only_the_training_answers_and_keep_the_chat_format():
+    from hf_lwsam.data import TWEET_LABELS
+
+    script = _accuracy_script()
+    budget = script.Budget()
+    noisy, clean = script.chat_splits("chat-noise40", budget), script.chat_splits("chat", budget)
+    small = script.chat_splits("chat-small", budget)
+    assert [len(noisy[s]) for s in ("train", "validation", "test")] == [192, 200, 200] and len(small["train"]) == 64
+    for split in ("validation", "test"):
+        assert noisy[split]["completion"] == clean[split]["completion"]
+        assert noisy[split]["prompt"] == clean[split]["prompt"]
+    assert noisy["train"]["prompt"] == clean["train"]["prompt"]
+    assert sum(a != b for a, b in zip(noisy["train"]["label"], clean["train"]["label"])) == round(0.4 * 192)
+    for chat in noisy["train"]:  # the answer is the (noisy) label's name, in the assistant's turn
+        assert [m["role"] for m in chat["prompt"]] == ["system", "user"]
+        assert chat["completion"] == [{"role": "assistant", "content": TWEET_LABELS[chat["label"]]}]
+
+
+@pytest.mark.slow  # the real SmolLM2-135M, every method family once, full and LoRA
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_throughput_benchmark_smollm2_preset(lora, tmp_path):
+    out = tmp_path / "t.json"
+    _run("scripts/benchmark_throughput.py", "--preset", "smollm2-135m", *(["--lora"] if lora else []), "--seq_len",
+         "16", "--batch", "2", "--k", "1", "--rounds", "1", "--steps", "1", "--warmup", "1", "--json", str(out),
+         timeout=1200)
+    result = json.loads(out.read_text())
+    assert result["preset"] == "smollm2-135m" and len(result["results"]) == 7
+    assert all(r["tokens_per_s"] > 0 for r in result["results"])
+
+
+@pytest.mark.slow  # SmolLM2 LoRA SFT: AdamW and the three SAM methods, 2 steps each
+def test_accuracy_benchmark_chat_task_quick(tmp_path):
+    _run("scripts/benchmark_accuracy.py", "--quick", "--tasks", "chat-noise40", "--seeds", "0", "--out", str(tmp_path),
+         timeout=1800)
+    table = (tmp_path / "quick" / "accuracy.md").read_text()
+    for method in ("adamw", "full SAM", "LW-SAM default", "LW-SAM probe k=2"):
+        assert f"| chat-noise40 | {method} |" in table
+    run = json.loads((tmp_path / "quick" / "runs" / "chat-noise40__LW-SAM_default__rho0.05__seed0.json").read_text())
+    assert 0 <= run["test"]["accuracy"] <= 1 and run["perturbed"] and all("lora_" in n for n in run["perturbed"])

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import set_seed
 from transformers.utils import logging
 
 from ..model_card import ModelCardInfo, write_model_card
@@ -153,7 +152,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         task="causal_lm", base_model=base_model, base_model_is_hub_id=True, dataset_ids=dataset_ids,
         dataset_description=description, num_train_examples=len(train),
         num_eval_examples=len(test) if test is not None else 0, max_length=args.max_length,
-        metric_source="SFTTrainer (TRL) loss, entropy and token accuracy",
+        metric_source="SFTTrainer (TRL) loss, entropy and token accuracy" + (
+            "; answer accuracy: the most likely of the three answers, before and after training" if embedded else ""),
         lora={"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
               "target_modules": model_args.lora_target_modules} if model_args.use_peft else None,
         repo_id=args.hub_model_id or output_dir.name,
