@@ -40,7 +40,7 @@ def test_a_run_trains_saves_and_refuses_a_second_run(local, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--output_dir", str(out), *local, *TINY, "--sam_rho", "0.1"]) == 0
     results = json.loads((out / "all_results.json").read_text())
-    assert results["train_loss"] > 0 and "eval_loss" in results
+    assert results["train_loss"] > 0
     card = (out / "README.md").read_text()
     assert "hf-lwsam" in card and "sam_rho" in card.replace("`", "")
     state = json.loads((out / "trainer_state.json").read_text())
@@ -106,13 +106,13 @@ def test_push_to_hub_sends_the_lwsam_card(local, tmp_path, monkeypatch, capsys):
     assert "model.safetensors" in pushed[0]["files"]
 
 
-@pytest.mark.slow  # SmolLM2-135M on the CPU: 2 LoRA steps and 2 x 200 held-out answers scored
+@pytest.mark.slow  # SmolLM2-135M on the CPU: 2 LoRA steps and 2 x 200 held-out prompts scored
 def test_offline_default_is_a_lora_sft_of_smollm2_reporting_answer_accuracy(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--output_dir", str(out), "--max_steps", "2", "--logging_steps", "1"]) == 0
     results = json.loads((out / "all_results.json").read_text())
     assert 0 <= results["eval_answer_accuracy_before"] <= 1 and 0 <= results["eval_answer_accuracy"] <= 1
-    assert results["train_loss"] > 0 and "eval_loss" in results
+    assert results["train_loss"] > 0
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {p.name for p in out.iterdir()}
     assert not (out / "model.safetensors").exists()  # the LoRA adapter, not a copy of the 538 MB model
     card = (out / "README.md").read_text()

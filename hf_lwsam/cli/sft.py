@@ -169,11 +169,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     metrics = train_resumably(trainer, plan.checkpoint, output_dir)
     if test is not None:
         metrics.update(trainer.evaluate())
-    if embedded:  # beside eval_loss in the last evaluation's log entry: the card and trainer_state.json show it
+    if embedded:  # logged as an evaluation: the model card and trainer_state.json show it
         after = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
         task = {f"eval_{sft_offline.METRIC}_before": before, f"eval_{sft_offline.METRIC}": after}
         metrics.update(task)
-        trainer.state.log_history[-1].update(task)
+        trainer.log(task)
     trainer.log_metrics("all", metrics)
     save_final(trainer, output_dir, metrics, lambda folder: write_model_card(trainer, card_info, folder,
                                                                             output_dir.name))
