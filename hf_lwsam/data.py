@@ -97,6 +97,8 @@ def gguf_checkpoint_path(gguf_file: str | os.PathLike, cache_dir: str | os.PathL
     with FileLock(str(root / f".{target.name}.lock")):
         if target.is_dir():  # another process converted it while this one waited
             return str(target)
+        for stale in root.glob(f".{target.name}.tmp-*"):  # left by a conversion killed midway (the lock is free)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
         try:
             _convert_gguf(gguf_file, tmp)

@@ -42,6 +42,7 @@ def test_a_gguf_that_cannot_be_converted_fails_clearly_and_leaves_no_folder(kind
         gguf_file, cause = tmp_path / "mystery.gguf", "GGUF magic bytes"
         gguf_file.write_bytes(b"these bytes are not a GGUF model")
     cache = tmp_path / "cache"
+    (cache / ".mystery.tmp-killed").mkdir(parents=True)  # a conversion killed midway: removed under the lock
     with pytest.raises(ValueError, match="could not be converted into a plain checkpoint") as info:
         gguf_checkpoint_path(gguf_file, cache_dir=cache)
     message = str(info.value)
