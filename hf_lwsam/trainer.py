@@ -136,7 +136,8 @@ class LWSAMMixin:
         rng = capture_rng()
         try:
             unwrapped.eval()
-            with self.compute_loss_context_manager(), torch.compiler.set_stance("force_eager"):
+            eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+            with self.compute_loss_context_manager(), eager:  # torch < 2.6 has no set_stance
                 order = trace_execution_order(unwrapped, lambda: unwrapped(**inputs))
             # Never drop modules silently: the hooks must have seen the trunk run, under this model's own names.
             if order[1] < 0 or not set(order[0]) <= {name for name, _ in self.model.named_modules()}:
