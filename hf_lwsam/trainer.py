@@ -10,13 +10,14 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from accelerate.utils.memory import should_reduce_batch_size
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import as_lwsam_config, mixed_subclass
 from .probe import LayerProbe
-from .reuse import ActivationReuse, capture_rng, plan_reuse, restore_rng
+from .reuse import ActivationReuse, capture_rng, is_compiled, plan_reuse, restore_rng
 from .running_stats import BufferGuard
 from .sam import Perturbation, ascent_direction
 from .schedule import AscentSchedule
@@ -129,14 +130,23 @@ class LWSAMMixin:
         selection keeps only modules that run after the trunk (registration order can put modules that run before it,
         such as BART's `layernorm_embedding`, after it)."""
         self._default_selection_untraced = False
-        unwrapped = self.accelerator.unwrap_model(model)
+        # Module hooks see every call only in eager mode: trace the uncompiled module (torch_compile=True wraps it in
+        # an OptimizedModule), with any in-place `nn.Module.compile` forced to eager for this one forward.
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         rng = capture_rng()
         try:
             unwrapped.eval()
-            with self.compute_loss_context_manager():
+            eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+            with self.compute_loss_context_manager(), eager:  # torch < 2.6 has no set_stance
                 order = trace_execution_order(unwrapped, lambda: unwrapped(**inputs))
+            # Never drop modules silently: the hooks must have seen the trunk run, under this model's own names.
+            if order[1] < 0 or not set(order[0]) <= {name for name, _ in self.model.named_modules()}:
+                raise RuntimeError("the module hooks did not see the trunk run under the model's own module names")
             layers = select_layers(self.model, None, self.args.sam_exclude_layers, order=order)
         except Exception as e:  # a model that cannot run on the batch as is: keep the registration-order default
+            if should_reduce_batch_size(e):  # auto_find_batch_size retries with a smaller batch: trace that one
+                self._default_selection_untraced = True
+                raise
             logger.warning(f"LW-SAM could not trace the execution order ({type(e).__name__}: {e}); the default "
                            "selection stays by registration order.")
             return
@@ -145,8 +155,12 @@ class LWSAMMixin:
             restore_rng(rng)
         if layers != self._sam_layers:
             dropped = sorted(set(self._sam_layers or []) - set(layers))
+            never_ran = [name for name in dropped if name not in order[0]]
             logger.info(f"LW-SAM default selection by execution order: left out {', '.join(dropped) or 'nothing'} "
                         "(run before the trunk or never called).")
+            if never_ran:
+                logger.warning(f"LW-SAM default selection: {', '.join(never_ran)} never ran in the traced forward and "
+                               "are not perturbed; if they do run in training, name them in sam_target_layers.")
             self._set_sam_layers(layers)
 
     def _sam_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -173,6 +187,10 @@ class LWSAMMixin:
             if self._sam_layers is None:
                 plan = ("sam_selection='all' perturbs every layer, so there is nothing below the perturbed layers to "
                         "reuse")
+            elif is_compiled(self.model_wrapped) or is_compiled(self.model):
+                plan = ("torch_compile=True runs the model as a compiled graph, into which the per-block replay (Python "
+                        "wrappers swapped in for each micro-batch) cannot be traced without recompiling; pass 2 "
+                        "recomputes. For reuse, train with torch_compile=False")
             elif is_sharded(params):
                 plan = ("FSDP2 reshards each block after its forward, so replaying the lower blocks would keep their "
                         "unsharded activations' graph across the all-gathers; not supported yet")

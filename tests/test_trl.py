@@ -130,16 +130,21 @@ def test_sft_metrics_and_token_counts_are_recorded_once(tmp_path):
     assert logged(ours, "sam/sharpness")[0] != 0.0
 
 
-def _sft_reference_step(tmp_path, rho: float) -> dict[str, torch.Tensor]:
+def _sft_reference_step(tmp_path, rho: float, make_model=tiny_lm, selected_names: list[str] | None = None,
+                        **overrides) -> dict[str, torch.Tensor]:
     """One SGD(lr=1) step by hand: w - sum_b grad L_b(w_S + e_S^b), e_S^b = rho g_S^b / ||g_S^b||, with L_b TRL's SFT
-    loss of micro-batch b as `SFTTrainer.compute_loss` computes it (summed token loss / the window's token count)."""
-    plain = trl.SFTTrainer(model=tiny_lm(), args=trl.SFTConfig(output_dir=str(tmp_path / "ref"), **COMMON, **SGD,
-                                                               max_steps=1),
+    loss of micro-batch b as `SFTTrainer.compute_loss` computes it (summed token loss / the window's token count), on
+    the batches TRL's own collator makes with the SFTConfig `overrides` (e.g. packing). `selected_names`: S (default:
+    tiny_lm's last block and final norm)."""
+    plain = trl.SFTTrainer(model=make_model(), args=trl.SFTConfig(output_dir=str(tmp_path / "ref"),
+                                                                  **{**COMMON, **SGD, "max_steps": 1, **overrides}),
                            train_dataset=sft_data(), processing_class=tiny_tokenizer())
     model = plain.model
     iterator = iter(plain.get_train_dataloader())
     batches, num_items = plain.get_batch_samples(iterator, 2, model.device)
-    selected = [p for n, p in model.named_parameters() if n.startswith(("transformer.h.2.", "transformer.ln_f."))]
+    selected = [p for n, p in model.named_parameters()
+                if (n in selected_names if selected_names is not None
+                    else n.startswith(("transformer.h.2.", "transformer.ln_f.")))]
     params = list(model.parameters())
     total = [torch.zeros_like(p) for p in params]
     model.train()

@@ -21,20 +21,23 @@ from hf_lwsam import LWSAMTrainer
 from test_reuse_cases import digits_dataset, tiny_vit
 
 
-def _summed_loss(model, batch, causal: bool) -> tuple[torch.Tensor, int]:
+def _summed_loss(model, batch, causal: bool, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     if causal:  # next-token prediction: position t predicts token t+1
         logits, labels = logits[:, :-1], batch["labels"][:, 1:]
     else:
         labels = batch["labels"]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+    # label_smoothing: (1 - eps) * nll + eps * mean over classes of -log p, as the Trainer's LabelSmoother computes it.
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum",
+                           label_smoothing=label_smoothing)
     return loss, labels.numel()
 
 
 def reference_update(model, batches, selected: list[str] | None, rho: float, causal: bool, adaptive: bool = False,
-                     divided_by_accumulation: bool = False):
+                     divided_by_accumulation: bool = False, label_smoothing: float = 0.0):
     """w_new under SGD lr=1 after one accumulation window, computed by hand. `divided_by_accumulation`: a model whose
-    forward takes no loss kwargs (ViT), whose micro-batch mean the stock Trainer divides by the accumulation steps."""
+    forward takes no loss kwargs (ViT), whose micro-batch mean the stock Trainer divides by the accumulation steps.
+    `label_smoothing`: the loss of `label_smoothing_factor` (summed over the window's tokens / their count)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = list(params)
     # The divisor of each micro-batch's summed loss (see the module docstring).
@@ -44,7 +47,7 @@ def reference_update(model, batches, selected: list[str] | None, rho: float, cau
     total = [torch.zeros_like(p) for p in params.values()]
     for batch in batches:
         sel = [params[n] for n in (selected if selected is not None else names)]
-        loss, _ = _summed_loss(model, batch, causal)
+        loss, _ = _summed_loss(model, batch, causal, label_smoothing)
         g = torch.autograd.grad(loss / window_items, sel, allow_unused=True)
         g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(sel, g)]
         if adaptive:
@@ -57,7 +60,7 @@ def reference_update(model, batches, selected: list[str] | None, rho: float, cau
         with torch.no_grad():
             for p, ei in zip(sel, e):
                 p.add_(ei)
-        loss, _ = _summed_loss(model, batch, causal)
+        loss, _ = _summed_loss(model, batch, causal, label_smoothing)
         grads = torch.autograd.grad(loss / window_items, list(params.values()), allow_unused=True)
         with torch.no_grad():
             for p, s in zip(sel, saved):
