@@ -46,6 +46,8 @@ class CollapseWatch:
         self._windows += 1
         if self._first is None:
             self._first = clean
+            # A run whose SAM losses start late (a resume, sam_start) is past its fast-falling phase: never judged.
+            self.done = step >= self.after_fraction * max_steps
         if self._windows < self.min_windows or step < self.after_fraction * max_steps:
             return None
         self.done = True

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .collapse import CollapseWatch
 from .config import as_lwsam_config, mixed_subclass
 from .probe import LayerProbe
 from .reuse import ActivationReuse, capture_rng, is_compiled, plan_reuse, restore_rng
@@ -105,6 +106,7 @@ class LWSAMMixin:
         self._sam_window: dict[str, Any] = {}
         self._sam_last_log_step = 0
         self._buffer_guard = BufferGuard(self.model)
+        self._collapse_watch = CollapseWatch(self.args.sam_rho)  # warns once if a rho too large pins the loss
         self._schedule = AscentSchedule(self.args.sam_interval, self.args.sam_ascent)
         # The default selection ("after the trunk") is re-decided by execution order on the first batch.
         self._default_selection_untraced = (
@@ -442,6 +444,9 @@ class LWSAMMixin:
         """Add the `sam/*` window averages to the training logs, then log as the stock `Trainer` does."""
         if "loss" in logs and self._sam_window:
             logs.update(self._window_metrics())
+            warning = self._collapse_watch.observe(logs, self.state.global_step, self.state.max_steps)
+            if warning is not None:
+                logger.warning(warning)
         super().log(logs, start_time)
 
 

@@ -29,6 +29,9 @@ def test_a_falling_loss_or_no_sharpness_never_warns():
         assert falling.observe(_window(2.3 * 0.97 ** i, 0.1), step, 100) is None
         assert flat_zero.observe(_window(2.3, 0.0), step, 100) is None
     assert falling.done and flat_zero.done
+    # A run whose first SAM window comes late (resumed, or sam_start) is not judged: its loss has already plateaued.
+    late = CollapseWatch(rho=0.5)
+    assert all(late.observe(_window(2.3, 0.2), step, 100) is None for step in range(30, 101, 10)) and late.done
     # Windows without SAM losses (plain steps of sam_interval, the stale ascent) are not counted.
     assert CollapseWatch(rho=0.5).observe({"loss": 2.3}, 50, 100) is None
 
