@@ -106,6 +106,8 @@ def test_stale_ascent_resumes_exactly_from_a_checkpoint(sgd_args, tmp_path):
     dict(sam_ascent="stale"),
     dict(sam_interval=2, sam_reuse_activations=False),
     dict(sam_selection="probe", sam_probe_interval=2, sam_reuse_activations=False),
+    dict(sam_interval=2, sam_interval_reuse="looksam"),
+    dict(sam_ascent="random", sam_start=0.5),
 ])
 def test_no_host_synchronisation_inside_a_step(overrides, sgd_args, monkeypatch):
     """hf_lwsam's code calls no `.item()`, `.tolist()`, `bool()`/`float()`/`int()` of a tensor while `training_step`
