@@ -86,7 +86,8 @@ def looksam_add_(grads: list[torch.Tensor], component: list[torch.Tensor], alpha
     usable = torch.isfinite(norm) & torch.isfinite(kept_norm) & (kept_norm > 0)
     coef = torch.where(usable, alpha * norm / (kept_norm + 1e-30), torch.zeros_like(norm))
     for g, v in zip(grads, component):
-        g.add_((v.float() * coef).to(g.dtype))  # coef is 0 (not NaN) when unusable: grads are left as they are
+        # where, not coef = 0 alone: inf * 0 is NaN. Unusable: grads are left as they are.
+        g.add_(torch.where(usable, v.float() * coef, 0.0).to(g.dtype))
     return usable
 
 

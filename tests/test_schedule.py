@@ -488,3 +488,23 @@ def test_sam_start_keeps_steps_as_int_and_fractions_as_float():
     assert [LWSAMConfig(output_dir="x", sam_start=v).sam_start for v in (0, 0.0, 100, 100.0, 0.7)] == [0, 0, 100, 100,
                                                                                                     0.7]
     assert type(LWSAMConfig(output_dir="x", sam_start=100.0).sam_start) is int
+
+
+def test_cli_flags_parse_the_new_options(tmp_path):
+    """`hf-lwsam-train` and `hf-lwsam-sft` take the options as flags; `--sam_start 100` is step 100, `0.7` a fraction."""
+    from hf_lwsam.cli import sft
+    from hf_lwsam.cli.args import UsageError, make_parser, parse_args
+
+    flags = ["--sam_interval", "5", "--sam_interval_reuse", "looksam", "--sam_looksam_alpha", "0.5",
+             "--output_dir", str(tmp_path / "out")]
+    for value, expected in (("100", 100), ("0.7", 0.7)):
+        args = parse_args(["--sam_start", value, *flags])[2]
+        assert (args.sam_start, type(args.sam_start), args.sam_interval_reuse, args.sam_looksam_alpha) == (
+            expected, type(expected), "looksam", 0.5)
+        sft_args = sft.parse_args(["--sam_start", value, "--sam_ascent", "random", "--output_dir", str(tmp_path)])[1]
+        assert (sft_args.sam_start, sft_args.sam_ascent) == (expected, "random")
+    for parse in (parse_args, lambda argv: sft.parse_args(argv)):
+        with pytest.raises(UsageError, match="sam_start=1.5 is invalid"):
+            parse(["--sam_start", "1.5", "--output_dir", str(tmp_path / "out")])
+    dests = {a.dest for a in make_parser()._actions} & {a.dest for a in sft.make_parser()._actions}
+    assert {"sam_interval_reuse", "sam_looksam_alpha", "sam_start", "sam_ascent"} <= dests
