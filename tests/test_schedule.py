@@ -508,3 +508,26 @@ def test_cli_flags_parse_the_new_options(tmp_path):
             parse(["--sam_start", "1.5", "--output_dir", str(tmp_path / "out")])
     dests = {a.dest for a in make_parser()._actions} & {a.dest for a in sft.make_parser()._actions}
     assert {"sam_interval_reuse", "sam_looksam_alpha", "sam_start", "sam_ascent"} <= dests
+
+
+@pytest.mark.parametrize("overrides", [dict(sam_interval=2, sam_interval_reuse="looksam"), dict(sam_ascent="random"),
+                                       dict(sam_start=0.5, sam_ascent="stale")])
+def test_schedules_with_the_probe_selection(overrides, sgd_args):
+    """The probe re-selects every 2 steps (tweets on a tiny BERT); every schedule follows its current S."""
+    from conftest import tiny_bert, tweet_bytes_dataset
+
+    trainer = LWSAMTrainer(model=tiny_bert(), args=sgd_args(sam_rho=0.5, max_steps=6, learning_rate=0.1,
+                                                            sam_selection="probe", sam_probe_interval=2, sam_top_k=1,
+                                                            sam_probe_granularity="layer", sam_probe_metric="grad_norm",
+                                                            **overrides), train_dataset=tweet_bytes_dataset(24))
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "sam/sam_steps" in e]
+    assert len(logs) == 6 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
+    got = [e["sam/sam_steps"] for e in logs]
+    if "sam_interval_reuse" in overrides:
+        assert got == [1.0, 0.0] * 3
+    elif overrides.get("sam_ascent") == "random":
+        assert got == [1.0] * 6
+    else:  # late stale: steps 0-2 plain (3 records); a probe that changes S restarts from a recording plain step
+        assert got[:3] == [0.0, 0.0, 0.0] and sum(got) >= 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
