@@ -328,6 +328,7 @@ class LWSAMMixin:
         processes here unless `sam_sync_perturbation` already did it per micro-batch), so every process keeps the
         same g_v. Costs no backward: one copy of S's gradient while the window runs, one all-reduce of it under DDP."""
         names, params = [n for n, _ in named], [p for _, p in named]
+        self._refuse_sharded(params, "sam_interval_reuse='looksam'")
         clean = self._schedule.pop_clean()
         if self.accelerator.num_processes > 1 and not self.args.sam_sync_perturbation:
             clean = all_reduce_mean(clean)
@@ -360,6 +361,7 @@ class LWSAMMixin:
         window and after a resume. Returns the perturbed loss (there is no clean pass)."""
         targets = self._random_targets()
         params = [t for t, _, _ in targets]
+        self._refuse_sharded(params, "sam_ascent='random'")
         step = self.state.global_step
         references = [ref() if callable(ref) else ref for _, ref, _ in targets]
         steps = random_direction(params, self.args.sam_rho, [noise_seed(self.args.seed, step, i)
@@ -378,6 +380,13 @@ class LWSAMMixin:
         if self.accelerator.sync_gradients:
             w["sam_steps"] = w.get("sam_steps", 0) + 1
         return loss
+
+    @staticmethod
+    def _refuse_sharded(params: list[torch.Tensor], what: str) -> None:
+        """FSDP2 set up by the launcher rather than `fsdp=` (which the config refuses): refused at the first step."""
+        if is_sharded(params):
+            raise ValueError(f"{what} is not supported under FSDP2: it is implemented for whole (unsharded) "
+                             "parameters. Use DDP, or sam_ascent='exact'/'stale' without LookSAM.")
 
     def _random_targets(self) -> list[tuple[torch.Tensor, Any, int]]:
         """(tensor to perturb, the weight whose rows scale its noise (or a callable computing it), row dimension) for

@@ -474,6 +474,8 @@ def window_gradient_of(model, batches, params) -> list[torch.Tensor]:
     (dict(sam_start=True), "sam_start=True is invalid"),
     (dict(sam_start="0.7"), "sam_start='0.7' is invalid"),
     (dict(sam_ascent="random", sam_adaptive=True), "sam_ascent='random' with sam_adaptive=True is not supported"),
+    (dict(sam_ascent="random", fsdp="full_shard"), "sam_ascent='random' is not supported with fsdp='full_shard'"),
+    (dict(sam_interval=5, sam_interval_reuse="looksam", fsdp="full_shard"), "'looksam' is not supported with fsdp"),
 ])
 def test_new_options_are_validated(overrides, message):
     from hf_lwsam import LWSAMConfig
