@@ -363,7 +363,8 @@ class LWSAMMixin:
         params = [t for t, _, _ in targets]
         self._refuse_sharded(params, "sam_ascent='random'")
         step = self.state.global_step
-        references = [ref() if callable(ref) else ref for _, ref, _ in targets]
+        with torch.no_grad():  # the merged LoRA weights only scale the noise: no graph through B A
+            references = [ref() if callable(ref) else ref for _, ref, _ in targets]
         steps = random_direction(params, self.args.sam_rho, [noise_seed(self.args.seed, step, i)
                                                               for i in range(len(params))],
                                  [d for _, _, d in targets], references)
@@ -451,8 +452,8 @@ class LWSAMMixin:
         return loss
 
     def _save_rng_state(self, output_dir: str) -> None:
-        """Checkpoints also carry the stale ascent's kept gradient and a running probe's sums (both written before
-        `trainer_state.json`, which marks a checkpoint complete)."""
+        """Checkpoints also carry the kept vector (the stale ascent's gradient of S, or LookSAM's g_v) and a running
+        probe's sums (both written before `trainer_state.json`, which marks a checkpoint complete)."""
         super()._save_rng_state(output_dir)
         if self._schedule.keeps_state and self.args.should_save:  # stale gradient or LookSAM's g_v
             self._schedule.save(output_dir)
