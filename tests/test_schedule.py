@@ -533,3 +533,21 @@ def test_schedules_with_the_probe_selection(overrides, sgd_args):
     else:  # late stale: steps 0-2 plain (3 records); a probe that changes S restarts from a recording plain step
         assert got[:3] == [0.0, 0.0, 0.0] and sum(got) >= 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("overrides", [dict(sam_interval=2, sam_interval_reuse="looksam"), dict(sam_start=0.5),
+                                       dict(sam_ascent="random", sam_selection="all")])
+def test_schedules_under_bf16_autocast_follow_fp32(overrides, sgd_args):
+    """bf16 autocast on the CPU (fp16's GradScaler path needs CUDA: tests/test_gpu.py): the 4-step update points the
+    way of the fp32 one."""
+    data, runs = shakespeare_lm_dataset(16), []
+    for bf16 in (True, False):
+        model = tiny_gpt2()
+        trainer = LWSAMTrainer(model=model, args=sgd_args(sam_rho=0.5, max_steps=4, learning_rate=0.1, bf16=bf16,
+                                                          **overrides), train_dataset=data)
+        trainer.train()
+        assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
+        runs.append(torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), tiny_gpt2().parameters())]))
+    low, full = runs
+    assert torch.isfinite(low).all() and 0 < float((low - full).norm()) and torch.nn.functional.cosine_similarity(
+        low, full, dim=0) > 0.99
