@@ -175,3 +175,28 @@ def test_failing_step_leaves_weights_unperturbed(sgd_args):
         trainer.train()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())  # pass 1 never touched .grad
+
+
+def test_looksam_terms_are_free_of_the_loss_scale_and_skip_non_finite_components():
+    """fp16: `.grad` and pass 1's gradients carry the GradScaler's scale s. g_v then carries s too, and the added term
+    alpha ||s g|| / ||s g_v|| s g_v is s times the unscaled one: unscaling afterwards gives the fp32 step."""
+    from hf_lwsam.sam import looksam_add_, looksam_component
+
+    torch.manual_seed(0)
+    g_s, g, now = ([torch.randn(4, 3), torch.randn(5)] for _ in range(3))
+    v = looksam_component(g_s, g)
+    flat = lambda ts: torch.cat([t.flatten() for t in ts])  # noqa: E731
+    by_hand = flat(g_s) - (flat(g_s) @ flat(g)) / (flat(g) @ flat(g)) * flat(g)  # Algorithm 1, whole vector
+    assert torch.allclose(flat(v), by_hand, atol=1e-6) and abs(float(flat(v) @ flat(g))) < 1e-5
+    plain = [t.clone() for t in now]
+    assert bool(looksam_add_(plain, v, 0.7))
+    expected = flat(now) + 0.7 * flat(now).norm() / by_hand.norm() * by_hand
+    assert torch.allclose(flat(plain), expected, atol=1e-6)
+    s = 2.0**16
+    scaled = [t * s for t in now]
+    looksam_add_(scaled, looksam_component([t * s for t in g_s], [t * s for t in g]), 0.7)
+    assert torch.allclose(flat(scaled) / s, flat(plain), rtol=1e-6, atol=1e-6)
+    # A g_v from an overflowed SAM step adds nothing (and no NaN).
+    overflowed = [t.clone() for t in now]
+    assert not bool(looksam_add_(overflowed, [torch.full_like(t, float("inf")) for t in v], 0.7))
+    assert torch.equal(flat(overflowed), flat(now))
