@@ -157,8 +157,9 @@ def _like_training_file(rows: Any, train: Any, flag: str, train_path: str) -> An
             want = getattr(train.features[column], "dtype", type(train.features[column]).__name__)
             have = getattr(rows.features[column], "dtype", type(rows.features[column]).__name__)
             raise UsageError(f"{flag}: column {column!r} holds {have} values that cannot be read as the {want} values "
-                             f"of --train_file {train_path!r} ({' '.join(str(e).split())[:150]}): make the column hold "
-                             "the same kind of values in both files (a column of only numbers is read as numbers).") \
+                             f"of --train_file {train_path!r} ({' '.join(str(e).split())[:150]}): pass files whose "
+                             f"{column!r} columns hold the same kind of values (a column of only numbers is read as "
+                             "numbers).") \
                 from None
     return rows
 
