@@ -4,6 +4,7 @@ that is renamed into place, and the exit codes (0 done, 2 bad input, 143 preempt
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -46,12 +47,19 @@ def train_resumably(trainer: Any, checkpoint: str | None, output_dir: Path) -> d
     """`trainer.train()` from `checkpoint` (or step 0) with a `PreemptionCallback`; its metrics, or `Preempted`."""
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
+    start = json.loads(Path(checkpoint, TRAINER_STATE_NAME).read_text())["global_step"] if checkpoint else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if preemption.preempted:
         step = preemption.stopped_at_step
         raise Preempted(f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}; saved "
                         f"{output_dir / f'checkpoint-{step}'}: run the same command again to resume from it.")
-    return dict(result.metrics)
+    metrics = dict(result.metrics)
+    earlier = [entry for entry in trainer.state.log_history[:-1] if "train_loss" in entry]
+    if start == trainer.state.global_step and earlier:
+        # Resumed after the last step (stopped during the final evaluation or save): nothing was trained now, so the
+        # training metrics are the ones the interrupted run logged when its training ended.
+        metrics.update({key: value for key, value in earlier[-1].items() if key != "step"})
+    return metrics
 
 
 class _Terminated(BaseException):
