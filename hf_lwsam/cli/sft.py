@@ -120,6 +120,9 @@ def parse_args(argv: list[str] | None = None):
             warnings.simplefilter("ignore", FutureWarning)
             script_args, training_args, model_args, run_args = parser.parse_args_and_config(argv)
     except ValueError as e:  # a config's own validation (SFTConfig, the sam_* options), unknown flags
+        if "support bf16" in str(e):  # SFTConfig turns bf16 on by default; TrainingArguments' hint names use_cpu only
+            raise UsageError("--bf16 is on (SFTConfig's default) and this machine has no bf16 accelerator: pass "
+                             "--bf16 false, or --use_cpu true to train in bf16 on the CPU.") from None
         raise parsing_error(e, PROG) from None
     if not embedded and (model_args.model_name_or_path is None or script_args.dataset_name is None):
         missing = "--model_name_or_path" if model_args.model_name_or_path is None else "--dataset_name"
@@ -143,6 +146,9 @@ def validate_sft_args(a: Any, given: set[str]) -> None:
                          "keep whole sequences.")
     if not a.dataset_text_field:
         raise UsageError("--dataset_text_field is empty: pass the name of the text column (default: text).")
+    if a.dataset_streaming:
+        raise UsageError("--dataset_streaming is not supported by hf-lwsam-sft (the data's format and texts are "
+                         "checked up front): drop it, or pass a smaller --dataset_name split.")
     for flag in ("load_in_4bit", "load_in_8bit"):
         if getattr(a, flag) and importlib.util.find_spec("bitsandbytes") is None:
             raise UsageError(f"--{flag} needs bitsandbytes, which is not installed: pip install bitsandbytes (and "
