@@ -417,6 +417,7 @@ def _sft_cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "unknown flag": (["--sam_rhoo", "0.1"], "--sam_rhoo"),
         "empty dataset_text_field": (["--dataset_text_field", ""], "--dataset_text_field is empty"),
         "bf16 (SFTConfig's default) without a bf16 device": (["--bf16", None], "--bf16 false"),
+        "chat_template_path missing": (["--chat_template_path", root / "no_template.jinja"], "does not exist"),
         "dataset_streaming": (["--dataset_streaming", "true"], "--dataset_streaming is not supported"),
         "load_in_4bit without bitsandbytes": (["--use_peft", "--load_in_4bit"], "bitsandbytes"),
         "sam_rho -1": (["--sam_rho", "-1"], "sam_rho=-1"),

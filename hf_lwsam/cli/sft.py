@@ -17,6 +17,7 @@ byte-level BPE trained on the plays in seconds) on paragraphs of the shipped Sha
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .args import (
     ModelArguments,
     UsageError,
     _read_config_file,
+    looks_like_path,
     parsing_error,
     validate_lora_args,
     validate_training_args,
@@ -146,6 +148,10 @@ def validate_sft_args(a: Any, given: set[str]) -> None:
                          "keep whole sequences.")
     if not a.dataset_text_field:
         raise UsageError("--dataset_text_field is empty: pass the name of the text column (default: text).")
+    template = a.chat_template_path
+    if template and not os.path.isfile(template) and (template.endswith((".jinja", ".j2")) or looks_like_path(template)):
+        raise UsageError(f"--chat_template_path {template!r} does not exist: pass a .jinja file, or the id of a model "
+                         "whose chat template to copy.")
     if a.dataset_streaming:
         raise UsageError("--dataset_streaming is not supported by hf-lwsam-sft (the data's format and texts are "
                          "checked up front): drop it, or pass a smaller --dataset_name split.")
@@ -224,7 +230,7 @@ def sft_splits(data: Any, script_args: Any, args: Any) -> tuple[Any, Any, str]:
                                      batched=True) for name, split in splits.items()}
     if args.assistant_only_loss and not formats["train"].startswith("conversational"):
         raise UsageError(f"--assistant_only_loss needs conversational data and the train split is {formats['train']}: "
-                         f"pass a 'messages' column ({CONVERSATIONAL}), or drop --assistant_only_loss.")
+                         f"pass data in {CONVERSATIONAL}, or drop --assistant_only_loss.")
     return splits["train"], splits.get("eval"), formats["train"]
 
 
