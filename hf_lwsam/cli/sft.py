@@ -237,7 +237,7 @@ def sft_splits(data: Any, script_args: Any, args: Any) -> tuple[Any, Any, str]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, validate, train (resuming from the last checkpoint in `output_dir`), evaluate, save (with card) and
     optionally push; returns the final metrics."""
-    from trl import get_peft_config
+    from trl import get_peft_config, get_quantization_config
 
     from ..trl import SFTLWSAMTrainer
 
@@ -286,7 +286,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     try:  # built (weights loaded, data tokenized) before the output directory is touched
         with _quiet_datasets():
             trainer = SFTLWSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
-                                      processing_class=tokenizer, peft_config=peft_config)
+                                      processing_class=tokenizer, peft_config=peft_config,
+                                      quantization_config=None if embedded else get_quantization_config(model_args))
     except ValueError as e:  # a check of TRL's or the trainer's that the ones above do not make
         raise UsageError(" ".join(str(e).split())) from None
     take_output_dir(args, plan)
