@@ -4,7 +4,10 @@ TRL's `trl sft` script with the `--sam_*` flags: TRL's parser (`TrlParser`, `--c
 (`--dataset_name`, splits), `SFTConfig` (every SFT flag and default) and `ModelConfig` (`--model_name_or_path`,
 `--use_peft`, `--lora_r`, ...). Like `hf-lwsam-train` it resumes from the last checkpoint in `--output_dir`, saves a
 checkpoint and exits 143 on SIGTERM, writes the final model and the LW-SAM model card to a temporary folder renamed
-into place (`all_results.json` last), pushes with `--push_to_hub`, and reports bad input as one line with exit 2.
+into place (`all_results.json` last), pushes with `--push_to_hub`, and reports bad input as one line with exit 2:
+the options, the model's config and layer names (on a weightless copy), its tokenizer and the dataset's format (one
+TRL reads: text, conversational `messages`, prompt/completion) are checked before the weights load, and the trainer
+is built before `--output_dir` is touched.
 
 With no model and no dataset it runs offline in about 35 seconds on 2 CPU cores: a small GPT-2 (random init, a
 byte-level BPE trained on the plays in seconds) on paragraphs of the shipped Shakespeare plays.
