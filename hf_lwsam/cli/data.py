@@ -153,7 +153,7 @@ def _like_training_file(rows: Any, train: Any, flag: str, train_path: str) -> An
     for column in shared:
         try:
             rows = rows.cast_column(column, train.features[column])
-        except (ValueError, TypeError, ArithmeticError) as e:
+        except (ValueError, TypeError, ArithmeticError, NotImplementedError) as e:  # pyarrow cast errors
             want = getattr(train.features[column], "dtype", type(train.features[column]).__name__)
             have = getattr(rows.features[column], "dtype", type(rows.features[column]).__name__)
             raise UsageError(f"{flag}: column {column!r} holds {have} values that cannot be read as the {want} values "
