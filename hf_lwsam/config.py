@@ -118,7 +118,7 @@ class LWSAMConfigMixin:
 
     sam_interval: int = field(
         default=1,
-        metadata={"help": "SAM steps are the optimizer steps s with s % sam_interval == 0; the others are exactly the "
+        metadata={"help": "SAM steps are the optimizer steps s with s %% sam_interval == 0; the others are exactly the "
                           "stock step (1: every step)."},
     )
     sam_ascent: str = field(
