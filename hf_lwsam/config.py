@@ -11,7 +11,8 @@ from typing import Any
 from transformers import TrainingArguments
 
 SELECTION_MODES = ("pattern", "all", "probe")
-ASCENT_MODES = ("exact", "stale")
+ASCENT_MODES = ("exact", "stale", "random")
+INTERVAL_REUSE_MODES = ("none", "looksam")
 PROBE_METRICS = ("grad_norm", "grad_norm_per_param", "grad_norm_per_cost")
 PROBE_GRANULARITIES = ("block", "layer")
 
@@ -117,17 +118,38 @@ class LWSAMConfigMixin:
 
     sam_interval: int = field(
         default=1,
-        metadata={"help": "SAM steps are the optimizer steps s with s % sam_interval == 0; the others are exactly the "
+        metadata={"help": "SAM steps are the optimizer steps s with s %% sam_interval == 0; the others are exactly the "
                           "stock step (1: every step)."},
     )
     sam_ascent: str = field(
         default="exact",
         metadata={
-            "help": "Where e_S comes from on a SAM step: 'exact' (a truncated ascent pass at w, two passes) or "
+            "help": "Where e_S comes from on a SAM step: 'exact' (a truncated ascent pass at w, two passes), "
             "'stale' (the previous SAM step's gradient of S, one pass at w + e_S; the logged loss is the perturbed "
-            "one).",
+            "one) or 'random' (Gaussian noise scaled per weight row by the row's norm, radius sam_rho; one pass, "
+            "no ascent gradient).",
             "choices": list(ASCENT_MODES),
         },
+    )
+    sam_interval_reuse: str = field(
+        default="none",
+        metadata={
+            "help": "What the steps between SAM steps (sam_interval >= 2) add to the stock gradient: 'none' (nothing, "
+            "exactly the stock step) or 'looksam' (LookSAM: the last SAM gradient's component orthogonal to the "
+            "clean gradient, rescaled to the current gradient's norm and weighted by sam_looksam_alpha).",
+            "choices": list(INTERVAL_REUSE_MODES),
+        },
+    )
+    sam_looksam_alpha: float = field(
+        default=0.7,
+        metadata={"help": "sam_interval_reuse='looksam': weight alpha (>= 0) of the kept component g_v; the step adds "
+                          "alpha * ||g|| / ||g_v|| * g_v to the gradient g (the paper's default: 0.7)."},
+    )
+    sam_start: float = field(
+        default=0,
+        metadata={"help": "Late-phase SAM: the first optimizer step that may be a SAM step; an integer step (e.g. "
+                          "100) or a fraction in [0, 1) of the run's total optimizer steps (e.g. 0.7: the last 30 "
+                          "percent). Steps before it are exactly the stock step; sam_interval counts from it."},
     )
     sam_top_k: int = field(
         default=2,
@@ -195,6 +217,7 @@ class LWSAMConfigMixin:
         if self.sam_ascent not in ASCENT_MODES:
             raise ValueError(f"sam_ascent={self.sam_ascent!r} is unknown: use one of "
                              f"{', '.join(map(repr, ASCENT_MODES))}.")
+        self._validate_schedule()
         for name in ("sam_target_layers", "sam_exclude_layers"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str) and not (
@@ -212,6 +235,40 @@ class LWSAMConfigMixin:
                         f"'.*layer\\.5.*', or several module names."
                     ) from None
         self._refuse_unsupported_setups()
+
+    def _validate_schedule(self) -> None:
+        """`sam_interval_reuse`, `sam_looksam_alpha`, `sam_start` and the combinations of the ascent schedules."""
+        if self.sam_interval_reuse not in INTERVAL_REUSE_MODES:
+            raise ValueError(f"sam_interval_reuse={self.sam_interval_reuse!r} is unknown: use one of "
+                             f"{', '.join(map(repr, INTERVAL_REUSE_MODES))}.")
+        alpha = self.sam_looksam_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < float("inf"):
+            raise ValueError(f"sam_looksam_alpha={alpha!r} is invalid: use a finite weight >= 0 (the paper's 0.7).")
+        if self.sam_interval_reuse == "looksam":
+            if self.sam_interval < 2:
+                raise ValueError(f"sam_interval_reuse='looksam' with sam_interval={self.sam_interval} is meaningless: "
+                                 "every step is a SAM step, so there is no step between to reuse on. Set "
+                                 "sam_interval >= 2 (the paper's k, e.g. 5).")
+            if self.sam_ascent != "exact":
+                raise ValueError(f"sam_interval_reuse='looksam' with sam_ascent={self.sam_ascent!r} is not supported: "
+                                 "LookSAM needs the clean gradient of the SAM step's ascent pass. Use "
+                                 "sam_ascent='exact'.")
+        if self.sam_ascent == "random" and self.sam_adaptive:
+            raise ValueError("sam_ascent='random' with sam_adaptive=True is not supported: the random perturbation is "
+                             "already scaled per weight row by the row's norm (ASAM scales a gradient). Set "
+                             "sam_adaptive=False.")
+        if self.fsdp and (self.sam_ascent == "random" or self.sam_interval_reuse == "looksam"):
+            what = "sam_ascent='random'" if self.sam_ascent == "random" else "sam_interval_reuse='looksam'"
+            raise ValueError(f"{what} is not supported with fsdp={self.fsdp!r}: it is implemented for whole "
+                             "(unsharded) parameters. Use DDP, or sam_ascent='exact'/'stale' without LookSAM.")
+        start = self.sam_start
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < float("inf") or (
+            start >= 1 and start != int(start)
+        ):
+            raise ValueError(f"sam_start={start!r} is invalid: use an optimizer step (an integer >= 0, e.g. 100) or a "
+                             "fraction of the run's total steps in [0, 1) (e.g. 0.7).")
+        if start >= 1 or start == 0:  # a step (TrainingArguments reads logging_steps etc. the same way)
+            self.sam_start = int(start)
 
     def _validate_probe(self) -> None:
         def is_int(value: Any) -> bool:
@@ -331,6 +388,31 @@ class LWSAMConfig(LWSAMConfigMixin, TrainingArguments):
             gradient of S that the previous SAM step's backward left in `.grad` (at its perturbed point), so a SAM step
             is one forward and one backward at w + e_S and the logged `loss` is the perturbed one. The first SAM step
             (and one after the selection changed) has no such gradient: it is a plain step that records it.
+            `"random"`: random-weight perturbation (RWP, TMLR 2024; Flat-LoRA, ICML 2025): e is Gaussian noise, per
+            output row r of a weight `e[r] ~ N(0, sam_rho^2 ||W[r]||^2 / n I)` (n = the row's length; a 1-D
+            parameter: `e[i] ~ N(0, sam_rho^2 w[i]^2)`), drawn from a generator seeded by (`seed`, optimizer step,
+            parameter index): the same on every process and after a resume, the global RNG untouched. One forward and
+            one backward at w + e per micro-batch; the logged `loss` is the perturbed one. Under PEFT a LoRA module's
+            noise goes on its frozen base weight, scaled by the rows of the merged weight `W + scale * B A`
+            (Flat-LoRA); `sam_adaptive` is refused.
+        sam_interval_reuse (`str`, *optional*, defaults to `"none"`):
+            What the optimizer steps between SAM steps (`sam_interval >= 2`) do. `"none"`: exactly the stock step.
+            `"looksam"`: LookSAM (Liu et al., CVPR 2022, Algorithm 1). On a SAM step the kept component
+            `g_v = g_s - (<g_s, g> / ||g||^2) g` is computed over the selected parameters S, with `g_s` the window's
+            SAM gradient of S (`.grad` after its last backward) and `g` its clean gradient of S (the sum of the
+            ascent passes' gradients, so no extra backward); on the steps between, after the window's last backward
+            and before clipping and the optimizer, `.grad` of S becomes `g + alpha * ||g|| / ||g_v|| * g_v`, the
+            norms over the whole of S (the paper's whole-model vector; over every parameter with
+            `sam_selection="all"`). Needs `sam_ascent="exact"` and `sam_interval >= 2`; `g_v` is saved in checkpoints.
+        sam_looksam_alpha (`float`, *optional*, defaults to `0.7`):
+            `sam_interval_reuse="looksam"`: the weight alpha (>= 0) of the kept component (the paper's default 0.7).
+        sam_start (`int` or `float`, *optional*, defaults to `0`):
+            Late-phase SAM: the first optimizer step that may be a SAM step. An integer `>= 1` (or any value `>= 1`
+            without a fractional part) is a step; a value in `[0, 1)` is a fraction of the run's total optimizer
+            steps (`state.max_steps`), resolved when training starts to the first step `s >= sam_start * max_steps`.
+            Every step before it is exactly the stock step; from it on, SAM steps are `s` with
+            `(s - start) % sam_interval == 0` (the interval counts from the start, so the start itself is a SAM step;
+            with `sam_ascent="stale"` it is the plain step that records the first gradient).
         sam_top_k (`int`, *optional*, defaults to `2`):
             `sam_selection="probe"`: how many layers to perturb (>= 1; capped at the number of candidates).
         sam_top_ratio (`float`, *optional*):

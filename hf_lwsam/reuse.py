@@ -347,6 +347,13 @@ class ActivationReuse:
         self._mode = "replay" if complete else "off"
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether `model` runs under `torch.compile`: an `OptimizedModule` wrapper (`torch_compile=True`), or a module of
+    it compiled in place (`nn.Module.compile`)."""
+    return isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 def plan_reuse(model: nn.Module, perturbed: list[nn.Parameter]) -> tuple[nn.ModuleList, int] | str:
     """`(blocks, cut)` when pass 2 may replay `blocks[:cut]`, else the reason it may not."""
     trunk = find_trunk(model)

@@ -4,12 +4,20 @@
     e_S = rho * g_S / ||g_S||                  (SAM; the norm is over S only)
     e_S = rho * T^2 g_S / ||T g_S||, T = |w_S| (ASAM, scale-invariant)
     descent gradient = dL/dw at (w_S + e_S, w_rest), for every trainable parameter.
+
+LookSAM (Liu et al., CVPR 2022, Algorithm 1), over S as one vector:
+    SAM step:      g_v = g_s - (<g_s, g> / ||g||^2) g      (g_s: SAM gradient, g: clean gradient, both of S)
+    steps between: g  <-  g + alpha * ||g|| / ||g_v|| * g_v
+
+Random-weight perturbation (RWP, TMLR 2024; Flat-LoRA, ICML 2025), per output row r of each weight W:
+    e[r] ~ N(0, rho^2 ||W[r]||^2 / n I)   (n = the row's length; a 1-D parameter: e[i] ~ N(0, rho^2 w[i]^2))
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import sqrt
 
 import torch
 
@@ -48,6 +56,74 @@ def ascent_direction(
     for g in grads:
         g.masked_fill_(~usable, 0.0)  # inf/NaN (and x * NaN) become 0: no perturbation, decided on the device
     return list(grads), norm, usable
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """<concat(a), concat(b)> in float32."""
+    if not a:
+        return torch.zeros((), device=torch.get_default_device())
+    return torch.stack([(x.float() * y.float()).sum() for x, y in zip(a, b)]).sum()
+
+
+@torch.no_grad()
+def looksam_component(sam_grads: list[torch.Tensor], clean_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """LookSAM's kept component g_v = g_s - ||g_s|| cos(g, g_s) g / ||g|| = g_s - (<g_s, g> / ||g||^2) g: the part of
+    the SAM gradient orthogonal to the clean one, over the whole of `sam_grads` as one vector (Algorithm 1 of the
+    paper). Only g's direction enters, so g may be on any scale (a sum or a mean over processes and micro-batches).
+    A zero g gives g_v = g_s; a non-finite input gives a non-finite g_v, which `looksam_add_` then ignores."""
+    coef = _dot(sam_grads, clean_grads) / (global_norm(clean_grads).pow(2) + 1e-30)  # <g_s, g> / ||g||^2
+    return [(s.float() - coef * c.float()).to(s.dtype) for s, c in zip(sam_grads, clean_grads)]
+
+
+@torch.no_grad()
+def looksam_add_(grads: list[torch.Tensor], component: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """`grads += alpha * ||grads|| / ||g_v|| * g_v` in place (LookSAM's step between SAM steps), on the device.
+
+    The ratio ||g|| / ||g_v|| makes the added term scale with `grads` only: under fp16 loss scaling `grads` and the
+    term carry the same scale. A zero or non-finite g_v (an fp16 overflow on its SAM step), or a non-finite `grads`
+    (a step the GradScaler skips anyway), adds nothing. Returns whether the term was added (a device bool)."""
+    norm, kept_norm = global_norm(grads), global_norm(component)
+    usable = torch.isfinite(norm) & torch.isfinite(kept_norm) & (kept_norm > 0)
+    coef = torch.where(usable, alpha * norm / (kept_norm + 1e-30), torch.zeros_like(norm))
+    for g, v in zip(grads, component):
+        # where, not coef = 0 alone: inf * 0 is NaN. Unusable: grads are left as they are.
+        g.add_(torch.where(usable, v.float() * coef, 0.0).to(g.dtype))
+    return usable
+
+
+def noise_seed(seed: int, step: int, index: int) -> int:
+    """The generator seed of parameter `index`'s noise at optimizer step `step`: the same on every process and after a
+    resume, distinct across steps and parameters."""
+    return (int(seed) * 1_000_003 + int(step)) * 1_000_033 + int(index) & (2**63 - 1)
+
+
+@torch.no_grad()
+def random_direction(
+    params: list[torch.Tensor], rho: float, seeds: list[int], row_dims: list[int],
+    references: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Gaussian e for `params`, scaled per output row by the row's norm (Flat-LoRA's filter-wise noise):
+    e[r] ~ N(0, rho^2 ||R[r]||^2 / n I), R the reference weight (`references`, e.g. a LoRA module's merged weight
+    W + s B A; default the parameter itself), r indexing dimension `row_dims[i]` (1 for GPT-2's `Conv1D`, which stores
+    W transposed) and n the number of entries of a row; a 1-D parameter: e[i] ~ N(0, rho^2 w[i]^2).
+
+    Parameter i draws from its own `torch.Generator` seeded with `seeds[i]` (see `noise_seed`), on its device, so the
+    global RNG stream (dropout) is untouched. The noise is drawn in float32 and returned in the parameter's dtype."""
+    out = []
+    for i, (p, seed, row_dim) in enumerate(zip(params, seeds, row_dims)):
+        ref = (p if references is None else references[i]).detach().float()
+        generator = torch.Generator(device=p.device)
+        generator.manual_seed(seed)
+        noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+        if p.dim() < 2:
+            scale = ref.abs()  # each entry is its own output unit
+        else:
+            rows = ref.movedim(row_dim, 0).flatten(1)  # (rows, n)
+            shape = [1] * p.dim()
+            shape[row_dim] = -1
+            scale = (torch.linalg.vector_norm(rows, dim=1) / sqrt(rows.shape[1])).view(shape)  # ||R[r]|| / sqrt(n)
+        out.append(noise.mul_(scale).mul_(rho).to(p.dtype))
+    return out
 
 
 @dataclass

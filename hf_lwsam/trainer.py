@@ -10,15 +10,17 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from accelerate.utils.memory import should_reduce_batch_size
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .collapse import CollapseWatch
 from .config import as_lwsam_config, mixed_subclass
 from .probe import LayerProbe
-from .reuse import ActivationReuse, capture_rng, plan_reuse, restore_rng
+from .reuse import ActivationReuse, capture_rng, is_compiled, plan_reuse, restore_rng
 from .running_stats import BufferGuard
-from .sam import Perturbation, ascent_direction
+from .sam import Perturbation, ascent_direction, looksam_add_, looksam_component, noise_seed, random_direction
 from .schedule import AscentSchedule
 from .selection import layer_parameters, select_layers, trace_execution_order
 from .sharding import (
@@ -104,7 +106,10 @@ class LWSAMMixin:
         self._sam_window: dict[str, Any] = {}
         self._sam_last_log_step = 0
         self._buffer_guard = BufferGuard(self.model)
-        self._schedule = AscentSchedule(self.args.sam_interval, self.args.sam_ascent)
+        self._collapse_watch = CollapseWatch(self.args.sam_rho)  # warns once if a rho too large pins the loss
+        self._schedule = AscentSchedule(self.args.sam_interval, self.args.sam_ascent, self.args.sam_start,
+                                        self.args.sam_interval_reuse)
+        self._noise_targets: tuple[list[str], list[tuple[torch.Tensor, Any, int]]] | None = None
         # The default selection ("after the trunk") is re-decided by execution order on the first batch.
         self._default_selection_untraced = (
             self.args.sam_selection == "pattern" and self.args.sam_target_layers is None
@@ -129,14 +134,23 @@ class LWSAMMixin:
         selection keeps only modules that run after the trunk (registration order can put modules that run before it,
         such as BART's `layernorm_embedding`, after it)."""
         self._default_selection_untraced = False
-        unwrapped = self.accelerator.unwrap_model(model)
+        # Module hooks see every call only in eager mode: trace the uncompiled module (torch_compile=True wraps it in
+        # an OptimizedModule), with any in-place `nn.Module.compile` forced to eager for this one forward.
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         rng = capture_rng()
         try:
             unwrapped.eval()
-            with self.compute_loss_context_manager():
+            eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+            with self.compute_loss_context_manager(), eager:  # torch < 2.6 has no set_stance
                 order = trace_execution_order(unwrapped, lambda: unwrapped(**inputs))
+            # Never drop modules silently: the hooks must have seen the trunk run, under this model's own names.
+            if order[1] < 0 or not set(order[0]) <= {name for name, _ in self.model.named_modules()}:
+                raise RuntimeError("the module hooks did not see the trunk run under the model's own module names")
             layers = select_layers(self.model, None, self.args.sam_exclude_layers, order=order)
         except Exception as e:  # a model that cannot run on the batch as is: keep the registration-order default
+            if should_reduce_batch_size(e):  # auto_find_batch_size retries with a smaller batch: trace that one
+                self._default_selection_untraced = True
+                raise
             logger.warning(f"LW-SAM could not trace the execution order ({type(e).__name__}: {e}); the default "
                            "selection stays by registration order.")
             return
@@ -145,8 +159,12 @@ class LWSAMMixin:
             restore_rng(rng)
         if layers != self._sam_layers:
             dropped = sorted(set(self._sam_layers or []) - set(layers))
+            never_ran = [name for name in dropped if name not in order[0]]
             logger.info(f"LW-SAM default selection by execution order: left out {', '.join(dropped) or 'nothing'} "
                         "(run before the trunk or never called).")
+            if never_ran:
+                logger.warning(f"LW-SAM default selection: {', '.join(never_ran)} never ran in the traced forward and "
+                               "are not perturbed; if they do run in training, name them in sam_target_layers.")
             self._set_sam_layers(layers)
 
     def _sam_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -173,6 +191,10 @@ class LWSAMMixin:
             if self._sam_layers is None:
                 plan = ("sam_selection='all' perturbs every layer, so there is nothing below the perturbed layers to "
                         "reuse")
+            elif is_compiled(self.model_wrapped) or is_compiled(self.model):
+                plan = ("torch_compile=True runs the model as a compiled graph, into which the per-block replay (Python "
+                        "wrappers swapped in for each micro-batch) cannot be traced without recompiling; pass 2 "
+                        "recomputes. For reuse, train with torch_compile=False")
             elif is_sharded(params):
                 plan = ("FSDP2 reshards each block after its forward, so replaying the lower blocks would keep their "
                         "unsharded activations' graph across the all-gathers; not supported yet")
@@ -248,21 +270,27 @@ class LWSAMMixin:
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         """One micro-batch: on a SAM step, ascent on S, the base step at w + e_S, then S restored; on any other step
-        (`sam_interval`), exactly the base step.
+        (`sam_start`, `sam_interval`), exactly the base step, plus LookSAM's kept component on the window's last
+        micro-batch with `sam_interval_reuse="looksam"`.
 
         Returns the loss the base step would log: the clean (unperturbed) loss with `sam_ascent="exact"`, the perturbed
-        one with `"stale"` (there is no clean pass), normalised as the base step normalises it.
+        one with `"stale"` and `"random"` (there is no clean pass), normalised as the base step normalises it.
         """
         inputs = self._prepare_inputs(inputs)  # once per micro-batch: TRL's can be stateful
         if self._default_selection_untraced:
             self._trace_default_selection(model, copy.copy(inputs))
         model.train()
-        if not self._schedule.is_sam_step(self.state.global_step):
+        if not self._schedule.is_sam_step(self.state.global_step, self.state.max_steps):
             with self._inputs_already_prepared():
                 loss = super().training_step(model, inputs, num_items_in_batch)  # the stock step, bit for bit
-            self._record_plain_step()
+            if self._schedule.is_looksam_step(self.state.global_step, self.state.max_steps):
+                self._add_looksam_component()
+            else:
+                self._record_plain_step()
         elif self._schedule.stale:
             loss = self._stale_sam_step(model, inputs, num_items_in_batch)
+        elif self._schedule.random:
+            loss = self._random_sam_step(model, inputs, num_items_in_batch)
         else:
             loss = self._exact_sam_step(model, inputs, num_items_in_batch)
         if self.args.sam_selection == "probe":  # on a probe step's last micro-batch: rank the `.grad` norms, re-select
@@ -287,6 +315,8 @@ class LWSAMMixin:
                 reuse.record()  # keep the outputs of the blocks below the cut, graph included
             # Each pass gets its own shallow copy: a compute_loss may pop from its inputs (labels for label smoothing).
             clean_loss, grads, grad_scale = self._ascent_gradient(model, copy.copy(inputs), num_items_in_batch, named)
+            if self._schedule.looksam:  # LookSAM: the window's clean gradient of S is the sum of pass 1's
+                self._schedule.add_clean(grads)
             self._buffer_guard.keep_pass_one()  # running statistics: pass 1's update is the step's only one
             # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks'
             # graph (reuse) survives. Under FSDP2 everything below works on this process's shards of S.
@@ -306,8 +336,113 @@ class LWSAMMixin:
                 self._buffer_guard.restore()
         if reuse is not None and reuse.mismatch:
             self._disable_reuse(reuse.mismatch)
+        if self._schedule.looksam and self.accelerator.sync_gradients:
+            self._keep_looksam_component(named)
         self._record_sam_step(clean_loss, perturbed_loss, norm / grad_scale, finite)
         return clean_loss
+
+    # ------------------------------------------------------------------------------------------------- LookSAM
+    def _keep_looksam_component(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        """After a SAM window's last backward (`.grad` of S is its all-reduced SAM gradient g_s), keep
+        g_v = g_s - (<g_s, g> / ||g||^2) g with g the window's clean gradient of S (pass 1's, summed; averaged over the
+        processes here unless `sam_sync_perturbation` already did it per micro-batch), so every process keeps the
+        same g_v. Costs no backward: one copy of S's gradient while the window runs, one all-reduce of it under DDP."""
+        names, params = [n for n, _ in named], [p for _, p in named]
+        self._refuse_sharded(params, "sam_interval_reuse='looksam'")
+        clean = self._schedule.pop_clean()
+        if self.accelerator.num_processes > 1 and not self.args.sam_sync_perturbation:
+            clean = all_reduce_mean(clean)
+        sam = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        self._schedule.keep(names, looksam_component(sam, clean), like=params)
+
+    def _add_looksam_component(self) -> None:
+        """A step between SAM steps: on the window's last micro-batch, after its backward (DDP has all-reduced `.grad`,
+        so every process adds the same) and before the stock clipping and optimizer step, `.grad` of S becomes
+        `g + alpha * ||g|| / ||g_v|| * g_v` (norms over the whole of S; fp16: both in the loss scale). Nothing is added
+        without a g_v for the current selection (before the first SAM step, or after a probe changed S)."""
+        self._sam_window.setdefault("micro_batches", 0)
+        if not self.accelerator.sync_gradients:
+            return
+        named = self._sam_parameters()
+        kept = self._schedule.direction([n for n, _ in named])
+        if kept is None:
+            return
+        params = [p for _, p in named]
+        for p in params:
+            if p.grad is None:  # a parameter of S without a gradient this window: g = 0 there
+                p.grad = torch.zeros_like(p)
+        added = looksam_add_([p.grad for p in params], kept, self.args.sam_looksam_alpha)
+        self._sam_window["looksam_steps"] = self._sam_window.get("looksam_steps", 0.0) + added.float()
+
+    # -------------------------------------------------------------------------------------- random perturbation
+    def _random_sam_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """One pass at w + e, e Gaussian noise scaled per weight row (`sam.random_direction`), drawn from generators
+        seeded by (`seed`, optimizer step, parameter index): the same e on every process, for every micro-batch of the
+        window and after a resume. Returns the perturbed loss (there is no clean pass)."""
+        targets = self._random_targets()
+        params = [t for t, _, _ in targets]
+        self._refuse_sharded(params, "sam_ascent='random'")
+        step = self.state.global_step
+        with torch.no_grad():  # the merged LoRA weights only scale the noise: no graph through B A
+            references = [ref() if callable(ref) else ref for _, ref, _ in targets]
+        steps = random_direction(params, self.args.sam_rho, [noise_seed(self.args.seed, step, i)
+                                                              for i in range(len(params))],
+                                 [d for _, _, d in targets], references)
+        del references
+        perturbation = Perturbation.apply(params, steps)
+        del steps
+        try:
+            with self._inputs_already_prepared():
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            perturbation.restore()  # bit-exact, also when the step raises
+        w = self._sam_window
+        w.setdefault("micro_batches", 0)
+        if self.accelerator.sync_gradients:
+            w["sam_steps"] = w.get("sam_steps", 0) + 1
+        return loss
+
+    @staticmethod
+    def _refuse_sharded(params: list[torch.Tensor], what: str) -> None:
+        """FSDP2 set up by the launcher rather than `fsdp=` (which the config refuses): refused at the first step."""
+        if is_sharded(params):
+            raise ValueError(f"{what} is not supported under FSDP2: it is implemented for whole (unsharded) "
+                             "parameters. Use DDP, or sam_ascent='exact'/'stale' without LookSAM.")
+
+    def _random_targets(self) -> list[tuple[torch.Tensor, Any, int]]:
+        """(tensor to perturb, the weight whose rows scale its noise (or a callable computing it), row dimension) for
+        the selection S. A LoRA module of S (PEFT) perturbs its frozen base weight, scaled by the rows of the merged
+        weight W + scale * B A (`get_delta_weight`, one r-rank product per module and micro-batch), as Flat-LoRA does;
+        its adapters are not perturbed. Every other parameter of S is perturbed itself. GPT-2's `Conv1D` stores W
+        transposed: its rows are dimension 1. Cached per selection."""
+        from transformers.pytorch_utils import Conv1D
+
+        named = self._sam_parameters()
+        names = [n for n, _ in named]
+        if self._noise_targets is not None and self._noise_targets[0] == names:
+            return self._noise_targets[1]
+        modules = dict(self.model.named_modules())
+        targets, merged = [], set()
+        for name, param in named:
+            if ".lora_A." in name or ".lora_B." in name:  # <owner>.lora_A.<adapter>.weight
+                owner, _, rest = name.partition(".lora_")
+                adapter = rest.split(".")[1]
+                module = modules.get(owner)
+                base = getattr(getattr(module, "base_layer", None), "weight", None)
+                if (isinstance(base, nn.Parameter) and type(base) is nn.Parameter and base.dtype.is_floating_point
+                        and hasattr(module, "get_delta_weight")):
+                    if owner not in merged:
+                        merged.add(owner)
+                        row_dim = 1 if isinstance(module.base_layer, Conv1D) else 0
+                        targets.append((base, lambda b=base, m=module, a=adapter: b + m.get_delta_weight(a), row_dim))
+                    continue
+                logger.warning_once(f"LW-SAM random perturbation: {owner} has no plain floating-point base weight "
+                                    "(quantized?); its adapters are perturbed instead of the merged weight.")
+            module = modules.get(name.rpartition(".")[0])
+            row_dim = 1 if isinstance(module, Conv1D) and name.endswith("weight") and param.dim() == 2 else 0
+            targets.append((param, param, row_dim))
+        self._noise_targets = (names, targets)
+        return targets
 
     def _stale_sam_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
         """One pass at w + e_S, e_S from the previous SAM step's gradient of S; returns the perturbed loss. Without a
@@ -337,17 +472,17 @@ class LWSAMMixin:
         return loss
 
     def _save_rng_state(self, output_dir: str) -> None:
-        """Checkpoints also carry the stale ascent's kept gradient and a running probe's sums (both written before
-        `trainer_state.json`, which marks a checkpoint complete)."""
+        """Checkpoints also carry the kept vector (the stale ascent's gradient of S, or LookSAM's g_v) and a running
+        probe's sums (both written before `trainer_state.json`, which marks a checkpoint complete)."""
         super()._save_rng_state(output_dir)
-        if self._schedule.stale and self.args.should_save:
+        if self._schedule.keeps_state and self.args.should_save:  # stale gradient or LookSAM's g_v
             self._schedule.save(output_dir)
         if self.args.sam_selection == "probe":  # a running probe's sums, read from the device at checkpoint time
             self._layer_probe._publish(self)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
-        if checkpoint is not None and self._schedule.stale:
+        if checkpoint is not None and self._schedule.keeps_state:
             self._schedule.load(checkpoint, self.args.device)
 
     @contextmanager
@@ -408,6 +543,8 @@ class LWSAMMixin:
         clean, perturbed, grad_norm, skipped, micro_batches, exact = sums.tolist()
         sam_steps = w.get("sam_steps", 0)
         logs = {"sam/sam_steps": float(sam_steps)}
+        if "looksam_steps" in w:  # this process's steps between that added LookSAM's component
+            logs["sam/looksam_steps"] = float(w["looksam_steps"])
         if exact:  # exact SAM steps have both losses
             per_step = max(sam_steps, 1) * self.accelerator.num_processes  # mean over processes, per optimizer step
             logs.update({"sam/loss_perturbed": round(perturbed / per_step, 4),
@@ -424,6 +561,9 @@ class LWSAMMixin:
         """Add the `sam/*` window averages to the training logs, then log as the stock `Trainer` does."""
         if "loss" in logs and self._sam_window:
             logs.update(self._window_metrics())
+            warning = self._collapse_watch.observe(logs, self.state.global_step, self.state.max_steps)
+            if warning is not None:
+                logger.warning(warning)
         super().log(logs, start_time)
 
 

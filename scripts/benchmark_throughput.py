@@ -52,6 +52,7 @@ PRESETS = {  # layers, d_model, heads, seq_len, batch, vocab
 class Method:
     name: str
     sam: dict | None  # None: the plain Trainer
+    cycle: int = 1  # its timed steps are a multiple of this: whole sam_interval cycles, whole late-phase runs
 
 
 def methods(n_layer: int, ks: list[int], trunk: str = "transformer.h", norm: str = "transformer.ln_f",
@@ -68,7 +69,20 @@ def methods(n_layer: int, ks: list[int], trunk: str = "transformer.h", norm: str
     out.append(Method("LW-SAM k=1 stale", dict(sam_target_layers=last, sam_ascent="stale")))
     out.append(Method("LW-SAM k=1 reuse interval=4", dict(sam_target_layers=last, sam_interval=4)))
     out.append(Method("full SAM stale", dict(sam_selection="all", sam_ascent="stale")))
+    # LookSAM (k=5: SAM every 5th step, the kept component added in between), SAM in the last 30% of the run (timed
+    # over the whole run: `run` puts the start at 70% of the timed steps, a multiple of 10), random perturbation.
+    for label, sam in (("full SAM", dict(sam_selection="all")),
+                       ("LW-SAM k=1 reuse", dict(sam_target_layers=last))):
+        out.append(Method(f"{label} LookSAM interval=5", dict(sam, sam_interval=5, sam_interval_reuse="looksam"), 5))
+        out.append(Method(f"{label} late from 70%", dict(sam, sam_start=0.7), 10))
+    out.append(Method("full random", dict(sam_selection="all", sam_ascent="random")))
+    out.append(Method("LW-SAM k=1 random", dict(sam_target_layers=last, sam_ascent="random")))
     return out
+
+
+def timed_steps(method: Method, steps: int) -> int:
+    """`steps` rounded up to whole cycles of `method` (same share of SAM steps as in a long run)."""
+    return -(-steps // method.cycle) * method.cycle
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -111,6 +125,9 @@ def trainer_classes(a) -> tuple[type, type, type, type]:
 
 
 def run(method: Method, model, data, a, steps: int) -> tuple[list[float], float]:
+    sam = dict(method.sam or {})
+    if isinstance(sam.get("sam_start"), float):  # late phase: the fraction of the timed steps, after the warm-up
+        sam["sam_start"] = a.warmup + round(sam["sam_start"] * (steps - a.warmup))
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench-"), per_device_train_batch_size=a.batch, max_steps=steps,
         learning_rate=1e-4, optim="adamw_torch_fused" if a.device == "cuda" else "adamw_torch",
@@ -126,7 +143,7 @@ def run(method: Method, model, data, a, steps: int) -> tuple[list[float], float]
     if method.sam is None:
         trainer = plain_cls(model=model, args=plain_config(**common), train_dataset=data, callbacks=[timer], **extra)
     else:
-        trainer = sam_cls(model=model, args=sam_config(**common, **method.sam), train_dataset=data, callbacks=[timer],
+        trainer = sam_cls(model=model, args=sam_config(**common, **sam), train_dataset=data, callbacks=[timer],
                           **extra)
     trainer.remove_callback(PrinterCallback)
     gc.collect()
@@ -149,7 +166,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all methods")
     p.add_argument("--steps", type=int, default=8,
                    help="timed optimizer steps per method and round (a multiple of 4: sam_interval=4 runs SAM on "
-                        "every 4th step, so a round's mean covers whole cycles)")
+                        "every 4th step, so a round's mean covers whole cycles; LookSAM's interval 5 and the late "
+                        "phase round it up to a multiple of 5 and 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every run")
     p.add_argument("--batch", type=int, default=None, help="per-device batch (default: the preset's)")
     p.add_argument("--seq_len", type=int, default=None)
@@ -192,7 +210,7 @@ def main() -> None:
         model = GPT2LMHeadModel(config)
         model.loss_type = "ForCausalLM"
         todo_methods = methods(n_layer, a.k)
-    n_rows = a.batch * (a.steps + a.warmup)
+    n_rows = a.batch * (max(timed_steps(m, a.steps) for m in todo_methods) + a.warmup)
     data = RandomTokens(n_rows, a.seq_len, vocab)
     if a.trainer == "sft":  # TRL takes a datasets.Dataset (pre-tokenized: no tokenization), and a tokenizer for padding
         from datasets import Dataset
@@ -211,7 +229,7 @@ def main() -> None:
     for r in range(a.rounds):
         order = todo if r % 2 == 0 else todo[::-1]  # alternate the order so drift hits every method alike
         for m in order:
-            t, peak = run(m, model, data, a, a.warmup + a.steps)
+            t, peak = run(m, model, data, a, a.warmup + timed_steps(m, a.steps))
             times[m.name].append(statistics.mean(t))  # a round's mean step time: with sam_interval, whole cycles
             peaks[m.name] = max(peaks[m.name], peak)
             print(f"  round {r + 1}/{a.rounds} {m.name:28s} mean {statistics.mean(t) * 1e3:8.1f} ms/step", flush=True)

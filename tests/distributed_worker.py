@@ -13,7 +13,10 @@ Each scenario writes `DIR/<scenario>_rank<r>.pt`: a dict with
   and how many DDP buckets were all-reduced since the previous call; pass 2 also holds `perturbation`, the applied e_S
   (parameters at w + e minus parameters at w) and `perturbed_names`;
 - `log_history`, `selected` (the perturbed parameter names), `world_size`, `rank`, `mixed_precision`,
-  `reuse_disabled_reason` (`None` when pass 2 reused pass 1's lower-block activations) and `probe_history`.
+  `reuse_disabled_reason` (`None` when pass 2 reused pass 1's lower-block activations), `probe_history` and `kept`
+  (LookSAM's g_v at the end).
+Scenarios in `SINGLE_PASS` (LookSAM, random perturbation) record `at` (the selected parameters at the call) instead of
+pass 1/pass 2 pairs.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ TARGET = ["h.2", "ln_f"]  # layer-wise: the last block and the final norm of tin
 # name -> (LWSAMConfig overrides, number of examples). The one-step SGD(lr=1) scenarios are checked against math;
 # the multi-step ones for rank agreement.
 ONE_STEP_SGD = dict(max_steps=1, learning_rate=1.0, optim="sgd", sam_rho=RHO, sam_target_layers=TARGET)
+SCHEDULE_SGD = dict(gradient_accumulation_steps=2, learning_rate=0.2, optim="sgd", sam_rho=RHO)
+SINGLE_PASS = ("looksam_sync", "looksam_local", "random_late")  # scenarios whose steps may take one pass
 SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     "sync_ga1": (dict(ONE_STEP_SGD, gradient_accumulation_steps=1, sam_sync_perturbation=True), 4),
     "local_ga1": (dict(ONE_STEP_SGD, gradient_accumulation_steps=1), 4),
@@ -47,6 +52,13 @@ SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
                               sam_reuse_activations=False), 8),
     "multistep": (dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=3e-3, optim="adamw_torch",
                        sam_rho=0.05, sam_selection="all", max_grad_norm=1.0), 32),
+    # LookSAM (k=2) and random perturbation from step 1: one pass on some steps, so these record `at` (the selected
+    # parameters at every compute_loss call) instead of pass 1/pass 2 pairs.
+    "looksam_sync": (dict(SCHEDULE_SGD, max_steps=4, sam_target_layers=TARGET, sam_sync_perturbation=True,
+                          sam_interval=2, sam_interval_reuse="looksam"), 32),
+    "looksam_local": (dict(SCHEDULE_SGD, max_steps=4, sam_target_layers=TARGET, sam_interval=2,
+                           sam_interval_reuse="looksam"), 32),
+    "random_late": (dict(SCHEDULE_SGD, max_steps=3, sam_selection="all", sam_ascent="random", sam_start=1), 24),
     "probe": (dict(max_steps=3, gradient_accumulation_steps=1, learning_rate=3e-3, optim="adamw_torch",
                    sam_rho=0.05, sam_selection="probe", sam_top_k=2, sam_probe_interval=1, sam_probe_batches=1), 12),
 }
@@ -80,7 +92,9 @@ class RecordingTrainer(LWSAMTrainer):
             "will_sync": bool(getattr(model, "require_backward_grad_sync", False)),
             "allreduces_before": self.bucket_allreduces,
         }
-        if len(self.passes) % 2 == 0:  # pass 1, at w
+        if self.args.sam_ascent == "random" or self.args.sam_interval_reuse == "looksam":
+            record["at"] = {n: p.detach().float().cpu().clone() for n, p in named.items()}
+        elif len(self.passes) % 2 == 0:  # pass 1, at w
             self._at_w = {n: p.detach().float().cpu().clone() for n, p in named.items()}
         else:  # pass 2, at w + e
             record["perturbation"] = {n: p.detach().float().cpu() - self._at_w[n] for n, p in named.items()}
@@ -124,6 +138,8 @@ def run(name: str, out: str) -> None:
         "reuse_disabled_reason": getattr(trainer, "reuse_disabled_reason", None),
         # sam_selection="probe": (step, selection) of every completed probe on this rank.
         "probe_history": getattr(getattr(trainer, "_layer_probe", None), "history", None),
+        # sam_interval_reuse="looksam": the kept component g_v at the end (the last SAM step's).
+        "kept": trainer._schedule.direction(trainer.perturbed_parameter_names()),
     }
     torch.save(result, os.path.join(out, f"{name}_rank{rank}.pt"))
 

@@ -29,7 +29,9 @@ def test_throughput_benchmark_runs_every_method_and_writes_json(tmp_path):
     result = json.loads(out.read_text())
     names = [r["method"] for r in result["results"]]
     assert names == ["adamw", "full SAM", "LW-SAM k=1 truncated", "LW-SAM k=1 reuse", "LW-SAM k=1 stale",
-                     "LW-SAM k=1 reuse interval=4", "full SAM stale"]
+                     "LW-SAM k=1 reuse interval=4", "full SAM stale", "full SAM LookSAM interval=5",
+                     "full SAM late from 70%", "LW-SAM k=1 reuse LookSAM interval=5", "LW-SAM k=1 reuse late from 70%",
+                     "full random", "LW-SAM k=1 random"]
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in result["results"])
     assert result["results"][0]["ratio_to_adamw"] == 1.0
     assert "| LW-SAM k=1 reuse |" in stdout
@@ -43,7 +45,8 @@ def test_throughput_benchmark_runs_inside_trl_sft(tmp_path):
          timeout=300)
     result = json.loads(out.read_text())
     assert result["trainer"] == "sft" and [r["method"] for r in result["results"]] == [
-        "adamw", "LW-SAM k=1 reuse", "LW-SAM k=1 reuse interval=4"]
+        "adamw", "LW-SAM k=1 reuse", "LW-SAM k=1 reuse interval=4", "LW-SAM k=1 reuse LookSAM interval=5",
+        "LW-SAM k=1 reuse late from 70%"]
 
 
 def test_throughput_benchmark_help():

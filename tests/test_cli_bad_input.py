@@ -7,14 +7,18 @@ that one line and nothing else (no traceback, progress bar or load report).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from test_cli import make_tiny_bert_dir, make_tiny_gpt2_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,6 +45,8 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         "blank_texts.csv": b'text,sentiment\n" ",positive\n" ",negative\n',
         "train.xlsx": b"not really a spreadsheet",
         "train.jsonl": b'{"text": "good", "sentiment": "positive"}\n',
+        "int_labels.csv": b"text,sentiment\ngood day,0\nbad day,1\nok day,2\nfine,0\n",
+        "glue_test.csv": b"text,sentiment\ngood day,-1\nbad day,-1\nok day,-1\n",
         "short.txt": b"Too short.\n",
         "plays.txt": b"To be, or not to be, that is the question.\n",
     }
@@ -175,6 +181,12 @@ def _cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "broken jsonl": (["--train_file", d / "broken.jsonl", "--validation_file", None], "could not read"),
         "missing and NaN labels": (train("nan_labels.csv"), "have no 'sentiment' label"),
         "numeric text column": (both("numeric_text.csv"), "not text"),
+        "numeric text in train, words in validation": (train("numeric_text.csv"), "column 'text' holds"),
+        "GLUE-style -1 validation labels": (["--train_file", d / "int_labels.csv", "--validation_file",
+                                             d / "glue_test.csv"], "3 with the label -1"),
+        "GLUE-style -1 test labels with do_predict": (["--train_file", d / "int_labels.csv", "--validation_file",
+                                                       d / "int_labels.csv", "--test_file", d / "glue_test.csv",
+                                                       "--do_predict"], "drop --do_predict"),
         "validation label unseen in training": (["--validation_file", d / "unseen.csv"], "'ecstatic'"),
         "one class": (train("one_class.csv"), "at least 2"),
         "only blank texts": (both("blank_texts.csv"), "no non-empty text"),
@@ -216,6 +228,12 @@ def _argv(assets: dict, out: Path, case: list) -> list[str]:
     if rest and rest[0] == "__config__":
         first, rest = [str(rest[1])], rest[2:]
         base.pop("--report_to")
+    return first + _merge_flags(base, rest)
+
+
+def _merge_flags(base: dict, rest: list) -> list[str]:
+    """`base` (flag -> value) with the flags of `rest`: a flag of `base` takes the new value (`None` drops it),
+    others are appended."""
     extra = []
     i = 0
     while i < len(rest):
@@ -231,7 +249,7 @@ def _argv(assets: dict, out: Path, case: list) -> list[str]:
             base[flag] = values[0]
         else:
             extra += [flag, *values]
-    return first + [str(x) for kv in base.items() for x in kv] + [str(x) for x in extra]
+    return [str(x) for kv in base.items() for x in kv] + [str(x) for x in extra]
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -269,11 +287,14 @@ def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, case):
                                 ">= 0 (e.g. 5e-5)."),
     (["--validation_file", "unseen.csv"], "hf-lwsam-train: error: the validation split has label(s) ['ecstatic'] "
                                           "that the training data lacks"),
+    # datasets logs these parsers' errors itself before raising: the one line carries them instead
+    pytest.param(["--train_file", "broken.jsonl", "--validation_file", None], "hf-lwsam-train: error: could not "
+                 "read --train_file", marks=pytest.mark.slow),
+    pytest.param(["--train_file", "ragged.csv"], "hf-lwsam-train: error: could not read --train_file", marks=pytest.mark.slow),
 ])
 def test_real_process_stderr_is_exactly_one_line(assets, tmp_path, case, expected):
     """Through a real interpreter, so logging handlers, progress bars and load reports would all show."""
-    if case[1] == "unseen.csv":
-        case = [case[0], assets["data"] / case[1]]
+    case = [assets["data"] / x if isinstance(x, str) and x.endswith((".csv", ".jsonl")) else x for x in case]
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
@@ -304,3 +325,221 @@ def test_push_to_hub_while_offline_exits_2_with_one_error_line(assets, tmp_path)
     errors = [line for line in stderr.splitlines() if "hf-lwsam-train" in line]
     assert code == 2 and len(errors) == 1 and "--push_to_hub could not create the Hub repo" in errors[0]
     assert "Traceback" not in stderr and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ hf-lwsam-sft
+# The same promise for the SFT command: every case exits 2 with one line, before any weights load, and writes nothing.
+# `main(argv)` runs in-process; besides stderr, the records of the libraries' loggers are checked (their handlers
+# write to the real stderr, which redirect_stderr does not see), so a warning or load report before the line fails.
+LIBRARY_LOGGERS = ("transformers", "datasets", "trl", "peft", "accelerate", "hf_lwsam")
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def sft_assets(tmp_path_factory) -> dict[str, Path]:
+    from conftest import shakespeare_paragraphs
+
+    root = tmp_path_factory.mktemp("sft_bad_input_assets")
+    model = make_tiny_gpt2_dir(root / "tiny-gpt2")
+    (root / "no-tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (root / "no-tokenizer" / name).write_bytes((model / name).read_bytes())
+    texts = shakespeare_paragraphs(12)
+
+    def chat(user: str, assistant: str, roles=("user", "assistant"), keys=("role", "content")) -> list[dict]:
+        return [{keys[0]: roles[0], keys[1]: user}, {keys[0]: roles[1], keys[1]: assistant}]
+
+    datasets = {
+        "text": {"train.jsonl": _jsonl([{"text": t} for t in texts])},
+        "no_text_column": {"train.jsonl": _jsonl([{"body": t, "id": i} for i, t in enumerate(texts)])},
+        "numeric_text": {"train.jsonl": _jsonl([{"text": i} for i in range(12)])},
+        "empty_texts": {"train.jsonl": _jsonl([{"text": " "}, {"text": ""}] * 6)},
+        "messages": {"train.jsonl": _jsonl([{"messages": chat(t[:30], t[30:])} for t in texts])},
+        "roles_human_bot": {"train.jsonl": _jsonl([{"messages": chat(t[:30], t[30:], ("human", "bot"))}
+                                                   for t in texts])},
+        "messages_from_value": {"train.jsonl": _jsonl([{"messages": chat(t[:30], t[30:], ("user", "assistant"),
+                                                                         ("from", "value"))} for t in texts])},
+        "sharegpt": {"train.jsonl": _jsonl([{"conversations": chat(t[:30], t[30:], ("human", "gpt"),
+                                                                   ("from", "value"))} for t in texts])},
+        "conversations_role_content": {"train.jsonl": _jsonl([{"conversations": chat(t[:30], t[30:])}
+                                                              for t in texts])},
+        "prompt_only": {"train.jsonl": _jsonl([{"prompt": t} for t in texts])},
+        "prompt_text_completion_messages": {"train.jsonl": _jsonl([{"prompt": t[:30], "completion": chat("a", "b")}
+                                                                   for t in texts])},
+        "zero_byte": {"train.jsonl": b""},
+        "broken_json": {"train.jsonl": b'{"text": "good"}\n{"text": \n'},
+        "text_train_messages_test": {"train.jsonl": _jsonl([{"text": t} for t in texts]),
+                                     "test.jsonl": _jsonl([{"messages": chat("a", "b")}] * 3)},
+    }
+    for name, files in datasets.items():
+        (root / name).mkdir()
+        for file, content in files.items():
+            (root / name / file).write_bytes(content)
+    configs = {
+        "invalid.yaml": "learning_rate: [1, 2\n",
+        "unknown_key.yaml": f"model_name_or_path: {model}\ndataset_name: {root / 'text'}\nlearnin_rate: 2e-3\n",
+        "bad_int.yaml": f"model_name_or_path: {model}\ndataset_name: {root / 'text'}\nmax_length: long\n",
+        "accumulation_0.yaml": f"model_name_or_path: {model}\ndataset_name: {root / 'text'}\n"
+                               "gradient_accumulation_steps: 0\n",
+    }
+    for name, text in configs.items():
+        (root / name).write_text(text)
+    (root / "a_file").write_text("not a directory")
+    return {"root": root, "model": model}
+
+
+def _sft_cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
+    """name -> (flags after the base flags, a substring of the error line)."""
+    root = a["root"]
+
+    def data(name: str) -> list:
+        return ["--dataset_name", root / name]
+
+    return {
+        # the model
+        "model path missing": (["--model_name_or_path", root / "no-model"], "does not exist"),
+        "model path is a file": (["--model_name_or_path", root / "a_file"], "is a file"),
+        "hub model offline": (["--model_name_or_path", "hf-lwsam-test/not-cached"], "offline"),
+        "model folder without tokenizer": (["--model_name_or_path", root / "no-tokenizer"], "no tokenizer files"),
+        "max_length above the positions": (["--max_length", "1024"], "positions"),
+        # options
+        "max_length 0": (["--max_length", "0"], "--max_length 0"),
+        "max_length -1": (["--max_length", "-1"], "--max_length -1"),
+        "train batch 0": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
+        "eval batch 0": (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size 0"),
+        "learning_rate -1": (["--learning_rate", "-1"], "--learning_rate -1"),
+        "max_steps 0": (["--max_steps", "0"], "--max_steps 0"),
+        "report_to wandb, not installed": (["--report_to", "wandb"], "wandb is not installed"),
+        "report_to unknown": (["--report_to", "myboard"], "myboard"),
+        "unknown flag": (["--sam_rhoo", "0.1"], "--sam_rhoo"),
+        "empty dataset_text_field": (["--dataset_text_field", ""], "--dataset_text_field is empty"),
+        "bf16 (SFTConfig's default) without a bf16 device": (["--bf16", None], "--bf16 false"),
+        "chat_template_path missing": (["--chat_template_path", root / "no_template.jinja"], "does not exist"),
+        "dataset_streaming": (["--dataset_streaming", "true"], "--dataset_streaming is not supported"),
+        "load_in_4bit without bitsandbytes": (["--use_peft", "--load_in_4bit"], "bitsandbytes"),
+        "sam_rho -1": (["--sam_rho", "-1"], "sam_rho=-1"),
+        "sam_target_layers match nothing": (["--sam_target_layers", "nothing.here"], "matches no module"),
+        "sam_target_layers match nothing with LoRA": (["--use_peft", "--sam_target_layers", "nothing.here"],
+                                                      "matches no module"),
+        "lora_target_modules match nothing": (["--use_peft", "--lora_target_modules", "no_such_proj"],
+                                              "LoRA could not be added"),
+        "lora_r without use_peft": (["--lora_r", "4"], "without --use_peft"),
+        "lora_r 0": (["--use_peft", "--lora_r", "0"], "--lora_r 0"),
+        "lora_dropout 1": (["--use_peft", "--lora_dropout", "1"], "--lora_dropout 1"),
+        "eval_strategy without an eval split": (["--eval_strategy", "steps", "--eval_steps", "1"],
+                                                "--eval_strategy steps needs a 'test' split"),
+        "missing train split": (["--dataset_train_split", "nope"], "has no 'nope' split"),
+        # the dataset
+        "dataset folder missing": (data("nope"), "does not exist"),
+        "dataset is a file": (data("a_file"), "is a file"),
+        "hub dataset offline": (["--dataset_name", "hf-lwsam-test/not-cached"], "offline"),
+        "zero-byte train.jsonl": (data("zero_byte"), "train.jsonl' is empty (0 bytes)"),
+        "broken json": (data("broken_json"), "JSON"),
+        "no text or messages column": (data("no_text_column"), "has the columns ['body', 'id']"),
+        "wrong dataset_text_field": (["--dataset_text_field", "body"], "--dataset_text_field 'body'"),
+        "numeric text column": (data("numeric_text"), "not text"),
+        "all texts empty": (data("empty_texts"), "no non-empty text"),
+        "roles human/bot": (data("roles_human_bot"), "unknown role(s) ['bot', 'human']"),
+        "ShareGPT from/value in messages": (data("messages_from_value"), "ShareGPT-style"),
+        "ShareGPT conversations human/gpt": (data("sharegpt"), "ShareGPT-style with the role(s) ['gpt', 'human']"),
+        "conversations with role/content": (data("conversations_role_content"), "rename 'conversations'"),
+        "prompt without completion": (data("prompt_only"), "needs a 'completion' column"),
+        "prompt text, completion messages": (data("prompt_text_completion_messages"), "one text and one list"),
+        "train and test in different formats": (data("text_train_messages_test"), "different columns"),
+        "messages without a chat template": (data("messages"), "no chat template"),
+        "assistant_only_loss on text": (["--assistant_only_loss", "true"], "--assistant_only_loss needs conversational"),
+        # output directory and config files
+        "output_dir holds other files": (["--output_dir", root / "text"], "did not write"),
+        "resume_from_checkpoint missing": (["--resume_from_checkpoint", "/nonexistent"], "does not exist"),
+        "config invalid yaml": (["__config__", root / "invalid.yaml"], "not valid YAML"),
+        "config unknown key": (["__config__", root / "unknown_key.yaml"], "learnin_rate"),
+        "config word for an int": (["__config__", root / "bad_int.yaml"], "'long' is not a valid int"),
+        "config accumulation 0": (["__config__", root / "accumulation_0.yaml"], "--gradient_accumulation_steps 0"),
+        "config file missing": (["__config__", root / "missing.yaml"], "--config needs an existing YAML file"),
+    }
+
+
+def _sft_argv(a: dict, out: Path, case: list) -> list[str]:
+    """Base flags (tiny local GPT-2, a local text dataset, two steps), then the case's (later flags win; a
+    `__config__ PATH` case names model and data in the config file instead)."""
+    base = {"--model_name_or_path": a["model"], "--dataset_name": a["root"] / "text", "--max_steps": "2",
+            "--per_device_train_batch_size": "4", "--max_length": "32", "--bf16": "false", "--report_to": "none",
+            "--disable_tqdm": "true", "--output_dir": out}
+    if case and case[0] == "__config__":
+        del base["--model_name_or_path"], base["--dataset_name"]
+        base["--config"], case = case[1], case[2:]
+    return _merge_flags(base, list(case))
+
+
+def run_sft(argv: list[str]) -> tuple[int, str, str, list[str]]:
+    """`hf-lwsam-sft`'s main in-process: exit code, stdout, stderr, and the library log records at WARNING and up
+    with the Python warnings raised."""
+    import logging
+
+    from hf_lwsam.cli.sft import main as sft_main
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")  # a real process prints each to stderr
+            code = sft_main([str(a) for a in argv])
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    return code, out.getvalue(), err.getvalue(), [r.getMessage() for r in records] + [str(w.message) for w in warned]
+
+
+SFT_CASE_NAMES = list(_sft_cases({"root": Path("/x"), "model": Path("/x")}))
+
+
+@pytest.mark.parametrize("case", SFT_CASE_NAMES)
+def test_sft_bad_input_is_one_line_exit_2_nothing_written(sft_assets, tmp_path, case):
+    pytest.importorskip("trl")
+    if case == "bf16 (SFTConfig's default) without a bf16 device" and torch.cuda.is_available():
+        pytest.skip("this machine supports bf16")
+    argv_case, expected = _sft_cases(sft_assets)[case]
+    out = tmp_path / "out"
+    argv = _sft_argv(sft_assets, out, argv_case)
+    before = _snapshot(sft_assets["root"])
+    code, stdout, stderr, logged = run_sft(argv)
+    lines = stderr.splitlines()
+    assert code == 2, f"exit {code}: {stderr[-2000:]}"
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{stderr[-2000:]}"
+    assert lines[0].startswith("hf-lwsam-sft: error: ") and expected in lines[0], lines[0]
+    assert any(fix in lines[0].lower() for fix in FIXES + (" rename ", " convert ")), lines[0]
+    assert "Strategy." not in lines[0], "an enum's repr is not what the user typed"
+    assert not logged, f"library warnings before the error line: {logged}"
+    assert stdout == ""
+    assert not out.exists(), "nothing may be written"
+    assert _snapshot(sft_assets["root"]) == before, "the inputs must be untouched and nothing written next to them"
+
+
+@pytest.mark.parametrize("case", [
+    "broken json",  # datasets logs the parser's error itself before raising
+    pytest.param("eval_strategy without an eval split", marks=pytest.mark.slow),
+    pytest.param("sam_target_layers match nothing with LoRA", marks=pytest.mark.slow),  # PEFT warns on GPT-2
+])
+def test_sft_real_process_stderr_is_exactly_one_line(sft_assets, tmp_path, case):
+    """Through a real interpreter, so logging handlers, progress bars and load reports would all show."""
+    pytest.importorskip("trl")
+    argv_case, expected = _sft_cases(sft_assets)[case]
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "hf_lwsam.cli.sft", *_sft_argv(sft_assets, out, argv_case)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hf-lwsam-sft: error: ") and expected in lines[0], \
+        proc.stderr[-3000:]
+    assert proc.stdout == "" and not out.exists() and os.listdir(tmp_path) == []

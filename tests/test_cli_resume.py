@@ -156,3 +156,40 @@ def test_sigterm_to_one_rank_under_accelerate_stops_every_rank_at_the_same_step(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"checkpoint-{step} (global step {step})" in rerun.stderr
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
+
+
+@pytest.mark.slow  # two real runs with 600 evaluation batches: ~25 s on 2 cores
+def test_sigterm_during_the_final_evaluation_saves_the_last_step_exits_143_and_the_rerun_finishes(tmp_path):
+    """After training, SIGTERM during the final evaluation (or save) saves the last step as a checkpoint and exits
+    143; the same command again resumes there with nothing left to train, evaluates and saves."""
+    model = make_tiny_bert_dir(tmp_path / "tiny-bert")
+    train_csv, validation_csv = write_tweet_csvs(tmp_path / "tweets", n_train=32, n_validation=600)
+    command = [sys.executable, "-m", "hf_lwsam.cli.train", "--model_name_or_path", str(model), "--train_file",
+               str(train_csv), "--validation_file", str(validation_csv), "--label_column", "sentiment",
+               "--max_length", "32", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "1",
+               "--max_steps", "4", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+               "--disable_tqdm", "true", "--measure_plain_steps", "0", "--log_level", "info"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*command, "--output_dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=ENV, cwd=REPO)
+    seen = []
+    for line in proc.stderr:  # 600 single-row evaluation batches: seconds of evaluation after this line
+        seen.append(line)
+        if "***** Running Evaluation *****" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    stderr = "".join(seen) + proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    message = [line for line in stderr.splitlines() if line.startswith("hf-lwsam-train:")]
+    assert len(message) == 1 and "during the final evaluation or save, after step 4" in message[0], stderr[-3000:]
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert not (out / "all_results.json").exists(), "an interrupted run must not look finished"
+    rerun = _run(command, out)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoint-4'} (global step 4)" in rerun.stderr
+    results = json.loads((out / "all_results.json").read_text())
+    assert "eval_accuracy" in results and json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "train_loss" in e]
+    assert results["train_loss"] == logged[0]["train_loss"] > 0, "the training loss of the run that trained"
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()

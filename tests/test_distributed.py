@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import shakespeare_lm_dataset, tiny_gpt2
-from distributed_worker import RHO, make_args
+from distributed_worker import RHO, SINGLE_PASS, make_args
 from hf_lwsam import LWSAMConfig, LWSAMTrainer
 from test_update_math import _rel, reference_update
 
@@ -84,7 +84,7 @@ DEFAULT_SCENARIOS = ["sync_ga1", "local_ga1", "sync_ga2", "local_ga2", "sync_ga2
 def fp32_run(tmp_path_factory) -> Path:
     """One 2-process launch of every default scenario (plus probe selection once it exists), fp32."""
     out = tmp_path_factory.mktemp("ddp_fp32")
-    launch(out, DEFAULT_SCENARIOS + ([] if probe_unavailable_reason() else ["probe"]))
+    launch(out, DEFAULT_SCENARIOS + list(SINGLE_PASS) + ([] if probe_unavailable_reason() else ["probe"]))
     return out
 
 
@@ -238,6 +238,38 @@ def test_gradient_accumulation_syncs_once_per_optimizer_step(fp32_run, scenario)
         # Bucket all-reduces counted before each pass: nothing new until the last pass 2 of each window ran.
         counted = [p["allreduces_before"] for p in passes]
         assert counted == [s * per_step for s in range(steps) for _ in range(2 * accumulation)]
+
+
+@pytest.mark.parametrize("scenario", ["looksam_sync", "random_late"])
+def test_schedules_equal_single_process_on_the_global_batch(fp32_run, scenario, tmp_path):
+    """LookSAM with a synchronised ascent (g_v from all-reduced gradients, added after the all-reduce) and random
+    perturbation from step 1 (noise seeded by step and parameter, not by rank): two processes take the single-process
+    trainer's steps on the global batches."""
+    ranks = load(fp32_run, scenario)
+    model = start_model(ranks)
+    args, n_examples = make_args(scenario, str(tmp_path / "single"), per_device_train_batch_size=WORLD * BATCH)
+    single = LWSAMTrainer(model=model, args=args, train_dataset=shakespeare_lm_dataset(n_examples))
+    single.train()
+    got, start = ranks[0]["end"], ranks[0]["start"]
+    assert all(torch.equal(got[n], ranks[1]["end"][n]) for n in got)
+    assert _rel(got, dict(single.model.named_parameters()), start) <= 1e-5
+    steps = [e["sam/sam_steps"] for e in ranks[0]["log_history"] if "sam/sam_steps" in e]
+    if scenario == "random_late":
+        assert steps == [0.0, 1.0, 1.0]
+        for a, b in zip(*(r["passes"] for r in ranks)):  # every process perturbed with the same noise
+            assert all(torch.equal(a["at"][n], b["at"][n]) for n in a["at"])
+    else:
+        assert steps == [1.0, 0.0, 1.0, 0.0]
+        assert [e["sam/looksam_steps"] for e in ranks[0]["log_history"] if "sam/looksam_steps" in e] == [1.0, 1.0]
+
+
+def test_looksam_keeps_the_same_component_on_every_rank(fp32_run):
+    """Rank-local ascent (m-sharpness): the clean gradient of S is all-reduced once per SAM window, so g_v, and with it
+    every LookSAM step, is the same on both ranks."""
+    rank0, rank1 = load(fp32_run, "looksam_local")
+    assert rank0["kept"] is not None and all(torch.equal(a, b) for a, b in zip(rank0["kept"], rank1["kept"]))
+    assert all(torch.equal(p, rank1["end"][n]) and not torch.equal(p, rank0["start"][n])
+               for n, p in rank0["end"].items() if n in rank0["selected"])
 
 
 def test_probe_selection_identical_on_all_ranks(fp32_run):

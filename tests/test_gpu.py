@@ -67,3 +67,28 @@ def test_fp16_overflow_in_pass_1_is_skipped_and_counted():
     assert forced.trainer.state.global_step == steps
     assert all(math.isfinite(v) for v in forced.logs("loss"))
     assert forced.weights_finite()
+
+
+SCHEDULES = {
+    "looksam": dict(sam_interval=2, sam_interval_reuse="looksam"),
+    "late": dict(sam_start=0.5),
+    "random": dict(sam_ascent="random", sam_selection="all"),
+}
+
+
+def schedule_vs_fp32(precision: str, schedule: str, device: str = "cuda") -> tuple[float, object]:
+    """4 SGD steps of an ascent schedule in `precision` against the same run in fp32: (cosine of the updates, run)."""
+    kwargs = dict(size="tiny", seq_len=SEQ, batch=BATCH, accumulation=ACCUMULATION, lr=0.1, optim="sgd", rho=RHO,
+                  **SCHEDULES[schedule])
+    low, full = train(precision, device, 4, **kwargs), train("fp32", device, 4, **kwargs)
+    return cosine(low.update(), full.update()), low
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_schedules_under_mixed_precision_follow_fp32(precision, schedule):
+    """fp16: LookSAM's g_v and `.grad` carry the GradScaler's scale, which the ratio ||g|| / ||g_v|| cancels."""
+    cos, run = schedule_vs_fp32(precision, schedule)
+    assert run.weights_finite() and cos > 0.99, f"cosine {cos}"
+    if schedule == "looksam":  # the component was added on the steps between (unless fp16 skipped that step)
+        assert sum(run.logs("sam/looksam_steps")) >= (1 if precision == "fp16" else 2)

@@ -130,16 +130,21 @@ def test_sft_metrics_and_token_counts_are_recorded_once(tmp_path):
     assert logged(ours, "sam/sharpness")[0] != 0.0
 
 
-def _sft_reference_step(tmp_path, rho: float) -> dict[str, torch.Tensor]:
+def _sft_reference_step(tmp_path, rho: float, make_model=tiny_lm, selected_names: list[str] | None = None,
+                        **overrides) -> dict[str, torch.Tensor]:
     """One SGD(lr=1) step by hand: w - sum_b grad L_b(w_S + e_S^b), e_S^b = rho g_S^b / ||g_S^b||, with L_b TRL's SFT
-    loss of micro-batch b as `SFTTrainer.compute_loss` computes it (summed token loss / the window's token count)."""
-    plain = trl.SFTTrainer(model=tiny_lm(), args=trl.SFTConfig(output_dir=str(tmp_path / "ref"), **COMMON, **SGD,
-                                                               max_steps=1),
+    loss of micro-batch b as `SFTTrainer.compute_loss` computes it (summed token loss / the window's token count), on
+    the batches TRL's own collator makes with the SFTConfig `overrides` (e.g. packing). `selected_names`: S (default:
+    tiny_lm's last block and final norm)."""
+    plain = trl.SFTTrainer(model=make_model(), args=trl.SFTConfig(output_dir=str(tmp_path / "ref"),
+                                                                  **{**COMMON, **SGD, "max_steps": 1, **overrides}),
                            train_dataset=sft_data(), processing_class=tiny_tokenizer())
     model = plain.model
     iterator = iter(plain.get_train_dataloader())
     batches, num_items = plain.get_batch_samples(iterator, 2, model.device)
-    selected = [p for n, p in model.named_parameters() if n.startswith(("transformer.h.2.", "transformer.ln_f."))]
+    selected = [p for n, p in model.named_parameters()
+                if (n in selected_names if selected_names is not None
+                    else n.startswith(("transformer.h.2.", "transformer.ln_f.")))]
     params = list(model.parameters())
     total = [torch.zeros_like(p) for p in params]
     model.train()
@@ -248,3 +253,18 @@ def test_sft_under_accelerate_launch_two_processes_are_bit_identical(tmp_path):
     assert all(torch.equal(ranks[0]["end"][n], ranks[1]["end"][n]) for n in ranks[0]["end"])
     assert any(not torch.equal(ranks[0]["end"][n], ranks[0]["start"][n]) for n in ranks[0]["end"])
     assert ranks[0]["sharpness"] and ranks[0]["sharpness"][0] != 0.0
+
+
+@pytest.mark.parametrize("overrides, sam_steps", [
+    (dict(sam_interval=2, sam_interval_reuse="looksam"), [1.0, 0.0, 1.0, 0.0]),
+    (dict(sam_start=0.5), [0.0, 0.0, 1.0, 1.0]),
+    (dict(sam_ascent="random"), [1.0, 1.0, 1.0, 1.0]),
+])
+def test_sft_with_looksam_late_phase_and_random_perturbation(overrides, sam_steps, tmp_path):
+    """The ascent schedules inside SFTTrainer's step (accumulation 2): SAM where the schedule says, finite losses, and
+    LookSAM's component added on the steps between."""
+    trainer = sft(SFTLWSAMTrainer, SFTLWSAMConfig, tmp_path, max_steps=4, sam_rho=0.5, **overrides)
+    assert logged(trainer, "sam/sam_steps") == sam_steps
+    assert all(torch.isfinite(torch.tensor(logged(trainer, "loss"))))
+    if "sam_interval_reuse" in overrides:
+        assert logged(trainer, "sam/looksam_steps") == [1.0, 1.0]

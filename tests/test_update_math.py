@@ -21,20 +21,23 @@ from hf_lwsam import LWSAMTrainer
 from test_reuse_cases import digits_dataset, tiny_vit
 
 
-def _summed_loss(model, batch, causal: bool) -> tuple[torch.Tensor, int]:
+def _summed_loss(model, batch, causal: bool, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     if causal:  # next-token prediction: position t predicts token t+1
         logits, labels = logits[:, :-1], batch["labels"][:, 1:]
     else:
         labels = batch["labels"]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+    # label_smoothing: (1 - eps) * nll + eps * mean over classes of -log p, as the Trainer's LabelSmoother computes it.
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum",
+                           label_smoothing=label_smoothing)
     return loss, labels.numel()
 
 
 def reference_update(model, batches, selected: list[str] | None, rho: float, causal: bool, adaptive: bool = False,
-                     divided_by_accumulation: bool = False):
+                     divided_by_accumulation: bool = False, label_smoothing: float = 0.0):
     """w_new under SGD lr=1 after one accumulation window, computed by hand. `divided_by_accumulation`: a model whose
-    forward takes no loss kwargs (ViT), whose micro-batch mean the stock Trainer divides by the accumulation steps."""
+    forward takes no loss kwargs (ViT), whose micro-batch mean the stock Trainer divides by the accumulation steps.
+    `label_smoothing`: the loss of `label_smoothing_factor` (summed over the window's tokens / their count)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = list(params)
     # The divisor of each micro-batch's summed loss (see the module docstring).
@@ -44,7 +47,7 @@ def reference_update(model, batches, selected: list[str] | None, rho: float, cau
     total = [torch.zeros_like(p) for p in params.values()]
     for batch in batches:
         sel = [params[n] for n in (selected if selected is not None else names)]
-        loss, _ = _summed_loss(model, batch, causal)
+        loss, _ = _summed_loss(model, batch, causal, label_smoothing)
         g = torch.autograd.grad(loss / window_items, sel, allow_unused=True)
         g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(sel, g)]
         if adaptive:
@@ -57,7 +60,7 @@ def reference_update(model, batches, selected: list[str] | None, rho: float, cau
         with torch.no_grad():
             for p, ei in zip(sel, e):
                 p.add_(ei)
-        loss, _ = _summed_loss(model, batch, causal)
+        loss, _ = _summed_loss(model, batch, causal, label_smoothing)
         grads = torch.autograd.grad(loss / window_items, list(params.values()), allow_unused=True)
         with torch.no_grad():
             for p, s in zip(sel, saved):
@@ -172,3 +175,28 @@ def test_failing_step_leaves_weights_unperturbed(sgd_args):
         trainer.train()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())  # pass 1 never touched .grad
+
+
+def test_looksam_terms_are_free_of_the_loss_scale_and_skip_non_finite_components():
+    """fp16: `.grad` and pass 1's gradients carry the GradScaler's scale s. g_v then carries s too, and the added term
+    alpha ||s g|| / ||s g_v|| s g_v is s times the unscaled one: unscaling afterwards gives the fp32 step."""
+    from hf_lwsam.sam import looksam_add_, looksam_component
+
+    torch.manual_seed(0)
+    g_s, g, now = ([torch.randn(4, 3), torch.randn(5)] for _ in range(3))
+    v = looksam_component(g_s, g)
+    flat = lambda ts: torch.cat([t.flatten() for t in ts])  # noqa: E731
+    by_hand = flat(g_s) - (flat(g_s) @ flat(g)) / (flat(g) @ flat(g)) * flat(g)  # Algorithm 1, whole vector
+    assert torch.allclose(flat(v), by_hand, atol=1e-6) and abs(float(flat(v) @ flat(g))) < 1e-5
+    plain = [t.clone() for t in now]
+    assert bool(looksam_add_(plain, v, 0.7))
+    expected = flat(now) + 0.7 * flat(now).norm() / by_hand.norm() * by_hand
+    assert torch.allclose(flat(plain), expected, atol=1e-6)
+    s = 2.0**16
+    scaled = [t * s for t in now]
+    looksam_add_(scaled, looksam_component([t * s for t in g_s], [t * s for t in g]), 0.7)
+    assert torch.allclose(flat(scaled) / s, flat(plain), rtol=1e-6, atol=1e-6)
+    # A g_v from an overflowed SAM step adds nothing (and no NaN).
+    overflowed = [t.clone() for t in now]
+    assert not bool(looksam_add_(overflowed, [torch.full_like(t, float("inf")) for t in v], 0.7))
+    assert torch.equal(flat(overflowed), flat(now))

@@ -132,7 +132,8 @@ def make_parser() -> HfArgumentParser:
     return parser
 
 
-def _read_config_file(path: str, parser: HfArgumentParser) -> dict[str, Any]:
+def _read_config_file(path: str, parser: HfArgumentParser, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The options of a YAML/JSON config file, typed as the flags would be; `extra_keys` are accepted as they are."""
     if not Path(path).is_file():
         raise UsageError(f"config file {path!r} does not exist: pass an existing .yaml/.yml/.json file.")
     try:
@@ -146,11 +147,11 @@ def _read_config_file(path: str, parser: HfArgumentParser) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise UsageError(f"config file {path!r} holds a {type(values).__name__}: pass a mapping of option: value "
                          "lines.")
-    known = {f.name for dtype in parser.dataclass_types for f in fields(dtype)}
+    known = {f.name for dtype in parser.dataclass_types for f in fields(dtype)} | set(extra_keys)
     unknown = sorted(set(values) - known)
     if unknown:
         raise UsageError(f"config file {path!r} has unknown options {unknown}: use the flag names of "
-                         "hf-lwsam-train --help without the leading dashes.")
+                         f"{parser.prog} --help without the leading dashes.")
     return {key: _typed_config_value(parser, path, key, value) for key, value in values.items()}
 
 
@@ -202,17 +203,21 @@ def parse_args(
     try:
         model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # option validation in __post_init__ (e.g. LWSAMConfig), unused arguments
-        message = " ".join(str(e).split())
-        if "not used by the HfArgumentParser" in message:
-            message = (f"unknown arguments {message.split(': ', 1)[-1]}: drop them, or pass flags that "
-                       "hf-lwsam-train --help lists.")
-        raise UsageError(message) from None
+        raise parsing_error(e, parser.prog) from None
     if model_args.task is not None:
         if model_args.task not in TASK_ALIASES:
             raise UsageError(f"--task {model_args.task!r} is unknown: pass --task classification or "
                              "--task causal_lm (or leave it out to infer it).")
         model_args.task = TASK_ALIASES[model_args.task]
     return model_args, data_args, train_args, embedded
+
+
+def parsing_error(error: ValueError, prog: str) -> UsageError:
+    """A dataclass's own validation error, or the parser's unused arguments, as a one-line `UsageError`."""
+    message = " ".join(str(error).split())
+    if "not used by the HfArgumentParser" in message:
+        message = f"unknown arguments {message.split(': ', 1)[-1]}: drop them, or pass flags that {prog} --help lists."
+    return UsageError(message)
 
 
 def _finite(value: Any) -> bool:
@@ -231,6 +236,32 @@ def validate_args(model_args: Any, data_args: Any, args: Any, given: set[str]) -
     option names set on the command line or in the config file (flags that would be ignored are refused).
     """
     a, d, m = args, data_args, model_args
+    validate_training_args(a)
+    _require(a.measure_plain_steps >= 0, "measure_plain_steps", a.measure_plain_steps, "an integer >= 0 (0: off)")
+    validate_lora_args(m, given, enabled=m.use_lora, switch="--use_lora")
+
+    _require(d.max_length is None or d.max_length >= 2, "max_length", d.max_length, "at least 2 (e.g. 128)")
+    for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+        value = getattr(d, name)
+        _require(value is None or value >= 1, name, value, "an integer >= 1 (or leave it out)")
+    _require(1 <= d.validation_split_percentage <= 99, "validation_split_percentage", d.validation_split_percentage,
+             "a percentage between 1 and 99")
+    if d.dataset_config_name and not d.dataset_name:
+        raise UsageError("--dataset_config_name given without --dataset_name: pass --dataset_name HUB_ID too, or drop "
+                         "--dataset_config_name.")
+    if d.test_file and not a.do_predict:
+        raise UsageError("--test_file is only evaluated with --do_predict: add --do_predict, or drop --test_file.")
+    if a.do_predict and d.train_file and not d.test_file:
+        raise UsageError("--do_predict needs a test split: pass --test_file PATH, or drop --do_predict.")
+    if d.text_column is not None and d.text_column == d.label_column:
+        raise UsageError(f"--text_column and --label_column are both {d.text_column!r}: pass two different columns.")
+    if d.label_column is not None and TASK_ALIASES.get(m.task) == "causal_lm":
+        raise UsageError("--label_column is not used by --task causal_lm: drop it, or pass --task classification.")
+
+
+def validate_training_args(a: Any) -> None:
+    """The checks of the `TrainingArguments` options both commands share (batch sizes, steps, rates, `report_to`,
+    ...), on the parsed config or the parser's namespace; each bad value raises a one-line `UsageError`."""
     _require(_finite(a.learning_rate) and a.learning_rate >= 0, "learning_rate", a.learning_rate,
              "a finite learning rate >= 0 (e.g. 5e-5)")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -255,38 +286,27 @@ def validate_args(model_args: Any, data_args: Any, args: Any, given: set[str]) -
     _require(a.save_total_limit is None or a.save_total_limit >= 1, "save_total_limit", a.save_total_limit,
              "the number of checkpoints to keep, >= 1 (or leave it out to keep all)")
     _require(a.dataloader_num_workers >= 0, "dataloader_num_workers", a.dataloader_num_workers, "an integer >= 0")
-    _require(a.measure_plain_steps >= 0, "measure_plain_steps", a.measure_plain_steps, "an integer >= 0 (0: off)")
     _check_report_to(a.report_to)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_FSDP")
     if getattr(a, "fsdp", None) and not launched:  # the Trainer would raise "only works in distributed training"
         raise UsageError(f"--fsdp {a.fsdp} needs a distributed launch: run accelerate launch --config_file "
                          "scripts/accelerate_configs/fsdp2.yaml scripts/train.py ... (or torchrun), or drop --fsdp.")
 
+
+def validate_lora_args(m: Any, given: set[str], enabled: bool, switch: str) -> None:
+    """LoRA rank, alpha and dropout; `--lora_*` flags given without the `switch` that enables LoRA are refused."""
     _require(m.lora_r >= 1, "lora_r", m.lora_r, "a LoRA rank >= 1 (e.g. 8)")
     _require(_finite(m.lora_alpha) and m.lora_alpha > 0, "lora_alpha", m.lora_alpha, "a scaling alpha > 0 (e.g. 16)")
     _require(_finite(m.lora_dropout) and 0 <= m.lora_dropout < 1, "lora_dropout", m.lora_dropout, "a value in [0, 1)")
     lora_flags = sorted(f"--{n}" for n in given if n.startswith("lora_"))
-    if lora_flags and not m.use_lora:
-        raise UsageError(f"{', '.join(lora_flags)} given without --use_lora, so it would be ignored: add --use_lora, or "
+    if lora_flags and not enabled:
+        raise UsageError(f"{', '.join(lora_flags)} given without {switch}, so it would be ignored: add {switch}, or "
                          "drop the LoRA flags.")
 
-    _require(d.max_length is None or d.max_length >= 2, "max_length", d.max_length, "at least 2 (e.g. 128)")
-    for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
-        value = getattr(d, name)
-        _require(value is None or value >= 1, name, value, "an integer >= 1 (or leave it out)")
-    _require(1 <= d.validation_split_percentage <= 99, "validation_split_percentage", d.validation_split_percentage,
-             "a percentage between 1 and 99")
-    if d.dataset_config_name and not d.dataset_name:
-        raise UsageError("--dataset_config_name given without --dataset_name: pass --dataset_name HUB_ID too, or drop "
-                         "--dataset_config_name.")
-    if d.test_file and not a.do_predict:
-        raise UsageError("--test_file is only evaluated with --do_predict: add --do_predict, or drop --test_file.")
-    if a.do_predict and d.train_file and not d.test_file:
-        raise UsageError("--do_predict needs a test split: pass --test_file PATH, or drop --do_predict.")
-    if d.text_column is not None and d.text_column == d.label_column:
-        raise UsageError(f"--text_column and --label_column are both {d.text_column!r}: pass two different columns.")
-    if d.label_column is not None and TASK_ALIASES.get(m.task) == "causal_lm":
-        raise UsageError("--label_column is not used by --task causal_lm: drop it, or pass --task classification.")
+
+def looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a Hub id (`name` or `org/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def hub_offline() -> bool:

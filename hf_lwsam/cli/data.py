@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
+import logging as std_logging
 import math
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 from datasets import ClassLabel, DatasetDict, Value, load_dataset
+from transformers.utils import logging
 
-from .args import DataArguments, UsageError, hub_offline
+from .args import DataArguments, UsageError, hub_offline, looks_like_path
 
 FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text", "text": "text"}
 TEXT_COLUMN_CANDIDATES = ("text", "sentence", "content", "review", "document")
 LABEL_COLUMN_CANDIDATES = ("label", "labels")
+DATA_SUFFIXES = (".csv", ".json", ".jsonl", ".txt", ".parquet", ".arrow", ".tsv")
+FIX_HINTS = {
+    "csv": "one row per line with the header's number of fields and quoted commas",
+    "json": "one JSON object per line (.jsonl) or one JSON list of objects (.json)",
+    "text": "plain UTF-8 text",
+}
+NO_LABEL = -1  # the label of unlabelled rows in datasets' ClassLabel convention (GLUE's test splits)
+
+logger = logging.get_logger("hf_lwsam.cli.data")
 
 
 @dataclass
@@ -66,6 +80,37 @@ def _root_cause(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
 
+@contextlib.contextmanager
+def datasets_errors() -> Iterator[list[std_logging.LogRecord]]:
+    """While loading data: the `datasets` library's own ERROR lines (it logs the parser's message, naming the file
+    and row, before raising) are collected instead of printed, so the failure is reported once, in our line."""
+    library = std_logging.getLogger("datasets")
+    records: list[std_logging.LogRecord] = []
+    saved = library.handlers[:]
+
+    def emit(record: std_logging.LogRecord) -> None:
+        if record.levelno >= std_logging.ERROR:
+            records.append(record)
+        else:
+            for handler in saved:
+                handler.handle(record)
+
+    collector = std_logging.Handler()
+    collector.emit = emit
+    library.handlers = [collector]
+    try:
+        yield records
+    finally:
+        library.handlers = saved
+
+
+def _load_cause(error: BaseException, records: list[std_logging.LogRecord]) -> str:
+    """The most telling one-line cause: the parser's message as `datasets` logged it, else the exception's."""
+    if records:
+        return " ".join(re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", records[0].getMessage()).split())[:300]
+    return _root_cause(error)
+
+
 def _load_files(data_args: DataArguments) -> DatasetDict:
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
     files = {split: path for split, path in files.items() if path}
@@ -78,20 +123,82 @@ def _load_files(data_args: DataArguments) -> DatasetDict:
         raise UsageError(f"the data files mix formats ({', '.join(sorted(builders))}): pass files of one format.")
     builder = builders.pop()
     kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
-    try:
-        splits = load_dataset(builder, data_files=files, **kwargs)
-    except Exception as e:  # unreadable files: datasets wraps the parser's error (pandas, pyarrow, json)
-        cause = _root_cause(e)
-        if "EmptyDataError" in cause or "corresponds to no data" in cause:
-            raise UsageError("the data files have no rows: pass a --train_file (and --validation_file) with data "
-                             "rows below the header.") from None
-        raise UsageError(f"could not read the data files as {builder} ({cause}): fix the file, e.g. one row per line "
-                         f"with the header's number of fields{' and quoted commas' if builder == 'csv' else ''}."
-                         ) from None
+    splits = {}
+    for split, path in files.items():  # one file at a time, so a file that cannot be read is named
+        flag = f"--{split}_file {path!r}"
+        try:
+            with datasets_errors() as errors:
+                splits[split] = load_dataset(builder, data_files={"train": path}, split="train", **kwargs)
+        except Exception as e:  # unreadable files: datasets wraps the parser's error (pandas, pyarrow, json)
+            cause = _load_cause(e, errors)
+            if "EmptyDataError" in cause or "corresponds to no data" in cause:
+                raise UsageError(f"{flag} has no rows: pass a file with data rows below the header.") from None
+            raise UsageError(f"could not read {flag} as {builder} ({cause}): fix the file ({FIX_HINTS[builder]})."
+                             ) from None
+        if len(splits[split]) == 0:
+            raise UsageError(f"{flag} has no data rows: pass a file with rows below the header.")
     for split, rows in splits.items():
-        if len(rows) == 0:
-            raise UsageError(f"--{split}_file {files[split]!r} has no data rows: pass a file with rows below the "
-                             "header.")
+        if split != "train":
+            splits[split] = _like_training_file(rows, splits["train"], f"--{split}_file {files[split]!r}",
+                                                files["train"])
+    return DatasetDict(splits)
+
+
+def _like_training_file(rows: Any, train: Any, flag: str, train_path: str) -> Any:
+    """`rows` with the training file's column types (a csv column of numbers is read as numbers, so the same column
+    can come out as int64 in one file and string in another); a column that cannot be converted is named."""
+    shared = [c for c in train.column_names if c in rows.column_names and rows.features[c] != train.features[c]]
+    if not shared or set(rows.column_names) != set(train.column_names):
+        return rows  # missing columns are reported by resolve_columns
+    for column in shared:
+        try:
+            rows = rows.cast_column(column, train.features[column])
+        except (ValueError, TypeError, ArithmeticError, NotImplementedError) as e:  # pyarrow cast errors
+            want = getattr(train.features[column], "dtype", type(train.features[column]).__name__)
+            have = getattr(rows.features[column], "dtype", type(rows.features[column]).__name__)
+            raise UsageError(f"{flag}: column {column!r} holds {have} values that cannot be read as the {want} values "
+                             f"of --train_file {train_path!r} ({' '.join(str(e).split())[:150]}): pass files whose "
+                             f"{column!r} columns hold the same kind of values (a column of only numbers is read as "
+                             "numbers).") \
+                from None
+    return rows
+
+
+def load_named_dataset(name: str, config_name: str | None, config_flag: str, local_hint: str) -> DatasetDict:
+    """`load_dataset(name, config_name)` for `--dataset_name`: a Hub dataset id or a local folder of data files.
+    Every failure is one `UsageError` line naming the cause: a path that does not exist, a 0-byte data file in the
+    folder, a file the parser cannot read (with the row), a Hub id while offline (`local_hint` says what to pass
+    instead)."""
+    flag = f"--dataset_name {name!r}"
+    if os.path.isfile(name):
+        raise UsageError(f"{flag} is a file: pass the folder that holds the data files, or a Hub dataset id.")
+    is_local = os.path.isdir(name)
+    if not is_local and looks_like_path(name):
+        raise UsageError(f"{flag} does not exist: pass an existing folder of data files, or a Hub dataset id.")
+    if is_local:
+        for root, dirs, names in os.walk(name):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for file in sorted(names):
+                path = os.path.join(root, file)
+                if file.lower().endswith(DATA_SUFFIXES) and os.path.getsize(path) == 0:
+                    raise UsageError(f"{flag}: the data file {path!r} is empty (0 bytes): add rows to it, or remove "
+                                     "it from the folder.")
+    try:
+        with datasets_errors() as errors:
+            splits = load_dataset(name, config_name)
+    except Exception as e:  # the datasets library raises many types; the user needs the cause in one line
+        if not is_local and hub_offline():
+            raise UsageError(f"{flag} cannot be downloaded: the Hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) "
+                             f"and it is not cached; {local_hint}.") from None
+        cause = _load_cause(e, errors)
+        if "column names don't match" in cause:  # datasets casts every split to the first file's columns
+            raise UsageError(f"could not load {flag}: its data files have different columns ({cause[:200]}): pass "
+                             "data files with the same columns in every split (one format).") from None
+        fix = ("fix that file (csv: " + FIX_HINTS["csv"] + "; jsonl: " + FIX_HINTS["json"] + ")") if is_local else \
+            f"check the id and {config_flag}"
+        raise UsageError(f"could not load {flag} ({cause}): {fix}.") from None
+    if not isinstance(splits, DatasetDict) or "train" not in splits:
+        raise UsageError(f"{flag} has no 'train' split: pass a dataset with one.")
     return splits
 
 
@@ -109,18 +216,8 @@ def load_raw_data(data_args: DataArguments, embedded: bool, seed: int) -> RawDat
         if data_args.train_file or data_args.validation_file or data_args.test_file:
             raise UsageError("--dataset_name and --train_file/--validation_file/--test_file were both given: pass one "
                              "data source.")
-        try:
-            splits = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-        except Exception as e:
-            if hub_offline():
-                raise UsageError(f"--dataset_name {data_args.dataset_name!r} cannot be downloaded: the Hub is offline "
-                                 "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not cached; pass local files with "
-                                 "--train_file/--validation_file instead.") from None
-            raise UsageError(f"could not load --dataset_name {data_args.dataset_name!r}: "
-                             f"{' '.join(str(e).split())[:300]}; check the id and --dataset_config_name.") from None
-        if not isinstance(splits, DatasetDict) or "train" not in splits:
-            raise UsageError(f"--dataset_name {data_args.dataset_name!r} has no 'train' split: pass a dataset with "
-                             "one, or local files with --train_file.")
+        splits = load_named_dataset(data_args.dataset_name, data_args.dataset_config_name, "--dataset_config_name",
+                                    "pass local files with --train_file/--validation_file instead")
         name = data_args.dataset_name + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
         raw = RawData(splits, f"the [{name}](https://huggingface.co/datasets/{data_args.dataset_name}) dataset",
                       [data_args.dataset_name])
@@ -180,11 +277,20 @@ def resolve_columns(
 def prepare_labels(splits: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
     """Labels as integer class ids in a `labels` column, and the class names (from a `ClassLabel` or sorted values)."""
     feature = splits["train"].features[label_column]
+    # -1 means "no label" for a ClassLabel (GLUE's test splits); in a plain integer column it is a class only when the
+    # training data has it.
+    no_label = NO_LABEL if isinstance(feature, ClassLabel) or NO_LABEL not in set(splits["train"][label_column]) \
+        else None
     for name, split in splits.items():
-        missing = sum(1 for v in split[label_column] if _is_missing(v))
+        values = split[label_column]
+        unlabelled = sum(1 for v in values if v == no_label and isinstance(v, int) and not isinstance(v, bool))
+        missing = unlabelled + sum(1 for v in values if _is_missing(v))
         if missing:
-            raise UsageError(f"{missing} of {len(split)} {name} rows have no {label_column!r} label: fill in or drop "
-                             f"those rows, or pass another --label_column.")
+            why = f" ({unlabelled} with the label -1, which marks unlabelled rows as in GLUE's test splits)" \
+                if unlabelled else ""
+            fix = "drop --do_predict, or pass a test split with labels" if name == "test" and unlabelled else \
+                "fill in or drop those rows, or pass another --label_column"
+            raise UsageError(f"{missing} of {len(split)} {name} rows have no {label_column!r} label{why}: {fix}.")
     present = set(splits["train"][label_column])
     if len(present) < 2:
         only = next(iter(present), None)
@@ -228,12 +334,20 @@ def _is_missing(value: Any) -> bool:
                                                                                  not value.strip())
 
 
-def check_texts(splits: DatasetDict, text_column: str) -> None:
-    """Every split needs at least one non-empty text."""
+def check_texts(splits: Any, text_column: str, flag: str = "--text_column") -> dict[str, int]:
+    """Every split needs at least one non-empty text; rows with an empty (or missing) text are counted and logged,
+    as they are dropped before training. Returns the count per split."""
+    empty = {}
     for name, split in splits.items():
-        if not any(isinstance(t, str) and t.strip() for t in split[text_column]):
-            raise UsageError(f"the {name} split has no non-empty text in --text_column {text_column!r}: pass data "
-                             "with texts, or another --text_column.")
+        texts = split[text_column]
+        empty[name] = sum(1 for t in texts if not (isinstance(t, str) and t.strip()))
+        if empty[name] == len(texts):
+            raise UsageError(f"the {name} split has no non-empty text in {flag} {text_column!r}: pass data "
+                             f"with texts, or another {flag}.")
+        if empty[name]:
+            logger.warning(f"{empty[name]} of {len(texts)} {name} rows have no text in {text_column!r} (empty or "
+                           "missing) and are dropped")
+    return empty
 
 
 def tokenize_for_classification(

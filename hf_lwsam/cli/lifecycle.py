@@ -3,12 +3,17 @@ that is renamed into place, and the exit codes (0 done, 2 bad input, 143 preempt
 
 from __future__ import annotations
 
+import contextlib
+import json
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..preemption import PreemptionCallback
 from .args import UsageError
@@ -21,27 +26,74 @@ class Preempted(Exception):
     """Training stopped on a termination signal after saving a checkpoint; running the command again resumes."""
 
 
+def point_at_output_dir(args: Any, plan: OutputPlan) -> None:
+    """Point the run at `plan.output_dir` and name the Hub repo after it unless `--hub_model_id` did (nothing is
+    written)."""
+    if args.push_to_hub and args.hub_model_id is None:
+        args.hub_model_id = plan.output_dir.name
+    args.output_dir = str(plan.output_dir)
+
+
 def take_output_dir(args: Any, plan: OutputPlan) -> None:
     """Apply `plan` to its output directory (main process first: the only place a previous run's files are removed,
     with --overwrite_output_dir), point the run at it, and name the Hub repo after it unless `--hub_model_id` did."""
-    if args.push_to_hub and args.hub_model_id is None:
-        args.hub_model_id = plan.output_dir.name
+    point_at_output_dir(args, plan)
     with args.main_process_first(desc="output directory"):
         if args.should_save:
             apply_plan(plan)
-    args.output_dir = str(plan.output_dir)
 
 
 def train_resumably(trainer: Any, checkpoint: str | None, output_dir: Path) -> dict[str, Any]:
     """`trainer.train()` from `checkpoint` (or step 0) with a `PreemptionCallback`; its metrics, or `Preempted`."""
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
+    start = json.loads(Path(checkpoint, TRAINER_STATE_NAME).read_text())["global_step"] if checkpoint else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if preemption.preempted:
         step = preemption.stopped_at_step
         raise Preempted(f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}; saved "
                         f"{output_dir / f'checkpoint-{step}'}: run the same command again to resume from it.")
-    return dict(result.metrics)
+    metrics = dict(result.metrics)
+    earlier = [entry for entry in trainer.state.log_history[:-1] if "train_loss" in entry]
+    if start == trainer.state.global_step and earlier:
+        # Resumed after the last step (stopped during the final evaluation or save): nothing was trained now, so the
+        # training metrics are the ones the interrupted run logged when its training ended.
+        metrics.update({key: value for key, value in earlier[-1].items() if key != "step"})
+    return metrics
+
+
+class _Terminated(BaseException):
+    """SIGTERM during the final evaluation or save (a BaseException, so no library `except Exception` swallows it)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def preemptible_finish(trainer: Any, output_dir: Path) -> Iterator[None]:
+    """Around the final evaluation and save, after training: SIGTERM stops them, the last step is saved as a
+    checkpoint (unless one is there already), and `Preempted` is raised (exit 143). Running the command again
+    resumes from that checkpoint with nothing left to train, so it only evaluates and saves. (Single process: with
+    several, each rank handles the signal it receives itself.)"""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the checkpoint below is written whole
+        step = trainer.state.global_step
+        checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if not (checkpoint / TRAINER_STATE_NAME).is_file():
+            trainer._save_checkpoint(trainer.model, trial=None)
+        raise Preempted(f"stopped by SIGTERM during the final evaluation or save, after step {step} of "
+                        f"{trainer.state.max_steps}; saved {checkpoint}: run the same command again to finish "
+                        "(it evaluates and saves, with nothing left to train).") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def save_final(trainer: Any, output_dir: Path, metrics: dict[str, Any], write_card: Callable[[Path], Any]) -> None:

@@ -4,7 +4,10 @@ TRL's `trl sft` script with the `--sam_*` flags: TRL's parser (`TrlParser`, `--c
 (`--dataset_name`, splits), `SFTConfig` (every SFT flag and default) and `ModelConfig` (`--model_name_or_path`,
 `--use_peft`, `--lora_r`, ...). Like `hf-lwsam-train` it resumes from the last checkpoint in `--output_dir`, saves a
 checkpoint and exits 143 on SIGTERM, writes the final model and the LW-SAM model card to a temporary folder renamed
-into place (`all_results.json` last), pushes with `--push_to_hub`, and reports bad input as one line with exit 2.
+into place (`all_results.json` last), pushes with `--push_to_hub`, and reports bad input as one line with exit 2:
+the options, the model's config and layer names (on a weightless copy), its tokenizer and the dataset's format (one
+TRL reads: text, conversational `messages`, prompt/completion) are checked before the weights load, and the trainer
+is built before `--output_dir` is touched.
 
 With no model and no dataset it runs offline (`sft_offline.py`): a LoRA SFT of the shipped SmolLM2-135M-Instruct on
 tweet sentiment as a chat in its chat template, with the held-out answer accuracy before and after training.
@@ -16,6 +19,8 @@ tweet sentiment as a chat in its chat template, with the held-out answer accurac
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -25,11 +30,36 @@ from typing import Any
 from transformers.utils import logging
 
 from ..model_card import ModelCardInfo, write_model_card
-from .args import UsageError
-from .lifecycle import console_main, save_final, take_output_dir, train_resumably
+from .args import (
+    DataArguments,
+    ModelArguments,
+    UsageError,
+    _read_config_file,
+    looks_like_path,
+    parsing_error,
+    validate_lora_args,
+    validate_training_args,
+)
+from .data import check_texts, load_named_dataset
+from .lifecycle import (
+    console_main,
+    point_at_output_dir,
+    preemptible_finish,
+    save_final,
+    take_output_dir,
+    train_resumably,
+)
 from .output import plan_output_dir
+from .sft_data import CONVERSATIONAL, sft_format
 from .sft_offline import EMBEDDED_DEFAULTS
-from .train import check_sam_layers
+from .train import (
+    _quiet_datasets,
+    add_peft_adapter,
+    check_model_config,
+    check_sam_layers,
+    load_model_config,
+    load_tokenizer,
+)
 
 logger = logging.get_logger("hf_lwsam.cli.sft")
 
@@ -59,7 +89,7 @@ def make_parser():
 
 def parse_args(argv: list[str] | None = None):
     """`(script_args, training_args, model_args, run_args, embedded)`; `embedded` when no model and no dataset were
-    given."""
+    given. Every option is checked here, before anything is loaded."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
@@ -70,55 +100,116 @@ def parse_args(argv: list[str] | None = None):
                          "the offline default.")
     if embedded:
         parser.set_defaults(**{k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in given})
+    flags = argv
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv) or not Path(argv[i + 1]).is_file():
             raise UsageError("--config needs an existing YAML file: pass --config path/to/sft.yaml.")
+        config = _read_config_file(argv[i + 1], parser, extra_keys=("env",))  # syntax, names and types
+        given |= set(config) - {"env"}
+        flags = argv[:i] + argv[i + 2:]
+        parser.set_defaults(**{k: v for k, v in config.items() if k != "env"})
+    namespace, _ = parser.parse_known_args(flags)  # argparse errors here; unknown flags are reported below
+    validate_sft_args(namespace, given)  # before the dataclasses' own, terser checks
     try:
         with warnings.catch_warnings():  # transformers' deprecation notes on TRL's own defaults are not the user's
             warnings.simplefilter("ignore", FutureWarning)
             script_args, training_args, model_args, run_args = parser.parse_args_and_config(argv)
-    except ValueError as e:  # a config's own validation (SFTConfig, the sam_* options), or a malformed YAML
-        raise UsageError(" ".join(str(e).split())) from None
+    except ValueError as e:  # a config's own validation (SFTConfig, the sam_* options), unknown flags
+        if "support bf16" in str(e):  # SFTConfig turns bf16 on by default; TrainingArguments' hint names use_cpu only
+            raise UsageError("--bf16 is on (SFTConfig's default) and this machine has no bf16 accelerator: pass "
+                             "--bf16 false, or --use_cpu true to train in bf16 on the CPU.") from None
+        raise parsing_error(e, PROG) from None
     if not embedded and (model_args.model_name_or_path is None or script_args.dataset_name is None):
         missing = "--model_name_or_path" if model_args.model_name_or_path is None else "--dataset_name"
         raise UsageError(f"{missing} is missing (in --config or as a flag): pass both, or neither for the offline "
                          "default.")
+    if not embedded:  # how TRL's own `trl sft` loads the named model
+        training_args.model_init_kwargs = {
+            "revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
+            "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
+            **(training_args.model_init_kwargs or {})}
     return script_args, training_args, model_args, run_args, embedded
 
 
-def skeleton_model(model_args: Any) -> Any:
-    """The model built from its config on the meta device (no weights): layer names to check the sam_* patterns."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def validate_sft_args(a: Any, given: set[str]) -> None:
+    """The checks of `hf-lwsam-train` for the shared training and LoRA options, and SFT's own lengths, on the parsed
+    namespace; `given` holds the options set as flags or in the config file."""
+    validate_training_args(a)
+    validate_lora_args(a, given, enabled=a.use_peft, switch="--use_peft")
+    if a.max_length is not None and a.max_length < 2:
+        raise UsageError(f"--max_length {a.max_length} is invalid: pass at least 2 tokens (e.g. 512), or none to "
+                         "keep whole sequences.")
+    if not a.dataset_text_field:
+        raise UsageError("--dataset_text_field is empty: pass the name of the text column (default: text).")
+    template = a.chat_template_path
+    if template and not os.path.isfile(template) and (template.endswith((".jinja", ".j2")) or looks_like_path(template)):
+        raise UsageError(f"--chat_template_path {template!r} does not exist: pass a .jinja file, or the id of a model "
+                         "whose chat template to copy.")
+    if a.dataset_streaming:
+        raise UsageError("--dataset_streaming is not supported by hf-lwsam-sft (the data's format and texts are "
+                         "checked up front): drop it, or pass a smaller --dataset_name split.")
+    for flag in ("load_in_4bit", "load_in_8bit"):
+        if getattr(a, flag) and importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError(f"--{flag} needs bitsandbytes, which is not installed: pip install bitsandbytes (and "
+                             f"train on a CUDA GPU), or drop --{flag}.")
 
-    name = model_args.model_name_or_path
-    remote = getattr(model_args, "trust_remote_code", False)  # TRL 1.16's ModelConfig no longer has the field
+
+def skeleton_model(name: str, config: Any, args: Any, peft_config: Any) -> Any:
+    """The model built from its config on the meta device (no weights), wrapped by PEFT as the trainer will wrap it:
+    the layer names to check the `--lora_target_modules` and sam_* patterns against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=remote)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--model_name_or_path {name!r} could not be loaded ({' '.join(str(e).split())[:200]}): pass "
-                         "a Hub model id or a local model directory.") from None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    except ValueError as e:  # no causal-LM class for this config
+        raise UsageError(f"--model_name_or_path {name!r} is not a causal language model "
+                         f"({' '.join(str(e).split())[:200]}): pass one, e.g. openai-community/gpt2.") from None
+    if peft_config is None:
+        return model
+    with warnings.catch_warnings():  # PEFT's notes on this copy are shown again when the trainer wraps the real model
+        warnings.simplefilter("ignore")
+        return add_peft_adapter(model, peft_config)
 
 
 def load_data(script_args: Any) -> Any:
-    from datasets import load_dataset
+    return load_named_dataset(script_args.dataset_name, script_args.dataset_config, "--dataset_config",
+                              "pass a local folder of data files instead")
 
-    try:
-        return load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-    except Exception as e:  # the datasets library raises many types; the user needs the cause in one line
-        cause = e.__cause__ or e
-        raise UsageError(f"--dataset_name {script_args.dataset_name!r} could not be loaded "
-                         f"({type(cause).__name__}: {' '.join(str(cause).split())[:200]}): pass a Hub dataset id or a "
-                         "local dataset directory.") from None
+
+def sft_splits(data: Any, script_args: Any, args: Any) -> tuple[Any, Any, str]:
+    """The train split, the evaluation split (`None` when there is none) and their format, checked: a format TRL
+    reads and, for text, rows with empty text are counted, logged and dropped (all empty is refused)."""
+    if script_args.dataset_train_split not in data:
+        raise UsageError(f"the dataset has no {script_args.dataset_train_split!r} split (it has {list(data)}): pass "
+                         "--dataset_train_split with one of them.")
+    splits = {"train": data[script_args.dataset_train_split]}
+    if script_args.dataset_test_split in data:
+        splits["eval"] = data[script_args.dataset_test_split]
+    strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    if strategy != "no" and "eval" not in splits:
+        raise UsageError(f"--eval_strategy {strategy} needs a {script_args.dataset_test_split!r} split: pass "
+                         f"--dataset_test_split with one of {list(data)}, or --eval_strategy no.")
+    field = args.dataset_text_field
+    formats = {name: sft_format(split, name, field) for name, split in splits.items()}
+    if len(set(formats.values())) > 1:
+        raise UsageError(f"the train and eval splits are in different formats ({formats}): pass splits in one format.")
+    if formats["train"] == "text":
+        check_texts(splits, field, flag="--dataset_text_field")
+        splits = {name: split.filter(lambda batch: [isinstance(t, str) and t.strip() != "" for t in batch[field]],
+                                     batched=True) for name, split in splits.items()}
+    if args.assistant_only_loss and not formats["train"].startswith("conversational"):
+        raise UsageError(f"--assistant_only_loss needs conversational data and the train split is {formats['train']}: "
+                         f"pass data in {CONVERSATIONAL}, or drop --assistant_only_loss.")
+    return splits["train"], splits.get("eval"), formats["train"]
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, validate, train (resuming from the last checkpoint in `output_dir`), evaluate, save (with card) and
     optionally push; returns the final metrics."""
-    from trl import get_peft_config
+    from trl import get_peft_config, get_quantization_config
 
     from ..trl import SFTLWSAMTrainer
     from . import sft_offline
@@ -127,27 +218,33 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     logging.set_verbosity(args.get_process_log_level())
     output_dir = Path(args.output_dir).expanduser().resolve()
     plan = plan_output_dir(output_dir, run_args.overwrite_output_dir, args.resume_from_checkpoint)
+    peft_config = get_peft_config(model_args)
     if embedded:
         model, tokenizer, data, held_out = sft_offline.embedded_model_and_data()
-        if not model_args.use_peft:  # with --use_peft false the offline default is a full fine-tune
-            check_sam_layers(model, args)  # before TRL tokenizes: a bad layer name fails first
+        # before TRL tokenizes: a bad layer name fails first (names as PEFT will wrap them)
+        check_sam_layers(skeleton_model(sft_offline.BASE_MODEL, model.config, args, peft_config), args)
         base_model, description = sft_offline.BASE_MODEL, sft_offline.description()
         dataset_ids: list[str] = []
+        with _quiet_datasets():
+            train, test, _ = sft_splits(data, script_args, args)
     else:
-        if not model_args.use_peft:  # names as the trainer will see them (PEFT would wrap them)
-            check_sam_layers(skeleton_model(model_args), args)
-        data = load_data(script_args)
-        model, tokenizer, base_model = model_args.model_name_or_path, None, model_args.model_name_or_path
+        # Everything is checked before the weights load: the model's config, layer names and LoRA targets (on a
+        # weightless copy), the data's format and texts, the tokenizer.
+        name, config, _ = load_model_config(ModelArguments(model_name_or_path=model_args.model_name_or_path,
+                                                           trust_remote_code=args.trust_remote_code))
+        check_model_config(config, name, ModelArguments(), DataArguments(max_length=args.max_length))
+        check_sam_layers(skeleton_model(name, config, args, peft_config), args)
+        with _quiet_datasets():
+            train, test, data_format = sft_splits(load_data(script_args), script_args, args)
+        tokenizer = load_tokenizer(name, ModelArguments(trust_remote_code=args.trust_remote_code),
+                                   revision=model_args.model_revision)
+        if data_format.startswith("conversational") and tokenizer.chat_template is None and \
+                args.chat_template_path is None:
+            raise UsageError(f"the data is conversational and the tokenizer of {name!r} has no chat template: pass "
+                             "--chat_template_path (a .jinja file, or a model id whose template to copy), a model "
+                             "with a chat template, or text data.")
+        model, base_model = name, name
         description, dataset_ids = f"the {script_args.dataset_name} dataset", [script_args.dataset_name]
-    for split in (script_args.dataset_train_split,):
-        if split not in data:
-            raise UsageError(f"the dataset has no {split!r} split (it has {list(data)}): pass "
-                             "--dataset_train_split with one of them.")
-    train = data[script_args.dataset_train_split]
-    test = data.get(script_args.dataset_test_split)
-    if args.eval_strategy != "no" and test is None:
-        raise UsageError(f"--eval_strategy {args.eval_strategy} needs a {script_args.dataset_test_split!r} split: "
-                         f"pass --dataset_test_split with one of {list(data)}, or --eval_strategy no.")
     card_info = ModelCardInfo(
         task="causal_lm", base_model=base_model, base_model_is_hub_id=True, dataset_ids=dataset_ids,
         dataset_description=description, num_train_examples=len(train),
@@ -158,25 +255,29 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
               "target_modules": model_args.lora_target_modules} if model_args.use_peft else None,
         repo_id=args.hub_model_id or output_dir.name,
     )
-    take_output_dir(args, plan)
-    try:
-        trainer = SFTLWSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
-                                  processing_class=tokenizer, peft_config=get_peft_config(model_args))
-    except ValueError as e:  # e.g. sam_target_layers matching no module of this model
+    point_at_output_dir(args, plan)
+    try:  # built (weights loaded, data tokenized) before the output directory is touched
+        with _quiet_datasets():
+            trainer = SFTLWSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
+                                      processing_class=tokenizer, peft_config=peft_config,
+                                      quantization_config=None if embedded else get_quantization_config(model_args))
+    except ValueError as e:  # a check of TRL's or the trainer's that the ones above do not make
         raise UsageError(" ".join(str(e).split())) from None
+    take_output_dir(args, plan)
     if embedded:  # the task metric of the model as it starts (adapters at their zero init)
         before = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
     metrics = train_resumably(trainer, plan.checkpoint, output_dir)
-    if test is not None:
-        metrics.update(trainer.evaluate())
-    if embedded:  # logged as an evaluation: the model card and trainer_state.json show it
-        after = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
-        task = {f"eval_{sft_offline.METRIC}_before": before, f"eval_{sft_offline.METRIC}": after}
-        metrics.update(task)
-        trainer.log(task)
-    trainer.log_metrics("all", metrics)
-    save_final(trainer, output_dir, metrics, lambda folder: write_model_card(trainer, card_info, folder,
-                                                                            output_dir.name))
+    with preemptible_finish(trainer, output_dir):
+        if test is not None:
+            metrics.update(trainer.evaluate())
+        if embedded:  # logged as an evaluation: the model card and trainer_state.json show it
+            after = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
+            task = {f"eval_{sft_offline.METRIC}_before": before, f"eval_{sft_offline.METRIC}": after}
+            metrics.update(task)
+            trainer.log(task)
+        trainer.log_metrics("all", metrics)
+        save_final(trainer, output_dir, metrics, lambda folder: write_model_card(trainer, card_info, folder,
+                                                                                 output_dir.name))
     if args.push_to_hub:
         trainer.create_model_card = lambda *a, **k: write_model_card(trainer, card_info, args.output_dir,
                                                                      output_dir.name)

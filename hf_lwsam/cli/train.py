@@ -17,6 +17,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from ..model_card import ModelCardInfo, perturbed_layers, write_model_card
 from ..reuse import capture_rng, restore_rng
 from ..selection import select_layers
 from ..trainer import LWSAMTrainer
-from .args import DataArguments, ModelArguments, TrainArguments, UsageError, parse_args
+from .args import DataArguments, ModelArguments, TrainArguments, UsageError, looks_like_path, parse_args
 from .data import (
     check_texts,
     load_raw_data,
@@ -49,7 +50,7 @@ from .data import (
     tokenize_for_classification,
 )
 from .metrics import causal_lm_metrics, classification_metrics, describe_sources
-from .lifecycle import console_main, save_final, take_output_dir, train_resumably
+from .lifecycle import console_main, preemptible_finish, save_final, take_output_dir, train_resumably
 from .output import plan_output_dir
 
 logger = logging.get_logger("hf_lwsam.cli.train")
@@ -168,11 +169,6 @@ class CLITrainer(LWSAMTrainer):
 
 
 # ------------------------------------------------------------------------------------------------ model loading
-def _looks_like_path(name: str) -> bool:
-    """A filesystem path rather than a Hub id (`name` or `org/name`)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
 def load_model_config(model_args: ModelArguments) -> tuple[str, Any, bool]:
     """The model path (the shipped MiniLM by default), its config, and whether it names a Hub repo."""
     name = model_args.model_name_or_path
@@ -187,7 +183,7 @@ def load_model_config(model_args: ModelArguments) -> tuple[str, Any, bool]:
     if os.path.isfile(name):
         raise UsageError(f"--model_name_or_path {name!r} is a file: pass the model's directory (with config.json) or "
                          "a Hub model id.")
-    if not is_local and (_looks_like_path(name) or os.path.exists(name)):
+    if not is_local and (looks_like_path(name) or os.path.exists(name)):
         raise UsageError(f"--model_name_or_path {name!r} does not exist: pass an existing model directory or a "
                          "Hub model id such as 'bert-base-uncased'.")
     try:
@@ -220,12 +216,16 @@ def resolve_task(task: str | None, config: Any, label_column: str | None, name: 
                      "--label_column NAME for classification, or --task causal_lm with a causal LM.")
 
 
-def load_tokenizer(name: str, model_args: ModelArguments) -> Any:
+def load_tokenizer(name: str, model_args: ModelArguments, revision: str | None = None) -> Any:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code,
+                                                  revision=revision)
     except (OSError, ValueError) as e:
         raise UsageError(f"no tokenizer could be loaded from {name!r} ({' '.join(str(e).split())[:200]}): save one "
                          "next to the model with tokenizer.save_pretrained.") from None
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):  # a folder without tokenizer files gives an empty one
+        raise UsageError(f"{name!r} has no tokenizer files (the tokenizer built from it has {len(tokenizer)} "
+                         "token(s)): save the model's tokenizer next to it with tokenizer.save_pretrained.")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -253,12 +253,15 @@ def load_model(name: str, config: Any, task: str, model_args: ModelArguments, la
     if task == "classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model_args.use_lora:
-        model = _add_lora(model, task, model_args)
+        with warnings.catch_warnings():  # PEFT's notes are shown once, for the real model, not for its copy
+            if skeleton:
+                warnings.simplefilter("ignore")
+            model = _add_lora(model, task, model_args)
     return model
 
 
 def _add_lora(model: Any, task: str, model_args: ModelArguments) -> Any:
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType
 
     targets = model_args.lora_target_modules
     if targets is not None and len(targets) == 1:
@@ -268,8 +271,15 @@ def _add_lora(model: Any, task: str, model_args: ModelArguments) -> Any:
         r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         target_modules=targets,
     )
+    return add_peft_adapter(model, config)
+
+
+def add_peft_adapter(model: Any, peft_config: Any) -> Any:
+    """`get_peft_model(model, peft_config)`, a bad target module name reported as one `UsageError` line."""
+    from peft import get_peft_model
+
     try:
-        return get_peft_model(model, config)
+        return get_peft_model(model, peft_config)
     except ValueError as e:
         raise UsageError(f"LoRA could not be added: {' '.join(str(e).split())[:250]}; pass --lora_target_modules "
                          "with module names of this model (or 'all-linear').") from None
@@ -412,11 +422,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                          "--hub_token, or drop --push_to_hub.") from None
     metrics = train_resumably(trainer, plan.checkpoint, output_dir)
     card_info.throughput = trainer.throughput(metrics["train_runtime"])
-    metrics.update(trainer.evaluate())
-    if args.do_predict and "test" in splits:
-        metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
-    trainer.log_metrics("all", metrics)
-    save_final(trainer, output_dir, metrics, write_card=lambda folder: None)  # CLITrainer.save_model writes the card
+    with preemptible_finish(trainer, output_dir):
+        metrics.update(trainer.evaluate())
+        if args.do_predict and "test" in splits:
+            metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
+        trainer.log_metrics("all", metrics)
+        save_final(trainer, output_dir, metrics, write_card=lambda folder: None)  # CLITrainer.save_model writes it
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training", model_name=output_dir.name)
     if trainer.is_world_process_zero():
