@@ -55,8 +55,12 @@ class Method:
     cycle: int = 1  # its timed steps are a multiple of this: whole sam_interval cycles, whole late-phase runs
 
 
+GPT2_NORMS = r"transformer\.h\.\d+\.ln_[12]|transformer\.ln_f"  # every normalization layer (SAM-ON's selection)
+LLAMA_NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)|model\.norm"
+
+
 def methods(n_layer: int, ks: list[int], trunk: str = "transformer.h", norm: str = "transformer.ln_f",
-            head: list[str] | None = None) -> list[Method]:
+            head: list[str] | None = None, norms: str | None = GPT2_NORMS) -> list[Method]:
     out = [Method("adamw", None), Method("full SAM", dict(sam_selection="all"))]
     for reuse in (False, True):
         for k in ks:
@@ -77,6 +81,10 @@ def methods(n_layer: int, ks: list[int], trunk: str = "transformer.h", norm: str
         out.append(Method(f"{label} late from 70%", dict(sam, sam_start=0.7), 10))
     out.append(Method("full random", dict(sam_selection="all", sam_ascent="random")))
     out.append(Method("LW-SAM k=1 random", dict(sam_target_layers=last, sam_ascent="random")))
+    if norms is not None:  # the normalization layers only: in every block, so the ascent runs the full depth
+        out += [Method("norms", dict(sam_target_layers=norms)),
+                Method("norms stale", dict(sam_target_layers=norms, sam_ascent="stale")),
+                Method("norms late from 70%", dict(sam_target_layers=norms, sam_start=0.7), 10)]
     return out
 
 
@@ -204,7 +212,8 @@ def main() -> None:
             model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         tied = model.config.tie_word_embeddings  # a tied lm_head is the input embedding: recomputed, not perturbed
         todo_methods = methods(n_layer, a.k, trunk="model.layers", norm="model.norm",
-                               head=None if a.lora or tied else ["lm_head"])
+                               head=None if a.lora or tied else ["lm_head"],
+                               norms=None if a.lora else LLAMA_NORMS)  # LoRA: the norms are frozen
     else:
         config = GPT2Config(n_layer=n_layer, n_embd=d, n_head=heads, n_positions=a.seq_len, vocab_size=vocab)
         model = GPT2LMHeadModel(config)

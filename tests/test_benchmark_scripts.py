@@ -31,7 +31,7 @@ def test_throughput_benchmark_runs_every_method_and_writes_json(tmp_path):
     assert names == ["adamw", "full SAM", "LW-SAM k=1 truncated", "LW-SAM k=1 reuse", "LW-SAM k=1 stale",
                      "LW-SAM k=1 reuse interval=4", "full SAM stale", "full SAM LookSAM interval=5",
                      "full SAM late from 70%", "LW-SAM k=1 reuse LookSAM interval=5", "LW-SAM k=1 reuse late from 70%",
-                     "full random", "LW-SAM k=1 random"]
+                     "full random", "LW-SAM k=1 random", "norms", "norms stale", "norms late from 70%"]
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in result["results"])
     assert result["results"][0]["ratio_to_adamw"] == 1.0
     assert "| LW-SAM k=1 reuse |" in stdout
