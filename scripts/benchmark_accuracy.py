@@ -21,9 +21,15 @@ Tasks:
 With `--probe_modes`, the probe also at block granularity (`sam_probe_granularity="block"`), ranked by gradient norm
 and by gradient norm per unit of recompute cost (`sam_probe_metric="grad_norm_per_cost"`).
 
-`--suite robustness`: the regimes where the literature reports SAM's largest gains. Methods: AdamW, full SAM,
-LW-SAM default, LW-SAM probe, the stale ascent and SAM every 4th step (these two take LW-SAM default's rho), and
-LW-SAM over the output half of the trunk (how deep the perturbation must reach). AdamW's
+`--suite robustness`: the regimes where the literature reports SAM's largest gains. Methods (`robust_methods`, a
+table): AdamW, full SAM, LW-SAM default, LW-SAM probe, the stale ascent and SAM every 4th step (these two take LW-SAM
+default's rho), LW-SAM over the output half of the trunk (how deep the perturbation must reach); SAM over one part of
+the model at a time (`LOCATIONS`: embeddings, input half, output half, normalization layers, attention, MLP, head:
+where full SAM's gain comes from); the cheap modes on every parameter (LookSAM k=5, SAM in the last 30%, random
+perturbation) and on the normalization layers (stale, last 30%, LookSAM k=5), each schedule with the rho of the method
+whose layers it perturbs. Each comparison: the mean paired difference against AdamW with its 95% t interval, and the
+share of full SAM's gain kept with a paired bootstrap interval (`scripts/study_stats.py`); `<report>_pareto.png`
+plots the gain against throughput ÷ AdamW. AdamW's
 learning rate is chosen on validation from a small grid, rho per method; both by the final validation accuracy of
 seed 0. Each run trains several epochs, validates every epoch, and is tested at the end and at its best validation
 epoch (early stopping). Label noise is symmetric (a fixed random share of the training examples gets one of the
@@ -89,6 +95,7 @@ from hf_lwsam.data import (  # noqa: E402
     tweet_sentiment_chats,
 )
 from hf_lwsam.step_timer import StepTimer  # noqa: E402
+from study_stats import gain_fraction, paired_difference  # noqa: E402  (scripts/, beside this file)
 
 LM_FINETUNE_PLAYS = ("twelfth-night", "as-you-like-it", "much-ado-about-nothing", "the-merchant-of-venice")
 LM_TEST_PLAY = "a-midsummer-night-s-dream"
@@ -109,6 +116,7 @@ LEARNING_RATE.update({task: 2e-3 for task in CHAT_TASKS})
 class Method:
     name: str
     sam: dict | None  # None: plain AdamW through the stock Trainer
+    rho_from: str | None = None  # robustness suite: take this method's chosen rho instead of sweeping its own
 
 
 EMBEDDINGS = r".*(embeddings|wte|wpe)"  # BERT's embedding block, GPT-2's token and position embeddings
@@ -147,20 +155,41 @@ PROBE = dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25, sam_prob
              sam_probe_metric="grad_norm_per_cost")
 
 
-SCHEDULED = ("LW-SAM stale", "LW-SAM interval=4")  # robustness suite: they take the default pattern's rho
-
-
 # How deep must the perturbation reach? The output half of the trunk (ViT: blocks 2-3 of 4; MiniLM: 3-5 of 6) + head.
 LAST_HALF = {"digits": r"vit\.layers\.[23]|vit\.layernorm|classifier",
              "tweets": r"bert\.encoder\.layer\.[345]|bert\.pooler\.dense|classifier"}
 
+# Where does full SAM's gain come from? SAM over one part of the model at a time (issue 23), as sam_target_layers.
+LOCATIONS = {
+    "digits": {"embeddings": r"vit\.embeddings", "input half": r"vit\.layers\.[01]", "output half": r"vit\.layers\.[23]",
+               "norms": r".*layernorm.*", "attention": r"vit\.layers\.\d+\.attention",
+               "mlp": r"vit\.layers\.\d+\.mlp", "head": r"classifier"},
+    "tweets": {"embeddings": r"bert\.embeddings", "input half": r"bert\.encoder\.layer\.[012]",
+               "output half": r"bert\.encoder\.layer\.[345]", "norms": r".*LayerNorm",
+               "attention": r"bert\.encoder\.layer\.\d+\.attention",
+               "mlp": r"bert\.encoder\.layer\.\d+\.(intermediate|output)", "head": r"bert\.pooler\.dense|classifier"},
+}
+
 
 def robust_methods(family: str) -> list[Method]:
-    return [Method("adamw", None), Method("full SAM", dict(sam_selection="all")),
-            Method("LW-SAM default", dict(sam_selection="pattern")), Method("LW-SAM probe", PROBE),
-            Method("LW-SAM stale", dict(sam_selection="pattern", sam_ascent="stale")),
-            Method("LW-SAM interval=4", dict(sam_selection="pattern", sam_interval=4)),
-            Method("LW-SAM last half", dict(sam_selection="pattern", sam_target_layers=LAST_HALF[family]))]
+    """The robustness suite's methods, as a table: name, `sam_*` options, and (for a schedule over another method's
+    layers and e_S) the method whose chosen rho it takes."""
+    pattern, full = dict(sam_selection="pattern"), dict(sam_selection="all")
+    norms = dict(sam_selection="pattern", sam_target_layers=LOCATIONS[family]["norms"])
+    return [Method("adamw", None), Method("full SAM", full),
+            Method("LW-SAM default", pattern), Method("LW-SAM probe", PROBE),
+            Method("LW-SAM stale", dict(pattern, sam_ascent="stale"), "LW-SAM default"),
+            Method("LW-SAM interval=4", dict(pattern, sam_interval=4), "LW-SAM default"),
+            Method("LW-SAM last half", dict(pattern, sam_target_layers=LAST_HALF[family])),
+            *[Method(f"SAM on {where}", dict(pattern, sam_target_layers=regex))
+              for where, regex in LOCATIONS[family].items()],
+            # The cheap modes: on every parameter, and on the normalization layers (SAM-ON's selection).
+            Method("full LookSAM k=5", dict(full, sam_interval=5, sam_interval_reuse="looksam"), "full SAM"),
+            Method("full SAM late 70%", dict(full, sam_start=0.7), "full SAM"),
+            Method("full random", dict(full, sam_ascent="random")),
+            Method("norms stale", dict(norms, sam_ascent="stale"), "SAM on norms"),
+            Method("norms late 70%", dict(norms, sam_start=0.7), "SAM on norms"),
+            Method("norms LookSAM k=5", dict(norms, sam_interval=5, sam_interval_reuse="looksam"), "SAM on norms")]
 
 
 @dataclass
@@ -569,25 +598,32 @@ def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float]
 
 def summarise_robust(task: str, finals: dict[str, list[dict]], chosen: dict[str, float],
                      costs: dict[str, float]) -> tuple[list[str], list[dict]]:
-    """Test accuracy at the end and at the best validation epoch, paired differences against AdamW per seed."""
+    """Test accuracy at the end and at the best validation epoch; per method the mean paired difference against AdamW
+    with its 95% t interval, and the share of full SAM's gain it keeps with a paired bootstrap interval (seeds that
+    both the method and full SAM ran)."""
     base = {r["seed"]: r for r in finals["adamw"]}
+    full = {r["seed"]: r for r in finals.get("full SAM", [])}
     lines, points = [], []
     for name, runs in finals.items():
         row = [task, name, str(chosen.get(name, "-")), str(len(runs))]
         for split in ("test", "test_at_best_validation"):
             vals = [r[split]["accuracy"] for r in runs]
-            diffs = [r[split]["accuracy"] - base[r["seed"]][split]["accuracy"] for r in runs]
-            wins = sum(d > 0 for d in diffs)
-            spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-            row += [_mean_std(vals),
-                    "-" if name == "adamw" else f"{statistics.mean(diffs):+.4f} ± {spread:.4f} ({wins}/{len(runs)})"]
+            diff = paired_difference([base[r["seed"]][split]["accuracy"] for r in runs], vals)
+            wins = sum(r[split]["accuracy"] > base[r["seed"]][split]["accuracy"] for r in runs)
+            row += [_mean_std(vals), "-" if name == "adamw" else f"{diff.format(100)} ({wins}/{len(runs)})"]
+            if split == "test":
+                both = [r for r in runs if r["seed"] in full]
+                share = gain_fraction([base[r["seed"]]["test"]["accuracy"] for r in both],
+                                      [full[r["seed"]]["test"]["accuracy"] for r in both],
+                                      [r["test"]["accuracy"] for r in both]) if both and name != "adamw" else None
+                row.append("-" if share is None or name == "full SAM" else
+                           f"{share.format(1)} (n={share.n})".replace("+", ""))
+            points.append(dict(task=task, method=name, split=split, mean=statistics.mean(vals),
+                               std=statistics.stdev(vals) if len(vals) > 1 else 0.0, throughput=costs.get(name),
+                               gain=diff.mean, gain_lo=diff.lo, gain_hi=diff.hi))
         cost = f"{costs[name]:.2f}" if name in costs else "not measured"
         row += [f"{statistics.mean(r['best_epoch'] for r in runs):.1f}", cost]
         lines.append("| " + " | ".join(row) + " |")
-        for split in ("test", "test_at_best_validation"):
-            vals = [r[split]["accuracy"] for r in runs]
-            points.append(dict(task=task, method=name, split=split, mean=statistics.mean(vals),
-                               std=statistics.stdev(vals) if len(vals) > 1 else 0.0, throughput=costs.get(name)))
     return lines, points
 
 
@@ -698,6 +734,53 @@ def measured_costs(task: str, methods: list[Method], ctx: dict, lr: float, out: 
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+# Each robustness method's cost, read from the throughput benchmark's CPU shape (GPT-2, 6 layers, d=256, T=128) with the
+# same selection rule carried over: the tiny ViT's step time is Python-bound and says nothing about a real model's.
+THROUGHPUT_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput" / "cheaper_roads_cpu.json"
+COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse", "LW-SAM stale": "LW-SAM k=1 stale",
+              "LW-SAM interval=4": "LW-SAM k=1 reuse interval=4", "SAM on norms": "norms",
+              "norms stale": "norms stale", "norms late 70%": "norms late from 70%",
+              "full LookSAM k=5": "full SAM LookSAM interval=5", "full SAM late 70%": "full SAM late from 70%",
+              "full random": "full random"}
+
+
+def benchmark_costs(path: Path = THROUGHPUT_JSON) -> dict[str, float]:
+    """Throughput ÷ AdamW per robustness method from `scripts/benchmark_throughput.py`'s JSON (empty if not run)."""
+    if not path.exists():
+        return {}
+    ratios = {r["method"]: r["ratio_to_adamw"] for r in json.loads(path.read_text())["results"]}
+    return {name: ratios[bench] for name, bench in COST_PROXY.items() if bench in ratios}
+
+
+def plot_pareto(points: list[dict], path: Path) -> None:
+    """Gain over AdamW (test at the end, points, 95% t interval) against throughput ÷ AdamW: one point per method and
+    task with a measured cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [p for p in points if p["split"] == "test" and p["method"] != "adamw" and p["throughput"] is not None]
+    tasks = list(dict.fromkeys(p["task"] for p in shown))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, task in enumerate(tasks):
+        for p in (q for q in shown if q["task"] == task):
+            lo, hi = p["gain_lo"], p["gain_hi"]
+            err = [[(p["gain"] - lo) * 100], [(hi - p["gain"]) * 100]] if math.isfinite(lo) else None
+            ax.errorbar(p["throughput"], p["gain"] * 100, yerr=err, fmt="o", capsize=3, color=f"C{i}",
+                        label=task if p is next(q for q in shown if q["task"] == task) else None)
+            ax.annotate(p["method"], (p["throughput"], p["gain"] * 100), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0.9, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("throughput ÷ AdamW (CPU benchmark shape, same selection rule)")
+    ax.set_ylabel("test accuracy gain over AdamW, points (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out: Path, ctx: dict, log) -> None:
     """The robustness suite: label noise, small data, and digits; see the module docstring."""
     lines, points = [], []
@@ -711,8 +794,8 @@ def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out
         log(f"{task} adamw: final validation accuracy by lr {sweep} -> lr={lr}")
         chosen: dict[str, float] = {}
         for m in methods[1:]:
-            if m.name in SCHEDULED and "LW-SAM default" in chosen:
-                chosen[m.name] = chosen["LW-SAM default"]  # the same layers and e_S, applied on a schedule
+            if m.rho_from in chosen:
+                chosen[m.name] = chosen[m.rho_from]  # the same layers and e_S, applied on a schedule
                 continue
             runs = {rho: cached_run(task, m, rho, 0, rb, ctx, lr) for rho in rhos}
             sweep = {rho: r["validation"]["accuracy"] for rho, r in runs.items() if r is not None}
@@ -727,18 +810,27 @@ def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out
         finals = {name: runs for name, runs in finals.items() if runs}
         methods = [m for m in methods if m.name in finals]
         costs = measured_costs(task, methods, ctx, lr, out, a.measure_cost, log, finals)
+        proxies = benchmark_costs()
+        # digits: the benchmark shape's costs (the ViT's own step time is Python-bound); tweets: MiniLM's own.
+        costs = dict(costs, **proxies) if task.startswith("digits") else dict(proxies, **costs)
         task_lines, task_points = summarise_robust(task, finals, chosen, costs)
         lines += task_lines
         points += task_points
-    header = ("| task | method | rho | seeds | test acc. at the end | Δ vs AdamW (wins) | "
-              "test acc. at best validation epoch | Δ vs AdamW (wins) | best epoch | throughput ÷ AdamW |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
-    note = (f"Seeds {seeds}; mean ± std over seeds; Δ: paired difference per seed, mean ± std (seeds better than "
-            f"AdamW). AdamW's learning rate chosen on validation from {ROBUST_LR_GRID}, rho per method from {rhos} "
-            "(the schedules take LW-SAM default's rho), both by the final validation accuracy of seed 0. Label "
-            "noise in the training split only. Throughput: `--measure_cost`, interleaved on an idle machine. "
+    header = ("| task | method | rho | seeds | test acc. at the end | Δ vs AdamW, pt [95% CI] (wins) | "
+              "share of full SAM's gain [95% CI] | test acc. at best validation epoch | Δ vs AdamW, pt [95% CI] "
+              "(wins) | best epoch | throughput ÷ AdamW |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    note = (f"Seeds {seeds}; accuracy mean ± std over seeds; Δ: the mean paired difference against AdamW in points "
+            "with its 95% t interval (seeds better than AdamW); share of full SAM's gain: mean Δ / full SAM's mean Δ "
+            "on the test at the end, 95% paired bootstrap interval (inf: full SAM's gain itself not established). "
+            f"AdamW's learning rate chosen on validation from {ROBUST_LR_GRID}, rho per method from {rhos} "
+            "(a schedule takes the rho of the method whose layers it perturbs), both by the final validation accuracy "
+            "of seed 0. Label "
+            "noise in the training split only. Throughput: `--measure_cost`, interleaved on an idle machine; for the "
+            "digits tasks the CPU benchmark shape's ratio of the same mode and selection rule "
+            "(`benchmarks/throughput/cheaper_roads_cpu.json`; 'not measured' where it has no such mode). "
             f"Machine: {MACHINE}. Budget: {rb}.")
     write_report(out / a.report, header, lines, note, lambda path: plot_robust(points, path), log)
+    plot_pareto(points, out / f"{a.report}_pareto.png")
 
 
 def write_report(stem: Path, header: str, lines: list[str], note: str, draw, log) -> None:

@@ -127,11 +127,17 @@ def test_robustness_digits_splits_keep_validation_and_test_clean():
 @pytest.mark.slow
 def test_accuracy_robustness_suite_quick(tmp_path):
     _run("scripts/benchmark_accuracy.py", "--suite", "robustness", "--quick", "--tasks", "digits-noise40",
-         "--seeds", "0", "1", "--methods", "LW-SAM default", "LW-SAM interval=4", "--out", str(tmp_path),
-         timeout=1800)
+         "--seeds", "0", "1", "--methods", "LW-SAM default", "LW-SAM interval=4", "full SAM", "SAM on norms",
+         "norms stale", "--out", str(tmp_path), timeout=1800)
     table = (tmp_path / "quick" / "robustness.md").read_text()
-    for method in ("adamw", "LW-SAM default", "LW-SAM interval=4"):
+    for method in ("adamw", "LW-SAM default", "LW-SAM interval=4", "full SAM", "SAM on norms", "norms stale"):
         assert f"| digits-noise40 | {method} |" in table
+    assert "share of full SAM's gain [95% CI]" in table
+    norms = next(line for line in table.splitlines() if line.startswith("| digits-noise40 | SAM on norms |"))
+    stale = next(line for line in table.splitlines() if line.startswith("| digits-noise40 | norms stale |"))
+    assert norms.split(" | ")[2] == stale.split(" | ")[2]  # the stale schedule takes the norms' chosen rho
+    assert "(n=2)" in norms and "[" in norms.split(" | ")[5]  # a paired interval over the two seeds
+    assert (tmp_path / "quick" / "robustness_pareto.png").stat().st_size > 1000
     run = json.loads((tmp_path / "quick" / "runs" / "digits-noise40__LW-SAM_default__rho0.05__seed1.json").read_text())
     assert len(run["validation_curve"]) == 3 and run["test_at_best_validation"]["accuracy"] > 0
     assert (tmp_path / "quick" / "robustness.png").stat().st_size > 1000
