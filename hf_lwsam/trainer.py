@@ -15,7 +15,6 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .collapse import CollapseWatch
 from .config import as_lwsam_config, mixed_subclass
 from .probe import LayerProbe
 from .reuse import ActivationReuse, capture_rng, is_compiled, plan_reuse, restore_rng
@@ -106,7 +105,6 @@ class LWSAMMixin:
         self._sam_window: dict[str, Any] = {}
         self._sam_last_log_step = 0
         self._buffer_guard = BufferGuard(self.model)
-        self._collapse_watch = CollapseWatch(self.args.sam_rho)  # warns once if a rho too large pins the loss
         self._schedule = AscentSchedule(self.args.sam_interval, self.args.sam_ascent, self.args.sam_start,
                                         self.args.sam_interval_reuse)
         self._noise_targets: tuple[list[str], list[tuple[torch.Tensor, Any, int]]] | None = None
@@ -561,9 +559,6 @@ class LWSAMMixin:
         """Add the `sam/*` window averages to the training logs, then log as the stock `Trainer` does."""
         if "loss" in logs and self._sam_window:
             logs.update(self._window_metrics())
-            warning = self._collapse_watch.observe(logs, self.state.global_step, self.state.max_steps)
-            if warning is not None:
-                logger.warning(warning)
         super().log(logs, start_time)
 
 
