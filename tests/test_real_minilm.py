@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -11,6 +12,7 @@ from hf_lwsam.data import load_tweets, minilm_path
 SAM_KEYS = ("sam/loss_perturbed", "sam/sharpness", "sam/grad_norm_selected", "sam/num_perturbed_layers", "sam/skipped")
 
 
+@pytest.mark.slow  # 2 epochs of the real MiniLM (the README usage test covers it in the default suite)
 def test_minilm_on_tweets_lowers_loss_and_logs_sam_metrics(tmp_path):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
