@@ -85,20 +85,26 @@ def test_stale_ascent_two_steps_equal_the_formula(sgd_args):
     assert "sam/sharpness" not in logs[1] and logs[1]["sam/grad_norm_selected"] > 0
 
 
-def test_stale_ascent_resumes_exactly_from_a_checkpoint(sgd_args, tmp_path):
-    data = shakespeare_lm_dataset(12)
-    common = dict(sam_rho=0.5, sam_ascent="stale", max_steps=3, learning_rate=0.2)
+def assert_resume_is_exact(sgd_args, tmp_path, rows: int, save_step: int, **common):
+    """Train `common` uninterrupted and again from the checkpoint at `save_step`: bit-identical weights. Returns the
+    checkpoint folder."""
+    data = shakespeare_lm_dataset(rows)
     full = tiny_gpt2()
     LWSAMTrainer(model=full, args=sgd_args(**common), train_dataset=data).train()
-
-    run = sgd_args(**common, output_dir=str(tmp_path / "run"), save_strategy="steps", save_steps=2)
+    run = sgd_args(**common, output_dir=str(tmp_path / "run"), save_strategy="steps", save_steps=save_step)
     LWSAMTrainer(model=tiny_gpt2(), args=run, train_dataset=data).train()
-    checkpoint = tmp_path / "run" / "checkpoint-2"
-    assert (checkpoint / "lwsam_ascent.pt").is_file()
+    checkpoint = tmp_path / "run" / f"checkpoint-{save_step}"
     resumed = tiny_gpt2()
     LWSAMTrainer(model=resumed, args=run, train_dataset=data).train(resume_from_checkpoint=str(checkpoint))
     a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
+    return checkpoint
+
+
+def test_stale_ascent_resumes_exactly_from_a_checkpoint(sgd_args, tmp_path):
+    checkpoint = assert_resume_is_exact(sgd_args, tmp_path, 12, 2, sam_rho=0.5, sam_ascent="stale", max_steps=3,
+                                        learning_rate=0.2)
+    assert (checkpoint / "lwsam_ascent.pt").is_file()
 
 
 @pytest.mark.parametrize("overrides", [
@@ -241,18 +247,9 @@ def test_looksam_four_steps_equal_the_formula(selection, sgd_args):
 def test_looksam_resumes_exactly_from_a_checkpoint(sgd_args, tmp_path):
     """SAM steps 0, 2, 4; the checkpoint is taken after 3 steps, and the resumed run's first step (3) reuses step 2's
     g_v, which only the checkpoint (lwsam_ascent.pt) carries."""
-    data = shakespeare_lm_dataset(20)
-    common = dict(sam_rho=0.5, sam_interval=2, sam_interval_reuse="looksam", max_steps=5, learning_rate=0.2)
-    full = tiny_gpt2()
-    LWSAMTrainer(model=full, args=sgd_args(**common), train_dataset=data).train()
-    run = sgd_args(**common, output_dir=str(tmp_path / "run"), save_strategy="steps", save_steps=3)
-    LWSAMTrainer(model=tiny_gpt2(), args=run, train_dataset=data).train()
-    checkpoint = tmp_path / "run" / "checkpoint-3"
+    checkpoint = assert_resume_is_exact(sgd_args, tmp_path, 20, 3, sam_rho=0.5, sam_interval=2,
+                                        sam_interval_reuse="looksam", max_steps=5, learning_rate=0.2)
     assert torch.load(checkpoint / "lwsam_ascent.pt", weights_only=True)["kind"] == "looksam"
-    resumed = tiny_gpt2()
-    LWSAMTrainer(model=resumed, args=run, train_dataset=data).train(resume_from_checkpoint=str(checkpoint))
-    a, b = weights(full), weights(resumed)
-    assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 # ---------------------------------------------------------------------------------------------- late-phase SAM
@@ -314,17 +311,8 @@ def test_sam_start_with_stale_ascent_records_on_the_first_late_step(sgd_args):
 
 
 def test_sam_start_fraction_resumes_exactly(sgd_args, tmp_path):
-    data = shakespeare_lm_dataset(16)
-    common = dict(sam_rho=0.5, sam_start=0.5, sam_ascent="stale", max_steps=4, learning_rate=0.2)
-    full = tiny_gpt2()
-    LWSAMTrainer(model=full, args=sgd_args(**common), train_dataset=data).train()
-    run = sgd_args(**common, output_dir=str(tmp_path / "run"), save_strategy="steps", save_steps=3)
-    LWSAMTrainer(model=tiny_gpt2(), args=run, train_dataset=data).train()
-    resumed = tiny_gpt2()
-    LWSAMTrainer(model=resumed, args=run, train_dataset=data).train(
-        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
-    a, b = weights(full), weights(resumed)
-    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert_resume_is_exact(sgd_args, tmp_path, 16, 3, sam_rho=0.5, sam_start=0.5, sam_ascent="stale", max_steps=4,
+                           learning_rate=0.2)
 
 
 # ----------------------------------------------------------------------------------------- random perturbation
@@ -402,17 +390,8 @@ def test_random_with_rho_zero_is_the_stock_trainer_with_dropout(sgd_args):
 
 
 def test_random_perturbation_resumes_exactly(sgd_args, tmp_path):
-    data = shakespeare_lm_dataset(16)
-    common = dict(sam_rho=0.5, sam_ascent="random", sam_selection="all", max_steps=4, learning_rate=0.2)
-    full = tiny_gpt2()
-    LWSAMTrainer(model=full, args=sgd_args(**common), train_dataset=data).train()
-    run = sgd_args(**common, output_dir=str(tmp_path / "run"), save_strategy="steps", save_steps=2)
-    LWSAMTrainer(model=tiny_gpt2(), args=run, train_dataset=data).train()
-    resumed = tiny_gpt2()
-    LWSAMTrainer(model=resumed, args=run, train_dataset=data).train(
-        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
-    a, b = weights(full), weights(resumed)
-    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert_resume_is_exact(sgd_args, tmp_path, 16, 2, sam_rho=0.5, sam_ascent="random", sam_selection="all",
+                           max_steps=4, learning_rate=0.2)
 
 
 def test_random_perturbation_under_lora_perturbs_the_merged_weight(sgd_args):
