@@ -439,15 +439,22 @@ def train_and_eval_chat(task: str, method: Method, rho: float, seed: int, budget
         trainer_cls, args = SFTLWSAMTrainer, SFTLWSAMConfig(**common, sam_rho=rho, **method.sam)
     trainer = trainer_cls(model=model, args=args, train_dataset=chats["train"].remove_columns("label"),
                           processing_class=tokenizer, peft_config=LoraConfig(**CHAT_LORA))
-    trainer.remove_callback(PrinterCallback)
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * hp["epochs"]
+    return timed_run(trainer, task, method, rho, seed, tokens, hp,
+                     lambda split: dict(accuracy=answer_accuracy(trainer.model, tokenizer, chats[split])))
+
+
+def timed_run(trainer, task: str, method: Method, rho: float, seed: int, tokens: int, hp: dict, evaluate) -> dict:
+    """Train `trainer` (quietly), timed; the run's record with `evaluate(split)` on the test split and, for seed 0,
+    the validation split (the rho sweep)."""
+    trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     splits = ("validation", "test") if seed == 0 else ("test",)
     return dict(task=task, method=method.name, rho=rho, seed=seed, wall_s=wall, tokens_per_s=tokens / wall,
                 perturbed=trainer.perturbed_parameter_names() if method.sam else [], config=hp,
-                **{split: dict(accuracy=answer_accuracy(trainer.model, tokenizer, chats[split])) for split in splits})
+                **{split: evaluate(split) for split in splits})
 
 
 def train_and_eval(task: str, method: Method, rho: float, seed: int, budget: Budget, ctx: dict) -> dict:
@@ -480,14 +487,8 @@ def train_and_eval(task: str, method: Method, rho: float, seed: int, budget: Bud
     else:
         trainer = LWSAMTrainer(model=model, args=LWSAMConfig(**common, sam_rho=rho, **method.sam),
                                train_dataset=data["train"], data_collator=collator, compute_metrics=compute_metrics)
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    splits = ("validation", "test") if seed == 0 else ("test",)
-    return dict(task=task, method=method.name, rho=rho, seed=seed, wall_s=wall, tokens_per_s=tokens / wall,
-                perturbed=trainer.perturbed_parameter_names() if method.sam else [], config=hp,
-                **{split: _metrics(task, trainer.evaluate(data[split])) for split in splits})
+    return timed_run(trainer, task, method, rho, seed, tokens, hp,
+                     lambda split: _metrics(task, trainer.evaluate(data[split])))
 
 
 def train_and_eval_robust(task: str, method: Method, rho: float, seed: int, rb: RobustBudget, ctx: dict,

@@ -23,10 +23,10 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def window_gradient(model, batches) -> list[torch.Tensor]:
-    """sum_b grad L_b at the model's current weights, L_b = the micro-batch's summed token loss / the window's count
-    (the Trainer's normalisation for a causal LM with num_items_in_batch)."""
-    params = list(model.parameters())
+def window_gradient(model, batches, params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """sum_b grad L_b at the model's current weights with respect to `params` (default: all), L_b = the micro-batch's
+    summed token loss / the window's count (the Trainer's normalisation for a causal LM with num_items_in_batch)."""
+    params = list(model.parameters()) if params is None else params
     count = sum(_summed_loss(model, b, causal=True)[1] for b in batches)
     total = [torch.zeros_like(p) for p in params]
     for batch in batches:
@@ -420,25 +420,16 @@ def test_random_perturbation_under_lora_perturbs_the_merged_weight(sgd_args):
             merged = w + lora.scaling["default"] * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
             z = torch.randn(w.shape, generator=torch.Generator().manual_seed(noise_seed(0, 0, i)))
             w.add_(rho * merged.norm(dim=1, keepdim=True) / w.shape[1] ** 0.5 * z)
-    grads = window_gradient_of(reference, _batches(data), list(trainable.values()))
+    grads = window_gradient(reference, _batches(data), list(trainable.values()))
     expected = {n: start[n] - g for n, g in zip(trainable, grads)}
     got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     assert rel_to_start(got, expected, start) <= 1e-5
     clean = tiny_llama_lora()  # teeth: the unperturbed adapter update is measurably different
-    plain = window_gradient_of(clean, _batches(data), [p for p in clean.parameters() if p.requires_grad])
+    plain = window_gradient(clean, _batches(data), [p for p in clean.parameters() if p.requires_grad])
     assert rel_to_start({n: start[n] - g for n, g in zip(trainable, plain)}, expected, start) > 1e-3
     for name, p in model.named_parameters():  # the base weights are restored bit-exactly
         if not p.requires_grad:
             assert torch.equal(p, dict(clean.named_parameters())[name]), name
-
-
-def window_gradient_of(model, batches, params) -> list[torch.Tensor]:
-    count = sum(_summed_loss(model, b, causal=True)[1] for b in batches)
-    total = [torch.zeros_like(p) for p in params]
-    for batch in batches:
-        grads = torch.autograd.grad(_summed_loss(model, batch, causal=True)[0] / count, params)
-        total = [t + g for t, g in zip(total, grads)]
-    return total
 
 
 # ---------------------------------------------------------------------------------------------------- validation
