@@ -813,7 +813,7 @@ def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out
         costs = measured_costs(task, methods, ctx, lr, out, a.measure_cost, log, finals)
         proxies = benchmark_costs()
         # digits: the benchmark shape's costs (the ViT's own step time is Python-bound); tweets: MiniLM's own.
-        costs = dict(costs, **proxies) if task.startswith("digits") else dict(proxies, **costs)
+        costs = proxies if task.startswith("digits") else dict(proxies, **costs)
         task_lines, task_points = summarise_robust(task, finals, chosen, costs)
         lines += task_lines
         points += task_points
