@@ -387,13 +387,7 @@ class LWSAMMixin:
                                                               for i in range(len(params))],
                                  [d for _, _, d in targets], references)
         del references
-        perturbation = Perturbation.apply(params, steps)
-        del steps
-        try:
-            with self._inputs_already_prepared():
-                loss = super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            perturbation.restore()  # bit-exact, also when the step raises
+        loss = self._base_step_at(params, steps, model, inputs, num_items_in_batch)
         w = self._sam_window
         w.setdefault("micro_batches", 0)
         if self.accelerator.sync_gradients:
@@ -442,6 +436,18 @@ class LWSAMMixin:
         self._noise_targets = (names, targets)
         return targets
 
+    def _base_step_at(self, tensors: list[torch.Tensor], steps: list[torch.Tensor], model: nn.Module,
+                      inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """The base class's step (one pass) at `tensors + steps`, with `tensors` restored bit-exactly afterwards, also
+        when the step raises; `steps` is consumed (the perturbation is applied in place)."""
+        perturbation = Perturbation.apply(tensors, steps)
+        steps.clear()  # the caller's list: free e before the pass
+        try:
+            with self._inputs_already_prepared():
+                return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            perturbation.restore()
+
     def _stale_sam_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
         """One pass at w + e_S, e_S from the previous SAM step's gradient of S; returns the perturbed loss. Without a
         kept gradient for the current selection (first SAM step, or after a probe changed S): a plain step."""
@@ -454,13 +460,7 @@ class LWSAMMixin:
         else:
             # Clones: ascent_direction works in place, and every micro-batch of the window uses the same kept gradient.
             steps, norm, finite = self._ascent_step(params, shards, [g.clone() for g in kept])
-        perturbation = Perturbation.apply(shards, steps)
-        del steps
-        try:
-            with self._inputs_already_prepared():
-                loss = super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            perturbation.restore()
+        loss = self._base_step_at(shards, steps, model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # the window's last backward: `.grad` holds its (all-reduced) gradient
             self._schedule.keep(names, local([p.grad for p in params]), like=shards)
         if kept is None:
