@@ -19,7 +19,9 @@ from .config import as_lwsam_config, mixed_subclass
 from .probe import LayerProbe
 from .reuse import ActivationReuse, capture_rng, is_compiled, plan_reuse, restore_rng
 from .running_stats import BufferGuard
-from .sam import Perturbation, ascent_direction, looksam_add_, looksam_component, noise_seed, random_direction
+from .sam import (
+    Perturbation, ascent_direction, global_norm, looksam_add_, looksam_component, noise_seed, random_direction,
+)
 from .schedule import AscentSchedule
 from .selection import layer_parameters, select_layers, trace_execution_order
 from .sharding import (
@@ -351,7 +353,13 @@ class LWSAMMixin:
         if self.accelerator.num_processes > 1 and not self.args.sam_sync_perturbation:
             clean = all_reduce_mean(clean)
         sam = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        self._schedule.keep(names, looksam_component(sam, clean), like=params)
+        kept = looksam_component(sam, clean)
+        self._schedule.keep(names, kept, like=params)
+        # sin of the angle between g_s and g: the share of the SAM gradient that LookSAM keeps. Its added term has
+        # norm alpha ||g|| whatever this is, so a small sin (SAM barely turned the gradient) is amplified alpha / sin.
+        sin = global_norm(kept) / (global_norm(sam) + 1e-30)
+        w = self._sam_window
+        w["looksam_sin"], w["looksam_kept"] = w.get("looksam_sin", 0.0) + sin.float(), w.get("looksam_kept", 0) + 1
 
     def _add_looksam_component(self) -> None:
         """A step between SAM steps: on the window's last micro-batch, after its backward (DDP has all-reduced `.grad`,
@@ -543,6 +551,8 @@ class LWSAMMixin:
         logs = {"sam/sam_steps": float(sam_steps)}
         if "looksam_steps" in w:  # this process's steps between that added LookSAM's component
             logs["sam/looksam_steps"] = float(w["looksam_steps"])
+        if "looksam_kept" in w:  # mean over this window's SAM steps (g_v is the same on every process)
+            logs["sam/looksam_sin"] = round(float(w["looksam_sin"]) / w["looksam_kept"], 6)
         if exact:  # exact SAM steps have both losses
             per_step = max(sam_steps, 1) * self.accelerator.num_processes  # mean over processes, per optimizer step
             logs.update({"sam/loss_perturbed": round(perturbed / per_step, 4),

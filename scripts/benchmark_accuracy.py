@@ -14,9 +14,9 @@ Tasks:
             of plays; perplexity on a further held-out play
   chat, chat-small, chat-noise40 (`--tasks`, not in the default run)
             the shipped pretrained SmolLM2-135M-Instruct, LoRA SFT (TRL's SFTTrainer, r=16 on every linear layer)
-            on tweet sentiment as a chat in its chat template (`hf-lwsam-sft`'s offline task): 192 clean training
-            tweets, 1 epoch; 64 clean tweets, 2 epochs; 192 tweets with 40% noisy labels, 1 epoch. Metric: accuracy
-            of the most likely answer among negative/neutral/positive on held-out tweets
+            on tweet sentiment as a chat in its chat template (`hf-lwsam-sft`'s offline task): 128 clean training
+            tweets, 1 epoch; 64 clean tweets, 2 epochs; 128 tweets with 40% noisy labels, 1 epoch (16 steps of 8
+            each). Metric: accuracy of the most likely answer among negative/neutral/positive on held-out tweets
 
 With `--probe_modes`, the probe also at block granularity (`sam_probe_granularity="block"`), ranked by gradient norm
 and by gradient norm per unit of recompute cost (`sam_probe_metric="grad_norm_per_cost"`).
@@ -46,7 +46,8 @@ Outputs: `<out>/runs/*.json`, `<out>/<report>.md` (table), `<out>/<report>.png` 
     python scripts/benchmark_accuracy.py            # the default run (79 min measured on 2 CPU cores, +3 to pretrain)
     python scripts/benchmark_accuracy.py --quick    # about 3 minutes: tiny budgets, 2 seeds, one rho
     python scripts/benchmark_accuracy.py --suite robustness --tasks digits-noise40 tweets-noise40 --measure_cost
-    python scripts/benchmark_accuracy.py --tasks chat chat-small chat-noise40 --report accuracy_smollm2
+    python scripts/benchmark_accuracy.py --tasks chat-noise40 chat-small chat --rhos 0.05 --threads 1 \
+        --report accuracy_smollm2   # 36 runs, about 2 h on one core
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +97,8 @@ from hf_lwsam.data import (  # noqa: E402
     tweet_sentiment_chats,
 )
 from hf_lwsam.step_timer import StepTimer  # noqa: E402
-from study_stats import gain_fraction, paired_difference  # noqa: E402  (scripts/, beside this file)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this file, also when
+from study_stats import gain_fraction, paired_difference  # noqa: E402  # loaded by path (the tests)
 
 LM_FINETUNE_PLAYS = ("twelfth-night", "as-you-like-it", "much-ado-about-nothing", "the-merchant-of-venice")
 LM_TEST_PLAY = "a-midsummer-night-s-dream"
@@ -185,7 +188,8 @@ def robust_methods(family: str) -> list[Method]:
               for where, regex in LOCATIONS[family].items()],
             # The cheap modes: on every parameter, and on the normalization layers (SAM-ON's selection).
             Method("full LookSAM k=5", dict(full, sam_interval=5, sam_interval_reuse="looksam"), "full SAM"),
-            Method("full SAM late 70%", dict(full, sam_start=0.7), "full SAM"),
+            *[Method(f"full SAM late {start:.0%}", dict(full, sam_start=start), "full SAM")
+              for start in (0.7, 0.8, 0.9, 0.95)],  # SAM over the last 30% / 20% / 10% / 5% of the run
             Method("full random", dict(full, sam_ascent="random")),
             Method("norms stale", dict(norms, sam_ascent="stale"), "SAM on norms"),
             Method("norms late 70%", dict(norms, sam_start=0.7), "SAM on norms"),
@@ -203,8 +207,9 @@ class Budget:
     lm_block: int = 128
     lm_vocab: int = 4096
     lm_eval_blocks: int = 256
-    # chat tasks (SmolLM2, ~64 tokens a chat; a LoRA step of 8 chats is a few seconds on 2 cores, full SAM's ~2x)
-    chat_train: int = 192  # chat, chat-noise40: 24 steps of 8
+    # chat tasks (SmolLM2, ~64 tokens a chat). Measured on one core: an AdamW LoRA step of 8 chats 7.1 s, scoring a
+    # held-out prompt 0.27 s; so a run of 16 steps + 200 test prompts is ~3 min (full SAM ~5), 36 runs ~2 h.
+    chat_train: int = 128  # chat, chat-noise40: 16 steps of 8
     chat_small: int = 64  # chat-small: 2 epochs, 16 steps
     chat_small_epochs: int = 2
     chat_eval: int = 200  # validation and test tweets each
@@ -441,17 +446,19 @@ def train_and_eval_chat(task: str, method: Method, rho: float, seed: int, budget
                           processing_class=tokenizer, peft_config=LoraConfig(**CHAT_LORA))
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * hp["epochs"]
     return timed_run(trainer, task, method, rho, seed, tokens, hp,
-                     lambda split: dict(accuracy=answer_accuracy(trainer.model, tokenizer, chats[split])))
+                     lambda split: dict(accuracy=answer_accuracy(trainer.model, tokenizer, chats[split])),
+                     validate=ctx.get("validate", True))
 
 
-def timed_run(trainer, task: str, method: Method, rho: float, seed: int, tokens: int, hp: dict, evaluate) -> dict:
-    """Train `trainer` (quietly), timed; the run's record with `evaluate(split)` on the test split and, for seed 0,
-    the validation split (the rho sweep)."""
+def timed_run(trainer, task: str, method: Method, rho: float, seed: int, tokens: int, hp: dict, evaluate,
+              validate: bool = True) -> dict:
+    """Train `trainer` (quietly), timed; the run's record with `evaluate(split)` on the test split and, for seed 0
+    with `validate` (a rho sweep), the validation split."""
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    splits = ("validation", "test") if seed == 0 else ("test",)
+    splits = ("validation", "test") if seed == 0 and validate else ("test",)
     return dict(task=task, method=method.name, rho=rho, seed=seed, wall_s=wall, tokens_per_s=tokens / wall,
                 perturbed=trainer.perturbed_parameter_names() if method.sam else [], config=hp,
                 **{split: evaluate(split) for split in splits})
@@ -488,7 +495,7 @@ def train_and_eval(task: str, method: Method, rho: float, seed: int, budget: Bud
         trainer = LWSAMTrainer(model=model, args=LWSAMConfig(**common, sam_rho=rho, **method.sam),
                                train_dataset=data["train"], data_collator=collator, compute_metrics=compute_metrics)
     return timed_run(trainer, task, method, rho, seed, tokens, hp,
-                     lambda split: _metrics(task, trainer.evaluate(data[split])))
+                     lambda split: _metrics(task, trainer.evaluate(data[split])), validate=ctx.get("validate", True))
 
 
 def train_and_eval_robust(task: str, method: Method, rho: float, seed: int, rb: RobustBudget, ctx: dict,
@@ -573,27 +580,38 @@ def _mean_std(xs: list[float]) -> str:
 
 
 def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float],
-              costs: dict[str, float] | None = None) -> tuple[list[str], list[dict]]:
+              costs: dict[str, float] | None = None, wall_ratios: bool = True) -> tuple[list[str], list[dict]]:
     """Test metric per method; throughput ÷ AdamW from `costs` (measured side by side) when given, else from the
-    runs' wall times."""
+    runs' wall times (`wall_ratios`; otherwise 'not measured': runs that shared the cores)."""
     metric = _metric_name(task)
     base = {r["seed"]: r for r in finals["adamw"]}
+    full = {r["seed"]: r for r in finals.get("full SAM", [])}
     lines, points = [], []
     for name, runs in finals.items():
         vals = [r["test"][metric] for r in runs]
-        thr = [r["tokens_per_s"] / base[r["seed"]]["tokens_per_s"] for r in runs]
-        if costs and name in costs:
+        thr = [r["tokens_per_s"] / base[r["seed"]]["tokens_per_s"] for r in runs] if wall_ratios else []
+        if name == "adamw":
+            thr = [1.0]
+        elif costs and name in costs:
             thr = [costs[name]]
         rel_cost = [1 / t for t in thr]  # wall time ÷ AdamW's
-        diffs = [r["test"][metric] - base[r["seed"]]["test"][metric] for r in runs]
-        wins = sum(d < 0 if task == "lm" else d > 0 for d in diffs)
+        adamw = [base[r["seed"]]["test"][metric] for r in runs]
+        diff = paired_difference(adamw, vals)
+        wins = sum(v < b if task == "lm" else v > b for b, v in zip(adamw, vals))
         f1 = _mean_std([r["test"]["f1"] for r in runs]) if task.startswith("cls") else "-"
-        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        paired = "-" if name == "adamw" else f"{statistics.mean(diffs):+.4f} ± {spread:.4f} ({wins}/{len(runs)} better)"
+        scale = 1 if task == "lm" else 100  # perplexity; accuracy in points
+        paired = "-" if name == "adamw" else f"{diff.format(scale)} ({wins}/{len(runs)} better)"
+        both = [r for r in runs if r["seed"] in full]
+        share = "-" if name in ("adamw", "full SAM") or not both else gain_fraction(
+            [base[r["seed"]]["test"][metric] for r in both], [full[r["seed"]]["test"][metric] for r in both],
+            [r["test"][metric] for r in both]).format(1).replace("+", "")
         lines.append(f"| {task} | {name} | {chosen.get(name, '-')} | {_mean_std(vals)} | {f1} | "
-                     f"{statistics.mean(r['wall_s'] for r in runs):.0f} | {statistics.mean(thr):.2f} | {paired} |")
+                     f"{statistics.mean(r['wall_s'] for r in runs):.0f} | "
+                     f"{f'{statistics.mean(thr):.2f}' if thr else 'not measured'} | {paired} | "
+                     f"{share} |")
         points.append(dict(task=task, method=name, mean=statistics.mean(vals),
-                           std=statistics.stdev(vals) if len(vals) > 1 else 0.0, cost=statistics.mean(rel_cost)))
+                           std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                           cost=statistics.mean(rel_cost) if rel_cost else None))
     return lines, points
 
 
@@ -664,7 +682,7 @@ def plot(points: list[dict], path: Path) -> None:
     tasks = sorted({p["task"] for p in points})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for p in [p for p in points if p["task"] == task]:
+        for p in [p for p in points if p["task"] == task and p["cost"] is not None]:  # a measured cost only
             ax.errorbar(p["cost"], p["mean"], yerr=p["std"], fmt="o", capsize=4, label=p["method"])
         ax.set_xlabel("relative cost (wall time ÷ AdamW)")
         ax.set_ylabel(f"test {_metric_name(task)}" + (" (lower is better)" if task == "lm" else ""))
@@ -737,20 +755,30 @@ def measured_costs(task: str, methods: list[Method], ctx: dict, lr: float, out: 
 
 # Each robustness method's cost, read from the throughput benchmark's CPU shape (GPT-2, 6 layers, d=256, T=128) with the
 # same selection rule carried over: the tiny ViT's step time is Python-bound and says nothing about a real model's.
-THROUGHPUT_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput" / "cheaper_roads_cpu.json"
+# The chat tasks' costs: `benchmark_throughput.py --preset smollm2-135m --lora` (LoRA r=16 on every linear layer;
+# SmolLM2's default selection is block 29 + the final norm, the preset's k=1 with reuse; the probe is not measured).
+SMOLLM2_LORA_JSON = (Path(__file__).resolve().parents[1] / "benchmarks" / "throughput" / "throughput_smollm2_lora_cpu.json",)
+CHAT_COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse"}
+# The CPU benchmark shape's ratios: the cheaper roads' run, then the late-phase runs (issue 23): full SAM's modes
+# side by side with the shorter late phases (3 rounds x 20 steps), then the last 10% / 5% alone with AdamW, longer
+# (5 rounds x 40 steps: one SAM step in 20 needs more steps to be timed well).
+THROUGHPUT_JSONS = tuple(Path(__file__).resolve().parents[1] / "benchmarks" / "throughput" / name
+                         for name in ("cheaper_roads_cpu.json", "late_phase_cpu.json", "late_phase_long_cpu.json"))
 COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse", "LW-SAM stale": "LW-SAM k=1 stale",
               "LW-SAM interval=4": "LW-SAM k=1 reuse interval=4", "SAM on norms": "norms",
               "norms stale": "norms stale", "norms late 70%": "norms late from 70%",
-              "full LookSAM k=5": "full SAM LookSAM interval=5", "full SAM late 70%": "full SAM late from 70%",
-              "full random": "full random"}
+              "full LookSAM k=5": "full SAM LookSAM interval=5", "full random": "full random",
+              **{f"full SAM late {p}%": f"full SAM late from {p}%" for p in (70, 80, 90, 95)}}
 
 
-def benchmark_costs(path: Path = THROUGHPUT_JSON) -> dict[str, float]:
-    """Throughput ÷ AdamW per robustness method from `scripts/benchmark_throughput.py`'s JSON (empty if not run)."""
-    if not path.exists():
-        return {}
-    ratios = {r["method"]: r["ratio_to_adamw"] for r in json.loads(path.read_text())["results"]}
-    return {name: ratios[bench] for name, bench in COST_PROXY.items() if bench in ratios}
+def benchmark_costs(paths: tuple[Path, ...] = THROUGHPUT_JSONS, proxy: dict[str, str] = COST_PROXY) -> dict[str, float]:
+    """Throughput ÷ AdamW per robustness method from `scripts/benchmark_throughput.py`'s JSON files (each ratio
+    measured against the AdamW of its own run; a later file's figure replaces an earlier one's; empty if not run)."""
+    ratios = {}
+    for path in paths:
+        if path.exists():
+            ratios.update({r["method"]: r["ratio_to_adamw"] for r in json.loads(path.read_text())["results"]})
+    return {name: ratios[bench] for name, bench in proxy.items() if bench in ratios}
 
 
 def plot_pareto(points: list[dict], path: Path) -> None:
@@ -828,7 +856,8 @@ def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out
             "of seed 0. Label "
             "noise in the training split only. Throughput: `--measure_cost`, interleaved on an idle machine; for the "
             "digits tasks the CPU benchmark shape's ratio of the same mode and selection rule "
-            "(`benchmarks/throughput/cheaper_roads_cpu.json`; 'not measured' where it has no such mode). "
+            "(`benchmarks/throughput/{cheaper_roads,late_phase,late_phase_long}_cpu.json`, a later file's figure "
+            "first; 'not measured' where they have no such mode). "
             f"Machine: {MACHINE}. Budget: {rb}.")
     write_report(out / a.report, header, lines, note, lambda path: plot_robust(points, path), log)
     plot_pareto(points, out / f"{a.report}_pareto.png")
@@ -893,7 +922,7 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
-    ctx = dict(out=out, log=log, report_only=a.report_only)
+    ctx = dict(out=out, log=log, report_only=a.report_only, validate=len(rhos) > 1)
     if robust:
         return run_robustness(a, QUICK_ROBUST if a.quick else RobustBudget(), seeds, rhos, out, ctx, log)
     methods = all_methods(a.asam, a.probe_no_embeddings, a.schedules, a.probe_modes)
@@ -909,8 +938,11 @@ def main() -> None:
         chosen: dict[str, float] = {}
         if 0 in seeds:  # AdamW seed 0 right before the sweep's seed-0 runs, its partners in the throughput ratio
             cached_run(task, methods[0], 0.0, 0, budget, ctx)
-        for m in methods[1:]:  # rho sweep on validation, seed 0
+        for m in methods[1:]:  # rho sweep on validation, seed 0 (one rho: no sweep, no validation)
             grid = asam_rhos if m.sam.get("sam_adaptive") else rhos
+            if len(grid) == 1:
+                chosen[m.name] = grid[0]
+                continue
             sweep = {rho: cached_run(task, m, rho, 0, budget, ctx)["validation"][metric] for rho in grid}
             chosen[m.name] = (min if task == "lm" else max)(sweep, key=sweep.get)
             log(f"{task} {m.name}: validation {metric} by rho {sweep} -> rho={chosen[m.name]}")
@@ -918,17 +950,25 @@ def main() -> None:
         for seed in seeds:  # seed-major: each seed's runs back to back, so its throughput ratios are side by side
             for m in methods:
                 finals[m.name].append(cached_run(task, m, chosen.get(m.name, 0.0), seed, budget, ctx))
-        costs = measured_costs(task, methods, ctx, LEARNING_RATE[task], out, a.measure_cost, log, finals)
-        task_lines, task_points = summarise(task, finals, chosen, costs)
+        if task in CHAT_TASKS:  # the study's runs share the cores: the SmolLM2 LoRA benchmark's ratios instead
+            costs = benchmark_costs(SMOLLM2_LORA_JSON, CHAT_COST_PROXY)
+        else:
+            costs = measured_costs(task, methods, ctx, LEARNING_RATE[task], out, a.measure_cost, log, finals)
+        task_lines, task_points = summarise(task, finals, chosen, costs, wall_ratios=task not in CHAT_TASKS)
         lines += task_lines
         points += task_points
 
     header = ("| task | method | rho | test accuracy / perplexity (mean ± std) | macro-F1 | wall s | "
-              "throughput ÷ AdamW | paired Δ vs AdamW (per seed) |\n|---|---|---|---|---|---|---|---|")
+              "throughput ÷ AdamW | paired Δ vs AdamW, 95% t interval (seeds better) | share of full SAM's gain |"
+              "\n|---|---|---|---|---|---|---|---|---|")
     note = (f"Metric: accuracy for cls tasks (macro-F1 beside it), perplexity for lm (lower is better). "
-            f"Seeds {seeds}; rho chosen per method on validation from {rhos}"
+            f"Seeds {seeds}; " + (f"rho chosen per method on validation from {rhos}" if len(rhos) > 1 else
+                                  f"rho fixed at {rhos[0]} (no sweep)")
             + (f" (ASAM: {asam_rhos})" if a.asam else "") + f". Machine: {MACHINE}. "
-            f"Budget: {budget}.")
+            f"Budget: {budget}. Paired Δ: the mean paired difference against AdamW (accuracy in points) with its 95% "
+            f"t interval; share of full SAM's gain: mean Δ / full SAM's mean Δ, 95% paired bootstrap interval (inf: "
+            f"full SAM's own gain not established). Chat tasks' throughput: the SmolLM2 LoRA benchmark "
+            f"(`benchmarks/throughput/throughput_smollm2_lora_cpu.json`), not the study's runs, which shared the cores.")
     write_report(out / a.report, header, lines, note, lambda path: plot(points, path), log)
 
 

@@ -31,7 +31,7 @@ def test_throughput_benchmark_runs_every_method_and_writes_json(tmp_path):
     assert names == ["adamw", "full SAM", "LW-SAM k=1 truncated", "LW-SAM k=1 reuse", "LW-SAM k=1 stale",
                      "LW-SAM k=1 reuse interval=4", "full SAM stale", "full SAM LookSAM interval=5",
                      "full SAM late from 70%", "LW-SAM k=1 reuse LookSAM interval=5", "LW-SAM k=1 reuse late from 70%",
-                     "full random", "LW-SAM k=1 random", "norms", "norms stale", "norms late from 70%"]
+                     "full SAM late from 80%", "full SAM late from 90%", "full SAM late from 95%", "full random", "LW-SAM k=1 random", "norms", "norms stale", "norms late from 70%"]
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in result["results"])
     assert result["results"][0]["ratio_to_adamw"] == 1.0
     assert "| LW-SAM k=1 reuse |" in stdout
@@ -63,10 +63,10 @@ def test_accuracy_benchmark_quick(tmp_path):
         assert f"| lm | {method} |" in table and f"| cls-full | {method} |" in table
     assert (tmp_path / "quick" / "accuracy.png").stat().st_size > 1000
     runs = sorted((tmp_path / "quick" / "runs").glob("*.json"))
-    assert len(runs) == 2 * 4  # per task: AdamW + 3 SAM methods (one rho, one seed); each run is evaluated twice
+    assert len(runs) == 2 * 4  # per task: AdamW + 3 SAM methods (one rho, one seed)
     for path in runs:
         run = json.loads(path.read_text())
-        assert run["validation"].keys() == run["test"].keys() and run["wall_s"] > 0  # seed 0: both splits
+        assert "validation" not in run and run["test"] and run["wall_s"] > 0  # one rho: no sweep, no validation
 
     # Resumable: a second call trains nothing, except a run whose cached configuration no longer matches.
     stale = tmp_path / "quick" / "runs" / "cls-full__adamw__rho0.0__seed0.json"
@@ -150,12 +150,12 @@ def test_chat_tasks_noise_only_the_training_answers_and_keep_the_chat_format():
     budget = script.Budget()
     noisy, clean = script.chat_splits("chat-noise40", budget), script.chat_splits("chat", budget)
     small = script.chat_splits("chat-small", budget)
-    assert [len(noisy[s]) for s in ("train", "validation", "test")] == [192, 200, 200] and len(small["train"]) == 64
+    assert [len(noisy[s]) for s in ("train", "validation", "test")] == [128, 200, 200] and len(small["train"]) == 64
     for split in ("validation", "test"):
         assert noisy[split]["completion"] == clean[split]["completion"]
         assert noisy[split]["prompt"] == clean[split]["prompt"]
     assert noisy["train"]["prompt"] == clean["train"]["prompt"]
-    assert sum(a != b for a, b in zip(noisy["train"]["label"], clean["train"]["label"])) == round(0.4 * 192)
+    assert sum(a != b for a, b in zip(noisy["train"]["label"], clean["train"]["label"])) == round(0.4 * 128)
     for chat in noisy["train"]:  # the answer is the (noisy) label's name, in the assistant's turn
         assert [m["role"] for m in chat["prompt"]] == ["system", "user"]
         assert chat["completion"] == [{"role": "assistant", "content": TWEET_LABELS[chat["label"]]}]

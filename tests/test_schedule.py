@@ -190,10 +190,11 @@ def flat_dot(a, b):
 
 def looksam_reference(model, batches, selected, rho, alpha, interval, steps, lr, accumulation=2):
     """LookSAM (Liu et al. 2022, Algorithm 1) with SGD, by hand, over `steps` optimizer steps: SAM steps
-    s % interval == 0 keep g_v = g_s - <g_s, g> / ||g||^2 g over S; the others use g + alpha ||g_S|| / ||g_v|| g_v on S."""
+    s % interval == 0 keep g_v = g_s - <g_s, g> / ||g||^2 g over S; the others use g + alpha ||g_S|| / ||g_v|| g_v on S.
+    Returns the weights and, per SAM step, sin(g_s, g) = ||g_v|| / ||g_s||."""
     names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
-    g_v = None
+    g_v, sins = None, []
     for s in range(steps):
         window = batches[s * accumulation:(s + 1) * accumulation]
         if s % interval == 0:
@@ -201,6 +202,7 @@ def looksam_reference(model, batches, selected, rho, alpha, interval, steps, lr,
             g_s = [total[n] for n in selected]
             coef = flat_dot(g_s, clean) / flat_dot(clean, clean)
             g_v = [gs - coef * c for gs, c in zip(g_s, clean)]
+            sins.append(float(torch.sqrt(flat_dot(g_v, g_v) / flat_dot(g_s, g_s))))
         else:
             total = dict(zip(names, window_gradient(model, window)))
             g_sel = [total[n] for n in selected]
@@ -210,7 +212,7 @@ def looksam_reference(model, batches, selected, rho, alpha, interval, steps, lr,
         with torch.no_grad():
             for n in names:
                 params[n].sub_(lr * total[n])
-    return weights(model)
+    return weights(model), sins
 
 
 def rel_to_start(got, expected, start) -> float:
@@ -230,7 +232,8 @@ def test_looksam_four_steps_equal_the_formula(selection, sgd_args):
                                                       learning_rate=0.5), train_dataset=data)
     selected = trainer.perturbed_parameter_names()
     trainer.train()
-    expected = looksam_reference(tiny_gpt2(), _batches(data), selected, rho, alpha, interval=2, steps=4, lr=0.5)
+    expected, sins = looksam_reference(tiny_gpt2(), _batches(data), selected, rho, alpha, interval=2, steps=4,
+                                       lr=0.5)
     start = weights(tiny_gpt2())
     got = weights(model)
     assert rel_to_start(got, expected, start) <= 1e-5
@@ -242,6 +245,9 @@ def test_looksam_four_steps_equal_the_formula(selection, sgd_args):
     logs = [e for e in trainer.state.log_history if "sam/sam_steps" in e]
     assert [e["sam/sam_steps"] for e in logs] == [1.0, 0.0, 1.0, 0.0]
     assert [e.get("sam/looksam_steps") for e in logs] == [None, 1.0, None, 1.0]
+    # The logged sin(g_s, g) of each SAM step: the share of g_s that LookSAM keeps.
+    logged = [e["sam/looksam_sin"] for e in logs if "sam/looksam_sin" in e]
+    assert logged == pytest.approx(sins, rel=1e-4, abs=1e-6) and len(sins) == 2 and 0 < min(sins)
 
 
 def test_looksam_resumes_exactly_from_a_checkpoint(sgd_args, tmp_path):
