@@ -42,6 +42,8 @@ other classes, uniformly) and in the training split only.
 Every finished run is cached as JSON under `<out>/runs/` (with the configuration it was made with; a run made with
 another configuration is redone) and skipped when the script runs again (resumable).
 Outputs: `<out>/runs/*.json`, `<out>/<report>.md` (table), `<out>/<report>.png` (metric vs relative cost).
+The tasks (budgets, splits, models, each run's configuration) are in `scripts/study_tasks.py`; the run cache
+and the trainer of a method, shared with `gradnorm_study.py`, in `scripts/study_harness.py`.
 
     python scripts/benchmark_accuracy.py            # the default run (79 min measured on 2 CPU cores, +3 to pretrain)
     python scripts/benchmark_accuracy.py --quick    # about 3 minutes: tiny budgets, 2 seeds, one rho
@@ -56,7 +58,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -69,50 +70,27 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from datasets import Dataset, DatasetDict  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
     DataCollatorWithPadding,
-    GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
-    PrinterCallback,
-    Trainer,
     TrainerCallback,
-    TrainingArguments,
     set_seed,
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from hf_lwsam import LWSAMConfig, LWSAMTrainer  # noqa: E402
 from hf_lwsam.cli.metrics import classification_metrics  # noqa: E402
-from hf_lwsam.data import (  # noqa: E402
-    load_tweets,
-    minilm_path,
-    shakespeare_files,
-    smollm2_path,
-    train_byte_bpe,
-    tweet_sentiment_chats,
-)
+from hf_lwsam.data import smollm2_path  # noqa: E402
 from hf_lwsam.step_timer import StepTimer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this file, also when
-from study_stats import gain_fraction, paired_difference  # noqa: E402  # loaded by path (the tests)
-
-LM_FINETUNE_PLAYS = ("twelfth-night", "as-you-like-it", "much-ado-about-nothing", "the-merchant-of-venice")
-LM_TEST_PLAY = "a-midsummer-night-s-dream"
-LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])  # + the classifier head, trained
-# Every method trains with the AdamW baseline's learning rate. cls: the best validation accuracy (seed 0) of
-# {5e-5, 1e-4, 2e-4, 4e-4} (full) and {5e-4, 2e-3, 4e-3, 8e-3, 1.5e-2} (LoRA). lm: fixed, not tuned (1e-3 gives a
-# lower validation perplexity but a higher test perplexity: it over-fits the fine-tuning plays).
-MACHINE = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-LEARNING_RATE = {"cls-full": 4e-4, "cls-lora": 8e-3, "lm": 3e-4}
-# The SmolLM2 chat tasks: `hf-lwsam-sft`'s offline default recipe (LoRA r=16 on every linear layer, learning rate
-# 2e-3; not tuned here).
-CHAT_TASKS = ("chat", "chat-small", "chat-noise40")
-CHAT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
-LEARNING_RATE.update({task: 2e-3 for task in CHAT_TASKS})
+from study_harness import MACHINE, cached, make_trainer, mean_std, quiet  # noqa: E402  # loaded by path (the tests)
+from study_stats import gain_fraction, paired_difference  # noqa: E402
+from study_tasks import QUICK, QUICK_ROBUST, ROBUST_LR_GRID, ROBUST_TASKS, Budget, RobustBudget  # noqa: E402
+from study_tasks import CHAT_LORA, CHAT_TASKS, LEARNING_RATE, chat_splits, cls_model, lm_assets  # noqa: E402
+from study_tasks import robust_data, run_config, tiny_vit, tweet_splits  # noqa: E402
 
 
 @dataclass
@@ -196,175 +174,6 @@ def robust_methods(family: str) -> list[Method]:
             Method("norms LookSAM k=5", dict(norms, sam_interval=5, sam_interval_reuse="looksam"), "SAM on norms")]
 
 
-@dataclass
-class Budget:
-    cls_train: int = 2000
-    cls_eval: int = 1000
-    cls_epochs: float = 1.0
-    cls_max_length: int = 64
-    lm_pretrain_steps: int = 300
-    lm_finetune_steps: int = 80
-    lm_block: int = 128
-    lm_vocab: int = 4096
-    lm_eval_blocks: int = 256
-    # chat tasks (SmolLM2, ~64 tokens a chat). Measured on one core: an AdamW LoRA step of 8 chats 7.1 s, scoring a
-    # held-out prompt 0.27 s; so a run of 16 steps + 200 test prompts is ~3 min (full SAM ~5), 36 runs ~2 h.
-    chat_train: int = 128  # chat, chat-noise40: 16 steps of 8
-    chat_small: int = 64  # chat-small: 2 epochs, 16 steps
-    chat_small_epochs: int = 2
-    chat_eval: int = 200  # validation and test tweets each
-
-
-QUICK = Budget(cls_train=192, cls_eval=128, cls_max_length=48, lm_pretrain_steps=30, lm_finetune_steps=12,
-               lm_block=64, lm_vocab=1024, lm_eval_blocks=64, chat_train=16, chat_small=8, chat_eval=16)
-
-
-# The robustness suite (`--suite robustness`): where the literature reports SAM's largest gains.
-ROBUST_TASKS = ("tweets-noise20", "tweets-noise40", "tweets-small", "digits", "digits-noise20", "digits-noise40")
-
-
-@dataclass
-class RobustBudget:
-    tweets_train: int = 500  # tweets-noise*: 500 training tweets, 4 epochs
-    tweets_small: int = 250  # tweets-small: 250 clean training tweets, 8 epochs
-    tweets_val: int = 500
-    tweets_test: int = 1000
-    tweets_epochs: int = 4
-    small_epochs: int = 8
-    max_length: int = 64
-    digits_val: int = 300  # of scikit-learn's 1797 digits: 500 test, 300 validation, the other 997 train
-    digits_test: int = 500
-    digits_epochs: int = 30
-
-
-QUICK_ROBUST = RobustBudget(tweets_train=96, tweets_small=64, tweets_val=64, tweets_test=64, tweets_epochs=2,
-                            small_epochs=2, max_length=48, digits_epochs=3)
-# AdamW's learning rate per robustness task: the best final validation accuracy (seed 0) of the grid, every method
-# then trains with it (see `tune_learning_rate`).
-ROBUST_LR_GRID = {"tweets": [1e-4, 4e-4], "digits": [1e-3, 3e-3]}
-
-
-def noise_fraction(task: str) -> float:
-    return int(task.rsplit("noise", 1)[1]) / 100 if "noise" in task else 0.0
-
-
-def with_label_noise(data: Dataset, fraction: float, num_classes: int, seed: int = 0) -> Dataset:
-    """Symmetric label noise: `round(fraction * n)` examples, drawn at random, get a label drawn uniformly from the
-    *other* classes. The same examples and labels for every method and seed (`seed` fixes the draw)."""
-    if fraction == 0:
-        return data
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    labels = np.array(data["label"])
-    flipped = rng.choice(len(labels), size=round(fraction * len(labels)), replace=False)
-    labels[flipped] = (labels[flipped] + rng.integers(1, num_classes, size=len(flipped))) % num_classes
-    return data.remove_columns("label").add_column("label", labels.tolist())
-
-
-# ----------------------------------------------------------------------------------------------------- tasks
-def tweet_splits(budget: Budget) -> DatasetDict:
-    tweets = load_tweets(seed=42, validation_size=budget.cls_eval, test_size=budget.cls_eval,
-                         max_train_samples=budget.cls_train)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    return tweets.map(lambda b: tokenizer(b["text"], truncation=True, max_length=budget.cls_max_length),
-                      batched=True, remove_columns=["text"]), tokenizer
-
-
-def chat_splits(task: str, budget: Budget) -> DatasetDict:
-    """The chat task's tweets as SmolLM2 chats (label noise in the training split only), with their `label`."""
-    tweets = load_tweets(seed=42, validation_size=budget.chat_eval, test_size=budget.chat_eval,
-                         max_train_samples=budget.chat_small if task == "chat-small" else budget.chat_train)
-    tweets["train"] = with_label_noise(tweets["train"], noise_fraction(task), 3)
-    return DatasetDict({split: tweet_sentiment_chats(data) for split, data in tweets.items()})
-
-
-def cls_model(lora: bool, seed: int):
-    set_seed(seed)  # the classifier head's initialisation depends on the seed
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=3)
-    if lora:
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, **LORA))
-    return model
-
-
-def _read(play: str) -> str:
-    with open(shakespeare_files()[play][0], encoding="utf-8") as f:
-        return f.read()
-
-
-def _blocks(tokenizer, texts: list[str], size: int) -> Dataset:
-    ids = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
-    n = len(ids) // size
-    return Dataset.from_dict({"input_ids": [ids[i * size : (i + 1) * size] for i in range(n)]})
-
-
-def lm_assets(budget: Budget, cache: Path, log) -> tuple[str, DatasetDict]:
-    """The pretrained small GPT-2 checkpoint (trained once and cached) and the fine-tune/validation/test blocks."""
-    held_out = set(LM_FINETUNE_PLAYS) | {LM_TEST_PLAY}
-    pretrain_plays = [p for p in shakespeare_files() if p not in held_out]
-    ckpt = cache / f"gpt2-shakespeare-v{budget.lm_vocab}-s{budget.lm_pretrain_steps}-b{budget.lm_block}"
-    if (ckpt / "config.json").exists():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
-    else:
-        log(f"pretraining a small GPT-2 on {len(pretrain_plays)} plays ({budget.lm_pretrain_steps} steps) -> {ckpt}")
-        tokenizer = train_byte_bpe([_read(p) for p in pretrain_plays], budget.lm_vocab)
-        corpus = _blocks(tokenizer, [_read(p) for p in pretrain_plays], budget.lm_block)
-        set_seed(0)
-        config = GPT2Config(vocab_size=len(tokenizer), n_positions=budget.lm_block, n_embd=128, n_layer=4,
-                            n_head=4, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-        model = GPT2LMHeadModel(config)
-        args = TrainingArguments(output_dir=str(cache / "pretrain"), per_device_train_batch_size=32,
-                                 max_steps=budget.lm_pretrain_steps, learning_rate=1e-3, warmup_steps=20,
-                                 lr_scheduler_type="cosine", report_to="none", save_strategy="no", use_cpu=True,
-                                 logging_steps=50, seed=0, disable_tqdm=True)
-        Trainer(model=model, args=args, train_dataset=corpus,
-                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
-        model.save_pretrained(ckpt)
-        tokenizer.save_pretrained(ckpt)
-    tune = _blocks(tokenizer, [_read(p) for p in LM_FINETUNE_PLAYS], budget.lm_block).shuffle(seed=0)
-    n_val = min(max(len(tune) // 10, 8), budget.lm_eval_blocks)
-    test = _blocks(tokenizer, [_read(LM_TEST_PLAY)], budget.lm_block)
-    splits = DatasetDict(train=tune.select(range(n_val, len(tune))), validation=tune.select(range(n_val)),
-                         test=test.select(range(min(len(test), budget.lm_eval_blocks))))
-    return str(ckpt), splits
-
-
-
-def robust_data(task: str, rb: RobustBudget) -> tuple[DatasetDict, Any]:
-    """The robustness task's splits (noise in the training split only) and its collator."""
-    if task.startswith("digits"):
-        from sklearn.datasets import load_digits  # real 8x8 handwritten digits shipped inside scikit-learn
-
-        digits = load_digits()
-        images = (torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0).tolist()
-        full = Dataset.from_dict({"pixel_values": images, "label": digits.target.tolist()}).shuffle(seed=42)
-        n_test, n_val = rb.digits_test, rb.digits_val
-        splits = DatasetDict(test=full.select(range(n_test)), validation=full.select(range(n_test, n_test + n_val)),
-                             train=full.select(range(n_test + n_val, len(full))))
-        splits["train"] = with_label_noise(splits["train"], noise_fraction(task), 10)
-        splits = splits.with_format("torch")
-        return splits, None
-    n_train = rb.tweets_small if task == "tweets-small" else rb.tweets_train
-    tweets = load_tweets(seed=42, validation_size=rb.tweets_val, test_size=rb.tweets_test, max_train_samples=n_train)
-    tweets["train"] = with_label_noise(tweets["train"], noise_fraction(task), 3)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    tokens = tweets.map(lambda b: tokenizer(b["text"], truncation=True, max_length=rb.max_length), batched=True,
-                        remove_columns=["text"])
-    return tokens, DataCollatorWithPadding(tokenizer)
-
-
-def tiny_vit(seed: int):
-    """A ViT trained from scratch on the 8x8 digits: 2x2 patches, 4 blocks of width 64 (~0.2M parameters)."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    set_seed(seed)
-    return ViTForImageClassification(ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=128, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-
-
 class BestValidation(TrainerCallback):
     """Keeps the per-epoch validation accuracy and a copy of the weights at its best epoch (for the test at the best
     validation epoch: early stopping, the usual defence against fitting noisy labels)."""
@@ -384,36 +193,6 @@ class BestValidation(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------------------------ runs
-def run_config(task: str, budget: Budget | RobustBudget, lr: float | None = None) -> dict:
-    """Everything a cached run depends on besides method, rho and seed: a cached run made otherwise is redone."""
-    if task in ROBUST_TASKS:
-        if task.startswith("digits"):
-            hp = dict(model="tiny ViT 4x64", batch=32, epochs=budget.digits_epochs, val=budget.digits_val,
-                      test=budget.digits_test)
-        else:
-            small = task == "tweets-small"
-            hp = dict(model="all-MiniLM-L6-v2", batch=32, train=budget.tweets_small if small else budget.tweets_train,
-                      epochs=budget.small_epochs if small else budget.tweets_epochs, val=budget.tweets_val,
-                      test=budget.tweets_test, max_length=budget.max_length)
-        hp.update(lr=lr, warmup_ratio=0.06, noise=noise_fraction(task), noise_kind="symmetric, other classes")
-    elif task.startswith("cls"):
-        hp = dict(batch=32, epochs=budget.cls_epochs, lr=LEARNING_RATE[task], warmup_ratio=0.06,
-                  train=budget.cls_train, eval=budget.cls_eval, max_length=budget.cls_max_length)
-        if task == "cls-lora":
-            hp.update(lora=LORA)
-    elif task in CHAT_TASKS:
-        small = task == "chat-small"
-        hp = dict(model="SmolLM2-135M-Instruct", batch=8, epochs=budget.chat_small_epochs if small else 1,
-                  train=budget.chat_small if small else budget.chat_train, eval=budget.chat_eval,
-                  lr=LEARNING_RATE[task], warmup_steps=2, max_length=128, lora=CHAT_LORA, noise=noise_fraction(task),
-                  noise_kind="symmetric, other classes")
-    else:
-        hp = dict(batch=16, steps=budget.lm_finetune_steps, lr=LEARNING_RATE[task], warmup_steps=5,
-                  block=budget.lm_block, vocab=budget.lm_vocab, pretrain_steps=budget.lm_pretrain_steps,
-                  eval_blocks=budget.lm_eval_blocks)
-    return dict(task=task, **hp)
-
-
 def _metrics(task: str, metrics: dict) -> dict:
     if task != "lm":
         return dict(accuracy=metrics["eval_accuracy"], f1=metrics["eval_f1"])
@@ -454,7 +233,7 @@ def timed_run(trainer, task: str, method: Method, rho: float, seed: int, tokens:
               validate: bool = True) -> dict:
     """Train `trainer` (quietly), timed; the run's record with `evaluate(split)` on the test split and, for seed 0
     with `validate` (a rho sweep), the validation split."""
-    trainer.remove_callback(PrinterCallback)
+    quiet(trainer)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -488,12 +267,8 @@ def train_and_eval(task: str, method: Method, rho: float, seed: int, budget: Bud
         common.update(per_device_eval_batch_size=32, max_steps=hp["steps"], warmup_steps=hp["warmup_steps"])
         collator, compute_metrics = DataCollatorForLanguageModeling(tokenizer, mlm=False), None
         tokens = hp["steps"] * hp["batch"] * hp["block"]
-    if method.sam is None:
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data["train"],
-                          data_collator=collator, compute_metrics=compute_metrics)
-    else:
-        trainer = LWSAMTrainer(model=model, args=LWSAMConfig(**common, sam_rho=rho, **method.sam),
-                               train_dataset=data["train"], data_collator=collator, compute_metrics=compute_metrics)
+    trainer = make_trainer(common, method.sam, rho, model=model, train_dataset=data["train"], data_collator=collator,
+                           compute_metrics=compute_metrics)
     return timed_run(trainer, task, method, rho, seed, tokens, hp,
                      lambda split: _metrics(task, trainer.evaluate(data[split])), validate=ctx.get("validate", True))
 
@@ -509,13 +284,9 @@ def train_and_eval_robust(task: str, method: Method, rho: float, seed: int, rb: 
                   weight_decay=0.0, per_device_train_batch_size=hp["batch"], per_device_eval_batch_size=128,
                   learning_rate=lr, num_train_epochs=hp["epochs"], warmup_steps=hp["warmup_ratio"])
     best = BestValidation()
-    kwargs = dict(model=model, train_dataset=data["train"], eval_dataset=data["validation"], data_collator=collator,
-                  compute_metrics=classification_metrics()[0], callbacks=[best])
-    if method.sam is None:
-        trainer = Trainer(args=TrainingArguments(**common), **kwargs)
-    else:
-        trainer = LWSAMTrainer(args=LWSAMConfig(**common, sam_rho=rho, **method.sam), **kwargs)
-    trainer.remove_callback(PrinterCallback)
+    trainer = quiet(make_trainer(common, method.sam, rho, model=model, train_dataset=data["train"],
+                                 eval_dataset=data["validation"], data_collator=collator,
+                                 compute_metrics=classification_metrics()[0], callbacks=[best]))
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -532,36 +303,33 @@ def train_and_eval_robust(task: str, method: Method, rho: float, seed: int, rb: 
 
 def cached_run(task: str, method: Method, rho: float, seed: int, budget: Budget | RobustBudget, ctx: dict,
                lr: float | None = None) -> dict:
-    """`train_and_eval`, cached under `<out>/runs/`; a cached run made with another configuration is redone."""
+    """`train_and_eval` (or `train_and_eval_robust`), cached as `<out>/runs/<key>.json` with its configuration; a
+    cached run made with another configuration is redone. `None` for a run not cached with `--report_only`."""
     key = f"{task}__{method.name.replace(' ', '_').replace('=', '').replace('/', '-')}__rho{rho}__seed{seed}"
     if lr is not None and task in ROBUST_TASKS and method.sam is None:
         key += f"__lr{lr}"  # the robustness suite's AdamW learning-rate sweep
-    path = ctx["out"] / "runs" / f"{key}.json"
     config = run_config(task, budget, lr) if task in ROBUST_TASKS else run_config(task, budget)
     if method.sam is not None and task in ROBUST_TASKS:
         config = dict(config, sam=method.sam)  # the method's options: a changed probe mode redoes the run
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("config") == config:
-            return cached
-        ctx["log"](f"{path.name} was made with another configuration: redoing it")
-    if ctx.get("report_only"):
-        ctx["log"](f"{key}: no cached run (--report_only: left out)")
-        return None
-    ctx["log"](f"run {key}")
-    if task in ROBUST_TASKS:
-        result = dict(train_and_eval_robust(task, method, rho, seed, budget, ctx, lr), config=config)
-    else:
-        result = train_and_eval(task, method, rho, seed, budget, ctx)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    val = f"validation {_metric_str(result['validation'])}, " if "validation" in result else ""
-    best = ""
-    if "best_epoch" in result:
-        best = f", at the best validation epoch ({result['best_epoch']:.0f}) "
-        best += _metric_str(result["test_at_best_validation"])
-    ctx["log"](f"     -> {val}test {_metric_str(result['test'])}{best}, {result['wall_s']:.0f} s")
-    return result
+
+    def make() -> dict | None:
+        if ctx.get("report_only"):
+            ctx["log"](f"{key}: no cached run (--report_only: left out)")
+            return None
+        ctx["log"](f"run {key}")
+        if task in ROBUST_TASKS:
+            result = train_and_eval_robust(task, method, rho, seed, budget, ctx, lr)
+        else:
+            result = train_and_eval(task, method, rho, seed, budget, ctx)
+        val = f"validation {_metric_str(result['validation'])}, " if "validation" in result else ""
+        best = ""
+        if "best_epoch" in result:
+            best = f", at the best validation epoch ({result['best_epoch']:.0f}) "
+            best += _metric_str(result["test_at_best_validation"])
+        ctx["log"](f"     -> {val}test {_metric_str(result['test'])}{best}, {result['wall_s']:.0f} s")
+        return result
+
+    return cached(ctx["out"] / "runs" / f"{key}.json", config, make, ctx["log"])
 
 
 def _metric_name(task: str) -> str:
@@ -575,10 +343,6 @@ def _metric_str(r: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- report
-def _mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
-
-
 def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float],
               costs: dict[str, float] | None = None, wall_ratios: bool = True) -> tuple[list[str], list[dict]]:
     """Test metric per method; throughput ÷ AdamW from `costs` (measured side by side) when given, else from the
@@ -598,14 +362,14 @@ def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float]
         adamw = [base[r["seed"]]["test"][metric] for r in runs]
         diff = paired_difference(adamw, vals)
         wins = sum(v < b if task == "lm" else v > b for b, v in zip(adamw, vals))
-        f1 = _mean_std([r["test"]["f1"] for r in runs]) if task.startswith("cls") else "-"
+        f1 = mean_std([r["test"]["f1"] for r in runs]) if task.startswith("cls") else "-"
         scale = 1 if task == "lm" else 100  # perplexity; accuracy in points
         paired = "-" if name == "adamw" else f"{diff.format(scale)} ({wins}/{len(runs)} better)"
         both = [r for r in runs if r["seed"] in full]
         share = "-" if name in ("adamw", "full SAM") or not both else gain_fraction(
             [base[r["seed"]]["test"][metric] for r in both], [full[r["seed"]]["test"][metric] for r in both],
             [r["test"][metric] for r in both]).format(1).replace("+", "")
-        lines.append(f"| {task} | {name} | {chosen.get(name, '-')} | {_mean_std(vals)} | {f1} | "
+        lines.append(f"| {task} | {name} | {chosen.get(name, '-')} | {mean_std(vals)} | {f1} | "
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f} | "
                      f"{f'{statistics.mean(thr):.2f}' if thr else 'not measured'} | {paired} | "
                      f"{share} |")
@@ -629,7 +393,7 @@ def summarise_robust(task: str, finals: dict[str, list[dict]], chosen: dict[str,
             vals = [r[split]["accuracy"] for r in runs]
             diff = paired_difference([base[r["seed"]][split]["accuracy"] for r in runs], vals)
             wins = sum(r[split]["accuracy"] > base[r["seed"]][split]["accuracy"] for r in runs)
-            row += [_mean_std(vals), "-" if name == "adamw" else f"{diff.format(100)} ({wins}/{len(runs)})"]
+            row += [mean_std(vals), "-" if name == "adamw" else f"{diff.format(100)} ({wins}/{len(runs)})"]
             if split == "test":
                 both = [r for r in runs if r["seed"] in full]
                 share = gain_fraction([base[r["seed"]]["test"]["accuracy"] for r in both],
@@ -723,11 +487,8 @@ def measure_costs(task: str, methods: list[Method], ctx: dict, lr: float, rounds
                           disable_tqdm=True, logging_strategy="no", seed=0, per_device_train_batch_size=batch,
                           learning_rate=lr, max_steps=steps + 2)
             timer = StepTimer()  # the first 2 steps are warm-up, left out below
-            args = TrainingArguments(**common) if m.sam is None else LWSAMConfig(**common, sam_rho=0.05, **m.sam)
-            cls = Trainer if m.sam is None else LWSAMTrainer
-            trainer = cls(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[timer])
-            trainer.remove_callback(PrinterCallback)
-            trainer.train()
+            quiet(make_trainer(common, m.sam, 0.05, model=model, train_dataset=train, data_collator=collator,
+                               callbacks=[timer])).train()
             step_time[m.name] = statistics.mean(timer.times[2:])
         for m in methods:
             per_round[m.name].append(step_time["adamw"] / step_time[m.name])

@@ -8,8 +8,8 @@ and the data order). Every `--measure_every` optimizer steps it records the whol
 of the clean loss on fixed training batches (eval mode, so dropout adds no noise; that time is excluded from the wall
 time). The table gives, per method, the mean ± std over seeds of the last third's mean norm, its ratio to AdamW's
 (paired per seed) and the share of full SAM's reduction it achieves, (AdamW - method) / (AdamW - full SAM). Runs are
-cached under `<output_dir>/gradnorm_runs/` (resumable). Writes `<output_dir>/gradnorm_<task>.{md,png,json}`
-(`gradnorm_<task>_quick.*` with `--quick`).
+cached under `<output_dir>/gradnorm_runs/` (resumable; the cache of `scripts/study_harness.py`). Writes
+`<output_dir>/gradnorm_<task>.{md,png,json}` (`gradnorm_<task>_quick.*` with `--quick`).
 
 Offline defaults: `--task minilm` fine-tunes the shipped all-MiniLM-L6-v2 on the shipped tweets (3-class accuracy);
 `--task gpt2` trains a small byte-level GPT-2 from scratch on the shipped Shakespeare plays (validation perplexity).
@@ -41,12 +41,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator  # noqa: E402
+from transformers import TrainerCallback, default_data_collator  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from hf_lwsam import LWSAMConfig, LWSAMTrainer, probe_layer_grad_norms  # noqa: E402
+from hf_lwsam import probe_layer_grad_norms  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))  # the shared study modules beside this file, also when loaded by path
+from study_harness import cached, make_trainer, mean_std  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------ tasks
@@ -202,13 +204,10 @@ def train_once(task: Task, label: str, sam: dict[str, Any] | None, opts: argpars
     )
     model = task.make_model()
     recorder = GradNormRecorder(batches_of(task.train, opts.batch_size, opts.measure_batches), opts.measure_every)
-    kwargs = dict(model=model, train_dataset=task.train, eval_dataset=task.eval, data_collator=default_data_collator,
-                  compute_metrics=task.compute_metrics, callbacks=[recorder])
-    if sam is None:
-        trainer: Trainer = Trainer(args=TrainingArguments(**common), **kwargs)
-    else:
-        trainer = LWSAMTrainer(args=LWSAMConfig(**common, sam_rho=opts.rho, sam_probe_interval=opts.probe_interval,
-                                                **sam), **kwargs)
+    trainer = make_trainer(common, None if sam is None else dict(sam_probe_interval=opts.probe_interval, **sam),
+                           opts.rho, model=model, train_dataset=task.train, eval_dataset=task.eval,
+                           data_collator=default_data_collator, compute_metrics=task.compute_metrics,
+                           callbacks=[recorder])
     start = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - start - recorder.seconds
@@ -225,15 +224,8 @@ def cached_run(task: Task, label: str, opts: argparse.Namespace, seed: int, cach
     """`train_once`, cached as JSON under `cache` with its configuration (resumable; another one redoes it)."""
     config = dict(run_config(task, opts), sam=METHODS[label], seed=seed)
     stem = f"{task.name}{'_quick' if opts.quick else ''}__{re.sub(r'[^A-Za-z0-9]+', '_', label)}"
-    path = cache / f"{stem}__seed{seed}.json"
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("config") == config:
-            return cached
-    result = dict(train_once(task, label, METHODS[label], opts, seed), config=config)
-    cache.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    return result
+    return cached(cache / f"{stem}__seed{seed}.json", config,
+                  lambda: train_once(task, label, METHODS[label], opts, seed))
 
 
 def _blocks(layers: list[str]) -> list[str]:
@@ -245,10 +237,6 @@ def _blocks(layers: list[str]) -> list[str]:
         if short not in out:
             out.append(short)
     return out
-
-
-def _ms(xs: list[float], fmt: str = ".4f") -> str:
-    return f"{statistics.fmean(xs):{fmt}} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:{fmt}}"
 
 
 def render(task: Task, per_label: dict[str, list[dict]], opts: argparse.Namespace, out: Path) -> tuple[Path, Path]:
@@ -279,8 +267,8 @@ def render(task: Task, per_label: dict[str, list[dict]], opts: argparse.Namespac
                  for r in rs if r["seed"] in full and label not in ("AdamW", "full SAM")]
         sel = rs[0]["selected"]
         layers = "all" if label == "full SAM" else ("-" if sel is None else ", ".join(_blocks(sel)))
-        lines.append(f"| {label} | {_ms([r['metric'] for r in rs])} | {_ms(gn)} | {_ms(ratio, '.3f')} | "
-                     f"{_ms(share, '.2f') if share else '-'} | {layers} |")
+        lines.append(f"| {label} | {mean_std([r['metric'] for r in rs])} | {mean_std(gn)} | {mean_std(ratio, '.3f')} | "
+                     f"{mean_std(share, '.2f') if share else '-'} | {layers} |")
     stem = f"gradnorm_{task.name}{'_quick' if opts.quick else ''}"  # --quick never overwrites the full results
     md = out / f"{stem}.md"
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")

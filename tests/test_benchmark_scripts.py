@@ -79,35 +79,49 @@ def test_accuracy_benchmark_quick(tmp_path):
     assert json.loads(stale.read_text())["config"] == run["config"]
 
 
-def _accuracy_script():
-    spec = importlib.util.spec_from_file_location("benchmark_accuracy", ROOT / "scripts" / "benchmark_accuracy.py")
+def _script(name: str):
+    """A module of scripts/ loaded by path (`study_tasks`: the accuracy study's tasks; `study_harness`: its cache)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
+def test_run_cache_keeps_a_run_made_with_the_same_config_and_redoes_another(tmp_path):
+    harness = _script("study_harness")
+    path, made = tmp_path / "runs" / "a.json", []
+    make = lambda: made.append(1) or {"acc": len(made)}  # noqa: E731
+    assert harness.cached(path, {"lr": 1}, make) == {"acc": 1, "config": {"lr": 1}}
+    assert harness.cached(path, {"lr": 1}, make) == {"acc": 1, "config": {"lr": 1}} and len(made) == 1  # read back
+    told = []
+    assert harness.cached(path, {"lr": 2}, make, told.append) == {"acc": 2, "config": {"lr": 2}}  # redone
+    assert told == ["a.json was made with another configuration: redoing it"]
+    assert json.loads(path.read_text()) == {"acc": 2, "config": {"lr": 2}}
+    assert harness.cached(tmp_path / "b.json", {}, lambda: None) is None and not (tmp_path / "b.json").exists()
+
+
 def test_symmetric_label_noise_flips_the_stated_share_to_other_classes():
     from hf_lwsam.data import load_tweets
 
-    script = _accuracy_script()
+    tasks = _script("study_tasks")
     clean = load_tweets(seed=42)["train"].select(range(600))  # real tweets, 3 classes
-    noisy = script.with_label_noise(clean, 0.4, 3)
+    noisy = tasks.with_label_noise(clean, 0.4, 3)
     flipped = [i for i, (a, b) in enumerate(zip(clean["label"], noisy["label"])) if a != b]
     assert len(flipped) == 240 and noisy["text"] == clean["text"]  # exactly 40 %, texts untouched
     shifts = [(noisy["label"][i] - clean["label"][i]) % 3 for i in flipped]
     assert 0.35 < shifts.count(1) / len(shifts) < 0.65  # uniform over the two other classes
-    assert script.with_label_noise(clean, 0.4, 3)["label"] == noisy["label"]  # one fixed draw for every run
-    assert script.with_label_noise(clean, 0.0, 3) is clean
+    assert tasks.with_label_noise(clean, 0.4, 3)["label"] == noisy["label"]  # one fixed draw for every run
+    assert tasks.with_label_noise(clean, 0.0, 3) is clean
 
 
 def test_robustness_digits_splits_keep_validation_and_test_clean():
     from sklearn.datasets import load_digits
 
-    script = _accuracy_script()
-    budget = script.RobustBudget()
-    noisy, _ = script.robust_data("digits-noise40", budget)
-    clean, _ = script.robust_data("digits", budget)
+    tasks = _script("study_tasks")
+    budget = tasks.RobustBudget()
+    noisy, _ = tasks.robust_data("digits-noise40", budget)
+    clean, _ = tasks.robust_data("digits", budget)
     assert [len(noisy[s]) for s in ("train", "validation", "test")] == [997, 300, 500]
     column = lambda split, name, data: torch.stack(list(data[split][name]))  # noqa: E731
     for split in ("validation", "test"):
@@ -146,10 +160,10 @@ def test_accuracy_robustness_suite_quick(tmp_path):
 def test_chat_tasks_noise_only_the_training_answers_and_keep_the_chat_format():
     from hf_lwsam.data import TWEET_LABELS
 
-    script = _accuracy_script()
-    budget = script.Budget()
-    noisy, clean = script.chat_splits("chat-noise40", budget), script.chat_splits("chat", budget)
-    small = script.chat_splits("chat-small", budget)
+    tasks = _script("study_tasks")
+    budget = tasks.Budget()
+    noisy, clean = tasks.chat_splits("chat-noise40", budget), tasks.chat_splits("chat", budget)
+    small = tasks.chat_splits("chat-small", budget)
     assert [len(noisy[s]) for s in ("train", "validation", "test")] == [128, 200, 200] and len(small["train"]) == 64
     for split in ("validation", "test"):
         assert noisy[split]["completion"] == clean[split]["completion"]

@@ -1,0 +1,69 @@
+"""What the accuracy and gradient-norm studies (`benchmark_accuracy.py`, `gradnorm_study.py`) do alike: cache a run
+as JSON with the configuration it was made with, build the plain or the layer-wise SAM trainer of a method, quiet a
+trainer, and format a mean ± std over seeds. (The offline defaults, `HF_HUB_OFFLINE=1`, ..., are its users' to
+set before importing it.)
+
+    >>> mean_std([0.80, 0.82])
+    '0.8100 ± 0.0141'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+from hf_lwsam import LWSAMConfig, LWSAMTrainer
+
+MACHINE = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+def cached(path: Path, config: dict[str, Any], make: Callable[[], dict | None],
+           log: Callable[[str], None] | None = None) -> dict | None:
+    """The run stored at `path` if it was made with `config`, else `make()` stored there with `config` (resumable).
+
+    Args:
+        path: the run's JSON file.
+        config: everything the run depends on; a stored run with another `config` is redone.
+        make: runs it and returns its record (`config` is set on it); `None` (nothing run) stores nothing.
+        log: told when a stored run is redone.
+    """
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("config") == config:
+            return stored
+        if log:
+            log(f"{path.name} was made with another configuration: redoing it")
+    result = make()
+    if result is None:
+        return None
+    result = dict(result, config=config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def make_trainer(args: dict[str, Any], sam: dict[str, Any] | None, rho: float, **kwargs: Any) -> Trainer:
+    """The stock `Trainer` with `TrainingArguments(**args)` for `sam=None` (plain AdamW), else an `LWSAMTrainer` with
+    `LWSAMConfig(**args, sam_rho=rho, **sam)`; `kwargs` go to the trainer (model, datasets, collator, ...)."""
+    if sam is None:
+        return Trainer(args=TrainingArguments(**args), **kwargs)
+    return LWSAMTrainer(args=LWSAMConfig(**args, sam_rho=rho, **sam), **kwargs)
+
+
+def quiet(trainer: Trainer) -> Trainer:
+    """`trainer` without the callback that prints every log (`disable_tqdm=True` adds it)."""
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def mean_std(xs: Sequence[float], fmt: str = ".4f") -> str:
+    """`mean ± std` of `xs` in `fmt` (std 0 for a single value)."""
+    return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:{fmt}}"

@@ -1,0 +1,258 @@
+"""The accuracy study's tasks (`benchmark_accuracy.py`): their budgets, data splits and models, all offline.
+
+  cls-full, cls-lora        the shipped MiniLM on the shipped tweets (`tweet_splits`, `cls_model`)
+  lm                        a small GPT-2 pretrained on most Shakespeare plays, fine-tuned on others (`lm_assets`)
+  chat, chat-small, ...     the shipped SmolLM2-135M-Instruct on tweet sentiment as chats (`chat_splits`)
+  tweets-*, digits[-*]      the robustness suite: label noise, small data, a tiny ViT on scikit-learn's digits
+                            (`robust_data`, `tiny_vit`, `with_label_noise`)
+
+`Budget` and `RobustBudget` size them (`QUICK`, `QUICK_ROBUST`: the smoke-run sizes); `run_config` is what a cached
+run depends on. Every asset is local: the offline defaults (`HF_HUB_OFFLINE=1`, ...) are its users' to set, as
+`benchmark_accuracy.py` does before importing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from hf_lwsam.data import (
+    load_tweets,
+    minilm_path,
+    shakespeare_files,
+    train_byte_bpe,
+    tweet_sentiment_chats,
+)
+
+LM_FINETUNE_PLAYS = ("twelfth-night", "as-you-like-it", "much-ado-about-nothing", "the-merchant-of-venice")
+LM_TEST_PLAY = "a-midsummer-night-s-dream"
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])  # + the classifier head, trained
+CHAT_TASKS = ("chat", "chat-small", "chat-noise40")
+CHAT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+# Every method trains with the AdamW baseline's learning rate. cls: the best validation accuracy (seed 0) of
+# {5e-5, 1e-4, 2e-4, 4e-4} (full) and {5e-4, 2e-3, 4e-3, 8e-3, 1.5e-2} (LoRA). lm: fixed, not tuned (1e-3 gives a
+# lower validation perplexity but a higher test perplexity: it over-fits the fine-tuning plays).
+LEARNING_RATE = {"cls-full": 4e-4, "cls-lora": 8e-3, "lm": 3e-4}
+# The SmolLM2 chat tasks: `hf-lwsam-sft`'s offline default recipe (LoRA r=16 on every linear layer, learning rate
+# 2e-3; not tuned here).
+LEARNING_RATE.update({task: 2e-3 for task in CHAT_TASKS})
+
+
+@dataclass
+class Budget:
+    """The main suite's sizes: the cls, lm and chat tasks' data, steps and epochs."""
+
+    cls_train: int = 2000
+    cls_eval: int = 1000
+    cls_epochs: float = 1.0
+    cls_max_length: int = 64
+    lm_pretrain_steps: int = 300
+    lm_finetune_steps: int = 80
+    lm_block: int = 128
+    lm_vocab: int = 4096
+    lm_eval_blocks: int = 256
+    # chat tasks (SmolLM2, ~64 tokens a chat). Measured on one core: an AdamW LoRA step of 8 chats 7.1 s, scoring a
+    # held-out prompt 0.27 s; so a run of 16 steps + 200 test prompts is ~3 min (full SAM ~5), 36 runs ~2 h.
+    chat_train: int = 128  # chat, chat-noise40: 16 steps of 8
+    chat_small: int = 64  # chat-small: 2 epochs, 16 steps
+    chat_small_epochs: int = 2
+    chat_eval: int = 200  # validation and test tweets each
+
+
+QUICK = Budget(cls_train=192, cls_eval=128, cls_max_length=48, lm_pretrain_steps=30, lm_finetune_steps=12,
+               lm_block=64, lm_vocab=1024, lm_eval_blocks=64, chat_train=16, chat_small=8, chat_eval=16)
+
+
+# The robustness suite (`--suite robustness`): where the literature reports SAM's largest gains.
+ROBUST_TASKS = ("tweets-noise20", "tweets-noise40", "tweets-small", "digits", "digits-noise20", "digits-noise40")
+
+
+@dataclass
+class RobustBudget:
+    """The robustness suite's sizes: the tweets and digits splits and epochs."""
+
+    tweets_train: int = 500  # tweets-noise*: 500 training tweets, 4 epochs
+    tweets_small: int = 250  # tweets-small: 250 clean training tweets, 8 epochs
+    tweets_val: int = 500
+    tweets_test: int = 1000
+    tweets_epochs: int = 4
+    small_epochs: int = 8
+    max_length: int = 64
+    digits_val: int = 300  # of scikit-learn's 1797 digits: 500 test, 300 validation, the other 997 train
+    digits_test: int = 500
+    digits_epochs: int = 30
+
+
+QUICK_ROBUST = RobustBudget(tweets_train=96, tweets_small=64, tweets_val=64, tweets_test=64, tweets_epochs=2,
+                            small_epochs=2, max_length=48, digits_epochs=3)
+# AdamW's learning rate per robustness task: the best final validation accuracy (seed 0) of the grid, every method
+# then trains with it (`benchmark_accuracy.py`'s `run_robustness`).
+ROBUST_LR_GRID = {"tweets": [1e-4, 4e-4], "digits": [1e-3, 3e-3]}
+
+
+def noise_fraction(task: str) -> float:
+    """The share of noisy training labels a task's name asks for (`digits-noise40`: 0.4)."""
+    return int(task.rsplit("noise", 1)[1]) / 100 if "noise" in task else 0.0
+
+
+def with_label_noise(data: Dataset, fraction: float, num_classes: int, seed: int = 0) -> Dataset:
+    """Symmetric label noise: `round(fraction * n)` examples, drawn at random, get a label drawn uniformly from the
+    *other* classes. The same examples and labels for every method and seed (`seed` fixes the draw)."""
+    if fraction == 0:
+        return data
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.array(data["label"])
+    flipped = rng.choice(len(labels), size=round(fraction * len(labels)), replace=False)
+    labels[flipped] = (labels[flipped] + rng.integers(1, num_classes, size=len(flipped))) % num_classes
+    return data.remove_columns("label").add_column("label", labels.tolist())
+
+
+def tweet_splits(budget: Budget) -> tuple[DatasetDict, Any]:
+    """The cls tasks' tweets, tokenized for MiniLM (train / validation / test), and the tokenizer."""
+    tweets = load_tweets(seed=42, validation_size=budget.cls_eval, test_size=budget.cls_eval,
+                         max_train_samples=budget.cls_train)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    return tweets.map(lambda b: tokenizer(b["text"], truncation=True, max_length=budget.cls_max_length),
+                      batched=True, remove_columns=["text"]), tokenizer
+
+
+def chat_splits(task: str, budget: Budget) -> DatasetDict:
+    """The chat task's tweets as SmolLM2 chats (label noise in the training split only), with their `label`."""
+    tweets = load_tweets(seed=42, validation_size=budget.chat_eval, test_size=budget.chat_eval,
+                         max_train_samples=budget.chat_small if task == "chat-small" else budget.chat_train)
+    tweets["train"] = with_label_noise(tweets["train"], noise_fraction(task), 3)
+    return DatasetDict({split: tweet_sentiment_chats(data) for split, data in tweets.items()})
+
+
+def cls_model(lora: bool, seed: int):
+    """The shipped MiniLM with a new 3-class head (initialised from `seed`), under LoRA (`LORA`) if `lora`."""
+    set_seed(seed)  # the classifier head's initialisation depends on the seed
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=3)
+    if lora:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, **LORA))
+    return model
+
+
+def _read(play: str) -> str:
+    with open(shakespeare_files()[play][0], encoding="utf-8") as f:
+        return f.read()
+
+
+def _blocks(tokenizer, texts: list[str], size: int) -> Dataset:
+    ids = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+    n = len(ids) // size
+    return Dataset.from_dict({"input_ids": [ids[i * size : (i + 1) * size] for i in range(n)]})
+
+
+def lm_assets(budget: Budget, cache: Path, log) -> tuple[str, DatasetDict]:
+    """The pretrained small GPT-2 checkpoint (trained once and cached) and the fine-tune/validation/test blocks."""
+    held_out = set(LM_FINETUNE_PLAYS) | {LM_TEST_PLAY}
+    pretrain_plays = [p for p in shakespeare_files() if p not in held_out]
+    ckpt = cache / f"gpt2-shakespeare-v{budget.lm_vocab}-s{budget.lm_pretrain_steps}-b{budget.lm_block}"
+    if (ckpt / "config.json").exists():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
+    else:
+        log(f"pretraining a small GPT-2 on {len(pretrain_plays)} plays ({budget.lm_pretrain_steps} steps) -> {ckpt}")
+        tokenizer = train_byte_bpe([_read(p) for p in pretrain_plays], budget.lm_vocab)
+        corpus = _blocks(tokenizer, [_read(p) for p in pretrain_plays], budget.lm_block)
+        set_seed(0)
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=budget.lm_block, n_embd=128, n_layer=4,
+                            n_head=4, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = GPT2LMHeadModel(config)
+        args = TrainingArguments(output_dir=str(cache / "pretrain"), per_device_train_batch_size=32,
+                                 max_steps=budget.lm_pretrain_steps, learning_rate=1e-3, warmup_steps=20,
+                                 lr_scheduler_type="cosine", report_to="none", save_strategy="no", use_cpu=True,
+                                 logging_steps=50, seed=0, disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=corpus,
+                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
+        model.save_pretrained(ckpt)
+        tokenizer.save_pretrained(ckpt)
+    tune = _blocks(tokenizer, [_read(p) for p in LM_FINETUNE_PLAYS], budget.lm_block).shuffle(seed=0)
+    n_val = min(max(len(tune) // 10, 8), budget.lm_eval_blocks)
+    test = _blocks(tokenizer, [_read(LM_TEST_PLAY)], budget.lm_block)
+    splits = DatasetDict(train=tune.select(range(n_val, len(tune))), validation=tune.select(range(n_val)),
+                         test=test.select(range(min(len(test), budget.lm_eval_blocks))))
+    return str(ckpt), splits
+
+
+def robust_data(task: str, rb: RobustBudget) -> tuple[DatasetDict, Any]:
+    """The robustness task's splits (noise in the training split only) and its collator."""
+    if task.startswith("digits"):
+        from sklearn.datasets import load_digits  # real 8x8 handwritten digits shipped inside scikit-learn
+
+        digits = load_digits()
+        images = (torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0).tolist()
+        full = Dataset.from_dict({"pixel_values": images, "label": digits.target.tolist()}).shuffle(seed=42)
+        n_test, n_val = rb.digits_test, rb.digits_val
+        splits = DatasetDict(test=full.select(range(n_test)), validation=full.select(range(n_test, n_test + n_val)),
+                             train=full.select(range(n_test + n_val, len(full))))
+        splits["train"] = with_label_noise(splits["train"], noise_fraction(task), 10)
+        splits = splits.with_format("torch")
+        return splits, None
+    n_train = rb.tweets_small if task == "tweets-small" else rb.tweets_train
+    tweets = load_tweets(seed=42, validation_size=rb.tweets_val, test_size=rb.tweets_test, max_train_samples=n_train)
+    tweets["train"] = with_label_noise(tweets["train"], noise_fraction(task), 3)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokens = tweets.map(lambda b: tokenizer(b["text"], truncation=True, max_length=rb.max_length), batched=True,
+                        remove_columns=["text"])
+    return tokens, DataCollatorWithPadding(tokenizer)
+
+
+def tiny_vit(seed: int):
+    """A ViT trained from scratch on the 8x8 digits: 2x2 patches, 4 blocks of width 64 (~0.2M parameters)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    set_seed(seed)
+    return ViTForImageClassification(ViTConfig(
+        image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def run_config(task: str, budget: Budget | RobustBudget, lr: float | None = None) -> dict:
+    """Everything a cached run depends on besides method, rho and seed: a cached run made otherwise is redone."""
+    if task in ROBUST_TASKS:
+        if task.startswith("digits"):
+            hp = dict(model="tiny ViT 4x64", batch=32, epochs=budget.digits_epochs, val=budget.digits_val,
+                      test=budget.digits_test)
+        else:
+            small = task == "tweets-small"
+            hp = dict(model="all-MiniLM-L6-v2", batch=32, train=budget.tweets_small if small else budget.tweets_train,
+                      epochs=budget.small_epochs if small else budget.tweets_epochs, val=budget.tweets_val,
+                      test=budget.tweets_test, max_length=budget.max_length)
+        hp.update(lr=lr, warmup_ratio=0.06, noise=noise_fraction(task), noise_kind="symmetric, other classes")
+    elif task.startswith("cls"):
+        hp = dict(batch=32, epochs=budget.cls_epochs, lr=LEARNING_RATE[task], warmup_ratio=0.06,
+                  train=budget.cls_train, eval=budget.cls_eval, max_length=budget.cls_max_length)
+        if task == "cls-lora":
+            hp.update(lora=LORA)
+    elif task in CHAT_TASKS:
+        small = task == "chat-small"
+        hp = dict(model="SmolLM2-135M-Instruct", batch=8, epochs=budget.chat_small_epochs if small else 1,
+                  train=budget.chat_small if small else budget.chat_train, eval=budget.chat_eval,
+                  lr=LEARNING_RATE[task], warmup_steps=2, max_length=128, lora=CHAT_LORA, noise=noise_fraction(task),
+                  noise_kind="symmetric, other classes")
+    else:
+        hp = dict(batch=16, steps=budget.lm_finetune_steps, lr=LEARNING_RATE[task], warmup_steps=5,
+                  block=budget.lm_block, vocab=budget.lm_vocab, pretrain_steps=budget.lm_pretrain_steps,
+                  eval_blocks=budget.lm_eval_blocks)
+    return dict(task=task, **hp)
