@@ -183,7 +183,10 @@ def test_throughput_benchmark_smollm2_preset(lora, tmp_path):
          "16", "--batch", "2", "--k", "1", "--rounds", "1", "--steps", "1", "--warmup", "1", "--json", str(out),
          timeout=1200)
     result = json.loads(out.read_text())
-    assert result["preset"] == "smollm2-135m" and len(result["results"]) == 7
+    names = [r["method"] for r in result["results"]]
+    assert result["preset"] == "smollm2-135m" and names[:2] == ["adamw", "full SAM"]
+    assert {"LW-SAM k=1 reuse", "full SAM late from 90%", "full random"} <= set(names)
+    assert ("norms" in names) is (not lora)  # under LoRA the norms are frozen: no norms-only methods
     assert all(r["tokens_per_s"] > 0 for r in result["results"])
 
 
@@ -196,3 +199,12 @@ def test_accuracy_benchmark_chat_task_quick(tmp_path):
         assert f"| chat-noise40 | {method} |" in table
     run = json.loads((tmp_path / "quick" / "runs" / "chat-noise40__LW-SAM_default__rho0.05__seed0.json").read_text())
     assert 0 <= run["test"]["accuracy"] <= 1 and run["perturbed"] and all("lora_" in n for n in run["perturbed"])
+
+
+@pytest.mark.slow  # the real SmolLM2-135M, 2 LoRA steps
+def test_chat_learning_curve_scores_every_step(tmp_path):
+    _run("scripts/chat_learning_curve.py", "--steps", "2", "--every", "1", "--held_out", "8", "--out", str(tmp_path),
+         timeout=1200)
+    result = json.loads((tmp_path / "chat_learning_curve_adamw.json").read_text())
+    assert [p["step"] for p in result["curve"]] == [0, 1, 2] and result["train_tweets"] == 16
+    assert all(0 <= p["accuracy"] <= 1 and 1 / 3 <= p["top_answer_share"] <= 1 for p in result["curve"])

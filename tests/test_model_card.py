@@ -52,6 +52,9 @@ def test_card_of_a_real_run_has_the_runs_values(tmp_path):
     # Body: the run's LW-SAM setup, the resolved layers, results, throughput, usage and the citation.
     assert "| rho (`sam_rho`) | 0.07 |" in text and "| adaptive / ASAM (`sam_adaptive`) | True |" in text
     assert "| selection mode (`sam_selection`) | pattern |" in text
+    assert "| preset (`sam_preset`) | None |" in text and "| ascent (`sam_ascent`) | exact |" in text
+    assert "| SAM every n-th step (`sam_interval`, `sam_interval_reuse`) | 1 (none) |" in text
+    assert "| first SAM step (`sam_start`: a step, or a fraction of the run) | 0 |" in text
     model = AutoModelForSequenceClassification.from_pretrained(out)
     layers = select_layers(model)
     assert f"| perturbed layers | {len(layers)} (" in text and all(f"`{layer}`" in text for layer in layers)
