@@ -67,11 +67,14 @@ class Budget:
     lm_block: int = 128
     lm_vocab: int = 4096
     lm_eval_blocks: int = 256
-    # chat tasks (SmolLM2, ~64 tokens a chat). Measured on one core: an AdamW LoRA step of 8 chats 7.1 s, scoring a
-    # held-out prompt 0.27 s; so a run of 16 steps + 200 test prompts is ~3 min (full SAM ~5), 36 runs ~2 h.
-    chat_train: int = 128  # chat, chat-noise40: 16 steps of 8
-    chat_small: int = 64  # chat-small: 2 epochs, 16 steps
-    chat_small_epochs: int = 2
+    # chat tasks (SmolLM2, ~64 tokens a chat), sized from `scripts/chat_learning_curve.py`
+    # (benchmarks/accuracy/chat_learning_curve_adamw.json): AdamW's answer accuracy on the 200 test tweets is 0.405
+    # before training, 0.265 / 0.485 / 0.610 / 0.625 after 16 / 32 / 48 / 64 steps of 8; up to 24 steps it answers
+    # mostly one label (the label prior), so 64 steps. Cost on one CPU core: an AdamW LoRA step 7.1 s, scoring a
+    # prompt 0.27 s, so ~8 min a run (full SAM ~16) and ~7 h for the 36 runs: a GPU's study (seconds a run).
+    chat_train: int = 512  # chat, chat-noise40: 1 epoch, 64 steps of 8
+    chat_small: int = 128  # chat-small: 4 epochs over 128 chats, 64 steps
+    chat_small_epochs: int = 4
     chat_eval: int = 200  # validation and test tweets each
 
 
