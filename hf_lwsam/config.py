@@ -18,7 +18,7 @@ PROBE_GRANULARITIES = ("block", "layer")
 # `sam_preset`: several options at once, chosen from the robustness study (README, "Which mode keeps SAM's gain").
 SAM_PRESETS: dict[str, dict[str, Any]] = {
     "exact": {"sam_selection": "all"},  # SAM (Foret et al.): every trainable parameter, every step, two passes
-    "fast": {"sam_selection": "all", "sam_start": 0.9},  # the same SAM over the last 10% of the run only
+    "fast": {"sam_selection": "all", "sam_start": 0.8},  # the same SAM over the last 20% of the run only
 }
 
 # Optimizers that step inside backward hooks: there is no `.grad` left for a second pass to fill.
@@ -81,7 +81,7 @@ class LWSAMConfigMixin:
         default=None,
         metadata={
             "help": "Several sam_* options at once: 'exact' = full SAM (sam_selection='all'), every step; 'fast' = "
-            "full SAM over the last 10 percent of the run only (sam_selection='all', sam_start=0.9). An option the "
+            "full SAM over the last 20 percent of the run only (sam_selection='all', sam_start=0.8). An option the "
             "preset sets may be given too only with the same value.",
             "choices": list(SAM_PRESETS),
         },
@@ -389,10 +389,12 @@ class LWSAMConfig(LWSAMConfigMixin, TrainingArguments):
     Parameters:
         sam_preset (`str`, *optional*):
             Several options at once, from the robustness study (README, "Which mode keeps SAM's gain"). `"exact"`:
-            full SAM, `sam_selection="all"`, every step (two passes per step). `"fast"`: the same over the last 10% of
-            the run only, `sam_selection="all"` and `sam_start=0.9` (the stock step before; about 0.9x AdamW's
-            throughput where full SAM runs at 0.45-0.5x). An option the preset sets may also be given only with the
-            same value (`ValueError` otherwise); every other option keeps its meaning (`sam_rho`, `sam_interval`...).
+            full SAM, `sam_selection="all"`, every step (two passes per step). `"fast"`: the same over the last 20% of
+            the run only, `sam_selection="all"` and `sam_start=0.8` (the stock step before): the cheapest mode that
+            kept at least half of full SAM's gain on both tasks where full SAM gained (about 0.8x AdamW's throughput on
+            the CPU benchmark shape, where full SAM runs at 0.45x). An option the preset sets may also be given only
+            with the same value (`ValueError` otherwise); every other option keeps its meaning (`sam_rho`,
+            `sam_interval`...).
         sam_rho (`float`, *optional*, defaults to `0.05`):
             Perturbation radius rho: the ascent step is `rho * g_S / ||g_S||`. Must be >= 0.
         sam_selection (`str`, *optional*, defaults to `"pattern"`):

@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -182,7 +183,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every run")
     p.add_argument("--batch", type=int, default=None, help="per-device batch (default: the preset's)")
     p.add_argument("--seq_len", type=int, default=None)
-    p.add_argument("--methods", nargs="+", default=None, help="only methods whose name contains one of these")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="only methods whose name contains one of these (regular expressions: 'full SAM$' is full SAM "
+                        "alone)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--lora", action="store_true", help="llama / smollm2 presets: LoRA r=16 on all linear layers")
     p.add_argument("--trainer", choices=["trainer", "sft"], default="trainer",
@@ -230,7 +233,7 @@ def main() -> None:
         from hf_lwsam.data import train_byte_bpe
         data = Dataset.from_dict({"input_ids": data.ids.tolist()})
         a.tokenizer = train_byte_bpe(["padding only: the ids are random"], 300)
-    todo = [m for m in todo_methods if a.methods is None or any(s in m.name for s in a.methods)]
+    todo = [m for m in todo_methods if a.methods is None or any(re.search(s, m.name) for s in a.methods)]
     cpu = f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else cpu
     print(f"{a.trainer} {preset}: {n_layer} layers, d={d}, T={a.seq_len}, batch={a.batch}, vocab={vocab}, "

@@ -19,14 +19,14 @@ def _train(args) -> tuple[dict[str, torch.Tensor], list[float]]:
 
 
 def test_fast_preset_trains_exactly_as_its_options_spelled_out(sgd_args):
-    """'fast' = full SAM over the last 10% of the run: SAM on step 9 of 10 only, and the weights equal those of the
-    run given sam_selection='all', sam_start=0.9 by hand."""
+    """'fast' = full SAM over the last 20% of the run: SAM on steps 8 and 9 of 10 only, and the weights equal those
+    of the run given sam_selection='all', sam_start=0.8 by hand."""
     preset = sgd_args(sam_preset="fast", max_steps=10, learning_rate=0.1, gradient_accumulation_steps=1)
-    assert (preset.sam_selection, preset.sam_start) == ("all", 0.9)
+    assert (preset.sam_selection, preset.sam_start) == ("all", 0.8)
     by_preset, steps = _train(preset)
-    by_hand, _ = _train(sgd_args(sam_selection="all", sam_start=0.9, max_steps=10, learning_rate=0.1,
+    by_hand, _ = _train(sgd_args(sam_selection="all", sam_start=0.8, max_steps=10, learning_rate=0.1,
                                  gradient_accumulation_steps=1))
-    assert steps == [0.0] * 9 + [1.0]
+    assert steps == [0.0] * 8 + [1.0, 1.0]
     assert all(torch.equal(by_preset[n], by_hand[n]) for n in by_hand)
 
 
@@ -38,7 +38,7 @@ def test_exact_preset_is_full_sam_every_step(sgd_args):
 
 
 @pytest.mark.parametrize("given, message", [
-    (dict(sam_preset="fast", sam_start=0.5), "sam_preset='fast' sets sam_start=0.9, but sam_start=0.5 was given"),
+    (dict(sam_preset="fast", sam_start=0.5), "sam_preset='fast' sets sam_start=0.8, but sam_start=0.5 was given"),
     (dict(sam_preset="exact", sam_selection="probe"), "sam_preset='exact' sets sam_selection='all', but "
                                                        "sam_selection='probe' was given"),
     (dict(sam_preset="quick"), "sam_preset='quick' is unknown: use one of 'exact', 'fast'"),
@@ -49,16 +49,16 @@ def test_a_conflicting_or_unknown_preset_is_refused_by_name(given, message, tmp_
 
 
 def test_a_preset_agrees_with_the_same_value_given_and_keeps_the_other_options(tmp_path):
-    args = LWSAMConfig(output_dir=str(tmp_path), use_cpu=True, sam_preset="fast", sam_start=0.9, sam_rho=0.1,
+    args = LWSAMConfig(output_dir=str(tmp_path), use_cpu=True, sam_preset="fast", sam_start=0.8, sam_rho=0.1,
                        sam_interval=2)
-    assert (args.sam_selection, args.sam_start, args.sam_rho, args.sam_interval) == ("all", 0.9, 0.1, 2)
+    assert (args.sam_selection, args.sam_start, args.sam_rho, args.sam_interval) == ("all", 0.8, 0.1, 2)
     assert set(SAM_PRESETS) == {"exact", "fast"}
 
 
 def test_preset_from_the_command_line(tmp_path):
     (args,) = HfArgumentParser(LWSAMConfig).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--use_cpu", "--sam_preset", "fast"])
-    assert (args.sam_preset, args.sam_selection, args.sam_start) == ("fast", "all", 0.9)
+    assert (args.sam_preset, args.sam_selection, args.sam_start) == ("fast", "all", 0.8)
     with pytest.raises(SystemExit):  # argparse's own choices check: exit 2 with the valid choices
         HfArgumentParser(LWSAMConfig).parse_args_into_dataclasses(
             ["--output_dir", str(tmp_path), "--sam_preset", "quick"])
