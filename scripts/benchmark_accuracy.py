@@ -345,6 +345,16 @@ def _metric_str(r: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- report
+def share_of_gain(base: dict[int, dict], full: dict[int, dict], runs: list[dict], read):
+    """The share of full SAM's gain `runs` keep (`study_stats.gain_fraction`) over the seeds they and full SAM both
+    ran; `read(run)` is the metric; `None` without such seeds."""
+    both = [r for r in runs if r["seed"] in full]
+    if not both:
+        return None
+    return gain_fraction([read(base[r["seed"]]) for r in both], [read(full[r["seed"]]) for r in both],
+                         [read(r) for r in both])
+
+
 def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float],
               costs: dict[str, float] | None = None, wall_ratios: bool = True) -> tuple[list[str], list[dict]]:
     """Test metric per method; throughput ÷ AdamW from `costs` (measured side by side) when given, else from the
@@ -367,10 +377,9 @@ def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float]
         f1 = mean_std([r["test"]["f1"] for r in runs]) if task.startswith("cls") else "-"
         scale = 1 if task == "lm" else 100  # perplexity; accuracy in points
         paired = "-" if name == "adamw" else f"{diff.format(scale)} ({wins}/{len(runs)} better)"
-        both = [r for r in runs if r["seed"] in full]
-        share = "-" if name in ("adamw", "full SAM") or not both else gain_fraction(
-            [base[r["seed"]]["test"][metric] for r in both], [full[r["seed"]]["test"][metric] for r in both],
-            [r["test"][metric] for r in both]).format(1).replace("+", "")
+        share = None if name in ("adamw", "full SAM") else share_of_gain(base, full, runs,
+                                                                         lambda r: r["test"][metric])
+        share = "-" if share is None else share.format(1).replace("+", "")
         lines.append(f"| {task} | {name} | {chosen.get(name, '-')} | {mean_std(vals)} | {f1} | "
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f} | "
                      f"{f'{statistics.mean(thr):.2f}' if thr else 'not measured'} | {paired} | "
@@ -397,10 +406,7 @@ def summarise_robust(task: str, finals: dict[str, list[dict]], chosen: dict[str,
             wins = sum(r[split]["accuracy"] > base[r["seed"]][split]["accuracy"] for r in runs)
             row += [mean_std(vals), "-" if name == "adamw" else f"{diff.format(100)} ({wins}/{len(runs)})"]
             if split == "test":
-                both = [r for r in runs if r["seed"] in full]
-                share = gain_fraction([base[r["seed"]]["test"]["accuracy"] for r in both],
-                                      [full[r["seed"]]["test"]["accuracy"] for r in both],
-                                      [r["test"]["accuracy"] for r in both]) if both and name != "adamw" else None
+                share = None if name == "adamw" else share_of_gain(base, full, runs, lambda r: r["test"]["accuracy"])
                 row.append("-" if share is None or name == "full SAM" else
                            f"{share.format(1)} (n={share.n})".replace("+", ""))
             points.append(dict(task=task, method=name, split=split, mean=statistics.mean(vals),
@@ -516,19 +522,19 @@ def measured_costs(task: str, methods: list[Method], ctx: dict, lr: float, out: 
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-# Each robustness method's cost, read from the throughput benchmark's CPU shape (GPT-2, 6 layers, d=256, T=128) with the
-# same selection rule carried over: the tiny ViT's step time is Python-bound and says nothing about a real model's.
+THROUGHPUT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput"
 # The chat tasks' costs: `benchmark_throughput.py --preset smollm2-135m --lora` (LoRA r=16 on every linear layer;
 # SmolLM2's default selection is block 29 + the final norm, the preset's k=1 with reuse; the probe is not measured).
-SMOLLM2_LORA_JSON = (Path(__file__).resolve().parents[1] / "benchmarks" / "throughput" / "throughput_smollm2_lora_cpu.json",)
+SMOLLM2_LORA_JSON = (THROUGHPUT_DIR / "throughput_smollm2_lora_cpu.json",)
 CHAT_COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse"}
 # The CPU benchmark shape's ratios: the cheaper roads' run, then the late-phase runs (issue 23): full SAM's modes
 # side by side with the shorter late phases (3 rounds x 20 steps), then the last 10% / 5% alone with AdamW, longer
 # (5 rounds x 40 steps: one SAM step in 20 needs more steps to be timed well), then full SAM and its last 20% / 10%
 # the same way (the figures the study reports).
-THROUGHPUT_JSONS = tuple(Path(__file__).resolve().parents[1] / "benchmarks" / "throughput" / name
-                         for name in ("cheaper_roads_cpu.json", "late_phase_cpu.json", "late_phase_long_cpu.json",
-                                      "late_phase_final_cpu.json"))
+THROUGHPUT_JSONS = tuple(THROUGHPUT_DIR / name for name in ("cheaper_roads_cpu.json", "late_phase_cpu.json",
+                                                            "late_phase_long_cpu.json", "late_phase_final_cpu.json"))
+# Each robustness method's cost, read from the throughput benchmark's CPU shape (GPT-2, 6 layers, d=256, T=128) with the
+# same selection rule carried over: the tiny ViT's step time is Python-bound and says nothing about a real model's.
 COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse", "LW-SAM stale": "LW-SAM k=1 stale",
               "LW-SAM interval=4": "LW-SAM k=1 reuse interval=4", "SAM on norms": "norms",
               "norms stale": "norms stale", "norms late 70%": "norms late from 70%",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,31 +27,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback, set_seed  # noqa: E402
 
+from hf_lwsam.cli.sft_offline import answer_predictions  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study's chat recipe, beside this file
+from study_tasks import CHAT_LORA, LEARNING_RATE  # noqa: E402
+
 METHODS = {"adamw": None, "full SAM": dict(sam_selection="all"), "LW-SAM default": dict(sam_selection="pattern")}
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
-
-
-@torch.no_grad()
-def predictions(model, tokenizer, chats, batch_size: int = 16) -> list[int]:
-    """The most likely answer's label index for every chat (as `answer_accuracy` scores it)."""
-    from hf_lwsam.cli.sft_offline import _answer_token_ids
-
-    label_ids = torch.tensor(_answer_token_ids(tokenizer, chats[0]["prompt"]))
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chats["prompt"]]
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    out: list[int] = []
-    try:
-        for i in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[i : i + batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
-            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logits = model(**batch, position_ids=positions, logits_to_keep=1).logits[:, -1]
-            out += logits[:, label_ids].argmax(-1).tolist()
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return out
 
 
 class Curve(TrainerCallback):
@@ -60,7 +42,7 @@ class Curve(TrainerCallback):
         self.tokenizer, self.chats, self.every, self.points = tokenizer, chats, every, []
 
     def score(self, model, step: int) -> None:
-        guess = predictions(model, self.tokenizer, self.chats)
+        guess = answer_predictions(model, self.tokenizer, self.chats)
         accuracy = sum(g == y for g, y in zip(guess, self.chats["label"])) / len(guess)
         majority = Counter(guess).most_common(1)[0][1] / len(guess)
         self.points.append(dict(step=step, accuracy=accuracy, top_answer_share=majority))
@@ -101,14 +83,14 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(smollm2_path())
     common = dict(output_dir=str(Path(a.out) / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
                   disable_tqdm=True, logging_strategy="no", seed=a.seed, data_seed=a.seed, weight_decay=0.0,
-                  bf16=False, per_device_train_batch_size=8, learning_rate=2e-3, max_steps=a.steps, warmup_steps=2,
-                  max_length=128, activation_checkpointing=False)
+                  bf16=False, per_device_train_batch_size=8, learning_rate=LEARNING_RATE["chat"], max_steps=a.steps,
+                  warmup_steps=2, max_length=128, activation_checkpointing=False)
     sam = METHODS[a.method]
     trainer_cls, args = ((trl.SFTTrainer, trl.SFTConfig(**common)) if sam is None else
                          (SFTLWSAMTrainer, SFTLWSAMConfig(**common, sam_rho=a.rho, **sam)))
     curve = Curve(tokenizer, held_out, a.every)
     trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                          peft_config=LoraConfig(**LORA), callbacks=[curve])
+                          peft_config=LoraConfig(**CHAT_LORA), callbacks=[curve])
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()

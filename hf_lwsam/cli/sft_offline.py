@@ -65,8 +65,9 @@ def _answer_token_ids(tokenizer: Any, prompt: list[dict]) -> list[int]:
 
 
 @torch.no_grad()
-def answer_accuracy(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16) -> float:
-    """Share of `chats` (`prompt` messages and `label`) whose most likely answer among the labels is the right one.
+def answer_predictions(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16) -> list[int]:
+    """The index (into `TWEET_LABELS`) of the most likely answer among the labels for each of `chats`: the label whose
+    first token the model finds most likely right after the chat template's generation prompt.
 
     Args:
         model (`PreTrainedModel` or `PeftModel`):
@@ -74,7 +75,7 @@ def answer_accuracy(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16
         tokenizer (`PreTrainedTokenizerBase`):
             Its tokenizer, with a chat template.
         chats (`datasets.Dataset`):
-            Columns `prompt` and `label`, as made by `hf_lwsam.data.tweet_sentiment_chats`.
+            Column `prompt` (messages), as made by `hf_lwsam.data.tweet_sentiment_chats`.
         batch_size (`int`, *optional*, defaults to `16`):
             Prompts per forward.
     """
@@ -83,7 +84,7 @@ def answer_accuracy(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # the last position of every row is its generation prompt's end
-    correct = 0
+    guesses: list[int] = []
     try:
         device = next(model.parameters()).device
         for i in range(0, len(texts), batch_size):
@@ -93,9 +94,15 @@ def answer_accuracy(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=positions,
                            logits_to_keep=1).logits[:, -1]
-            guess = logits[:, label_ids.to(device)].argmax(-1).cpu()
-            correct += int((guess == torch.tensor(chats["label"][i : i + batch_size])).sum())
+            guesses += logits[:, label_ids.to(device)].argmax(-1).tolist()
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return correct / len(texts)
+    return guesses
+
+
+def answer_accuracy(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16) -> float:
+    """Share of `chats` (`prompt` messages and `label`) whose most likely answer among the labels is the right one
+    (`answer_predictions`; same arguments)."""
+    guesses = answer_predictions(model, tokenizer, chats, batch_size)
+    return sum(g == y for g, y in zip(guesses, chats["label"])) / len(guesses)
