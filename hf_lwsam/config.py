@@ -392,8 +392,8 @@ class LWSAMConfig(LWSAMConfigMixin, TrainingArguments):
             full SAM, `sam_selection="all"`, every step (two passes per step). `"fast"`: the same over the last 20% of
             the run only, `sam_selection="all"` and `sam_start=0.8` (the stock step before): the cheapest mode that
             kept at least half of full SAM's gain on both tasks where full SAM gained (about 0.8x AdamW's throughput on
-            the CPU benchmark shape, where full SAM runs at 0.45x). An option the preset sets may also be given only
-            with the same value (`ValueError` otherwise); every other option keeps its meaning (`sam_rho`,
+            the CPU benchmark shape, where full SAM runs at 0.45-0.53x). An option the preset sets may also be given
+            only with the same value (`ValueError` otherwise); every other option keeps its meaning (`sam_rho`,
             `sam_interval`...).
         sam_rho (`float`, *optional*, defaults to `0.05`):
             Perturbation radius rho: the ascent step is `rho * g_S / ||g_S||`. Must be >= 0.

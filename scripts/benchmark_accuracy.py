@@ -143,9 +143,9 @@ LAST_HALF = {"digits": r"vit\.layers\.[23]|vit\.layernorm|classifier",
 
 # Where does full SAM's gain come from? SAM over one part of the model at a time (issue 23), as sam_target_layers.
 LOCATIONS = {
-    "digits": {"embeddings": r"vit\.embeddings", "input half": r"vit\.layers\.[01]", "output half": r"vit\.layers\.[23]",
-               "norms": r".*layernorm.*", "attention": r"vit\.layers\.\d+\.attention",
-               "mlp": r"vit\.layers\.\d+\.mlp", "head": r"classifier"},
+    "digits": {"embeddings": r"vit\.embeddings", "input half": r"vit\.layers\.[01]",
+               "output half": r"vit\.layers\.[23]", "norms": r".*layernorm.*",
+               "attention": r"vit\.layers\.\d+\.attention", "mlp": r"vit\.layers\.\d+\.mlp", "head": r"classifier"},
     "tweets": {"embeddings": r"bert\.embeddings", "input half": r"bert\.encoder\.layer\.[012]",
                "output half": r"bert\.encoder\.layer\.[345]", "norms": r".*LayerNorm",
                "attention": r"bert\.encoder\.layer\.\d+\.attention",
@@ -746,7 +746,8 @@ def main() -> None:
             f"Budget: {budget}. Paired Δ: the mean paired difference against AdamW (accuracy in points) with its 95% "
             f"t interval; share of full SAM's gain: mean Δ / full SAM's mean Δ, 95% paired bootstrap interval (inf: "
             f"full SAM's own gain not established). Chat tasks' throughput: the SmolLM2 LoRA benchmark "
-            f"(`benchmarks/throughput/throughput_smollm2_lora_cpu.json`), not the study's runs, which shared the cores.")
+            f"(`benchmarks/throughput/throughput_smollm2_lora_cpu.json`), not the study's runs, which shared the "
+            f"cores.")
     write_report(out / a.report, header, lines, note, lambda path: plot(points, path), log)
 
 
