@@ -34,6 +34,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     files = {
         "zero.csv": b"",
         "header_only.csv": b"text,sentiment\n",
+        "blank_lines.csv": b"\n\r\n \n\n",
         "latin1.csv": "text,sentiment\ncaf\u00e9 au lait,positive\nbad day,negative\n".encode("latin-1"),
         "ragged.csv": b"text,sentiment\ngood,positive\nbad,negative,extra,fields\nok,neutral\n",
         "tabs.csv": b"text\tsentiment\ngood day\tpositive\nbad day\tnegative\n",
@@ -175,6 +176,7 @@ def _cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "train file is a directory": (["--train_file", d / "a_directory.csv"], "is a directory"),
         "zero-byte csv": (train("zero.csv"), "empty (0 bytes)"),
         "header-only csv": (train("header_only.csv"), "no data rows"),
+        "csv of blank lines": (train("blank_lines.csv"), "has only blank lines"),
         "latin-1 csv": (train("latin1.csv"), "not UTF-8"),
         "ragged csv": (train("ragged.csv"), "Expected 2 fields"),
         "tab-separated csv": (train("tabs.csv"), "tab-separated"),

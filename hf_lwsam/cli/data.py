@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, islice
 from typing import Any
 
 from datasets import ClassLabel, DatasetDict, Value, load_dataset
@@ -65,7 +65,9 @@ def _check_file(flag: str, path: str) -> str:
             offset += len(chunk)
     if FILE_BUILDERS[ext] == "csv":
         with open(path, encoding="utf-8", newline="") as f:
-            head = [line for line in (f.readline(), f.readline()) if line.strip()]
+            head = list(islice((line for line in f if line.strip()), 2))  # header and first row
+        if not head:
+            raise UsageError(f"{flag} {path!r} has only blank lines: pass a csv file with a header and data rows.")
         if "\t" in head[0] and "," not in head[0]:
             raise UsageError(f"{flag} {path!r} is tab-separated: save it comma-separated (.csv), or as .jsonl.")
         if len(head) < 2:
