@@ -477,6 +477,15 @@ class LWSAMMixin:
             self._record_sam_step(None, loss, norm, finite)  # scale-free direction: the norm is as kept (scaled)
         return loss
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save as the stock `Trainer` does, with `hub_token` left out of the pickled `training_args.bin` (every
+        checkpoint and the final folder have one, and `push_to_hub` uploads it)."""
+        token, self.args.hub_token = self.args.hub_token, None
+        try:
+            super()._save(output_dir, state_dict=state_dict)
+        finally:
+            self.args.hub_token = token
+
     def _save_rng_state(self, output_dir: str) -> None:
         """Checkpoints also carry the kept vector (the stale ascent's gradient of S, or LookSAM's g_v) and a running
         probe's sums (both written before `trainer_state.json`, which marks a checkpoint complete)."""

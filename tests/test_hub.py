@@ -1,46 +1,74 @@
-"""`--push_to_hub`: a real run whose upload is intercepted at the `huggingface_hub.HfApi` boundary (no network)."""
+"""`--push_to_hub`: real runs whose uploads are intercepted at the `huggingface_hub.HfApi` boundary (no network)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
 import yaml
-from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from huggingface_hub import CommitInfo, HfApi, RepoUrl, get_token
 from test_cli import FAST, make_tiny_bert_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 
+TOKEN = "hf_FAKEwriteTokenThatMustNeverBeWritten0123"
 
-def test_push_sends_the_card_and_model_files_to_the_requested_repo(tmp_path, monkeypatch):
+
+@pytest.fixture
+def hub(monkeypatch) -> dict[str, list]:
+    """`HfApi.create_repo` and `HfApi.upload_folder` recorded instead of sent: the repo, the token `huggingface_hub`
+    resolves for the call, and every uploaded file's bytes. `HF_TOKEN` is restored afterwards."""
     calls: dict[str, list] = {"create_repo": [], "upload_folder": []}
+    monkeypatch.setenv("HF_TOKEN", "")  # recorded, so whatever a run sets is undone after the test
+    monkeypatch.delenv("HF_TOKEN")
 
     def create_repo(self, repo_id, *, token=None, private=None, exist_ok=False, **kwargs):
-        calls["create_repo"].append({"repo_id": repo_id, "token": token, "private": private, "exist_ok": exist_ok})
+        calls["create_repo"].append({"repo_id": repo_id, "token": token or get_token(), "private": private,
+                                     "exist_ok": exist_ok})
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, *, repo_id, folder_path, token=None, ignore_patterns=None, run_as_future=False, **kwargs):
-        from pathlib import Path
+    def upload_folder(self, *, repo_id, folder_path, token=None, ignore_patterns=None, run_as_future=False,
+                      path_in_repo=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
 
-        files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*")
-                 if p.is_file()}
-        calls["upload_folder"].append({"repo_id": repo_id, "folder_path": folder_path, "token": token,
-                                       "run_as_future": run_as_future, "files": files})
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="End of training",
+        names = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        names = filter_repo_objects(names, ignore_patterns=ignore_patterns)
+        calls["upload_folder"].append({"repo_id": repo_id, "folder_path": folder_path, "token": token or get_token(),
+                                       "run_as_future": run_as_future, "path_in_repo": path_in_repo,
+                                       "files": {n: Path(folder_path, n).read_bytes() for n in names}})
+        info = CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="End of training",
                           commit_description="", oid="0" * 40)
+        if not run_as_future:
+            return info
+        future: Future = Future()
+        future.set_result(info)
+        return future
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
 
-    model_dir = make_tiny_bert_dir(tmp_path / "tiny-bert")
-    train_csv, validation_csv = write_tweet_csvs(tmp_path / "tweets", n_train=32, n_validation=16)
+
+@pytest.fixture(scope="module")
+def tweets(tmp_path_factory) -> list:
+    """`hf-lwsam-train` flags naming a tiny local BERT and 32 + 16 real tweets in csv files."""
+    root = tmp_path_factory.mktemp("hub_train")
+    train_csv, validation_csv = write_tweet_csvs(root / "tweets", n_train=32, n_validation=16)
+    return ["--model_name_or_path", make_tiny_bert_dir(root / "tiny-bert"), "--train_file", train_csv,
+            "--validation_file", validation_csv, "--label_column", "sentiment", "--max_length", "16", *FAST]
+
+
+def test_push_sends_the_card_and_model_files_to_the_requested_repo(tmp_path, hub, tweets):
     out = tmp_path / "local-name"
-    code, stdout, stderr = run_cli([
-        "--model_name_or_path", model_dir, "--train_file", train_csv, "--validation_file", validation_csv,
-        "--label_column", "sentiment", "--max_length", "16", "--output_dir", out, "--push_to_hub",
-        "--hub_model_id", "someone/tweets-lwsam", "--hub_token", "hf_test_token", "--hub_private_repo", "true", *FAST,
-    ])
+    code, stdout, stderr = run_cli([*tweets, "--output_dir", out, "--push_to_hub", "--hub_model_id",
+                                    "someone/tweets-lwsam", "--hub_token", TOKEN, "--hub_private_repo", "true"])
     assert code == 0, stderr
-    assert calls["create_repo"] == [{"repo_id": "someone/tweets-lwsam", "token": "hf_test_token", "private": True,
-                                     "exist_ok": True}]
-    assert len(calls["upload_folder"]) == 1
-    push = calls["upload_folder"][0]
-    assert push["repo_id"] == "someone/tweets-lwsam" and push["token"] == "hf_test_token"
+    assert hub["create_repo"] == [{"repo_id": "someone/tweets-lwsam", "token": TOKEN, "private": True,
+                                   "exist_ok": True}]
+    assert len(hub["upload_folder"]) == 1
+    push = hub["upload_folder"][0]
+    assert push["repo_id"] == "someone/tweets-lwsam" and push["token"] == TOKEN
     assert push["folder_path"] == str(out) and not push["run_as_future"]
     assert {"README.md", "model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(
         push["files"])
@@ -50,3 +78,85 @@ def test_push_sends_the_card_and_model_files_to_the_requested_repo(tmp_path, mon
     assert 'model="someone/tweets-lwsam"' in card  # the usage snippet names the pushed repo
     assert push["files"]["README.md"] == (out / "README.md").read_bytes()
     assert "pushed to          : https://huggingface.co/someone/tweets-lwsam" in stdout
+
+
+# ------------------------------------------------------------------------------------------------- the token
+def _files_holding(root: Path, secret: bytes) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and secret in p.read_bytes())
+
+
+def _assert_token_nowhere(out: Path, hub: dict[str, list], printed: str) -> None:
+    """The push used the token, and no file written under `out`, no uploaded file and nothing printed holds it."""
+    assert hub["upload_folder"] and all(call["token"] == TOKEN for call in hub["upload_folder"])
+    assert list(out.glob("checkpoint-*/training_args.bin")) and (out / "training_args.bin").is_file()
+    assert _files_holding(out, TOKEN.encode()) == []
+    uploaded = [f"{call['path_in_repo'] or '.'}/{name}" for call in hub["upload_folder"]
+                for name, data in call["files"].items() if TOKEN.encode() in data]
+    assert uploaded == []
+    assert TOKEN not in printed
+
+
+def test_hub_token_is_in_no_file_hf_lwsam_train_writes_or_pushes(tmp_path, hub, tweets):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli([*tweets, "--output_dir", out, "--save_strategy", "steps", "--save_steps", "1",
+                                    "--push_to_hub", "--hub_model_id", "someone/leak-check", "--hub_token", TOKEN,
+                                    "--hub_strategy", "all_checkpoints"])
+    assert code == 0, stderr
+    assert any(call["path_in_repo"] == "checkpoint-1" for call in hub["upload_folder"])
+    _assert_token_nowhere(out, hub, stdout + stderr)
+
+
+def test_hub_token_is_in_no_file_hf_lwsam_sft_writes_or_pushes(tmp_path, hub, local, capfd):
+    from hf_lwsam.cli.sft import main
+
+    out = tmp_path / "run"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--output_dir", str(out), *local, *TINY_SFT, "--save_strategy", "steps", "--save_steps", "1",
+                     "--push_to_hub", "--hub_model_id", "someone/sft-leak-check", "--hub_token", TOKEN,
+                     "--hub_strategy", "checkpoint"])
+    assert code == 0, err.getvalue()[-3000:]
+    assert any(call["path_in_repo"] == "last-checkpoint" for call in hub["upload_folder"])
+    captured = capfd.readouterr()
+    _assert_token_nowhere(out, hub, err.getvalue() + captured.out + captured.err)
+
+
+TINY_SFT = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "32", "--logging_steps", "1",
+            "--report_to", "none", "--disable_tqdm", "true"]
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory) -> list[str]:
+    """A tiny local GPT-2 and Shakespeare paragraphs in a local folder, as `hf-lwsam-sft` flags."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from test_cli import make_tiny_gpt2_dir
+
+    from conftest import shakespeare_paragraphs
+
+    root = tmp_path_factory.mktemp("hub_sft")
+    model = make_tiny_gpt2_dir(root / "tiny-gpt2")
+    paragraphs = shakespeare_paragraphs(24)
+    Dataset.from_dict({"text": paragraphs[:16]}).to_json(root / "data" / "train.jsonl")
+    Dataset.from_dict({"text": paragraphs[16:]}).to_json(root / "data" / "test.jsonl")
+    return ["--model_name_or_path", str(model), "--dataset_name", str(root / "data"), "--bf16", "false"]
+
+
+
+def test_lwsam_trainer_never_pickles_a_configured_hub_token(tmp_path, sgd_args):
+    """A library user's config may carry `hub_token`: the checkpoints' and the saved model's `training_args.bin` do
+    not, and the trainer keeps the token for its own Hub calls."""
+    import torch
+
+    from conftest import tiny_bert, tweet_bytes_dataset
+    from hf_lwsam import LWSAMTrainer
+
+    args = sgd_args(max_steps=2, save_strategy="steps", save_steps=1, hub_token=TOKEN, sam_rho=0.05)
+    trainer = LWSAMTrainer(model=tiny_bert(), args=args, train_dataset=tweet_bytes_dataset(16))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    saved = sorted(tmp_path.rglob("training_args.bin"))
+    assert [p.relative_to(tmp_path).as_posix() for p in saved] == [
+        "final/training_args.bin", "out/checkpoint-1/training_args.bin", "out/checkpoint-2/training_args.bin"]
+    assert _files_holding(tmp_path, TOKEN.encode()) == []
+    assert torch.load(saved[0], weights_only=False).hub_token is None and trainer.args.hub_token == TOKEN

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -24,6 +25,15 @@ EXIT_PREEMPTED = 128 + 15  # the shell's status for SIGTERM
 
 class Preempted(Exception):
     """Training stopped on a termination signal after saving a checkpoint; running the command again resumes."""
+
+
+def hub_token_to_environment(args: Any) -> None:
+    """Move `--hub_token` into `HF_TOKEN`, where `huggingface_hub` reads it for every Hub call, and clear it from
+    `args`: the Trainer pickles its arguments into the `training_args.bin` of every checkpoint and of the final
+    folder, which `--push_to_hub` uploads."""
+    if args.hub_token:
+        os.environ["HF_TOKEN"] = args.hub_token
+    args.hub_token = None
 
 
 def point_at_output_dir(args: Any, plan: OutputPlan) -> None:

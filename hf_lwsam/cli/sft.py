@@ -43,6 +43,7 @@ from .args import (
 from .data import check_texts, load_named_dataset
 from .lifecycle import (
     console_main,
+    hub_token_to_environment,
     point_at_output_dir,
     preemptible_finish,
     save_final,
@@ -215,6 +216,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from . import sft_offline
 
     script_args, args, model_args, run_args, embedded = parse_args(argv)
+    hub_token_to_environment(args)  # never pickled into training_args.bin
     logging.set_verbosity(args.get_process_log_level())
     output_dir = Path(args.output_dir).expanduser().resolve()
     plan = plan_output_dir(output_dir, run_args.overwrite_output_dir, args.resume_from_checkpoint)

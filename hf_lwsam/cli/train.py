@@ -50,7 +50,14 @@ from .data import (
     tokenize_for_classification,
 )
 from .metrics import causal_lm_metrics, classification_metrics, describe_sources
-from .lifecycle import console_main, preemptible_finish, save_final, take_output_dir, train_resumably
+from .lifecycle import (
+    console_main,
+    hub_token_to_environment,
+    preemptible_finish,
+    save_final,
+    take_output_dir,
+    train_resumably,
+)
 from .output import plan_output_dir
 
 logger = logging.get_logger("hf_lwsam.cli.train")
@@ -343,6 +350,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     optionally push; returns the final metrics. Raises `UsageError` for bad input before anything is written, and
     `Preempted` after a SIGTERM checkpoint."""
     model_args, data_args, args, embedded = parse_args(argv)
+    hub_token_to_environment(args)  # never pickled into training_args.bin
     log_level = args.get_process_log_level()
     logging.set_verbosity(log_level)
     transformers.utils.logging.enable_explicit_format()
@@ -419,7 +427,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             raise
         raise UsageError(f"--push_to_hub could not create the Hub repo {args.hub_model_id!r} "
                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): check the network and "
-                         "--hub_token, or drop --push_to_hub.") from None
+                         "the token (HF_TOKEN, hf auth login or --hub_token), or drop --push_to_hub.") from None
     metrics = train_resumably(trainer, plan.checkpoint, output_dir)
     card_info.throughput = trainer.throughput(metrics["train_runtime"])
     with preemptible_finish(trainer, output_dir):
