@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+import textwrap
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from transformers import TrainingArguments
 
+from .ascent import ASCENTS, ascent_help
+
 SELECTION_MODES = ("pattern", "all", "probe")
-ASCENT_MODES = ("exact", "stale", "random")
+ASCENT_MODES = tuple(ASCENTS)  # the registry's ascents (`hf_lwsam.ascent`)
 INTERVAL_REUSE_MODES = ("none", "looksam")
 PROBE_METRICS = ("grad_norm", "grad_norm_per_param", "grad_norm_per_cost")
 PROBE_GRANULARITIES = ("block", "layer")
@@ -137,13 +140,7 @@ class LWSAMConfigMixin:
     )
     sam_ascent: str = field(
         default="exact",
-        metadata={
-            "help": "Where e_S comes from on a SAM step: 'exact' (a truncated ascent pass at w, two passes), "
-            "'stale' (the previous SAM step's gradient of S, one pass at w + e_S; the logged loss is the perturbed "
-            "one) or 'random' (Gaussian noise scaled per weight row by the row's norm, radius sam_rho; one pass, "
-            "no ascent gradient).",
-            "choices": list(ASCENT_MODES),
-        },
+        metadata={"help": ascent_help(), "choices": list(ASCENT_MODES)},
     )
     sam_interval_reuse: str = field(
         default="none",
@@ -275,23 +272,15 @@ class LWSAMConfigMixin:
         alpha = self.sam_looksam_alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < float("inf"):
             raise ValueError(f"sam_looksam_alpha={alpha!r} is invalid: use a finite weight >= 0 (the paper's 0.7).")
-        if self.sam_interval_reuse == "looksam":
-            if self.sam_interval < 2:
-                raise ValueError(f"sam_interval_reuse='looksam' with sam_interval={self.sam_interval} is meaningless: "
-                                 "every step is a SAM step, so there is no step between to reuse on. Set "
-                                 "sam_interval >= 2 (the paper's k, e.g. 5).")
-            if self.sam_ascent != "exact":
-                raise ValueError(f"sam_interval_reuse='looksam' with sam_ascent={self.sam_ascent!r} is not supported: "
-                                 "LookSAM needs the clean gradient of the SAM step's ascent pass. Use "
-                                 "sam_ascent='exact'.")
-        if self.sam_ascent == "random" and self.sam_adaptive:
-            raise ValueError("sam_ascent='random' with sam_adaptive=True is not supported: the random perturbation is "
-                             "already scaled per weight row by the row's norm (ASAM scales a gradient). Set "
-                             "sam_adaptive=False.")
-        if self.fsdp and (self.sam_ascent == "random" or self.sam_interval_reuse == "looksam"):
-            what = "sam_ascent='random'" if self.sam_ascent == "random" else "sam_interval_reuse='looksam'"
-            raise ValueError(f"{what} is not supported with fsdp={self.fsdp!r}: it is implemented for whole "
-                             "(unsharded) parameters. Use DDP, or sam_ascent='exact'/'stale' without LookSAM.")
+        if self.sam_interval_reuse == "looksam" and self.sam_interval < 2:
+            raise ValueError(f"sam_interval_reuse='looksam' with sam_interval={self.sam_interval} is meaningless: "
+                             "every step is a SAM step, so there is no step between to reuse on. Set "
+                             "sam_interval >= 2 (the paper's k, e.g. 5).")
+        ASCENTS[self.sam_ascent].validate(self)
+        if self.fsdp and self.sam_interval_reuse == "looksam":
+            raise ValueError(f"sam_interval_reuse='looksam' is not supported with fsdp={self.fsdp!r}: it is "
+                             "implemented for whole (unsharded) parameters. Use DDP, or sam_ascent='exact'/'stale' "
+                             "without LookSAM.")
         start = self.sam_start
         if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < float("inf") or (
             start >= 1 and start != int(start)
@@ -380,100 +369,51 @@ class LWSAMConfigMixin:
             )
 
 
+def sam_option_docs() -> list[dict[str, Any]]:
+    """The `sam_*` options as documented everywhere (the `LWSAMConfig` docstring, the options page, the model card):
+    read from the fields of [`LWSAMConfigMixin`] and their `help` metadata, in declaration order.
+
+    Each entry has `name`, `type` (e.g. `"list[str] or str"`), `default` (`None` when the option has no default
+    value), `help` (argparse's `%%` unescaped) and `choices` (or `None`).
+    """
+    options = []
+    for f in fields(LWSAMConfigMixin):
+        if not f.name.startswith("sam_"):
+            continue
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = " or ".join(part.strip() for part in kind.split("|") if part.strip() != "None")
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        options.append({"name": f.name, "type": kind, "default": None if default is MISSING else default,
+                        "help": f.metadata.get("help", "").replace("%%", "%"),
+                        "choices": list(f.metadata["choices"]) if "choices" in f.metadata else None})
+    return options
+
+
+def _sam_parameters_docstring(indent: str = "        ") -> str:
+    """The `Parameters:` entries of the `sam_*` options, HF style, from [`sam_option_docs`]."""
+    lines = []
+    for option in sam_option_docs():
+        default = option["default"]
+        shown = f'"{default}"' if isinstance(default, str) else repr(default)
+        lines.append(f"{indent}{option['name']} (`{option['type']}`, *optional*"
+                     f"{'' if default is None else f', defaults to `{shown}`'}):")
+        text = option["help"]
+        if option["choices"]:
+            text += " Choices: " + ", ".join(f'`"{c}"`' for c in option["choices"]) + "."
+        lines.append(textwrap.fill(text, width=120, initial_indent=indent + "    ", subsequent_indent=indent + "    "))
+    return "\n".join(lines)
+
+
 @dataclass
 class LWSAMConfig(LWSAMConfigMixin, TrainingArguments):
     r"""
     [`~transformers.TrainingArguments`] for [`LWSAMTrainer`]: every stock option plus the `sam_*` options of
-    layer-wise sharpness-aware minimization (Lee, KDD 2024, arXiv 2503.14205).
-
-    Parameters:
-        sam_preset (`str`, *optional*):
-            Several options at once, from the robustness study (README, "Which mode keeps SAM's gain"). `"exact"`:
-            full SAM, `sam_selection="all"`, every step (two passes per step). `"fast"`: the same over the last 20% of
-            the run only, `sam_selection="all"` and `sam_start=0.8` (the stock step before): the cheapest mode that
-            kept at least half of full SAM's gain on both tasks where full SAM gained (about 0.8x AdamW's throughput on
-            the CPU benchmark shape, where full SAM runs at 0.45-0.53x). An option the preset sets may also be given
-            only with the same value (`ValueError` otherwise); every other option keeps its meaning (`sam_rho`,
-            `sam_interval`...).
-        sam_rho (`float`, *optional*, defaults to `0.05`):
-            Perturbation radius rho: the ascent step is `rho * g_S / ||g_S||`. Must be >= 0.
-        sam_selection (`str`, *optional*, defaults to `"pattern"`):
-            Which parameters are perturbed. `"pattern"`: the layers named by `sam_target_layers` (output-side default
-            when unset); `"all"`: conventional SAM over every trainable parameter; `"probe"`: the layers with the
-            largest measured gradient norms.
-        sam_target_layers (`list[str]` or `str`, *optional*):
-            Modules to perturb, matched against `model.named_modules()` like PEFT's `target_modules`: a string is a
-            regular expression matched with `re.fullmatch`; a list matches a module whose name equals an entry or ends
-            with `"." + entry`. Every trainable parameter under a matched module is perturbed. When unset: the last
-            block of the model's repeated-block trunk, the final norm and the task head (an output embedding tied to
-            the input embedding is left out).
-        sam_exclude_layers (`list[str]` or `str`, *optional*):
-            Modules removed from the selection, same matching rules.
-        sam_adaptive (`bool`, *optional*, defaults to `False`):
-            ASAM's scale-invariant ascent `rho * |w|^2 g / || |w| g ||` over the selected parameters.
-        sam_reuse_activations (`bool`, *optional*, defaults to `True`):
-            Keep pass 1's outputs of the trunk blocks below the lowest perturbed block and replay them in pass 2, so
-            only the upper blocks, the final norm and the head run twice. Same gradients as without reuse; falls back
-            to recomputing (with a logged reason) when that would not be exact.
-        sam_sync_perturbation (`bool`, *optional*, defaults to `False`):
-            Multi-process only: all-reduce (mean) the ascent gradient g_S before normalising it, so that the step
-            equals single-process SAM over the global batch. By default each process perturbs with its own
-            micro-batch gradient (m-sharpness), which costs no communication.
-        sam_interval (`int`, *optional*, defaults to `1`):
-            SAM steps are the optimizer steps `s` with `s % sam_interval == 0` (0-based); every other step is exactly
-            the stock `Trainer` step (one pass, no perturbation). Logged: `sam/sam_steps` per window.
-        sam_ascent (`str`, *optional*, defaults to `"exact"`):
-            Where e_S comes from on a SAM step. `"exact"`: the truncated ascent pass at w (two passes). `"stale"`: the
-            gradient of S that the previous SAM step's backward left in `.grad` (at its perturbed point), so a SAM step
-            is one forward and one backward at w + e_S and the logged `loss` is the perturbed one. The first SAM step
-            (and one after the selection changed) has no such gradient: it is a plain step that records it.
-            `"random"`: random-weight perturbation (RWP, TMLR 2024; Flat-LoRA, ICML 2025): e is Gaussian noise, per
-            output row r of a weight `e[r] ~ N(0, sam_rho^2 ||W[r]||^2 / n I)` (n = the row's length; a 1-D
-            parameter: `e[i] ~ N(0, sam_rho^2 w[i]^2)`), drawn from a generator seeded by (`seed`, optimizer step,
-            parameter index): the same on every process and after a resume, the global RNG untouched. One forward and
-            one backward at w + e per micro-batch; the logged `loss` is the perturbed one. Under PEFT a LoRA module's
-            noise goes on its frozen base weight, scaled by the rows of the merged weight `W + scale * B A`
-            (Flat-LoRA); `sam_adaptive` is refused.
-        sam_interval_reuse (`str`, *optional*, defaults to `"none"`):
-            What the optimizer steps between SAM steps (`sam_interval >= 2`) do. `"none"`: exactly the stock step.
-            `"looksam"`: LookSAM (Liu et al., CVPR 2022, Algorithm 1). On a SAM step the kept component
-            `g_v = g_s - (<g_s, g> / ||g||^2) g` is computed over the selected parameters S, with `g_s` the window's
-            SAM gradient of S (`.grad` after its last backward) and `g` its clean gradient of S (the sum of the
-            ascent passes' gradients, so no extra backward); on the steps between, after the window's last backward
-            and before clipping and the optimizer, `.grad` of S becomes `g + alpha * ||g|| / ||g_v|| * g_v`, the
-            norms over the whole of S (the paper's whole-model vector; over every parameter with
-            `sam_selection="all"`). Needs `sam_ascent="exact"` and `sam_interval >= 2`; `g_v` is saved in checkpoints.
-        sam_looksam_alpha (`float`, *optional*, defaults to `0.7`):
-            `sam_interval_reuse="looksam"`: the weight alpha (>= 0) of the kept component (the paper's default 0.7).
-        sam_start (`int` or `float`, *optional*, defaults to `0`):
-            Late-phase SAM: the first optimizer step that may be a SAM step. An integer `>= 1` (or any value `>= 1`
-            without a fractional part) is a step; a value in `[0, 1)` is a fraction of the run's total optimizer
-            steps (`state.max_steps`), resolved when training starts to the first step `s >= sam_start * max_steps`.
-            Every step before it is exactly the stock step; from it on, SAM steps are `s` with
-            `(s - start) % sam_interval == 0` (the interval counts from the start, so the start itself is a SAM step;
-            with `sam_ascent="stale"` it is the plain step that records the first gradient).
-        sam_top_k (`int`, *optional*, defaults to `2`):
-            `sam_selection="probe"`: how many layers to perturb (>= 1; capped at the number of candidates).
-        sam_top_ratio (`float`, *optional*):
-            `sam_selection="probe"`: perturb `ceil(sam_top_ratio * number of candidate layers)` layers instead, with
-            `0 < sam_top_ratio <= 1`. When set it wins over `sam_top_k`.
-        sam_probe_interval (`int`, *optional*, defaults to `100`):
-            `sam_selection="probe"`: optimizer steps between probes (a probe starts at every step that is a multiple
-            of it); `0` probes once, at the start.
-        sam_probe_batches (`int`, *optional*, defaults to `1`):
-            `sam_selection="probe"`: micro-batches whose gradients a probe uses, at least. A probe reads the gradient
-            of whole accumulation windows, so it spans `ceil(sam_probe_batches / gradient_accumulation_steps)`
-            optimizer steps.
-        sam_probe_metric (`str`, *optional*, defaults to `"grad_norm_per_cost"`):
-            `sam_selection="probe"`: the ranking score, `"grad_norm"` (L2 norm of the candidate's gradient),
-            `"grad_norm_per_param"` (that norm / sqrt(number of its parameters)) or `"grad_norm_per_cost"` (that norm
-            / the share of the model's compute that perturbing it puts in the second pass: a deep candidate must earn
-            its recompute).
-        sam_probe_granularity (`str`, *optional*, defaults to `"block"`):
-            `sam_selection="probe"`: what a candidate is. `"block"`: each transformer block as one candidate plus each
-            layer after the trunk (final norm, head), the input side (embeddings) left out unless `sam_target_layers`
-            names it; `"layer"`: every module owning trainable parameters.
+    layer-wise sharpness-aware minimization (Lee, KDD 2024, arXiv 2503.14205). The `Parameters` below are built when
+    the module is imported, from the fields' `help` metadata, the same text as the `--sam_*` flags' help.
     """
+
+
+LWSAMConfig.__doc__ = f"{LWSAMConfig.__doc__.rstrip()}\n\n    Parameters:\n{_sam_parameters_docstring()}\n"
 
 
 _CONFIG_CLASSES: dict[type, type] = {}

@@ -19,7 +19,9 @@ Where e_S comes from:
 The first stale SAM step of a run (or of the late phase), and the first one after the selection changed (a probe), has
 no stale gradient of S: it is a plain step, whose gradient is recorded for the next SAM step. The kept vector (the
 stale gradient of S, or LookSAM's g_v) is saved with every checkpoint (`lwsam_ascent.pt`) so that a resumed run
-perturbs and reuses exactly as an uninterrupted one.
+perturbs and reuses exactly as an uninterrupted one. Under FSDP2 each process keeps only its shard of the vector, so
+each process saves its own (`lwsam_ascent_rank{N}.pt`); a resume checks the names, shapes and the number of processes
+and refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from typing import Any
 
 import torch
 
+from .ascent import ASCENTS
+
 STATE_FILE = "lwsam_ascent.pt"
+RANK_STATE_FILE = "lwsam_ascent_rank{}.pt"  # one per process: the kept vector is sharded (FSDP2)
 
 
 class AscentSchedule:
@@ -38,7 +43,7 @@ class AscentSchedule:
 
     Args:
         interval (`int`): SAM steps are every `interval`-th optimizer step from `start` on.
-        ascent (`str`): `"exact"`, `"stale"` or `"random"`.
+        ascent (`str`): a `sam_ascent` value (a key of `hf_lwsam.ascent.ASCENTS`).
         start (`int` or `float`, *optional*, defaults to `0`): an optimizer step, or a fraction in `[0, 1)` of the
             run's `max_steps`.
         reuse (`str`, *optional*, defaults to `"none"`): `"none"` or `"looksam"` (what the steps between do).
@@ -48,6 +53,8 @@ class AscentSchedule:
         self.interval, self.ascent, self.start, self.reuse = interval, ascent, start, reuse
         self._names: list[str] = []
         self._grads: list[torch.Tensor] | None = None
+        self._per_process = False  # the kept vector is this process's shard of it (FSDP2)
+        self._source = ""  # the checkpoint file it was loaded from, for error messages
         self._clean: list[torch.Tensor] | None = None  # LookSAM: the SAM window's clean gradient of S, summed
 
     def start_step(self, max_steps: int | None = None) -> int:
@@ -66,32 +73,44 @@ class AscentSchedule:
         return self.looksam and step > self.start_step(max_steps) and not self.is_sam_step(step, max_steps)
 
     @property
-    def stale(self) -> bool:
-        return self.ascent == "stale"
-
-    @property
-    def random(self) -> bool:
-        return self.ascent == "random"
-
-    @property
     def looksam(self) -> bool:
         return self.reuse == "looksam"
 
     @property
     def keeps_state(self) -> bool:
         """Whether a checkpoint must carry the kept vector for an exact resume."""
-        return self.stale or self.looksam
+        return ASCENTS[self.ascent].keeps_vector or self.looksam
 
-    def direction(self, names: list[str]) -> list[torch.Tensor] | None:
-        """The kept vector of S for the parameters `names`, or `None` when there is none for this selection."""
-        return self._grads if self._grads is not None and names == self._names else None
+    @property
+    def per_process(self) -> bool:
+        """Whether the kept vector differs between processes (FSDP2 shards), so each process saves its own."""
+        return self._per_process
+
+    def direction(self, names: list[str], like: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
+        """The kept vector of S for the parameters `names`, or `None` when there is none for this selection.
+
+        Raises:
+            ValueError: a vector restored from a checkpoint whose shapes differ from `like` (this process's tensors
+                of S): the checkpoint was written with another sharding.
+        """
+        if self._grads is None or names != self._names:
+            return None
+        if like is not None and [tuple(g.shape) for g in self._grads] != [tuple(t.shape) for t in like]:
+            bad = next(n for n, g, t in zip(names, self._grads, like) if g.shape != t.shape)
+            raise ValueError(f"The kept ascent vector in {self._source or 'the checkpoint'} does not fit this run: "
+                             f"{bad} has shape {tuple(self._grads[names.index(bad)].shape)} there but "
+                             f"{tuple(like[names.index(bad)].shape)} here. Resume with the same number of processes "
+                             "and the same sharding as the run that wrote the checkpoint.")
+        return self._grads
 
     @torch.no_grad()
-    def keep(self, names: list[str], grads: list[torch.Tensor | None], like: list[torch.Tensor]) -> None:
+    def keep(self, names: list[str], grads: list[torch.Tensor | None], like: list[torch.Tensor],
+             per_process: bool = False) -> None:
         """Copy the vector of S (stale: `.grad` after the window's last backward, before the optimizer step; LookSAM:
-        g_v; a missing one as zeros shaped like `like`)."""
+        g_v; a missing one as zeros shaped like `like`). `per_process`: it is this process's shard (FSDP2)."""
         self._names = list(names)
         self._grads = [torch.zeros_like(t) if g is None else g.detach().clone() for g, t in zip(grads, like)]
+        self._per_process, self._source = per_process, ""
 
     # -- LookSAM: the SAM window's clean gradient of S -----------------------------------------------------------
     @torch.no_grad()
@@ -109,20 +128,41 @@ class AscentSchedule:
         return clean
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def save(self, checkpoint_dir: str) -> None:
-        if self._grads is not None:
-            torch.save({"names": self._names, "grads": [g.cpu() for g in self._grads], "kind": self._kind()},
-                       os.path.join(checkpoint_dir, STATE_FILE))
+    def save(self, checkpoint_dir: str, process_index: int = 0, num_processes: int = 1) -> None:
+        """Write the kept vector: one file for the run, or with `per_process` one per process."""
+        if self._grads is None:
+            return
+        name = RANK_STATE_FILE.format(process_index) if self._per_process else STATE_FILE
+        torch.save({"names": self._names, "grads": [g.cpu() for g in self._grads], "kind": self._kind(),
+                    "per_process": self._per_process, "num_processes": num_processes},
+                   os.path.join(checkpoint_dir, name))
 
-    def load(self, checkpoint_dir: str, device: Any) -> None:
-        path = os.path.join(checkpoint_dir, STATE_FILE)
+    def load(self, checkpoint_dir: str, device: Any, process_index: int = 0, num_processes: int = 1) -> None:
+        """Read the kept vector this process saved (or the run's one).
+
+        Raises:
+            ValueError: the checkpoint holds per-process vectors written by another number of processes.
+        """
+        path = os.path.join(checkpoint_dir, RANK_STATE_FILE.format(process_index))
+        if not os.path.isfile(path):
+            path = os.path.join(checkpoint_dir, STATE_FILE)
+            ranked = [f for f in os.listdir(checkpoint_dir) if f.startswith("lwsam_ascent_rank")]
+            if ranked and not os.path.isfile(path):
+                raise ValueError(f"{checkpoint_dir} holds per-process ascent vectors ({', '.join(sorted(ranked))}) "
+                                 f"but none for process {process_index}: resume with the number of processes that "
+                                 "wrote the checkpoint.")
         state = torch.load(path, map_location=device, weights_only=True) if os.path.isfile(path) else None
+        if state is not None and state.get("per_process") and state.get("num_processes") != num_processes:
+            raise ValueError(f"{path} was written by {state.get('num_processes')} processes, each keeping its shard of "
+                             f"the ascent vector; this run has {num_processes}. Resume with "
+                             f"{state.get('num_processes')} processes.")
         # A checkpoint of a run without a kept vector, or with another kind of one (stale gradient vs g_v): the next
         # SAM step starts over (a plain stale step; LookSAM reuses nothing until the next SAM step).
         if state is not None and state.get("kind", "stale") == self._kind():
             self._names, self._grads = state["names"], state["grads"]
+            self._per_process, self._source = bool(state.get("per_process", False)), path
         else:
-            self._names, self._grads = [], None
+            self._names, self._grads, self._per_process = [], None, False
 
     def _kind(self) -> str:
         return "looksam" if self.looksam else "stale"

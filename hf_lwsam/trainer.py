@@ -15,13 +15,12 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .ascent import ASCENTS
 from .config import as_lwsam_config, mixed_subclass
 from .probe import LayerProbe
 from .reuse import ActivationReuse, capture_rng, is_compiled, plan_reuse, restore_rng
 from .running_stats import BufferGuard
-from .sam import (
-    Perturbation, ascent_direction, global_norm, looksam_add_, looksam_component, noise_seed, random_direction,
-)
+from .sam import Perturbation, ascent_direction, global_norm, looksam_add_, looksam_component
 from .schedule import AscentSchedule
 from .selection import layer_parameters, select_layers, trace_execution_order
 from .sharding import (
@@ -109,6 +108,7 @@ class LWSAMMixin:
         self._buffer_guard = BufferGuard(self.model)
         self._schedule = AscentSchedule(self.args.sam_interval, self.args.sam_ascent, self.args.sam_start,
                                         self.args.sam_interval_reuse)
+        self._ascent = ASCENTS[self.args.sam_ascent]()
         self._noise_targets: tuple[list[str], list[tuple[torch.Tensor, Any, int]]] | None = None
         # The default selection ("after the trunk") is re-decided by execution order on the first batch.
         self._default_selection_untraced = (
@@ -287,12 +287,8 @@ class LWSAMMixin:
                 self._add_looksam_component()
             else:
                 self._record_plain_step()
-        elif self._schedule.stale:
-            loss = self._stale_sam_step(model, inputs, num_items_in_batch)
-        elif self._schedule.random:
-            loss = self._random_sam_step(model, inputs, num_items_in_batch)
         else:
-            loss = self._exact_sam_step(model, inputs, num_items_in_batch)
+            loss = self._ascent.step(self, model, inputs, num_items_in_batch)  # `hf_lwsam.ascent`: where e_S comes from
         if self.args.sam_selection == "probe":  # on a probe step's last micro-batch: rank the `.grad` norms, re-select
             self._layer_probe.after_micro_batch(self)
         return loss
@@ -302,44 +298,6 @@ class LWSAMMixin:
         processes' shards); see `sam.ascent_direction`."""
         return ascent_direction(shards, grads, self.args.sam_rho, self.args.sam_adaptive,
                                 sum_across=all_reduce_sum if is_sharded(params) else None)
-
-    def _exact_sam_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
-        """Pass 1 at w (truncated ascent), then the base step at w + e_S; returns pass 1's clean loss."""
-        named = self._sam_parameters()
-        params = [p for _, p in named]
-        reuse = self._activation_reuse(params)
-        rng = capture_rng()
-        self._buffer_guard.mark()
-        with reuse.session() if reuse is not None else nullcontext():
-            if reuse is not None:
-                reuse.record()  # keep the outputs of the blocks below the cut, graph included
-            # Each pass gets its own shallow copy: a compute_loss may pop from its inputs (labels for label smoothing).
-            clean_loss, grads, grad_scale = self._ascent_gradient(model, copy.copy(inputs), num_items_in_batch, named)
-            if self._schedule.looksam:  # LookSAM: the window's clean gradient of S is the sum of pass 1's
-                self._schedule.add_clean(grads)
-            self._buffer_guard.keep_pass_one()  # running statistics: pass 1's update is the step's only one
-            # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks'
-            # graph (reuse) survives. Under FSDP2 everything below works on this process's shards of S.
-            shards = local(params)
-            steps, norm, finite = self._ascent_step(params, shards, grads)
-            del grads
-            perturbation = Perturbation.apply(shards, steps)  # e_S = 0 where g_S is not finite (fp16 overflow)
-            del steps
-            restore_rng(rng)  # pass 2 draws the same dropout masks as pass 1: e_S is evaluated where it was computed
-            if reuse is not None:
-                reuse.replay()
-            try:
-                with self._inputs_already_prepared(), self._records_from_pass_one():
-                    perturbed_loss = super().training_step(model, copy.copy(inputs), num_items_in_batch)
-            finally:
-                perturbation.restore()  # bit-exact, also when pass 2 raises
-                self._buffer_guard.restore()
-        if reuse is not None and reuse.mismatch:
-            self._disable_reuse(reuse.mismatch)
-        if self._schedule.looksam and self.accelerator.sync_gradients:
-            self._keep_looksam_component(named)
-        self._record_sam_step(clean_loss, perturbed_loss, norm / grad_scale, finite)
-        return clean_loss
 
     # ------------------------------------------------------------------------------------------------- LookSAM
     def _keep_looksam_component(self, named: list[tuple[str, nn.Parameter]]) -> None:
@@ -381,33 +339,26 @@ class LWSAMMixin:
         self._sam_window["looksam_steps"] = self._sam_window.get("looksam_steps", 0.0) + added.float()
 
     # -------------------------------------------------------------------------------------- random perturbation
-    def _random_sam_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
-        """One pass at w + e, e Gaussian noise scaled per weight row (`sam.random_direction`), drawn from generators
-        seeded by (`seed`, optimizer step, parameter index): the same e on every process, for every micro-batch of the
-        window and after a resume. Returns the perturbed loss (there is no clean pass)."""
-        targets = self._random_targets()
-        params = [t for t, _, _ in targets]
-        self._refuse_sharded(params, "sam_ascent='random'")
-        step = self.state.global_step
-        with torch.no_grad():  # the merged LoRA weights only scale the noise: no graph through B A
-            references = [ref() if callable(ref) else ref for _, ref, _ in targets]
-        steps = random_direction(params, self.args.sam_rho, [noise_seed(self.args.seed, step, i)
-                                                              for i in range(len(params))],
-                                 [d for _, _, d in targets], references)
-        del references
-        loss = self._base_step_at(params, steps, model, inputs, num_items_in_batch)
-        w = self._sam_window
-        w.setdefault("micro_batches", 0)
-        if self.accelerator.sync_gradients:
-            w["sam_steps"] = w.get("sam_steps", 0) + 1
-        return loss
-
     @staticmethod
     def _refuse_sharded(params: list[torch.Tensor], what: str) -> None:
         """FSDP2 set up by the launcher rather than `fsdp=` (which the config refuses): refused at the first step."""
         if is_sharded(params):
             raise ValueError(f"{what} is not supported under FSDP2: it is implemented for whole (unsharded) "
                              "parameters. Use DDP, or sam_ascent='exact'/'stale' without LookSAM.")
+
+    def _pass_at(self, tensors: list[torch.Tensor], steps: list[torch.Tensor], model: nn.Module,
+                 inputs: dict[str, Any], num_items_in_batch: Any, after_pass_one: bool = False) -> torch.Tensor:
+        """The base class's step (one forward and backward) at `tensors + steps`, with `tensors` restored bit-exactly
+        afterwards, also when the step raises; `steps` is consumed (the perturbation is applied in place). Every
+        ascent's perturbed pass runs here. `after_pass_one`: what the pass's `compute_loss` records as a side effect
+        is undone (metrics and token counts come from the clean pass 1)."""
+        perturbation = Perturbation.apply(tensors, steps)
+        steps.clear()  # the caller's list: free e before the pass
+        try:
+            with self._inputs_already_prepared(), self._records_from_pass_one() if after_pass_one else nullcontext():
+                return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            perturbation.restore()
 
     def _random_targets(self) -> list[tuple[torch.Tensor, Any, int]]:
         """(tensor to perturb, the weight whose rows scale its noise (or a callable computing it), row dimension) for
@@ -444,39 +395,6 @@ class LWSAMMixin:
         self._noise_targets = (names, targets)
         return targets
 
-    def _base_step_at(self, tensors: list[torch.Tensor], steps: list[torch.Tensor], model: nn.Module,
-                      inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
-        """The base class's step (one pass) at `tensors + steps`, with `tensors` restored bit-exactly afterwards, also
-        when the step raises; `steps` is consumed (the perturbation is applied in place)."""
-        perturbation = Perturbation.apply(tensors, steps)
-        steps.clear()  # the caller's list: free e before the pass
-        try:
-            with self._inputs_already_prepared():
-                return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            perturbation.restore()
-
-    def _stale_sam_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
-        """One pass at w + e_S, e_S from the previous SAM step's gradient of S; returns the perturbed loss. Without a
-        kept gradient for the current selection (first SAM step, or after a probe changed S): a plain step."""
-        named = self._sam_parameters()
-        names, params = [n for n, _ in named], [p for _, p in named]
-        shards = local(params)  # under FSDP2: this process's shards of S, and of their gradients
-        kept = self._schedule.direction(names)
-        if kept is None:
-            steps, norm, finite = [torch.zeros_like(t) for t in shards], None, None
-        else:
-            # Clones: ascent_direction works in place, and every micro-batch of the window uses the same kept gradient.
-            steps, norm, finite = self._ascent_step(params, shards, [g.clone() for g in kept])
-        loss = self._base_step_at(shards, steps, model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:  # the window's last backward: `.grad` holds its (all-reduced) gradient
-            self._schedule.keep(names, local([p.grad for p in params]), like=shards)
-        if kept is None:
-            self._record_plain_step()
-        else:
-            self._record_sam_step(None, loss, norm, finite)  # scale-free direction: the norm is as kept (scaled)
-        return loss
-
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save as the stock `Trainer` does, with `hub_token` left out of the pickled `training_args.bin` (every
         checkpoint and the final folder have one, and `push_to_hub` uploads it)."""
@@ -490,15 +408,16 @@ class LWSAMMixin:
         """Checkpoints also carry the kept vector (the stale ascent's gradient of S, or LookSAM's g_v) and a running
         probe's sums (both written before `trainer_state.json`, which marks a checkpoint complete)."""
         super()._save_rng_state(output_dir)
-        if self._schedule.keeps_state and self.args.should_save:  # stale gradient or LookSAM's g_v
-            self._schedule.save(output_dir)
+        if self._schedule.keeps_state and (self.args.should_save or self._schedule.per_process):
+            # the stale gradient or LookSAM's g_v; FSDP2's shards of it: every process writes its own
+            self._schedule.save(output_dir, self.args.process_index, self.args.world_size)
         if self.args.sam_selection == "probe":  # a running probe's sums, read from the device at checkpoint time
             self._layer_probe._publish(self)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         if checkpoint is not None and self._schedule.keeps_state:
-            self._schedule.load(checkpoint, self.args.device)
+            self._schedule.load(checkpoint, self.args.device, self.args.process_index, self.args.world_size)
 
     @contextmanager
     def _inputs_already_prepared(self) -> Iterator[None]:

@@ -1,0 +1,199 @@
+"""Where e_S comes from on a SAM step (`sam_ascent`): one class per ascent, in a registry.
+
+An ascent is one class and one registration line:
+
+    @register_ascent
+    class MyAscent(Ascent):
+        name = "mine"
+        help = "what e_S is, and what a step costs"
+
+        def step(self, trainer, model, inputs, num_items_in_batch):
+            named = trainer._sam_parameters()
+            ...  # e_S for S
+            return trainer._pass_at(tensors, steps, model, inputs, num_items_in_batch)
+
+The class carries its options' checks (`validate`, called by `LWSAMConfig`), whether its logged loss is the clean one
+(`clean_loss`), whether a checkpoint must carry a kept vector for an exact resume (`keeps_vector`), and whether it
+supports the sharded parameters of FSDP2 (`supports_sharded`). `trainer._pass_at` is the one place that perturbs,
+runs the base class's pass and restores S bit-exactly. The allowed values of `sam_ascent` are the registry's keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from .reuse import capture_rng, restore_rng
+from .sam import noise_seed, random_direction
+from .sharding import is_sharded, local
+
+if TYPE_CHECKING:
+    from torch import nn
+
+ASCENTS: dict[str, type[Ascent]] = {}
+
+
+def register_ascent(cls: type[Ascent]) -> type[Ascent]:
+    """Add `cls` to the registry under `cls.name` (the value of `sam_ascent` that selects it)."""
+    ASCENTS[cls.name] = cls
+    return cls
+
+
+class Ascent:
+    """One source of e_S. Subclasses set the class attributes and implement `step`.
+
+    Attributes:
+        name (`str`): the `sam_ascent` value.
+        help (`str`): what e_S is and what a SAM step costs (the `--sam_ascent` help is built from these).
+        clean_loss (`bool`): the returned (logged) loss is the clean loss at w; otherwise the perturbed one.
+        clean_gradient (`bool`): a SAM step computes the clean gradient of S (LookSAM needs it).
+        keeps_vector (`bool`): a vector is kept between steps, saved with every checkpoint for an exact resume.
+        supports_sharded (`bool`): works on FSDP2's sharded parameters.
+        supports_adaptive (`bool`): combines with `sam_adaptive=True` (ASAM scales a gradient).
+    """
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+    clean_loss: ClassVar[bool] = False
+    clean_gradient: ClassVar[bool] = False
+    keeps_vector: ClassVar[bool] = False
+    supports_sharded: ClassVar[bool] = True
+    supports_adaptive: ClassVar[bool] = True
+
+    @classmethod
+    def validate(cls, config: Any) -> None:
+        """Refuse `config`'s combinations that this ascent does not support (`ValueError` naming the options)."""
+        if config.sam_adaptive and not cls.supports_adaptive:
+            raise ValueError(f"sam_ascent={cls.name!r} with sam_adaptive=True is not supported: {cls._no_adaptive}. "
+                             "Set sam_adaptive=False.")
+        if config.sam_interval_reuse == "looksam" and not cls.clean_gradient:
+            raise ValueError(f"sam_interval_reuse='looksam' with sam_ascent={cls.name!r} is not supported: LookSAM "
+                             "needs the clean gradient of the SAM step's ascent pass. Use sam_ascent='exact'.")
+        if config.fsdp and not cls.supports_sharded:
+            raise ValueError(f"sam_ascent={cls.name!r} is not supported with fsdp={config.fsdp!r}: it is implemented "
+                             "for whole (unsharded) parameters. Use DDP, or sam_ascent='exact'/'stale' without "
+                             "LookSAM.")
+
+    _no_adaptive: ClassVar[str] = ""
+
+    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """One micro-batch of a SAM step on `trainer` (an `LWSAMMixin`); returns the loss the step logs."""
+        raise NotImplementedError
+
+
+@register_ascent
+class ExactAscent(Ascent):
+    """SAM's ascent: pass 1 at w (a backward truncated at S) gives g_S, then the base step at w + e_S."""
+
+    name = "exact"
+    help = "a truncated ascent pass at w on the same micro-batch, two passes; the logged loss is the clean one"
+    clean_loss = True
+    clean_gradient = True
+
+    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """Pass 1 at w (truncated ascent), then the base step at w + e_S; returns pass 1's clean loss."""
+        named = trainer._sam_parameters()
+        params = [p for _, p in named]
+        reuse = trainer._activation_reuse(params)
+        rng = capture_rng()
+        trainer._buffer_guard.mark()
+        with reuse.session() if reuse is not None else nullcontext():
+            if reuse is not None:
+                reuse.record()  # keep the outputs of the blocks below the cut, graph included
+            # Each pass gets its own shallow copy: a compute_loss may pop from its inputs (labels for label smoothing).
+            clean_loss, grads, grad_scale = trainer._ascent_gradient(model, copy.copy(inputs), num_items_in_batch,
+                                                                     named)
+            if trainer._schedule.looksam:  # LookSAM: the window's clean gradient of S is the sum of pass 1's
+                trainer._schedule.add_clean(grads)
+            trainer._buffer_guard.keep_pass_one()  # running statistics: pass 1's update is the step's only one
+            # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks'
+            # graph (reuse) survives. Under FSDP2 everything below works on this process's shards of S.
+            shards = local(params)
+            steps, norm, finite = trainer._ascent_step(params, shards, grads)  # e_S = 0 where g_S is not finite
+            del grads
+            restore_rng(rng)  # pass 2 draws the same dropout masks as pass 1: e_S is evaluated where it was computed
+            if reuse is not None:
+                reuse.replay()
+            try:
+                perturbed_loss = trainer._pass_at(shards, steps, model, copy.copy(inputs), num_items_in_batch,
+                                                  after_pass_one=True)
+            finally:
+                trainer._buffer_guard.restore()
+        if reuse is not None and reuse.mismatch:
+            trainer._disable_reuse(reuse.mismatch)
+        if trainer._schedule.looksam and trainer.accelerator.sync_gradients:
+            trainer._keep_looksam_component(named)
+        trainer._record_sam_step(clean_loss, perturbed_loss, norm / grad_scale, finite)
+        return clean_loss
+
+
+@register_ascent
+class StaleAscent(Ascent):
+    """e_S from the gradient of S that the previous SAM step left in `.grad`: one pass at w + e_S."""
+
+    name = "stale"
+    help = ("the previous SAM step's gradient of S, one pass at w + e_S; the logged loss is the perturbed one")
+    keeps_vector = True
+
+    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """One pass at w + e_S; returns the perturbed loss. Without a kept gradient for the current selection (first
+        SAM step, or after a probe changed S): a plain step, whose gradient is kept for the next SAM step."""
+        named = trainer._sam_parameters()
+        names, params = [n for n, _ in named], [p for _, p in named]
+        shards = local(params)  # under FSDP2: this process's shards of S, and of their gradients
+        kept = trainer._schedule.direction(names, like=shards)
+        if kept is None:
+            steps, norm, finite = [torch.zeros_like(t) for t in shards], None, None
+        else:
+            # Clones: ascent_direction works in place, and every micro-batch of the window uses the same kept gradient.
+            steps, norm, finite = trainer._ascent_step(params, shards, [g.clone() for g in kept])
+        loss = trainer._pass_at(shards, steps, model, inputs, num_items_in_batch)
+        if trainer.accelerator.sync_gradients:  # the window's last backward: `.grad` holds its (all-reduced) gradient
+            trainer._schedule.keep(names, local([p.grad for p in params]), like=shards,
+                                  per_process=is_sharded(params))
+        if kept is None:
+            trainer._record_plain_step()
+        else:
+            trainer._record_sam_step(None, loss, norm, finite)  # scale-free direction: the norm is as kept (scaled)
+        return loss
+
+
+@register_ascent
+class RandomAscent(Ascent):
+    """Gaussian e scaled per weight row (`sam.random_direction`): one pass at w + e, nothing kept."""
+
+    name = "random"
+    help = ("Gaussian noise scaled per weight row by the row's norm, radius sam_rho; one pass, no ascent gradient; "
+            "the logged loss is the perturbed one")
+    supports_sharded = False
+    supports_adaptive = False
+    _no_adaptive = ("the random perturbation is already scaled per weight row by the row's norm (ASAM scales a "
+                    "gradient)")
+
+    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """One pass at w + e, e drawn from generators seeded by (`seed`, optimizer step, parameter index): the same e
+        on every process, for every micro-batch of the window and after a resume. Returns the perturbed loss."""
+        targets = trainer._random_targets()
+        params = [t for t, _, _ in targets]
+        trainer._refuse_sharded(params, "sam_ascent='random'")
+        step = trainer.state.global_step
+        with torch.no_grad():  # the merged LoRA weights only scale the noise: no graph through B A
+            references = [ref() if callable(ref) else ref for _, ref, _ in targets]
+        steps = random_direction(params, trainer.args.sam_rho,
+                                 [noise_seed(trainer.args.seed, step, i) for i in range(len(params))],
+                                 [d for _, _, d in targets], references)
+        del references
+        loss = trainer._pass_at(params, steps, model, inputs, num_items_in_batch)
+        w = trainer._sam_window
+        w.setdefault("micro_batches", 0)
+        if trainer.accelerator.sync_gradients:
+            w["sam_steps"] = w.get("sam_steps", 0) + 1
+        return loss
+
+
+def ascent_help() -> str:
+    """The `--sam_ascent` help text, from the registry."""
+    return "Where e_S comes from on a SAM step: " + "; ".join(f"'{n}' ({a.help})" for n, a in ASCENTS.items()) + "."
