@@ -36,21 +36,35 @@ _UNSUPPORTED_OPTIMIZERS = (
 
 
 def _deepspeed_zero_stage(deepspeed: dict | str | None) -> int:
-    """The ZeRO stage of a DeepSpeed config given as a dict, a JSON string or a JSON file path (0 if none)."""
+    """The ZeRO stage of a DeepSpeed config given as a dict, a JSON string or a JSON file path (0 if none). A config
+    that cannot be read, or whose `zero_optimization` is not a mapping, is a `ValueError` naming `deepspeed`."""
     if not deepspeed:
         return 0
     config: Any = deepspeed
     if isinstance(deepspeed, str):
-        if os.path.isfile(deepspeed):
-            with open(deepspeed, encoding="utf-8") as f:
-                config = json.load(f)
-        else:
-            try:
+        is_file = os.path.isfile(deepspeed)
+        try:
+            if is_file:
+                with open(deepspeed, encoding="utf-8") as f:
+                    config = json.load(f)
+            else:
                 config = json.loads(deepspeed)
-            except json.JSONDecodeError:
-                return 0  # let transformers report an unreadable config
-    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else 0
-    return int(stage) if str(stage).isdigit() else 0
+        except (OSError, ValueError) as e:  # an unreadable file, bad UTF-8, bad JSON
+            cause = f"is not a valid JSON file ({e})" if is_file else "is neither an existing file nor a JSON object"
+            raise ValueError(f"deepspeed={deepspeed!r} {cause}: pass the path of a DeepSpeed JSON config file, its "
+                             "JSON text or a dict.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"deepspeed={deepspeed!r} holds a {type(config).__name__}, not a JSON object: pass a "
+                         "DeepSpeed config such as {\"zero_optimization\": {\"stage\": 1}}.")
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"deepspeed: zero_optimization is {zero!r} ({type(zero).__name__}), not a mapping: write it "
+                         "as {\"zero_optimization\": {\"stage\": N}} in the DeepSpeed config.")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not (isinstance(stage, int) or (isinstance(stage, str) and stage.isdigit())):
+        raise ValueError(f"deepspeed: zero_optimization.stage is {stage!r}: use an integer 0-3 in the DeepSpeed "
+                         "config.")
+    return int(stage)
 
 
 def _fsdp_version(fsdp_config: dict | str | None) -> int:

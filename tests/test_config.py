@@ -61,6 +61,31 @@ def test_deepspeed_zero_stage_from_a_json_file(tmp_path):
         _config(tmp_path, deepspeed=str(path))
 
 
+@pytest.mark.parametrize(
+    "deepspeed, message",
+    [
+        ("file:{\"zero_optimization\": {\"stage\": 1},", r"deepspeed='.*ds\.json' is not a valid JSON file \(.* line 1"),
+        ("file:[1, 2]", r"deepspeed='.*ds\.json' holds a list, not a JSON object"),
+        ({"zero_optimization": 2}, r"zero_optimization is 2 \(int\), not a mapping: write it as"),
+        ('{"zero_optimization": [1]}', r"zero_optimization is \[1\] \(list\), not a mapping"),
+        ({"zero_optimization": {"stage": "two"}}, r"zero_optimization.stage is 'two': use an integer 0-3"),
+        ("no_such_ds_config.json", r"deepspeed='no_such_ds_config.json' is neither an existing file nor a JSON "),
+    ],
+)
+def test_unreadable_deepspeed_config_is_one_value_error(tmp_path, deepspeed, message):
+    """A DeepSpeed config that cannot be read, or whose `zero_optimization` is not a mapping, is one `ValueError`
+    naming `deepspeed` and the fix (not a JSON or attribute error from inside the check)."""
+    if isinstance(deepspeed, str) and deepspeed.startswith("file:"):
+        path = tmp_path / "ds.json"
+        path.write_text(deepspeed[len("file:"):])
+        deepspeed = str(path)
+    with pytest.raises(ValueError, match=message) as info:
+        _config(tmp_path, deepspeed=deepspeed)
+    text = str(info.value)
+    assert type(info.value) is ValueError and "\n" not in text and "deepspeed" in text
+    assert " pass " in text or " use " in text or "write it as" in text
+
+
 def test_defaults_and_non_reentrant_checkpointing_are_accepted(tmp_path):
     config = _config(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
     assert (config.sam_rho, config.sam_selection, config.sam_adaptive) == (0.05, "pattern", False)
