@@ -336,15 +336,32 @@ class LayerProbe(TrainerCallback):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if list(state["candidates"]) != self.candidates or state["k"] != self.k:
-            logger.warning(
-                "The checkpoint's probe state was made with other candidates or another k "
-                f"({len(state['candidates'])} candidates, k={state['k']}); probing starts afresh."
-            )
+        """Restore a saved `state_dict()`; one that does not fit this model and options is logged and not used
+        (probing starts afresh from the initial selection)."""
+        reason = self._unfit_reason(state)
+        if reason is not None:
+            logger.warning(f"The checkpoint's probe state does not fit this model ({reason}); probing starts afresh.")
+            self.reset()
             return
         self.selection = list(state["selection"])
         self.pending, self.pending_windows = state["pending"], state["pending_windows"]
         self.num_probes, self.last_probe_step = state["num_probes"], state["last_probe_step"]
+        logger.info(f"LW-SAM probe state restored (last probe at step {self.last_probe_step}): "
+                    f"{', '.join(self.selection)}")
+
+    def _unfit_reason(self, state: Mapping[str, Any]) -> str | None:
+        """Why a saved probe state cannot be restored here, `None` when it can."""
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
+            return f"no {', '.join(missing)}"
+        if list(state["candidates"]) != self.candidates or state["k"] != self.k:
+            return f"made with other candidates or another k: {len(state['candidates'])} candidates, k={state['k']}"
+        unknown = [name for name in state["selection"] if name not in self.units]
+        if unknown:
+            return f"it selects {', '.join(map(repr, unknown))}, not among the candidates"
+        if state["pending"] is not None and len(state["pending"]) != len(self.candidates):
+            return f"{len(state['pending'])} pending norms for {len(self.candidates)} candidates"
+        return None
 
     def _publish(self, trainer: Any) -> None:
         trainer.state.stateful_callbacks[STATE_KEY] = self.state_dict()
@@ -356,7 +373,6 @@ class LayerProbe(TrainerCallback):
         saved = state.stateful_callbacks.get(STATE_KEY) if state.global_step > 0 else None
         if saved is not None:
             self.load_state_dict(saved)
-            logger.info(f"LW-SAM probe state restored at step {state.global_step}: {', '.join(self.selection)}")
         else:
             self.reset()
         if trainer._sam_layers != self.selected_layers():

@@ -154,6 +154,44 @@ def test_resume_keeps_selection_and_schedule(sgd_args, tmp_path):
         assert probe.last_norms[name] == pytest.approx(value, rel=1e-5)
 
 
+@pytest.mark.parametrize("edit", ["unknown layer", "pending of another length", "missing key"])
+def test_resume_from_a_probe_state_that_does_not_fit_starts_afresh(sgd_args, tmp_path, caplog, edit):
+    """A checkpoint whose saved probe state names layers this model does not have (or is otherwise inconsistent) is
+    not trusted: probing starts afresh from the initial selection, with the reason logged, instead of a `KeyError`."""
+    import json
+    import logging
+
+    from hf_lwsam.probe import STATE_KEY
+
+    common = dict(sam_selection="probe", **LAYER_NORMS, sam_top_k=2, sam_probe_interval=2, max_steps=3,
+                  per_device_train_batch_size=2, learning_rate=0.05, save_strategy="steps", save_steps=2,
+                  save_only_model=False, logging_steps=100)
+    dataset = shakespeare_lm_dataset(12)
+    LWSAMTrainer(model=tiny_gpt2(n_layer=2), train_dataset=dataset,
+                 args=sgd_args(output_dir=str(tmp_path / "full"), **common)).train()
+    state_file = tmp_path / "full" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    saved = state["stateful_callbacks"][STATE_KEY]
+    if edit == "unknown layer":
+        saved["selection"] = ["transformer.h.7.attn.c_attn", saved["selection"][-1]]
+    elif edit == "pending of another length":
+        saved["pending"] = [1.0, 2.0]
+    else:
+        del saved["num_probes"]
+    state_file.write_text(json.dumps(state))
+
+    resumed = LWSAMTrainer(model=tiny_gpt2(n_layer=2), train_dataset=dataset,
+                           args=sgd_args(output_dir=str(tmp_path / "resumed"), **common))
+    with caplog.at_level(logging.WARNING, logger="hf_lwsam.probe"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert "probe state does not fit this model" in caplog.text and "probing starts afresh" in caplog.text
+    if edit == "unknown layer":
+        assert "transformer.h.7.attn.c_attn" in caplog.text
+    probe = resumed._layer_probe
+    assert [s for s, _ in probe.history] == [2] and probe.num_probes == 1  # the step-2 probe ran on the new state
+    assert resumed._sam_layers == probe.selected_layers() and resumed.state.global_step == 3
+
+
 def test_candidates_follow_patterns():
     model = tiny_gpt2()
     everything = candidate_layers(model)
