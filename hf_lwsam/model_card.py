@@ -15,6 +15,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .config import sam_option_docs
+
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md.j2"
 CARD_TAGS = ("hf-lwsam", "sharpness-aware-minimization", "layer-wise-sam")
 PAPER = "https://arxiv.org/abs/2503.14205"
@@ -62,6 +64,13 @@ class ModelCardInfo:
 def _fmt(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 4)
+    return value
+
+
+def _option_value(name: str, value: Any) -> Any:
+    """A `sam_*` option's value as the card shows it (an unset layer pattern is the output-side default)."""
+    if name == "sam_target_layers" and value is None:
+        return "default (output side)"
     return value
 
 
@@ -184,17 +193,9 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
     columns, rows = results_table(log_history)
     world_size = getattr(getattr(trainer, "accelerator", None), "num_processes", 1)
     sam = {
-        "rho": args.sam_rho,
-        "selection": args.sam_selection,
-        "target_layers": args.sam_target_layers if args.sam_target_layers is not None else "default (output side)",
-        "exclude_layers": args.sam_exclude_layers,
-        "adaptive": args.sam_adaptive,
-        "reuse_activations": getattr(args, "sam_reuse_activations", False),
-        "preset": args.sam_preset,
-        "ascent": args.sam_ascent,
-        "interval": args.sam_interval,
-        "interval_reuse": args.sam_interval_reuse,
-        "start": args.sam_start,
+        # one row per `sam_*` option, in the order and with the names of LWSAMConfigMixin's fields
+        "options": [(o["name"], _option_value(o["name"], getattr(args, o["name"], o["default"])))
+                    for o in sam_option_docs()],
         "layers": layers,
         "num_layers": len(layers),
         "num_parameters": f"{num_params:,}",

@@ -201,3 +201,7 @@ def test_help_renders_every_help_string(command, capsys):
     assert exit_info.value.code == 0
     assert "s % sam_interval == 0" in " ".join(text.split())
     assert "option_strings" not in text and "--sam_interval" in text and "--learning_rate" in text
+    # a description and examples first, then the sam_* options as their own group before the stock flags
+    head, options = text.split("LW-SAM options (--sam_*):", 1)
+    assert "layer-wise sharpness-aware minimization" in head and "examples:" in head and len(head.splitlines()) < 25
+    assert options.index("--sam_start") < options.index("--learning_rate") < options.index("--seed")

@@ -11,6 +11,7 @@ from test_cli import FAST, make_tiny_bert_dir, one_torch_thread, run_cli, write_
 from transformers import AutoModelForSequenceClassification
 
 from hf_lwsam import select_layers
+from hf_lwsam.config import sam_option_docs
 from hf_lwsam.model_card import TEMPLATE_PATH
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,11 +51,13 @@ def test_card_of_a_real_run_has_the_runs_values(tmp_path):
     assert front["model-index"][0]["name"] == "tweet-bert-lwsam"
 
     # Body: the run's LW-SAM setup, the resolved layers, results, throughput, usage and the citation.
-    assert "| rho (`sam_rho`) | 0.07 |" in text and "| adaptive / ASAM (`sam_adaptive`) | True |" in text
-    assert "| selection mode (`sam_selection`) | pattern |" in text
-    assert "| preset (`sam_preset`) | None |" in text and "| ascent (`sam_ascent`) | exact |" in text
-    assert "| SAM every n-th step (`sam_interval`, `sam_interval_reuse`) | 1 (none) |" in text
-    assert "| first SAM step (`sam_start`: a step, or a fraction of the run) | 0 |" in text
+    # one row per sam_* option, from the same fields as the docstring and the options page
+    rows = dict(line.strip("| ").replace("`", "").split(" | ") for line in text.splitlines()
+                if line.startswith("| `sam_"))
+    assert list(rows) == [option["name"] for option in sam_option_docs()]
+    assert rows["sam_rho"] == "0.07" and rows["sam_adaptive"] == "True" and rows["sam_selection"] == "pattern"
+    assert rows["sam_preset"] == "None" and rows["sam_ascent"] == "exact" and rows["sam_interval"] == "1"
+    assert rows["sam_target_layers"] == "default (output side)" and rows["sam_start"] == "0"
     model = AutoModelForSequenceClassification.from_pretrained(out)
     layers = select_layers(model)
     assert f"| perturbed layers | {len(layers)} (" in text and all(f"`{layer}`" in text for layer in layers)

@@ -126,10 +126,53 @@ def _one_line_error(message: str) -> None:
     raise UsageError(f"{message}: pass a valid value (hf-lwsam-train --help lists each flag's type and choices).")
 
 
-def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), prog="hf-lwsam-train")
-    parser.error = _one_line_error  # argparse errors become one-line UsageErrors
+TRAIN_DESCRIPTION = """\
+Fine-tune a Hugging Face model with layer-wise sharpness-aware minimization (LW-SAM) through the stock Trainer:
+sequence classification or causal language modelling, all weights or a LoRA adapter. With no model and no data it
+fine-tunes the shipped all-MiniLM-L6-v2 on the shipped tweets, offline. A leading YAML/JSON file holds options and
+flags override it. Running the same command again resumes from the last checkpoint in --output_dir.
+
+examples:
+  hf-lwsam-train
+  hf-lwsam-train --model_name_or_path distilbert/distilbert-base-uncased --dataset_name stanfordnlp/sst2 \\
+      --text_column sentence --sam_preset fast --output_dir outputs/distilbert-sst2-lwsam
+  hf-lwsam-train scripts/configs/minilm_tweets.yaml --learning_rate 5e-5 --output_dir outputs/run2
+
+The --sam_* options come first below, then the model and data flags, then every TrainingArguments flag."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` keeps the description's lines (its examples) and shows each flag's default."""
+
+
+def sam_options_first(parser: argparse.ArgumentParser, groups: dict[str, set[str]]) -> argparse.ArgumentParser:
+    """Order `parser`'s `--help`: the `--sam_*` flags first as their own group, then one group per title of `groups`
+    (the flags whose destinations it names), then the rest (the stock Trainer / TRL flags). Parsing is unchanged."""
+    ordered = []
+    for title, belongs in [("LW-SAM options (--sam_*)", lambda dest: dest.startswith("sam_")),
+                           *((title, lambda dest, names=names: dest in names) for title, names in groups.items())]:
+        group = parser.add_argument_group(title)
+        for action in parser._actions:
+            if belongs(action.dest) and not any(action in g._group_actions for g in ordered):
+                for other in parser._action_groups:
+                    if action in other._group_actions:
+                        other._group_actions.remove(action)
+                group._group_actions.append(action)
+        ordered.append(group)
+    parser._action_groups = ordered + [g for g in parser._action_groups if g not in ordered and g._group_actions]
     return parser
+
+
+def make_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), prog="hf-lwsam-train",
+                              usage="hf-lwsam-train [CONFIG.yaml] [--flag VALUE ...]", description=TRAIN_DESCRIPTION,
+                              formatter_class=HelpFormatter)
+    parser.error = _one_line_error  # argparse errors become one-line UsageErrors
+    own = {f.name for f in fields(TrainArguments)} - {f.name for f in fields(LWSAMConfig)}
+    parser._optionals.title = "Trainer options (transformers TrainingArguments)"
+    return sam_options_first(parser, {"model (ModelArguments)": {f.name for f in fields(ModelArguments)},
+                                      "data (DataArguments)": {f.name for f in fields(DataArguments)},
+                                      "hf-lwsam-train": own})
 
 
 def _read_config_file(path: str, parser: HfArgumentParser, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
