@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .reuse import capture_rng, restore_rng
-from .sam import noise_seed, random_direction
-from .sharding import is_sharded, local
+from .sam import global_norm, momentum_direction, noise_seed, random_direction
+from .sharding import all_reduce_sum, is_sharded, local
 
 if TYPE_CHECKING:
     from torch import nn
@@ -78,6 +78,9 @@ class Ascent:
                              "LookSAM.")
 
     _no_adaptive: ClassVar[str] = ""
+
+    def check_optimizer(self, optimizer: Any) -> None:
+        """Refuse, before the first step, an optimizer this ascent cannot work with (`ValueError`)."""
 
     def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
         """One micro-batch of a SAM step on `trainer` (an `LWSAMMixin`); returns the loss the step logs."""
@@ -191,6 +194,80 @@ class RandomAscent(Ascent):
         w.setdefault("micro_batches", 0)
         if trainer.accelerator.sync_gradients:
             w["sam_steps"] = w.get("sam_steps", 0) + 1
+        return loss
+
+
+def first_moments(optimizer: Any) -> tuple[str, Any]:
+    """Which first moment `optimizer` keeps per parameter: (`"exp_avg"` for Adam/AdamW, fused, foreach or not;
+    `"momentum_buffer"` for SGD with momentum, the torch optimizer, under accelerate's wrapper).
+
+    Raises:
+        ValueError: the optimizer keeps no first moment that can be read (Adafactor, 8-bit or paged states, SGD
+            without momentum, anything else): names it and says what to use.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    kind = f"{type(inner).__module__}.{type(inner).__name__}"
+    if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
+        return "exp_avg", inner
+    if type(inner) is torch.optim.SGD and all(g.get("momentum", 0) > 0 for g in inner.param_groups):
+        return "momentum_buffer", inner
+    why = ("SGD without momentum keeps none" if type(inner) is torch.optim.SGD
+           else "it keeps no first moment that can be read (Adafactor without beta1, 8-bit or paged states, or an "
+                "optimizer hf_lwsam does not know)")
+    raise ValueError(f"sam_ascent='momentum' needs the optimizer's first moment, but the optimizer is {kind}: {why}. "
+                     "Use optim='adamw_torch' (or 'adamw_torch_fused', or SGD with momentum > 0: optim='sgd', "
+                     "optim_args='momentum=0.9'), or another sam_ascent.")
+
+
+@register_ascent
+class MomentumAscent(Ascent):
+    """Momentum-SAM: e_S = -rho m_S / ||m_S|| from the optimizer's first moment m after the previous optimizer step
+    (`exp_avg` of Adam/AdamW, `momentum_buffer` of SGD): one forward and one backward at w + e_S per micro-batch, S
+    restored bit-exactly, and the stock optimizer steps at w (Becker et al., arXiv 2401.12033; the reference code,
+    MarlonBecker/MSAM `adamW_msam.py`, keeps w perturbed between steps and subtracts
+    `rho / ||exp_avg|| * exp_avg` after each optimizer step, the same point). m is identical on every process (DDP
+    steps identical optimizers), so no communication; under FSDP2 each process holds a shard of m and the norm is
+    one all-reduce. Nothing is kept: m is in the optimizer's checkpoint, so a resume is exact.
+
+    A SAM step before the optimizer has a moment for any parameter of S (the first step) is a plain step; a parameter
+    of S without a moment yet is not perturbed. Its radius is much larger than SAM's in the paper (rho = 3 for ViT on
+    ImageNet); sweep it, small models collapse there."""
+
+    name = "momentum"
+    help = ("Momentum-SAM: -sam_rho * m / ||m||, m the optimizer's first moment (Adam/AdamW exp_avg, SGD "
+            "momentum_buffer) after the previous step; one pass at w + e_S, no ascent gradient; the logged loss "
+            "is the perturbed one")
+    supports_adaptive = False
+    _no_adaptive = "the adaptive (ASAM) form of the momentum ascent is not implemented"
+
+    @classmethod
+    def validate(cls, config: Any) -> None:
+        super().validate(config)
+        if config.deepspeed:
+            raise ValueError(f"sam_ascent='momentum' with deepspeed={config.deepspeed!r} is not supported: DeepSpeed "
+                             "keeps the optimizer's moments inside its engine. Use DDP or FSDP2.")
+
+    def check_optimizer(self, optimizer: Any) -> None:
+        first_moments(optimizer)
+
+    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """One pass at w + e_S; returns the perturbed loss. The same e_S for every micro-batch of the window (m only
+        changes at the optimizer step)."""
+        named = trainer._sam_parameters()
+        params = [p for _, p in named]
+        key, optimizer = first_moments(trainer.optimizer)
+        state = [optimizer.state.get(p, {}).get(key) for p in params]
+        if all(m is None for m in state):  # no optimizer step yet: a plain step
+            loss = trainer._pass_at([], [], model, inputs, num_items_in_batch)
+            trainer._record_plain_step()
+            return loss
+        shards = local(params)
+        moments = [torch.zeros_like(t) if m is None else m for m, t in zip(local(state), shards)]
+        steps, norm, finite = momentum_direction(moments, trainer.args.sam_rho,
+                                                 sum_across=all_reduce_sum if is_sharded(params) else None)
+        e_norm = global_norm(steps)
+        loss = trainer._pass_at(shards, steps, model, inputs, num_items_in_batch)
+        trainer._record_sam_step(None, loss, norm, finite, e_norm=e_norm)
         return loss
 
 

@@ -9,6 +9,10 @@ LookSAM (Liu et al., CVPR 2022, Algorithm 1), over S as one vector:
     SAM step:      g_v = g_s - (<g_s, g> / ||g||^2) g      (g_s: SAM gradient, g: clean gradient, both of S)
     steps between: g  <-  g + alpha * ||g|| / ||g_v|| * g_v
 
+Momentum-SAM (Becker, Altrock, Fischer, arXiv 2401.12033; reference code MarlonBecker/MSAM, optimizer/adamW_msam.py):
+    e_S = -rho * m_S / ||m_S||   (m: the optimizer's first moment after the previous optimizer step)
+    the gradient is taken once, at (w_S + e_S, w_rest), and the optimizer steps at w.
+
 Random-weight perturbation (RWP, TMLR 2024; Flat-LoRA, ICML 2025), per output row r of each weight W:
     e[r] ~ N(0, rho^2 ||W[r]||^2 / n I)   (n = the row's length; a 1-D parameter: e[i] ~ N(0, rho^2 w[i]^2))
 """
@@ -56,6 +60,26 @@ def ascent_direction(
     for g in grads:
         g.masked_fill_(~usable, 0.0)  # inf/NaN (and x * NaN) become 0: no perturbation, decided on the device
     return list(grads), norm, usable
+
+
+@torch.no_grad()
+def momentum_direction(
+    moments: list[torch.Tensor], rho: float, sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Momentum-SAM's e_S = -rho * m_S / ||m_S|| for the first moments `moments` of S, ||m_S||, and whether e_S is
+    usable. The sign is the reference code's (`p.sub_(exp_avg, alpha=rho / ||exp_avg||)`): the perturbation points
+    along the optimizer's own next step, -m.
+
+    As in `ascent_direction`, everything stays on the device: a non-finite or zero m_S gives e_S = 0 (counted in
+    `sam/skipped`). `moments` are not modified. `sum_across`: the sum over the processes holding shards (FSDP2)."""
+    norm = global_norm(moments)
+    if sum_across is not None:
+        norm = sum_across(norm.pow(2)).sqrt()  # the shards' squared norms add up to the whole one's
+    usable = torch.isfinite(norm) & (norm > 0)
+    steps = torch._foreach_mul(moments, -rho / (norm + 1e-12))  # -rho m / ||m||, new tensors
+    for e in steps:
+        e.masked_fill_(~usable, 0.0)  # inf/NaN become 0: no perturbation, decided on the device
+    return list(steps), norm, usable
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:

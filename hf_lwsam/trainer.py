@@ -274,7 +274,8 @@ class LWSAMMixin:
         micro-batch with `sam_interval_reuse="looksam"`.
 
         Returns the loss the base step would log: the clean (unperturbed) loss with `sam_ascent="exact"`, the perturbed
-        one with `"stale"` and `"random"` (there is no clean pass), normalised as the base step normalises it.
+        one with the one-pass ascents (`"stale"`, `"random"`, `"momentum"`: there is no clean pass), normalised as the
+        base step normalises it (`hf_lwsam.ascent`).
         """
         inputs = self._prepare_inputs(inputs)  # once per micro-batch: TRL's can be stateful
         if self._default_selection_untraced:
@@ -352,7 +353,7 @@ class LWSAMMixin:
         afterwards, also when the step raises; `steps` is consumed (the perturbation is applied in place). Every
         ascent's perturbed pass runs here. `after_pass_one`: what the pass's `compute_loss` records as a side effect
         is undone (metrics and token counts come from the clean pass 1)."""
-        perturbation = Perturbation.apply(tensors, steps)
+        perturbation = Perturbation.apply(tensors, steps) if tensors else Perturbation(params=[])
         steps.clear()  # the caller's list: free e before the pass
         try:
             with self._inputs_already_prepared(), self._records_from_pass_one() if after_pass_one else nullcontext():
@@ -404,6 +405,13 @@ class LWSAMMixin:
         finally:
             self.args.hub_token = token
 
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """The base class's optimizer, checked by the ascent before the first step (the momentum ascent reads its
+        first moment)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        self._ascent.check_optimizer(self.optimizer)
+        return optimizer
+
     def _save_rng_state(self, output_dir: str) -> None:
         """Checkpoints also carry the kept vector (the stale ascent's gradient of S, or LookSAM's g_v) and a running
         probe's sums (both written before `trainer_state.json`, which marks a checkpoint complete)."""
@@ -448,15 +456,19 @@ class LWSAMMixin:
 
     # ------------------------------------------------------------------------------------------------- logging
     def _record_sam_step(self, clean: torch.Tensor | None, perturbed: torch.Tensor, norm: torch.Tensor,
-                         finite: torch.Tensor) -> None:
-        """Add a SAM micro-batch to the window's sums, on the device (no host synchronisation until logging)."""
+                         finite: torch.Tensor, e_norm: torch.Tensor | None = None) -> None:
+        """Add a SAM micro-batch to the window's sums, on the device (no host synchronisation until logging).
+        `clean` is `None` for a one-pass ascent; `norm` is the norm e_S was scaled from, `e_norm` ||e_S|| if known."""
         w = self._sam_window
         if clean is not None:
             w["clean"] = w.get("clean", 0.0) + clean.detach().float()
-            w["perturbed"] = w.get("perturbed", 0.0) + perturbed.detach().float()
             w["exact_micro_batches"] = w.get("exact_micro_batches", 0) + 1
+        w["perturbed"] = w.get("perturbed", 0.0) + perturbed.detach().float()
+        w["perturbed_micro_batches"] = w.get("perturbed_micro_batches", 0) + 1
         w["grad_norm"] = w.get("grad_norm", 0.0) + torch.where(finite, norm.float(), 0.0)
         w["skipped"] = w.get("skipped", 0.0) + (~finite).float()
+        if e_norm is not None:
+            w["e_norm"] = w.get("e_norm", 0.0) + e_norm.float()
         w["micro_batches"] = w.get("micro_batches", 0) + 1
         if self.accelerator.sync_gradients:
             w["sam_steps"] = w.get("sam_steps", 0) + 1
@@ -469,22 +481,26 @@ class LWSAMMixin:
         """`sam/*` over the logging window (one host sync, here): losses per SAM step on the scale of the stock `loss`,
         summed over processes then averaged; `sam/sam_steps` counts this process's SAM optimizer steps."""
         w, self._sam_window = self._sam_window, {}
-        keys = ("clean", "perturbed", "grad_norm", "skipped", "micro_batches", "exact_micro_batches")
+        keys = ("clean", "perturbed", "grad_norm", "skipped", "micro_batches", "exact_micro_batches", "e_norm",
+                "perturbed_micro_batches")
         sums = torch.stack([torch.as_tensor(w.get(k, 0.0), dtype=torch.float32, device=self.args.device).reshape(())
                             for k in keys])
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")  # totals over processes
-        clean, perturbed, grad_norm, skipped, micro_batches, exact = sums.tolist()
+        clean, perturbed, grad_norm, skipped, micro_batches, exact, e_norm, perturbed_micro = sums.tolist()
         sam_steps = w.get("sam_steps", 0)
         logs = {"sam/sam_steps": float(sam_steps)}
         if "looksam_steps" in w:  # this process's steps between that added LookSAM's component
             logs["sam/looksam_steps"] = float(w["looksam_steps"])
         if "looksam_kept" in w:  # mean over this window's SAM steps (g_v is the same on every process)
             logs["sam/looksam_sin"] = round(float(w["looksam_sin"]) / w["looksam_kept"], 6)
+        per_step = max(sam_steps, 1) * self.accelerator.num_processes  # mean over processes, per optimizer step
+        if perturbed_micro:  # the loss at w + e_S
+            logs["sam/loss_perturbed"] = round(perturbed / per_step, 4)
         if exact:  # exact SAM steps have both losses
-            per_step = max(sam_steps, 1) * self.accelerator.num_processes  # mean over processes, per optimizer step
-            logs.update({"sam/loss_perturbed": round(perturbed / per_step, 4),
-                         "sam/sharpness": round((perturbed - clean) / per_step, 6)})
+            logs["sam/sharpness"] = round((perturbed - clean) / per_step, 6)
+        if "e_norm" in w:  # ||e_S||, mean over SAM micro-batches (0 on a skipped one)
+            logs["sam/e_norm"] = round(e_norm / max(micro_batches, 1e-12), 6)
         if micro_batches:
             logs.update({"sam/grad_norm_selected": round(grad_norm / max(micro_batches - skipped, 1e-12), 6),
                          "sam/skipped": skipped})  # micro-batches, counted over all processes
