@@ -49,7 +49,7 @@ from .data import (
     resolve_columns,
     tokenize_for_classification,
 )
-from .metrics import causal_lm_metrics, classification_metrics, describe_sources
+from .metrics import causal_lm_metrics, classification_metrics, describe_metrics
 from .lifecycle import (
     console_main,
     hub_token_to_environment,
@@ -390,12 +390,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             splits = tokenize_for_classification(splits, tokenizer, text_column, max_length,
                                                  data_args.preprocessing_num_workers)
             collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.fp16 or args.bf16 else None)
-            compute_metrics, metric_sources = classification_metrics()
+            compute_metrics, metric_names = classification_metrics()
             preprocess = None
         else:
             splits = pack_for_causal_lm(splits, tokenizer, text_column, max_length, data_args.preprocessing_num_workers)
             collator = default_data_collator
-            compute_metrics, preprocess, metric_sources = causal_lm_metrics()
+            compute_metrics, preprocess, metric_names = causal_lm_metrics()
     for split, rows in splits.items():
         if len(rows) == 0:
             raise UsageError(f"the {split} split has no rows left after dropping empty texts: pass data with "
@@ -410,7 +410,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         task=task, base_model=base_model, base_model_is_hub_id=is_hub or model_args.model_name_or_path is None,
         dataset_ids=raw.dataset_ids, dataset_description=raw.description,
         num_train_examples=len(splits["train"]), num_eval_examples=len(splits["validation"]), labels=labels,
-        max_length=max_length, metric_source=describe_sources(metric_sources),
+        max_length=max_length, metric_source=describe_metrics(metric_names),
         lora={"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
               "target_modules": model_args.lora_target_modules} if model_args.use_lora else None,
         repo_id=args.hub_model_id or output_dir.name,
