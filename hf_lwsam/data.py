@@ -78,7 +78,8 @@ def gguf_checkpoint_path(gguf_file: str | os.PathLike, cache_dir: str | os.PathL
         gguf_file (`str` or `os.PathLike`):
             The `.gguf` file.
         cache_dir (`str` or `os.PathLike`, *optional*):
-            Where the checkpoint folder goes. Defaults to `$HF_LWSAM_CACHE`, else `$HF_HOME/hf_lwsam`.
+            Where the checkpoint folder goes (created with mode 0700 when missing; a checkpoint path there that is a
+            symlink is refused). Defaults to `$HF_LWSAM_CACHE`, else `$HF_HOME/hf_lwsam`.
         name (`str`, *optional*):
             The checkpoint folder's name. Defaults to the file's name without `.gguf`.
     """
@@ -87,14 +88,18 @@ def gguf_checkpoint_path(gguf_file: str | os.PathLike, cache_dir: str | os.PathL
     gguf_file = Path(gguf_file)
     root = _cache_root(cache_dir)
     target = root / (name or gguf_file.stem)
+    _refuse_symlink(target)
     if target.is_dir():  # complete: only a finished conversion is ever renamed to this name
         return str(target)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file} does not exist: pass the path of a .gguf model file.")
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"converting {gguf_file.name} needs the gguf package: pip install gguf")
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, exist_ok=True)  # private: nobody else can plant or swap a checkpoint in it
     with FileLock(str(root / f".{target.name}.lock")):
+        _refuse_symlink(target)
         if target.is_dir():  # another process converted it while this one waited
             return str(target)
         for stale in root.glob(f".{target.name}.tmp-*"):  # left by a conversion killed midway (the lock is free)
@@ -106,6 +111,14 @@ def gguf_checkpoint_path(gguf_file: str | os.PathLike, cache_dir: str | os.PathL
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _refuse_symlink(target: Path) -> None:
+    """A converted checkpoint is a real folder written here; a symlink in its place is never followed."""
+    if target.is_symlink():
+        raise ValueError(f"the checkpoint folder {target} is a symlink (to {os.readlink(target)}), not a folder this "
+                         "conversion wrote: remove it (the checkpoint is then converted again), or pass another "
+                         "cache_dir.")
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:

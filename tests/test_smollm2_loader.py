@@ -50,6 +50,32 @@ def test_a_gguf_that_cannot_be_converted_fails_clearly_and_leaves_no_folder(kind
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # no checkpoint, no temp folder
 
 
+def test_the_cache_folder_is_private_and_a_symlinked_checkpoint_is_refused(tmp_path, monkeypatch):
+    """The cache folder is created with mode 0700 (others cannot plant or swap a checkpoint in it), and a checkpoint
+    path that is a symlink is refused rather than loaded from wherever it points."""
+    pytest.importorskip("gguf")
+    import stat
+
+    monkeypatch.delenv(data.CACHE_ENV, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    gguf_file = _write_gguf(tmp_path / "mystery.gguf", "mystery9")
+    with pytest.raises(ValueError, match="could not be converted"):  # the folder is made before converting
+        gguf_checkpoint_path(gguf_file)
+    cache = tmp_path / "hf" / "hf_lwsam"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (cache / "mystery").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"mystery is a symlink.*: remove it") as info:
+        gguf_checkpoint_path(gguf_file)
+    assert "\n" not in str(info.value) and str(elsewhere) in str(info.value)
+    (cache / "mystery").unlink()
+    (cache / "mystery").symlink_to(tmp_path / "missing")  # a dangling link is refused too, not replaced
+    with pytest.raises(ValueError, match="is a symlink"):
+        gguf_checkpoint_path(gguf_file)
+
+
 def test_a_missing_gguf_package_names_the_pip_command(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if `gguf` were not installed
     with pytest.raises(ImportError, match=r"^converting SmolLM2-135M-Instruct.Q4_1.gguf needs the gguf package: "
