@@ -12,6 +12,8 @@ import yaml
 from huggingface_hub import CommitInfo, HfApi, RepoUrl, get_token
 from test_cli import FAST, make_tiny_bert_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 
+from hf_lwsam.cli.output import MANIFEST_NAME
+
 TOKEN = "hf_FAKEwriteTokenThatMustNeverBeWritten0123"
 
 
@@ -72,6 +74,7 @@ def test_push_sends_the_card_and_model_files_to_the_requested_repo(tmp_path, hub
     assert push["folder_path"] == str(out) and not push["run_as_future"]
     assert {"README.md", "model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(
         push["files"])
+    assert (out / MANIFEST_NAME).is_file() and not [name for name in push["files"] if "hf-lwsam" in name]
     card = push["files"]["README.md"].decode("utf-8")
     front = yaml.safe_load(card.split("---\n")[1])
     assert "hf-lwsam" in front["tags"] and front["model-index"][0]["name"] == "local-name"

@@ -18,7 +18,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..preemption import PreemptionCallback
 from .args import UsageError
-from .output import FINAL_TMP_NAME, OutputPlan, apply_plan, begin_final_save, finish_final_save
+from .output import (
+    FINAL_TMP_NAME,
+    OutputPlan,
+    OutputRecorder,
+    apply_plan,
+    begin_final_save,
+    finish_final_save,
+    record_written,
+)
 
 EXIT_PREEMPTED = 128 + 15  # the shell's status for SIGTERM
 
@@ -54,9 +62,11 @@ def take_output_dir(args: Any, plan: OutputPlan) -> None:
 
 
 def train_resumably(trainer: Any, checkpoint: str | None, output_dir: Path) -> dict[str, Any]:
-    """`trainer.train()` from `checkpoint` (or step 0) with a `PreemptionCallback`; its metrics, or `Preempted`."""
+    """`trainer.train()` from `checkpoint` (or step 0) with a `PreemptionCallback`, recording each checkpoint in
+    `output_dir` as written by this run; its metrics, or `Preempted`."""
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
+    trainer.add_callback(OutputRecorder(output_dir))
     start = json.loads(Path(checkpoint, TRAINER_STATE_NAME).read_text())["global_step"] if checkpoint else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if preemption.preempted:
@@ -99,6 +109,8 @@ def preemptible_finish(trainer: Any, output_dir: Path) -> Iterator[None]:
         checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         if not (checkpoint / TRAINER_STATE_NAME).is_file():
             trainer._save_checkpoint(trainer.model, trial=None)
+            if trainer.args.should_save:
+                record_written(output_dir, {checkpoint.name: checkpoint})
         raise Preempted(f"stopped by SIGTERM during the final evaluation or save, after step {step} of "
                         f"{trainer.state.max_steps}; saved {checkpoint}: run the same command again to finish "
                         "(it evaluates and saves, with nothing left to train).") from None

@@ -3,8 +3,12 @@ may remove, and the final save that never leaves a directory looking finished be
 
 A run writes `checkpoint-N/` folders (and the Trainer's `runs/` logs) straight into `output_dir`, as the Hugging Face
 example scripts do. The final weights, tokenizer, model card and `trainer_state.json` are written to
-`.hf-lwsam-final.tmp/`, listed in `.hf-lwsam-train.json`, then renamed into place; `all_results.json` is written
-last, so it marks a finished run.
+`.hf-lwsam-final.tmp/`, then renamed into place; `all_results.json` is written last, so it marks a finished run.
+
+Everything a run writes there is recorded in `_hf-lwsam-train.json` when it is written, with the identity (device and
+inode) it has on disk: `--overwrite_output_dir` removes only entries that are still the ones recorded, so a
+checkpoint of another tool, a file replaced since, or a record copied in from elsewhere never makes it delete
+anything. The leading `_` keeps the record out of `push_to_hub` uploads (the Trainer skips `_*`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
@@ -26,7 +32,7 @@ from .args import UsageError
 logger = logging.get_logger("hf_lwsam.cli.train")
 
 RESULTS_NAME = "all_results.json"  # written last: its presence marks a finished run
-MANIFEST_NAME = ".hf-lwsam-train.json"  # the final artefacts' names, written before they are moved into place
+MANIFEST_NAME = "_hf-lwsam-train.json"  # what a run wrote in output_dir, recorded as it writes it; never pushed
 FINAL_TMP_NAME = ".hf-lwsam-final.tmp"
 LOGS_NAME = "runs"  # the Trainer's default logging_dir
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
@@ -41,21 +47,83 @@ class OutputPlan:
     remove: list[Path] = field(default_factory=list)
 
 
-def _written_by_cli(output_dir: Path) -> set[str]:
-    """Names in `output_dir` that a run of this CLI writes (whether or not they exist)."""
-    names = {RESULTS_NAME, MANIFEST_NAME, FINAL_TMP_NAME, LOGS_NAME}
-    manifest = output_dir / MANIFEST_NAME
-    if manifest.is_file():
+def _identity(path: Path) -> list[int]:
+    """What tells the entry at `path` from another one later put under the same name."""
+    stat = path.lstat()
+    return [stat.st_dev, stat.st_ino]
+
+
+def _plain_name(name: Any) -> bool:
+    """A name directly inside `output_dir` (no separator, not `.` or `..`)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _recorded(output_dir: Path) -> dict[str, list[list[int]]]:
+    """The record's entries that are still on disk as recorded: name -> the identities recorded for it."""
+    try:
+        written = json.loads((output_dir / MANIFEST_NAME).read_text(encoding="utf-8")).get("written")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    current: dict[str, list[list[int]]] = {}
+    for name, identities in (written.items() if isinstance(written, dict) else ()):
         try:
-            names.update(n for n in json.loads(manifest.read_text(encoding="utf-8")).get("files", []) if "/" not in n)
-        except (OSError, ValueError, AttributeError):
+            if _plain_name(name) and _identity(output_dir / name) in identities:
+                current[name] = [_identity(output_dir / name)]
+        except (OSError, TypeError):
             pass
-    return names | {p.name for p in output_dir.iterdir() if _CHECKPOINT.match(p.name) and p.is_dir()}
+    return current
+
+
+def record_written(output_dir: Path, entries: dict[str, Path]) -> None:
+    """Record that the run wrote `entries` (name in `output_dir` -> the path that has, or will be renamed to have,
+    that name), keeping the recorded entries still on disk as they were written."""
+    record = _recorded(output_dir)
+    for name, path in entries.items():
+        record.setdefault(name, []).append(_identity(path))
+    _write_json_atomically(output_dir / MANIFEST_NAME, {"written": dict(sorted(record.items()))})
+
+
+def _written_by_cli(output_dir: Path) -> set[str]:
+    """Names in `output_dir` that a run of this CLI wrote, as recorded when it wrote them."""
+    return set(_recorded(output_dir)) | {n for n in (MANIFEST_NAME, FINAL_TMP_NAME) if (output_dir / n).exists()}
+
+
+class OutputRecorder(TrainerCallback):
+    r"""
+    Records each checkpoint the Trainer saves in `output_dir`, and its `runs/` logs when this run created them.
+
+    Args:
+        output_dir (`Path`): the run's output directory.
+    """
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.logs_were_there = (output_dir / LOGS_NAME).exists()
+
+    def _record(self, args: Any, checkpoint: Path | None = None) -> None:
+        entries = {checkpoint.name: checkpoint} if checkpoint is not None and checkpoint.is_dir() else {}
+        logs = self.output_dir / LOGS_NAME
+        if not self.logs_were_there and logs.is_dir() and LOGS_NAME not in _recorded(self.output_dir):
+            entries[LOGS_NAME] = logs
+        if args.should_save and entries:
+            record_written(self.output_dir, entries)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._record(args)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._record(args, self.output_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._record(args)
+
+
+def _checkpoints(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in output_dir.iterdir() if _CHECKPOINT.match(p.name) and p.is_dir())
 
 
 def _is_previous_run(output_dir: Path) -> bool:
-    return (output_dir / MANIFEST_NAME).is_file() or (output_dir / FINAL_TMP_NAME).is_dir() or any(
-        _CHECKPOINT.match(p.name) and p.is_dir() for p in output_dir.iterdir())
+    return bool(_recorded(output_dir)) or (output_dir / FINAL_TMP_NAME).is_dir() or bool(_checkpoints(output_dir))
 
 
 def last_complete_checkpoint(output_dir: Path) -> str | None:
@@ -124,6 +192,11 @@ def plan_output_dir(output_dir: Path, overwrite: bool, resume_from_checkpoint: s
         if resume_from_checkpoint and Path(resume_from_checkpoint).resolve().is_relative_to(output_dir):
             raise UsageError("--resume_from_checkpoint is inside --output_dir, which --overwrite_output_dir clears: "
                              "drop one of the two flags.")
+        others = [name for name in _checkpoints(output_dir) if name not in ours]
+        if others:  # kept, the Trainer would resume from it or rotate it away: the user decides where it goes
+            raise UsageError(f"--output_dir {str(output_dir)!r} holds {', '.join(others)}, which hf_lwsam did not "
+                             "write, and --overwrite_output_dir removes only what it wrote: move it out of "
+                             "--output_dir, or pass a new --output_dir.")
         plan.remove = sorted(p for p in output_dir.iterdir() if p.name in ours)
         return plan
     if (output_dir / RESULTS_NAME).is_file() and (output_dir / MANIFEST_NAME).is_file():
@@ -159,22 +232,25 @@ def begin_final_save(output_dir: Path) -> Path:
     return tmp
 
 
-def _write_json_atomically(path: Path, value: dict) -> None:
+def _write_json_atomically(path: Path, value: dict, record: bool = False) -> None:
+    """Write `path` whole or not at all; `record=True` records it as written by this run first."""
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(value, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+    if record:
+        record_written(path.parent, {path.name: partial})
     os.replace(partial, path)
 
 
 def finish_final_save(output_dir: Path, tmp: Path, results: dict) -> None:
-    """List the artefacts in `tmp` in the manifest, rename them into `output_dir`, and write `all_results.json`
-    last. Interrupted anywhere, the directory lacks `all_results.json` and a rerun resumes."""
+    """Record the artefacts in `tmp` as written by this run, rename them into `output_dir`, and write
+    `all_results.json` last. Interrupted anywhere, the directory lacks `all_results.json` and a rerun resumes."""
     (output_dir / RESULTS_NAME).unlink(missing_ok=True)
     names = sorted(p.name for p in tmp.iterdir())
-    _write_json_atomically(output_dir / MANIFEST_NAME, {"files": names + [RESULTS_NAME]})
+    record_written(output_dir, {name: tmp / name for name in names})  # renaming keeps what `_identity` reads
     for name in names:
         target = output_dir / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(tmp / name, target)
     tmp.rmdir()
-    _write_json_atomically(output_dir / RESULTS_NAME, results)
+    _write_json_atomically(output_dir / RESULTS_NAME, results, record=True)
