@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 import textwrap
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
@@ -33,6 +37,24 @@ _UNSUPPORTED_OPTIMIZERS = (
     "galore_adafactor_layerwise",
     "apollo_adamw_layerwise",
 )
+
+
+_GIVEN: ContextVar[frozenset[str] | None] = ContextVar("hf_lwsam_given_options", default=None)
+
+
+@contextmanager
+def given_options(names: set[str]) -> Iterator[None]:
+    """Configs built inside the block take `names` as the options the user set (a command line's flags and config
+    file keys), instead of the keyword arguments they are built with: a parser passes every option, default or not.
+
+    Args:
+        names (`set[str]`): the options set explicitly.
+    """
+    token = _GIVEN.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)
 
 
 def _deepspeed_zero_stage(deepspeed: dict | str | None) -> int:
@@ -149,8 +171,9 @@ class LWSAMConfigMixin:
 
     sam_interval: int = field(
         default=1,
-        metadata={"help": "SAM steps are the optimizer steps s with s %% sam_interval == 0; the others are exactly the "
-                          "stock step (1: every step)."},
+        metadata={"help": "SAM steps are the optimizer steps s >= start with (s - start) %% sam_interval == 0, start "
+                          "being the first step of sam_start; the others are exactly the stock step (1: every step "
+                          "from sam_start on)."},
     )
     sam_ascent: str = field(
         default="exact",
@@ -217,6 +240,17 @@ class LWSAMConfigMixin:
         },
     )
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # Which sam_* options the user set (a preset refuses any of them that it sets otherwise, even at its default).
+        # A parser (HfArgumentParser) or a copy passes every option: then, unless `given_options` says which were
+        # set, an option at its default counts as unset.
+        self = super().__new__(cls)
+        given = _GIVEN.get()
+        if given is None and not {f.name for f in fields(LWSAMConfigMixin)} <= set(kwargs):
+            given = kwargs
+        self._sam_given = None if given is None else frozenset(n for n in given if n.startswith("sam_"))
+        return self
+
     def __post_init__(self):
         # As in TRL's ModelConfig: a single command-line value is a regex, several are names.
         for name in ("sam_target_layers", "sam_exclude_layers"):
@@ -229,25 +263,43 @@ class LWSAMConfigMixin:
         self._refuse_reentrant_checkpointing()  # after the stock gradient_* -> activation_* aliasing
 
     def _apply_preset(self) -> None:
-        """Set the options of `sam_preset`; an option the user moved off its default to another value is an error
-        (nothing is overridden silently)."""
+        """Set the options of `sam_preset`; an option the user set to another value, its default included, is an
+        error (nothing is overridden silently)."""
         if self.sam_preset is None:
             return
         if self.sam_preset not in SAM_PRESETS:
             raise ValueError(f"sam_preset={self.sam_preset!r} is unknown: use one of "
                              f"{', '.join(map(repr, SAM_PRESETS))}, or leave it unset.")
         defaults = {f.name: f.default for f in fields(LWSAMConfigMixin)}
+        explicit = getattr(self, "_sam_given", None)
         for name, value in SAM_PRESETS[self.sam_preset].items():
             given = getattr(self, name)
-            if given != defaults[name] and given != value:
+            was_set = name in explicit if explicit is not None else given != defaults[name]
+            if was_set and given != value:
                 raise ValueError(f"sam_preset={self.sam_preset!r} sets {name}={value!r}, but {name}={given!r} was "
                                  f"given: drop one of the two (or set the options without a preset).")
             setattr(self, name, value)
 
+    def _refuse_unused_options(self) -> None:
+        """An option of a mode that is off, set off its default, does nothing: refused by name."""
+        defaults = {f.name: f.default for f in fields(LWSAMConfigMixin)}
+        needs = {name: ("sam_selection='probe'", self.sam_selection == "probe")
+                 for name in ("sam_top_k", "sam_top_ratio", "sam_probe_interval", "sam_probe_batches",
+                              "sam_probe_metric", "sam_probe_granularity")}
+        needs["sam_looksam_alpha"] = ("sam_interval_reuse='looksam'", self.sam_interval_reuse == "looksam")
+        needs["sam_sync_perturbation"] = ("sam_ascent='exact' (the only ascent with an ascent gradient to average)",
+                                          ASCENTS[self.sam_ascent].clean_gradient)
+        for name, (mode, on) in needs.items():
+            value = getattr(self, name)
+            if not on and value != defaults[name]:
+                raise ValueError(f"{name}={value!r} does nothing without {mode}: set that mode, or drop {name}.")
+
     def _validate_sam(self) -> None:
         self._apply_preset()
-        if not isinstance(self.sam_rho, (int, float)) or not self.sam_rho >= 0:
-            raise ValueError(f"sam_rho={self.sam_rho!r} is invalid: the perturbation radius must be >= 0 (e.g. 0.05).")
+        rho = self.sam_rho
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (rho >= 0 and math.isfinite(rho)):
+            raise ValueError(f"sam_rho={rho!r} is invalid: the perturbation radius must be >= 0 and finite "
+                             "(e.g. 0.05).")
         if self.sam_selection not in SELECTION_MODES:
             raise ValueError(
                 f"sam_selection={self.sam_selection!r} is unknown: use one of {', '.join(map(repr, SELECTION_MODES))}."
@@ -260,6 +312,7 @@ class LWSAMConfigMixin:
             raise ValueError(f"sam_ascent={self.sam_ascent!r} is unknown: use one of "
                              f"{', '.join(map(repr, ASCENT_MODES))}.")
         self._validate_schedule()
+        self._refuse_unused_options()
         for name in ("sam_target_layers", "sam_exclude_layers"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str) and not (
