@@ -8,12 +8,14 @@ The card is rendered by `huggingface_hub.ModelCard.from_template` from the Jinja
 from __future__ import annotations
 
 import math
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import sam_option_docs
 
@@ -34,8 +36,9 @@ class ModelCardInfo:
     Parameters:
         task (`str`): `"classification"` or `"causal_lm"`.
         base_model (`str`): the Hub id or local path of the model that was fine-tuned.
-        base_model_is_hub_id (`bool`): whether `base_model` is a Hub id (then it goes into the `base_model` metadata).
-        dataset_ids (`list[str]`): Hub dataset ids for the `datasets` metadata (empty for local files).
+        base_model_is_hub_id (`bool`): whether `base_model` is a Hub id (then it goes into the `base_model` metadata;
+            a local path is named in the text by its folder name only).
+        dataset_ids (`list[str]`): Hub dataset ids for the `datasets` metadata (local paths are left out).
         dataset_description (`str`): a short human-readable description of the training data.
         num_train_examples / num_eval_examples (`int`): examples (blocks for causal LM) used.
         labels (`list[str]`, *optional*): class names (classification).
@@ -72,6 +75,16 @@ def _option_value(name: str, value: Any) -> Any:
     if name == "sam_target_layers" and value is None:
         return "default (output side)"
     return value
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is a Hub repo id (`name` or `org/name`, as `huggingface_hub` validates it) and no local path:
+    only such names may go into the card's `base_model` and `datasets` metadata, which the Hub checks on upload."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not os.path.exists(name)
 
 
 def perturbed_layers(trainer: Any) -> tuple[list[str], int]:
@@ -175,7 +188,9 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
     layers, num_params = perturbed_layers(trainer)
     eval_metrics = final_eval_metrics(log_history)
     task_type = PIPELINE_TAGS[info.task]
-    dataset_type = info.dataset_ids[0] if info.dataset_ids else "custom"
+    dataset_ids = [name for name in info.dataset_ids if is_hub_id(name)]
+    base_is_hub_id = info.base_model_is_hub_id and is_hub_id(info.base_model)
+    dataset_type = dataset_ids[0] if dataset_ids else "custom"
     eval_results = [
         EvalResult(task_type=task_type, dataset_type=dataset_type, dataset_name=info.dataset_description,
                    metric_type=key, metric_name=METRIC_NAMES[key], metric_value=float(eval_metrics[key]))
@@ -183,8 +198,8 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
     ]
     card_data = ModelCardData(
         library_name="peft" if info.lora else "transformers",
-        base_model=info.base_model if info.base_model_is_hub_id else None,
-        datasets=info.dataset_ids or None,
+        base_model=info.base_model if base_is_hub_id else None,
+        datasets=dataset_ids or None,
         tags=[*CARD_TAGS, *(["lora", "peft"] if info.lora else []), task_type],
         pipeline_tag=task_type,
         model_name=model_name,
@@ -207,8 +222,8 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
         card_data,
         template_path=str(TEMPLATE_PATH),
         model_name=model_name,
-        base_model=info.base_model,
-        base_model_url=f"https://huggingface.co/{info.base_model}" if info.base_model_is_hub_id else None,
+        base_model=info.base_model if base_is_hub_id else Path(info.base_model).name,
+        base_model_url=f"https://huggingface.co/{info.base_model}" if base_is_hub_id else None,
         dataset_description=info.dataset_description,
         task=info.task.replace("_", "-"),
         task_description={"classification": "sequence classification", "causal_lm": "causal language modelling"}[

@@ -143,7 +143,10 @@ def _write_jsonl(folder, rows):
 
 
 def _assert_full_parameter_run(out, model_dir):
-    """Every weight was trained and saved as a full model (no adapter), the card names the local base model."""
+    """Every weight was trained and saved as a full model (no adapter); the card names the local base model by its
+    folder name, and its metadata lists no local path."""
+    from test_model_card import assert_hub_accepts_the_metadata
+
     from safetensors.torch import load_file
 
     assert not (out / "adapter_config.json").exists()
@@ -153,7 +156,9 @@ def _assert_full_parameter_run(out, model_dir):
     assert not unchanged, f"full-parameter SFT left weights untouched: {unchanged}"
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     assert json.loads((out / "all_results.json").read_text())["train_loss"] > 0
-    assert str(model_dir) in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    data = assert_hub_accepts_the_metadata(card, model_dir.parent.parent, out.parent)
+    assert "base_model" not in data and "datasets" not in data and f"the local model `{model_dir.name}`" in card
 
 
 def test_full_parameter_sft_with_flags_on_a_local_model(local_model, tmp_path, capsys, caplog):

@@ -7,14 +7,64 @@ from pathlib import Path
 
 import yaml
 from huggingface_hub import ModelCard
+from huggingface_hub.utils import validate_repo_id
 from test_cli import FAST, make_tiny_bert_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 from transformers import AutoModelForSequenceClassification
 
 from hf_lwsam import select_layers
 from hf_lwsam.config import sam_option_docs
-from hf_lwsam.model_card import TEMPLATE_PATH
+from hf_lwsam.model_card import TEMPLATE_PATH, ModelCardInfo, build_model_card
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def assert_hub_accepts_the_metadata(card_text: str, *private_paths: Path) -> dict:
+    """The checks the Hub makes of a card's metadata on upload that can run offline: YAML that `huggingface_hub`
+    parses into `ModelCardData` (model-index included), every `base_model` and `datasets` entry a valid repo id; and
+    no local path of the user's in the card. Returns the metadata."""
+    data = ModelCard(card_text).data.to_dict()
+    base = data.get("base_model") or []
+    for name in ([base] if isinstance(base, str) else base) + list(data.get("datasets") or []):
+        validate_repo_id(name)
+    leaked = [str(path) for path in private_paths if str(path) in card_text]
+    assert not leaked, f"the card shows local paths: {leaked}"
+    return data
+
+
+def test_a_card_of_local_folders_has_only_hub_ids_in_its_metadata(tmp_path, sgd_args):
+    """Local folders passed as the base model (even flagged as a Hub id) and as datasets stay out of `base_model` and
+    `datasets`; the text names the model folder, not its path."""
+    from conftest import tiny_bert
+    from hf_lwsam import LWSAMTrainer
+
+    model_dir, data_dir = tmp_path / "my-model", tmp_path / "my-data"
+    model_dir.mkdir(), data_dir.mkdir()
+    trainer = LWSAMTrainer(model=tiny_bert(), args=sgd_args())
+    info = ModelCardInfo(task="classification", base_model=str(model_dir), base_model_is_hub_id=True,
+                         dataset_ids=[str(data_dir), "stanfordnlp/imdb"], dataset_description="local tweets")
+    text = str(build_model_card(trainer, info, "my-run"))
+    data = assert_hub_accepts_the_metadata(text, tmp_path)
+    assert "base_model" not in data and data["datasets"] == ["stanfordnlp/imdb"]
+    assert "fine-tuned version of the local model `my-model`" in text
+    hub = str(build_model_card(trainer, ModelCardInfo(task="classification", base_model="google-bert/bert-base-uncased",
+                                                      base_model_is_hub_id=True), "my-run"))
+    assert assert_hub_accepts_the_metadata(hub)["base_model"] == "google-bert/bert-base-uncased"
+    assert "[google-bert/bert-base-uncased](https://huggingface.co/google-bert/bert-base-uncased)" in hub
+
+
+def test_a_local_dataset_folder_stays_out_of_the_cards_metadata(tmp_path):
+    """`hf-lwsam-train --dataset_name` with a local folder: the card names the folder, not its path, and lists no
+    dataset."""
+    model_dir = make_tiny_bert_dir(tmp_path / "tiny-bert")
+    write_tweet_csvs(tmp_path / "tweet-folder", n_train=32, n_validation=16)
+    out = tmp_path / "run"
+    code, _, stderr = run_cli(["--model_name_or_path", model_dir, "--dataset_name", tmp_path / "tweet-folder",
+                               "--label_column", "sentiment", "--max_length", "16", "--output_dir", out, *FAST])
+    assert code == 0, stderr
+    text = (out / "README.md").read_text(encoding="utf-8")
+    data = assert_hub_accepts_the_metadata(text, tmp_path)
+    assert "datasets" not in data and "base_model" not in data
+    assert "local data files (folder `tweet-folder`)" in text and "the local model `tiny-bert`" in text
 
 
 def test_the_template_has_one_source_that_packaging_ships():
@@ -44,6 +94,7 @@ def test_card_of_a_real_run_has_the_runs_values(tmp_path):
     assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-classification"
     assert {"hf-lwsam", "sharpness-aware-minimization"} <= set(front["tags"])
     assert "base_model" not in front  # a local directory is not a Hub id
+    assert_hub_accepts_the_metadata(text, tmp_path)
     card = ModelCard.load(out / "README.md")
     metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert metrics == {"accuracy": results["eval_accuracy"], "f1": results["eval_f1"]}

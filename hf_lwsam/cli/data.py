@@ -204,6 +204,15 @@ def load_named_dataset(name: str, config_name: str | None, config_flag: str, loc
     return splits
 
 
+def describe_dataset(name: str, config_name: str | None = None) -> tuple[str, list[str]]:
+    """How the model card names the `--dataset_name` data, and the Hub ids for its `datasets` metadata: a Hub dataset
+    is linked and listed, a local folder is named by its folder name only (no path)."""
+    if os.path.isdir(name):
+        return f"local data files (folder `{os.path.basename(os.path.normpath(name))}`)", []
+    shown = name + (f" ({config_name})" if config_name else "")
+    return f"the [{shown}](https://huggingface.co/datasets/{name}) dataset", [name]
+
+
 def load_raw_data(data_args: DataArguments, embedded: bool, seed: int) -> RawData:
     """Load the splits named by `data_args` (the shipped tweets when `embedded`), with a validation split."""
     if embedded:
@@ -220,9 +229,7 @@ def load_raw_data(data_args: DataArguments, embedded: bool, seed: int) -> RawDat
                              "data source.")
         splits = load_named_dataset(data_args.dataset_name, data_args.dataset_config_name, "--dataset_config_name",
                                     "pass local files with --train_file/--validation_file instead")
-        name = data_args.dataset_name + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
-        raw = RawData(splits, f"the [{name}](https://huggingface.co/datasets/{data_args.dataset_name}) dataset",
-                      [data_args.dataset_name])
+        raw = RawData(splits, *describe_dataset(data_args.dataset_name, data_args.dataset_config_name))
     else:
         if not (data_args.train_file or data_args.validation_file or data_args.test_file):
             raise UsageError("no training data: pass --train_file PATH (csv, json, jsonl or txt) or --dataset_name "

@@ -43,7 +43,7 @@ from .args import (
     validate_lora_args,
     validate_training_args,
 )
-from .data import check_texts, load_named_dataset
+from .data import check_texts, describe_dataset, load_named_dataset
 from .lifecycle import (
     console_main,
     hub_token_to_environment,
@@ -248,15 +248,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         model, tokenizer, data, held_out = sft_offline.embedded_model_and_data()
         # before TRL tokenizes: a bad layer name fails first (names as PEFT will wrap them)
         check_sam_layers(skeleton_model(sft_offline.BASE_MODEL, model.config, args, peft_config), args)
-        base_model, description = sft_offline.BASE_MODEL, sft_offline.description()
+        base_model, description, is_hub = sft_offline.BASE_MODEL, sft_offline.description(), True
         dataset_ids: list[str] = []
         with _quiet_datasets():
             train, test, _ = sft_splits(data, script_args, args)
     else:
         # Everything is checked before the weights load: the model's config, layer names and LoRA targets (on a
         # weightless copy), the data's format and texts, the tokenizer.
-        name, config, _ = load_model_config(ModelArguments(model_name_or_path=model_args.model_name_or_path,
-                                                           trust_remote_code=args.trust_remote_code))
+        name, config, is_hub = load_model_config(ModelArguments(model_name_or_path=model_args.model_name_or_path,
+                                                                trust_remote_code=args.trust_remote_code))
         check_model_config(config, name, ModelArguments(), DataArguments(max_length=args.max_length))
         check_sam_layers(skeleton_model(name, config, args, peft_config), args)
         with _quiet_datasets():
@@ -269,9 +269,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                              "--chat_template_path (a .jinja file, or a model id whose template to copy), a model "
                              "with a chat template, or text data.")
         model, base_model = name, name
-        description, dataset_ids = f"the {script_args.dataset_name} dataset", [script_args.dataset_name]
+        description, dataset_ids = describe_dataset(script_args.dataset_name, script_args.dataset_config)
     card_info = ModelCardInfo(
-        task="causal_lm", base_model=base_model, base_model_is_hub_id=True, dataset_ids=dataset_ids,
+        task="causal_lm", base_model=base_model, base_model_is_hub_id=is_hub, dataset_ids=dataset_ids,
         dataset_description=description, num_train_examples=len(train),
         num_eval_examples=len(test) if test is not None else 0, max_length=args.max_length,
         metric_source="SFTTrainer (TRL) loss, entropy and token accuracy" + (
