@@ -15,8 +15,8 @@ Each scenario writes `DIR/<scenario>_rank<r>.pt`: a dict with
 - `log_history`, `selected` (the perturbed parameter names), `world_size`, `rank`, `mixed_precision`,
   `reuse_disabled_reason` (`None` when pass 2 reused pass 1's lower-block activations), `probe_history` and `kept`
   (LookSAM's g_v at the end).
-Scenarios in `SINGLE_PASS` (LookSAM, random perturbation) record `at` (the selected parameters at the call) instead of
-pass 1/pass 2 pairs.
+Scenarios in `SINGLE_PASS` (LookSAM, random and momentum perturbation) record `at` (the selected parameters at the
+call) instead of pass 1/pass 2 pairs.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ TARGET = ["h.2", "ln_f"]  # layer-wise: the last block and the final norm of tin
 # the multi-step ones for rank agreement.
 ONE_STEP_SGD = dict(max_steps=1, learning_rate=1.0, optim="sgd", sam_rho=RHO, sam_target_layers=TARGET)
 SCHEDULE_SGD = dict(gradient_accumulation_steps=2, learning_rate=0.2, optim="sgd", sam_rho=RHO)
-SINGLE_PASS = ("looksam_sync", "looksam_local", "random_late")  # scenarios whose steps may take one pass
+SINGLE_PASS = ("looksam_sync", "looksam_local", "random_late", "momentum")  # scenarios whose steps may take one pass
 SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     "sync_ga1": (dict(ONE_STEP_SGD, gradient_accumulation_steps=1, sam_sync_perturbation=True), 4),
     "local_ga1": (dict(ONE_STEP_SGD, gradient_accumulation_steps=1), 4),
@@ -59,6 +59,9 @@ SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     "looksam_local": (dict(SCHEDULE_SGD, max_steps=4, sam_target_layers=TARGET, sam_interval=2,
                            sam_interval_reuse="looksam"), 32),
     "random_late": (dict(SCHEDULE_SGD, max_steps=3, sam_selection="all", sam_ascent="random", sam_start=1), 24),
+    # Momentum-SAM with AdamW: e_S from the optimizer's first moment, which DDP keeps identical on every process.
+    "momentum": (dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=1e-2, optim="adamw_torch",
+                      sam_rho=0.3, sam_ascent="momentum", sam_target_layers=TARGET), 32),
     "probe": (dict(max_steps=3, gradient_accumulation_steps=1, learning_rate=3e-3, optim="adamw_torch",
                    sam_rho=0.05, sam_selection="probe", sam_top_k=2, sam_probe_interval=1, sam_probe_batches=1), 12),
 }
@@ -92,7 +95,7 @@ class RecordingTrainer(LWSAMTrainer):
             "will_sync": bool(getattr(model, "require_backward_grad_sync", False)),
             "allreduces_before": self.bucket_allreduces,
         }
-        if self.args.sam_ascent == "random" or self.args.sam_interval_reuse == "looksam":
+        if self.args.sam_ascent in ("random", "momentum") or self.args.sam_interval_reuse == "looksam":
             record["at"] = {n: p.detach().float().cpu().clone() for n, p in named.items()}
         elif len(self.passes) % 2 == 0:  # pass 1, at w
             self._at_w = {n: p.detach().float().cpu().clone() for n, p in named.items()}
