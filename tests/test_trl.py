@@ -259,12 +259,16 @@ def test_sft_under_accelerate_launch_two_processes_are_bit_identical(tmp_path):
     (dict(sam_interval=2, sam_interval_reuse="looksam"), [1.0, 0.0, 1.0, 0.0]),
     (dict(sam_start=0.5), [0.0, 0.0, 1.0, 1.0]),
     (dict(sam_ascent="random"), [1.0, 1.0, 1.0, 1.0]),
+    (dict(sam_ascent="momentum"), [0.0, 1.0, 1.0, 1.0]),
 ])
 def test_sft_with_looksam_late_phase_and_random_perturbation(overrides, sam_steps, tmp_path):
-    """The ascent schedules inside SFTTrainer's step (accumulation 2): SAM where the schedule says, finite losses, and
-    LookSAM's component added on the steps between."""
+    """The ascent schedules inside SFTTrainer's step (accumulation 2): SAM where the schedule says, finite losses,
+    LookSAM's component added on the steps between, and Momentum-SAM perturbing from SFTConfig's default AdamW's first
+    moment (a plain first step, then ||e_S|| = rho)."""
     trainer = sft(SFTLWSAMTrainer, SFTLWSAMConfig, tmp_path, max_steps=4, sam_rho=0.5, **overrides)
     assert logged(trainer, "sam/sam_steps") == sam_steps
     assert all(torch.isfinite(torch.tensor(logged(trainer, "loss"))))
+    if overrides.get("sam_ascent") == "momentum":
+        assert logged(trainer, "sam/e_norm") == pytest.approx([0.5] * 3, abs=1e-5)
     if "sam_interval_reuse" in overrides:
         assert logged(trainer, "sam/looksam_steps") == [1.0, 1.0]
