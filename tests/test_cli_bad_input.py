@@ -116,6 +116,7 @@ def _cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "save_total_limit 0": (["--save_total_limit", "0"], "--save_total_limit 0"),
         "dataloader workers -1": (["--dataloader_num_workers", "-1"], "--dataloader_num_workers -1"),
         "measure_plain_steps -1": (["--measure_plain_steps", "-1"], "--measure_plain_steps -1"),
+        "abbreviated flag": (["--sam_rh", "0.1"], "--sam_rh"),  # not taken for --sam_rho
         "unknown save_strategy": (["--save_strategy", "sometimes"], "sometimes"),
         "report_to wandb, not installed": (["--report_to", "wandb"], "wandb is not installed"),
         "report_to unknown": (["--report_to", "myboard"], "myboard"),
@@ -417,6 +418,7 @@ def _sft_cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "report_to wandb, not installed": (["--report_to", "wandb"], "wandb is not installed"),
         "report_to unknown": (["--report_to", "myboard"], "myboard"),
         "unknown flag": (["--sam_rhoo", "0.1"], "--sam_rhoo"),
+        "abbreviated flag": (["--sam_rh", "0.1"], "--sam_rh"),  # not taken for --sam_rho
         "empty dataset_text_field": (["--dataset_text_field", ""], "--dataset_text_field is empty"),
         "bf16 (SFTConfig's default) without a bf16 device": (["--bf16", None], "--bf16 false"),
         "chat_template_path missing": (["--chat_template_path", root / "no_template.jinja"], "does not exist"),

@@ -165,6 +165,7 @@ def sam_options_first(parser: argparse.ArgumentParser, groups: dict[str, set[str
 
 def make_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), prog="hf-lwsam-train",
+                              allow_abbrev=False,  # a typo such as --sam_rh must not become --sam_rho
                               usage="hf-lwsam-train [CONFIG.yaml] [--flag VALUE ...]", description=TRAIN_DESCRIPTION,
                               formatter_class=HelpFormatter)
     parser.error = _one_line_error  # argparse errors become one-line UsageErrors

@@ -97,6 +97,7 @@ def make_parser():
     from ..trl import SFTLWSAMConfig
 
     parser = TrlParser((ScriptArguments, SFTLWSAMConfig, ModelConfig, RunArguments), prog=PROG,
+                       allow_abbrev=False,  # a typo such as --sam_rh must not become --sam_rho
                        usage=f"{PROG} [--config sft.yaml] [--flag VALUE ...]", description=DESCRIPTION,
                        formatter_class=HelpFormatter)
 
