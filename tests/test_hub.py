@@ -163,3 +163,82 @@ def test_lwsam_trainer_never_pickles_a_configured_hub_token(tmp_path, sgd_args):
         "final/training_args.bin", "out/checkpoint-1/training_args.bin", "out/checkpoint-2/training_args.bin"]
     assert _files_holding(tmp_path, TOKEN.encode()) == []
     assert torch.load(saved[0], weights_only=False).hub_token is None and trainer.args.hub_token == TOKEN
+
+
+# ------------------------------------------------------------------------------------------ network failures
+def _connect_error() -> Exception:
+    """The error huggingface_hub lets through when the network is down: its HTTP client's ConnectError."""
+    import importlib
+
+    client = "httpx2" if importlib.util.find_spec("httpx2") else "httpx"  # huggingface_hub >= 2 uses httpx2
+    return importlib.import_module(client).ConnectError("[Errno -3] Temporary failure in name resolution")
+
+
+def _error_lines(stderr: str, prog: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr[-2000:]
+    return [line for line in stderr.splitlines() if line.startswith(f"{prog}:")]
+
+
+def test_no_network_when_creating_the_repo_is_one_line_and_removes_nothing(tmp_path, monkeypatch, tweets):
+    """--overwrite_output_dir on a finished run: the repo cannot be created, and the previous run's files stay."""
+    out = tmp_path / "run"
+    assert run_cli([*tweets, "--output_dir", out])[0] == 0
+    before = sorted(p.name for p in out.iterdir())
+
+    def create_repo(self, repo_id, **kwargs):
+        raise _connect_error()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    code, _, stderr = run_cli([*tweets, "--output_dir", out, "--overwrite_output_dir", "--push_to_hub",
+                               "--hub_model_id", "someone/offline"])
+    errors = _error_lines(stderr, "hf-lwsam-train")
+    assert code == 2 and len(errors) == 1, stderr[-2000:]
+    assert "could not create the Hub repo 'someone/offline' (ConnectError: [Errno -3]" in errors[0]
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("error", ["ConnectError", "ConnectionError"])
+def test_no_network_for_the_final_push_is_one_line_and_the_model_is_saved(tmp_path, hub, monkeypatch, tweets,
+                                                                        error):
+    def upload_folder(self, **kwargs):
+        raise _connect_error() if error == "ConnectError" else ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "run"
+    code, _, stderr = run_cli([*tweets, "--output_dir", out, "--push_to_hub", "--hub_model_id", "someone/offline"])
+    errors = _error_lines(stderr, "hf-lwsam-train")
+    assert code == 2 and len(errors) == 1, stderr[-2000:]
+    assert f"could not upload to the Hub repo 'someone/offline' ({error}:" in errors[0]
+    assert f"nothing is lost, the trained model is saved in {out}: upload it with hf upload someone/offline" in errors[0]
+    assert {"model.safetensors", "README.md", "all_results.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_no_network_for_the_sft_push_is_one_line_and_the_model_is_saved(tmp_path, hub, monkeypatch, local):
+    from hf_lwsam.cli.sft import main
+
+    def upload_folder(self, **kwargs):
+        raise _connect_error()
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out, err = tmp_path / "run", io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--output_dir", str(out), *local, *TINY_SFT, "--save_strategy", "no", "--push_to_hub",
+                     "--hub_model_id", "someone/offline"])
+    errors = _error_lines(err.getvalue(), "hf-lwsam-sft")
+    assert code == 2 and len(errors) == 1 and "nothing is lost, the trained model is saved in" in errors[0], errors
+    assert {"model.safetensors", "README.md", "all_results.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_no_network_when_sft_creates_the_repo_is_one_line_and_writes_nothing(tmp_path, monkeypatch, local):
+    from hf_lwsam.cli.sft import main
+
+    def create_repo(self, repo_id, **kwargs):
+        raise _connect_error()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    out, err = tmp_path / "run", io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--output_dir", str(out), *local, *TINY_SFT, "--push_to_hub", "--hub_model_id", "someone/x"])
+    errors = _error_lines(err.getvalue(), "hf-lwsam-sft")
+    assert code == 2 and len(errors) == 1 and "could not create the Hub repo 'someone/x' (ConnectError" in errors[0]
+    assert not out.exists()

@@ -44,6 +44,43 @@ def hub_token_to_environment(args: Any) -> None:
     args.hub_token = None
 
 
+# Where the errors of a Hub call come from: huggingface_hub, and the HTTP client under it, whose connection errors it
+# lets through (httpx or its successor, requests, urllib3, aiohttp; socket errors are `OSError`s).
+_HUB_MODULES = ("huggingface_hub", "httpx", "httpx2", "httpcore", "requests", "urllib3", "aiohttp")
+
+
+def _is_hub_failure(error: BaseException) -> bool:
+    return isinstance(error, OSError) or any(cls.__module__.split(".")[0] in _HUB_MODULES
+                                             for cls in type(error).__mro__)
+
+
+@contextlib.contextmanager
+def hub_failures(action: str, fix: str, enabled: bool = True) -> Iterator[None]:
+    """A failure of the Hub or of the network inside (with `enabled`) becomes one `UsageError` line:
+    `--push_to_hub could not {action} ({error}): {fix}`."""
+    try:
+        yield
+    except Exception as e:
+        if not enabled or not _is_hub_failure(e):
+            raise
+        raise UsageError(f"--push_to_hub could not {action} ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
+                         f"{fix}") from None
+
+
+def create_repo_failures(args: Any) -> contextlib.AbstractContextManager:
+    """`hub_failures` around building the trainer, which creates the Hub repo with `--push_to_hub`."""
+    return hub_failures(f"create the Hub repo {args.hub_model_id!r}", "check the network and the token (HF_TOKEN, "
+                        "hf auth login or --hub_token), or drop --push_to_hub.", enabled=args.push_to_hub)
+
+
+def push_failures(trainer: Any, output_dir: Path) -> contextlib.AbstractContextManager:
+    """`hub_failures` around the final push: the message says where the saved model is and how to upload it."""
+    repo = trainer.hub_model_id or trainer.args.hub_model_id
+    return hub_failures(f"upload to the Hub repo {repo!r}", f"check the network and the token; nothing is lost, the "
+                        f"trained model is saved in {output_dir}: upload it with hf upload {repo} {output_dir} "
+                        "--exclude 'checkpoint-*' '_*'.")
+
+
 def point_at_output_dir(args: Any, plan: OutputPlan) -> None:
     """Point the run at `plan.output_dir` and name the Hub repo after it unless `--hub_model_id` did (nothing is
     written)."""

@@ -46,9 +46,11 @@ from .args import (
 from .data import check_texts, describe_dataset, load_named_dataset
 from .lifecycle import (
     console_main,
+    create_repo_failures,
     hub_token_to_environment,
     point_at_output_dir,
     preemptible_finish,
+    push_failures,
     save_final,
     take_output_dir,
     train_resumably,
@@ -282,8 +284,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         repo_id=args.hub_model_id or output_dir.name,
     )
     point_at_output_dir(args, plan)
-    try:  # built (weights loaded, data tokenized) before the output directory is touched
-        with _quiet_datasets():
+    try:  # built (weights loaded, data tokenized, the Hub repo created) before the output directory is touched
+        with _quiet_datasets(), create_repo_failures(args):
             trainer = SFTLWSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
                                       processing_class=tokenizer, peft_config=peft_config,
                                       quantization_config=None if embedded else get_quantization_config(model_args))
@@ -307,7 +309,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.push_to_hub:
         trainer.create_model_card = lambda *a, **k: write_model_card(trainer, card_info, args.output_dir,
                                                                      output_dir.name)
-        trainer.push_to_hub(commit_message="End of training")
+        with push_failures(trainer, output_dir):
+            trainer.push_to_hub(commit_message="End of training")
     if trainer.is_world_process_zero():
         print(f"\n***** {PROG} summary *****\n  train loss: {metrics.get('train_loss', float('nan')):.4f}"
               + (f"\n  eval loss : {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")

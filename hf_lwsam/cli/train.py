@@ -52,8 +52,11 @@ from .data import (
 from .metrics import causal_lm_metrics, classification_metrics, describe_metrics
 from .lifecycle import (
     console_main,
+    create_repo_failures,
     hub_token_to_environment,
+    point_at_output_dir,
     preemptible_finish,
+    push_failures,
     save_final,
     take_output_dir,
     train_resumably,
@@ -415,19 +418,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
               "target_modules": model_args.lora_target_modules} if model_args.use_lora else None,
         repo_id=args.hub_model_id or output_dir.name,
     )
-    take_output_dir(args, plan)
-    try:
+    point_at_output_dir(args, plan)
+    with create_repo_failures(args):  # built (the Hub repo created) before the output directory is touched
         trainer = CLITrainer(
             model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
             processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
             preprocess_logits_for_metrics=preprocess, card_info=card_info, card_name=output_dir.name,
         )
-    except Exception as e:
-        if not args.push_to_hub or "huggingface_hub" not in type(e).__module__:
-            raise
-        raise UsageError(f"--push_to_hub could not create the Hub repo {args.hub_model_id!r} "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): check the network and "
-                         "the token (HF_TOKEN, hf auth login or --hub_token), or drop --push_to_hub.") from None
+    take_output_dir(args, plan)
     metrics = train_resumably(trainer, plan.checkpoint, output_dir)
     card_info.throughput = trainer.throughput(metrics["train_runtime"])
     with preemptible_finish(trainer, output_dir):
@@ -437,7 +435,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.log_metrics("all", metrics)
         save_final(trainer, output_dir, metrics, write_card=lambda folder: None)  # CLITrainer.save_model writes it
     if args.push_to_hub:
-        trainer.push_to_hub(commit_message="End of training", model_name=output_dir.name)
+        with push_failures(trainer, output_dir):
+            trainer.push_to_hub(commit_message="End of training", model_name=output_dir.name)
     if trainer.is_world_process_zero():
         print(summary(trainer, metrics, task, card_info, output_dir))
     return metrics
