@@ -62,6 +62,11 @@ class ModelArguments:
                           "causal_lm when it has none and the model is a causal LM."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+    model_revision: str | None = field(
+        default=None,
+        metadata={"help": "The model's Hub revision (branch, tag or commit id) for its config, tokenizer, weights and, "
+                          "with --trust_remote_code, its code. Default: main."},
+    )
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})

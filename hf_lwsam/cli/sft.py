@@ -65,6 +65,7 @@ from .train import (
     check_sam_layers,
     load_model_config,
     load_tokenizer,
+    weightless_model,
 )
 
 logger = logging.get_logger("hf_lwsam.cli.sft")
@@ -182,15 +183,14 @@ def validate_sft_args(a: Any, given: set[str]) -> None:
                              f"train on a CUDA GPU), or drop --{flag}.")
 
 
-def skeleton_model(name: str, config: Any, args: Any, peft_config: Any) -> Any:
-    """The model built from its config on the meta device (no weights), wrapped by PEFT as the trainer will wrap it:
-    the layer names to check the `--lora_target_modules` and sam_* patterns against."""
-    import torch
+def skeleton_model(name: str, config: Any, model_args: ModelArguments, peft_config: Any) -> Any:
+    """The model built from its config on the meta device (no weights, remote code from `--model_revision`), wrapped
+    by PEFT as the trainer will wrap it: the layer names to check the `--lora_target_modules` and sam_* patterns
+    against."""
     from transformers import AutoModelForCausalLM
 
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        model = weightless_model(AutoModelForCausalLM, config, model_args)
     except ValueError as e:  # no causal-LM class for this config
         raise UsageError(f"--model_name_or_path {name!r} is not a causal language model "
                          f"({' '.join(str(e).split())[:200]}): pass one, e.g. openai-community/gpt2.") from None
@@ -199,6 +199,27 @@ def skeleton_model(name: str, config: Any, args: Any, peft_config: Any) -> Any:
     with warnings.catch_warnings():  # PEFT's notes on this copy are shown again when the trainer wraps the real model
         warnings.simplefilter("ignore")
         return add_peft_adapter(model, peft_config)
+
+
+def load_causal_lm(name: str, args: Any, model_args: Any) -> Any:
+    """The causal LM as TRL's `SFTTrainer` loads a model given by name (TRL's `create_model_from_path` with
+    `args.model_init_kwargs`, which carry `--model_revision`, and the quantization config), but with the class given:
+    TRL would read it from a config loaded without the revision, running `main`'s code under `--trust_remote_code`."""
+    from transformers import AutoModelForCausalLM
+    from trl import get_quantization_config
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(args.model_init_kwargs or {})
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # as SFTTrainer: "auto" fails under distributed training
+    args.model_init_kwargs = None  # used here (SFTTrainer would warn that they come with a loaded model)
+    try:
+        return create_model_from_path(name, architecture=AutoModelForCausalLM, **kwargs)
+    except OSError as e:  # e.g. no weights at this revision
+        raise UsageError(f"{name!r} cannot be loaded: {' '.join(str(e).split())[:250]}") from None
 
 
 def load_data(script_args: Any) -> Any:
@@ -236,7 +257,7 @@ def sft_splits(data: Any, script_args: Any, args: Any) -> tuple[Any, Any, str]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, validate, train (resuming from the last checkpoint in `output_dir`), evaluate, save (with card) and
     optionally push; returns the final metrics."""
-    from trl import get_peft_config, get_quantization_config
+    from trl import get_peft_config
 
     from ..trl import SFTLWSAMTrainer
     from . import sft_offline
@@ -250,7 +271,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if embedded:
         model, tokenizer, data, held_out = sft_offline.embedded_model_and_data()
         # before TRL tokenizes: a bad layer name fails first (names as PEFT will wrap them)
-        check_sam_layers(skeleton_model(sft_offline.BASE_MODEL, model.config, args, peft_config), args)
+        check_sam_layers(skeleton_model(sft_offline.BASE_MODEL, model.config, ModelArguments(), peft_config), args)
         base_model, description, is_hub = sft_offline.BASE_MODEL, sft_offline.description(), True
         dataset_ids: list[str] = []
         with _quiet_datasets():
@@ -258,14 +279,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         # Everything is checked before the weights load: the model's config, layer names and LoRA targets (on a
         # weightless copy), the data's format and texts, the tokenizer.
-        name, config, is_hub = load_model_config(ModelArguments(model_name_or_path=model_args.model_name_or_path,
-                                                                trust_remote_code=args.trust_remote_code))
+        hub_args = ModelArguments(model_name_or_path=model_args.model_name_or_path,
+                                  trust_remote_code=args.trust_remote_code, model_revision=model_args.model_revision)
+        name, config, is_hub = load_model_config(hub_args)
         check_model_config(config, name, ModelArguments(), DataArguments(max_length=args.max_length))
-        check_sam_layers(skeleton_model(name, config, args, peft_config), args)
+        check_sam_layers(skeleton_model(name, config, hub_args, peft_config), args)
         with _quiet_datasets():
             train, test, data_format = sft_splits(load_data(script_args), script_args, args)
-        tokenizer = load_tokenizer(name, ModelArguments(trust_remote_code=args.trust_remote_code),
-                                   revision=model_args.model_revision)
+        tokenizer = load_tokenizer(name, hub_args)
         if data_format.startswith("conversational") and tokenizer.chat_template is None and \
                 args.chat_template_path is None:
             raise UsageError(f"the data is conversational and the tokenizer of {name!r} has no chat template: pass "
@@ -286,9 +307,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     point_at_output_dir(args, plan)
     try:  # built (weights loaded, data tokenized, the Hub repo created) before the output directory is touched
         with _quiet_datasets(), create_repo_failures(args):
+            if not embedded:
+                model = load_causal_lm(name, args, model_args)
             trainer = SFTLWSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
-                                      processing_class=tokenizer, peft_config=peft_config,
-                                      quantization_config=None if embedded else get_quantization_config(model_args))
+                                      processing_class=tokenizer, peft_config=peft_config)
     except ValueError as e:  # a check of TRL's or the trainer's that the ones above do not make
         raise UsageError(" ".join(str(e).split())) from None
     take_output_dir(args, plan)

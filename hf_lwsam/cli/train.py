@@ -197,7 +197,7 @@ def load_model_config(model_args: ModelArguments) -> tuple[str, Any, bool]:
         raise UsageError(f"--model_name_or_path {name!r} does not exist: pass an existing model directory or a "
                          "Hub model id such as 'bert-base-uncased'.")
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+        config = AutoConfig.from_pretrained(name, **hub_kwargs(model_args))
     except (OSError, ValueError) as e:
         from huggingface_hub import constants
 
@@ -214,6 +214,26 @@ def load_model_config(model_args: ModelArguments) -> tuple[str, Any, bool]:
     return name, config, not is_local
 
 
+def hub_kwargs(model_args: ModelArguments) -> dict[str, Any]:
+    """The keyword arguments of every `from_pretrained` of the model's files: `trust_remote_code` and the pinned
+    `revision` (transformers then also takes the model's remote code from that revision)."""
+    return {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.model_revision}
+
+
+def weightless_model(auto: Any, config: Any, model_args: ModelArguments) -> Any:
+    """`auto.from_config(config)` on the meta device (no weights), with the class `from_pretrained` would build: for
+    remote code (`--trust_remote_code`), the class comes from the pinned revision, as in `from_pretrained` (a plain
+    `from_config` takes it from `main`) and is registered for `auto`, which then builds it."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    class_ref = (getattr(config, "auto_map", None) or {}).get(auto.__name__)
+    if model_args.trust_remote_code and isinstance(class_ref, str):
+        model_class = get_class_from_dynamic_module(class_ref, config.name_or_path, revision=model_args.model_revision)
+        auto.register(type(config), model_class, exist_ok=True)
+    with torch.device("meta"):
+        return auto.from_config(config, trust_remote_code=model_args.trust_remote_code)
+
+
 def resolve_task(task: str | None, config: Any, label_column: str | None, name: str) -> str:
     """The explicit `--task`, else classification for labelled data, else causal LM for a causal-LM model."""
     if task is not None:
@@ -226,10 +246,9 @@ def resolve_task(task: str | None, config: Any, label_column: str | None, name: 
                      "--label_column NAME for classification, or --task causal_lm with a causal LM.")
 
 
-def load_tokenizer(name: str, model_args: ModelArguments, revision: str | None = None) -> Any:
+def load_tokenizer(name: str, model_args: ModelArguments) -> Any:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code,
-                                                  revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(model_args))
     except (OSError, ValueError) as e:
         raise UsageError(f"no tokenizer could be loaded from {name!r} ({' '.join(str(e).split())[:200]}): save one "
                          "next to the model with tokenizer.save_pretrained.") from None
@@ -254,10 +273,9 @@ def load_model(name: str, config: Any, task: str, model_args: ModelArguments, la
             config = copy.deepcopy(config)
             for key, value in label_kwargs.items():
                 setattr(config, key, value)
-            with torch.device("meta"):
-                model = auto.from_config(config, trust_remote_code=model_args.trust_remote_code)
+            model = weightless_model(auto, config, model_args)
         else:
-            model = auto.from_pretrained(name, trust_remote_code=model_args.trust_remote_code, **label_kwargs)
+            model = auto.from_pretrained(name, **hub_kwargs(model_args), **label_kwargs)
     except (OSError, ValueError) as e:
         raise UsageError(f"{name!r} cannot be loaded for {task}: {' '.join(str(e).split())[:250]}") from None
     if task == "classification" and model.config.pad_token_id is None:
