@@ -46,7 +46,9 @@ class ModelCardInfo:
         lora (`dict`, *optional*): LoRA settings when a PEFT adapter was trained.
         metric_source (`str`): where the `evaluate` metrics came from.
         repo_id (`str`, *optional*): where the model is pushed (used in the usage snippet).
-        throughput (`dict`): `train_runtime`, `tokens_per_second`, `sam_overhead`, `plain_steps`, `sam_steps`.
+        throughput (`dict`): `train_runtime`, `tokens_per_second`, `sam_overhead` (the SAM step's time over a plain
+            step's), `plain_steps` (the SAM steps timed both ways) and `sam_steps` (the run's SAM steps).
+        train_loss (`float`, *optional*): the run's `train_loss`; by default the one the trainer logged last.
     """
 
     task: str
@@ -62,6 +64,7 @@ class ModelCardInfo:
     metric_source: str = ""
     repo_id: str | None = None
     throughput: dict[str, Any] = field(default_factory=dict)
+    train_loss: float | None = None
 
 
 def _fmt(value: Any) -> Any:
@@ -85,6 +88,13 @@ def is_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return not os.path.exists(name)
+
+
+def sam_mode(args: Any) -> str:
+    """What a SAM step of a run with `args` is: `full SAM` (every layer) or `LW-SAM`, and an ascent other than the
+    exact one."""
+    name = "full SAM" if args.sam_selection == "all" else "LW-SAM"
+    return name if args.sam_ascent == "exact" else f"{name} ({args.sam_ascent} ascent)"
 
 
 def perturbed_layers(trainer: Any) -> tuple[list[str], int]:
@@ -206,6 +216,9 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
         eval_results=eval_results or None,
     )
     columns, rows = results_table(log_history)
+    train_loss = info.train_loss
+    if train_loss is None:
+        train_loss = next((entry["train_loss"] for entry in reversed(log_history) if "train_loss" in entry), None)
     world_size = getattr(getattr(trainer, "accelerator", None), "num_processes", 1)
     sam = {
         # one row per `sam_*` option, in the order and with the names of LWSAMConfigMixin's fields
@@ -238,9 +251,11 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
         eval_results={METRIC_NAMES.get(k, k): _fmt(v) for k, v in eval_metrics.items()},
         sam=sam,
         hyperparameters=_hyperparameters(args, world_size),
+        train_loss=_fmt(train_loss),
         results_columns=columns,
         results_table=rows,
         throughput=throughput,
+        sam_mode=sam_mode(args),
         metric_source=info.metric_source,
         usage_snippet=_usage_snippet(info, info.repo_id or model_name),
         versions=_versions(bool(info.lora)),

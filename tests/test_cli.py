@@ -139,10 +139,26 @@ def test_classification_from_csv_files_saves_a_reloadable_model(assets, tmp_path
     assert f"eval accuracy      : {results['eval_accuracy']:.4f}" in stdout
     assert f"eval macro-F1      : {results['eval_f1']:.4f}" in stdout
     assert "tokens/s" in stdout and f"perturbed layers   : {len(select_layers(model))} " in stdout
-    assert "LW-SAM vs plain    : " in stdout and "x step time (median over 2 batches" in stdout
+    assert "LW-SAM vs plain    : " in stdout and "x step time (median over 2 of the run's 4 SAM steps, of 4" in stdout
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == math.ceil(64 / 16)
     assert all("sam/loss_perturbed" in log for log in state["log_history"] if "loss" in log)
+
+
+def test_the_speed_line_times_the_sam_steps_of_the_mode_that_ran(assets, tmp_path):
+    """`--sam_preset fast`: full SAM on the last 20% of the steps only; the timed pairs are SAM steps (the earlier,
+    plain steps would time plain against plain), and the line names full SAM."""
+    out = tmp_path / "fast"
+    code, stdout, stderr = run_cli(["--model_name_or_path", assets["bert"], "--train_file", assets["train_csv"],
+                                    "--validation_file", assets["validation_csv"], "--label_column", "sentiment",
+                                    "--max_length", "16", "--output_dir", out, *FAST, "--max_steps", "15",
+                                    "--sam_preset", "fast"])
+    assert code == 0, stderr
+    line = next(line for line in stdout.splitlines() if "vs plain" in line)
+    assert line.startswith("  full SAM vs plain  : ") and "median over 2 of the run's 3 SAM steps, of 15 steps" in line
+    card = (out / "README.md").read_text()
+    assert "- full SAM step time relative to plain training steps of the same run: " in card
+    assert "(median over 2 of the run's 3 SAM steps, each also timed as a plain step)" in card
 
 
 def test_causal_lm_is_inferred_packs_blocks_and_reports_perplexity(assets, tmp_path):

@@ -115,7 +115,11 @@ def test_card_of_a_real_run_has_the_runs_values(tmp_path):
     assert f"| {round(results['eval_loss'], 4)} | {round(results['eval_accuracy'], 4)} |" in text
     assert "| learning_rate |" in text and "| train_batch_size | 16 |" in text
     assert "- Labels: negative, neutral, positive" in text and "48 training examples, 32 evaluation examples" in text
-    assert "relative to plain training steps of the same run:" in text and "tokens/s" in text
+    assert "- LW-SAM step time relative to plain training steps of the same run:" in text and "tokens/s" in text
+    # the run's train_loss (the mean over its 3 steps), not the loss logged last (at step 2)
+    assert f"Training loss (`train_loss`, the mean over the run's steps): {round(results['train_loss'], 4)}\n" in text
+    logged = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert logged and round(logged[-1], 4) != round(results["train_loss"], 4)
     assert 'pipeline("text-classification", model="tweet-bert-lwsam")' in text
     assert "arXiv" in text and "2503.14205" in text and "Lee, Sunwoo" in text and "KDD" in text
     assert "shipped in hf_lwsam/metrics" in text

@@ -317,6 +317,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if embedded:  # the task metric of the model as it starts (adapters at their zero init)
         before = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
     metrics = train_resumably(trainer, plan.checkpoint, output_dir)
+    card_info.train_loss = metrics.get("train_loss")
     with preemptible_finish(trainer, output_dir):
         if test is not None:
             metrics.update(trainer.evaluate())

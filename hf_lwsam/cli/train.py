@@ -36,7 +36,7 @@ from transformers import (
 import datasets.utils as datasets_progress
 from transformers.utils import logging
 
-from ..model_card import ModelCardInfo, perturbed_layers, write_model_card
+from ..model_card import ModelCardInfo, perturbed_layers, sam_mode, write_model_card
 from ..reuse import capture_rng, restore_rng
 from ..selection import select_layers
 from ..trainer import LWSAMTrainer
@@ -72,8 +72,9 @@ EMBEDDED_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 class CLITrainer(LWSAMTrainer):
     r"""
     [`LWSAMTrainer`] for the script: writes the model card whenever the model is saved (and before a Hub push, through
-    the stock `create_model_card` hook), adds `perplexity` to causal-LM evaluations, and times its micro-batch steps;
-    during the first steps it also times a few plain (non-SAM) steps on the same batches and discards their gradients.
+    the stock `create_model_card` hook), adds `perplexity` to causal-LM evaluations, and counts the tokens it trains
+    on. On a few SAM steps, spread over the run's SAM steps, it also times a plain (non-SAM) step on the same batch
+    and discards its gradients: the SAM step's cost, in the mode that runs.
 
     Args:
         card_info ([`ModelCardInfo`]): what the card says about the run beyond the trainer's own state.
@@ -87,7 +88,7 @@ class CLITrainer(LWSAMTrainer):
         self.sam_step_times: list[float] = []
         self.plain_step_times: list[float] = []
         self.tokens_seen = 0
-        self._steps_called = 0
+        self._sam_micro_batches = 0  # SAM steps' micro-batches trained so far
 
     # --------------------------------------------------------------------------------------------- model card
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
@@ -114,18 +115,26 @@ class CLITrainer(LWSAMTrainer):
         if self.args.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def sam_steps_in_run(self) -> int:
+        """How many of the run's optimizer steps are SAM steps (`sam_start`, `sam_interval`)."""
+        schedule, max_steps = self._schedule, self.state.max_steps
+        return len(range(schedule.start_step(max_steps), max_steps, schedule.interval))
+
     def _may_time_plain_step(self) -> bool:
-        """Every `stride`-th micro-batch after the first, so the timed pairs spread over the run."""
+        """On SAM steps only, every `stride`-th of their micro-batches after the first, so the timed pairs spread over
+        the run's SAM steps."""
         n = self.args.measure_plain_steps
-        if n <= 0 or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self._steps_called == 0:
+        if n <= 0 or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self._sam_micro_batches <= 1:
             return False
-        total = max(self.state.max_steps * self.args.gradient_accumulation_steps, 1)
-        stride = max(total // (n + 1), 1)
-        return self._steps_called % stride == 0 and len(self.plain_step_times) < n
+        if not self._schedule.is_sam_step(self.state.global_step, self.state.max_steps):
+            return False
+        stride = max(self.sam_steps_in_run() * self.args.gradient_accumulation_steps // (n + 1), 1)
+        return (self._sam_micro_batches - 1) % stride == 0 and len(self.plain_step_times) < n
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
         mask = inputs.get("attention_mask")
         self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        self._sam_micro_batches += self._schedule.is_sam_step(self.state.global_step, self.state.max_steps)
         if not self._may_time_plain_step():
             loss = super().training_step(model, inputs, num_items_in_batch)
         else:
@@ -159,11 +168,10 @@ class CLITrainer(LWSAMTrainer):
                 plain = plain_step()
             self.plain_step_times.append(plain)
             self.sam_step_times.append(sam)
-        self._steps_called += 1
         return loss
 
     def throughput(self, train_runtime: float) -> dict[str, Any]:
-        """Train time, tokens/s (without the timed plain steps) and the LW-SAM / plain step-time ratio."""
+        """Train time, tokens/s (without the timed plain steps) and the SAM step / plain step time ratio."""
         measured = sum(self.plain_step_times)
         seconds = max(train_runtime - measured, 1e-9)
         result: dict[str, Any] = {
@@ -173,8 +181,8 @@ class CLITrainer(LWSAMTrainer):
         }
         if self.plain_step_times and self.sam_step_times:
             ratio = statistics.median(sam / plain for sam, plain in zip(self.sam_step_times, self.plain_step_times))
-            result.update(sam_overhead=round(ratio, 2),
-                          plain_steps=len(self.plain_step_times), sam_steps=len(self.sam_step_times))
+            result.update(sam_overhead=round(ratio, 2), plain_steps=len(self.plain_step_times),
+                          sam_steps=self.sam_steps_in_run(), max_steps=self.state.max_steps)
         return result
 
 
@@ -446,6 +454,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     take_output_dir(args, plan)
     metrics = train_resumably(trainer, plan.checkpoint, output_dir)
     card_info.throughput = trainer.throughput(metrics["train_runtime"])
+    card_info.train_loss = metrics.get("train_loss")
     with preemptible_finish(trainer, output_dir):
         metrics.update(trainer.evaluate())
         if args.do_predict and "test" in splits:
@@ -474,11 +483,12 @@ def summary(trainer: CLITrainer, metrics: dict[str, Any], task: str, info: Model
     lines.append(f"  train time         : {t['train_runtime']:.1f} s ({info.num_train_examples:,} "
                  f"{'examples' if task == 'classification' else 'blocks'}, {trainer.state.global_step} steps)")
     lines.append(f"  tokens/s           : {t['tokens_per_second']:,.0f}")
+    label = f"  {sam_mode(trainer.args) + ' vs plain':<19}: "
     if t.get("sam_overhead"):
-        lines.append(f"  LW-SAM vs plain    : {t['sam_overhead']:.2f}x step time (median over {t['plain_steps']} "
-                     "batches of this run, each timed with a plain and an LW-SAM step)")
+        lines.append(f"{label}{t['sam_overhead']:.2f}x step time (median over {t['plain_steps']} of the run's "
+                     f"{t['sam_steps']} SAM steps, of {t['max_steps']} steps in all; each also timed as a plain step)")
     else:
-        lines.append("  LW-SAM vs plain    : not measured (--measure_plain_steps 0 or multi-process)")
+        lines.append(f"{label}not measured (--measure_plain_steps 0, multi-process, or too few SAM steps)")
     shown = ", ".join(layers[:6]) + (f", ... (+{len(layers) - 6})" if len(layers) > 6 else "")
     lines.append(f"  perturbed layers   : {len(layers)} ({num_params:,} parameters): {shown}")
     lines.append(f"  metrics            : {info.metric_source}")
