@@ -195,6 +195,38 @@ def test_full_parameter_sft_with_config_on_conversational_data(local_model, tmp_
     _assert_full_parameter_run(out, local_model)
 
 
+def test_a_max_length_inside_every_prompt_is_one_line_naming_the_shortest_example(local_model, tmp_path, capsys):
+    """TRL drops every prompt-completion example whose prompt fills --max_length; instead of the sampler's traceback
+    on the empty split, one line names the shortest example's length, and that length trains."""
+    import re
+
+    from conftest import shakespeare_paragraphs
+
+    rows = [{"prompt": [{"role": "user", "content": t[:30]}], "completion": [{"role": "assistant", "content": t[30:60]}]}
+            for t in shakespeare_paragraphs(16, min_chars=60)]
+    data = _write_jsonl(tmp_path / "ds_prompt_completion", rows)
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--model_name_or_path", str(local_model), "--dataset_name", str(data), *FULL]
+    assert main([*argv, "--max_length", "8"]) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("hf-lwsam-sft:")]  # after the weights' progress bar
+    match = re.fullmatch(r"hf-lwsam-sft: error: --max_length 8 leaves no train example with a token to learn from "
+                         r"\(.*; the shortest example is (\d+) tokens\): pass --max_length \1 or more\.", err[-1])
+    assert len(err) == 1 and match and "Traceback" not in stderr, err
+    assert not any(out.iterdir()), "nothing is written (the Trainer only creates the folder)"
+    assert main([*argv, "--max_length", match.group(1)]) == 0, capsys.readouterr().err[-3000:]
+
+
+@pytest.mark.slow  # SmolLM2-135M loaded and the 192 chats tokenized
+def test_offline_default_with_a_max_length_inside_the_prompts_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--output_dir", str(out), "--max_length", "32"]) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("hf-lwsam-sft:")]
+    assert len(err) == 1 and "Traceback" not in stderr and err[0].startswith("hf-lwsam-sft: error: --max_length 32 leaves no train example"), err
+    assert "the shortest example is" in err[0] and not any(out.iterdir())
+
+
 @pytest.mark.parametrize("command", ["hf_lwsam.cli.train", "hf_lwsam.cli.sft"])
 def test_help_renders_every_help_string(command, capsys):
     """`--help` formats every option's help (a bare '%' in one would print the parser's internals instead)."""

@@ -56,7 +56,7 @@ from .lifecycle import (
     train_resumably,
 )
 from .output import plan_output_dir
-from .sft_data import CONVERSATIONAL, sft_format
+from .sft_data import CONVERSATIONAL, sft_format, shortest_example_tokens
 from .sft_offline import EMBEDDED_DEFAULTS
 from .train import (
     _quiet_datasets,
@@ -313,6 +313,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                       processing_class=tokenizer, peft_config=peft_config)
     except ValueError as e:  # a check of TRL's or the trainer's that the ones above do not make
         raise UsageError(" ".join(str(e).split())) from None
+    for split, rows, kept in (("train", train, trainer.train_dataset), ("eval", test, trainer.eval_dataset)):
+        if rows is not None and len(kept) == 0:  # TRL drops an example cut inside its prompt (no token to learn)
+            shortest = shortest_example_tokens(rows, trainer.processing_class, args.dataset_text_field)
+            raise UsageError(f"--max_length {args.max_length} leaves no {split} example with a token to learn from "
+                             f"(TRL drops an example cut inside its prompt; the shortest example is {shortest} "
+                             f"tokens): pass --max_length {shortest} or more.")
     take_output_dir(args, plan)
     if embedded:  # the task metric of the model as it starts (adapters at their zero init)
         before = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)

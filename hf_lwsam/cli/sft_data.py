@@ -98,3 +98,19 @@ def sft_format(split: Any, name: str, text_field: str) -> str:
     flag = f"--dataset_text_field {text_field!r} is not one of its columns" if text_field != "text" else \
         "it has none of the columns TRL reads"
     raise UsageError(f"{found} and {flag}: pass --dataset_text_field with a text column, or data with {FORMATS}.")
+
+
+def shortest_example_tokens(split: Any, tokenizer: Any, text_field: str) -> int:
+    """The fewest tokens of any row of `split` as `SFTTrainer` tokenizes it (through the chat template for
+    conversational rows): the `--max_length` that keeps all of that row."""
+
+    def count(row: dict) -> dict:
+        sequence = row["prompt"] + row["completion"] if "prompt" in row else row.get("messages", row.get(text_field))
+        if isinstance(sequence, list):
+            ids = tokenizer.apply_chat_template(sequence, tokenize=True)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        else:
+            ids = tokenizer(sequence)["input_ids"]
+        return {"tokens": len(ids)}
+
+    return min(split.map(count, remove_columns=split.column_names)["tokens"])
