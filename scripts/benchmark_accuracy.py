@@ -1,56 +1,67 @@
 """Does layer-wise SAM match full SAM's accuracy at near-plain cost? Measured on the real offline data.
 
-Methods (same budget and hyperparameters otherwise): plain AdamW; full SAM (`sam_selection="all"`); layer-wise SAM
-with the output-side default pattern; layer-wise SAM with probe selection (k = 2); with `--asam`, the ASAM variants of
-the two fixed SAM modes; with `--probe_no_embeddings`, the probe with the embeddings left out of its candidates; with
-`--schedules`, the default pattern with a stale ascent (`sam_ascent="stale"`) and with SAM every 4th step.
-Each run trains once and is evaluated on a validation split (seed 0: the rho sweep) and a separate test split. rho is
-chosen per method on validation, then every method is trained with `--seeds` and reported on test.
+One runner for every study: a table of tasks (`study_tasks.TASKS`: each task's data, model, budget, metric and
+protocol) times a table of methods (`study_methods`: each row's `sam_*` options, other TrainingArguments and rho),
+every run cached. Per task: AdamW's learning rate chosen on validation (seed 0) where the task has a grid, then rho per
+method on validation (seed 0) where the method has several, then every method with `--seeds`, reported on test.
 
-Tasks:
-  cls-full  the shipped pretrained MiniLM fine-tuned on the shipped tweets (3-class sentiment): accuracy, macro-F1
-  cls-lora  the same under PEFT LoRA (r=8 on query/value; the classifier head trained)
-  lm        a small GPT-2 pretrained from scratch on most Shakespeare plays (cached), fine-tuned on a held-out group
-            of plays; perplexity on a further held-out play
-  chat, chat-small, chat-noise40 (`--tasks`, not in the default run)
-            the shipped pretrained SmolLM2-135M-Instruct, LoRA SFT (TRL's SFTTrainer, r=16 on every linear layer)
-            on tweet sentiment as a chat in its chat template (`hf-lwsam-sft`'s offline task): 512 clean training
-            tweets, 1 epoch; 128 clean tweets, 4 epochs; 512 tweets with 40% noisy labels, 1 epoch (64 steps of 8
-            each: AdamW answers mostly one label up to ~24 steps). Metric: accuracy of the most likely answer among
-            negative/neutral/positive on held-out tweets. Sized for a GPU (used when present): ~7 h on one CPU core
+Suites (`--suite`, or the suite of the `--tasks` given), each with its methods table:
+  main (`main_methods`)   AdamW; full SAM (`sam_selection="all"`); layer-wise SAM with the output-side default
+      pattern; layer-wise SAM with probe selection (k = 2); `--asam`: the ASAM variants of the two fixed SAM modes
+      (their own rho grid, `--asam_rhos`); `--probe_no_embeddings`: the probe with the embeddings left out of its
+      candidates; `--schedules`: the default pattern with a stale ascent and with SAM every 4th step; `--probe_modes`:
+      the probe at block granularity, ranked by gradient norm and by gradient norm per unit of recompute cost.
+    cls-full  the shipped pretrained MiniLM fine-tuned on the shipped tweets (3-class sentiment): accuracy, macro-F1
+    cls-lora  the same under PEFT LoRA (r=8 on query/value; the classifier head trained)
+    lm        a small GPT-2 pretrained from scratch on most Shakespeare plays (cached), fine-tuned on a held-out group
+              of plays; perplexity on a further held-out play
+  chat (`chat_methods`: AdamW, full SAM, `sam_preset="fast"`, the layer-wise default)
+    chat, chat-small, chat-noise40
+              the shipped pretrained SmolLM2-135M-Instruct, LoRA SFT (TRL's SFTTrainer, r=16 on every linear layer)
+              on tweet sentiment as a chat in its chat template (`hf-lwsam-sft`'s offline task): 512 clean training
+              tweets, 1 epoch; 128 clean tweets, 4 epochs; 512 tweets with 40% noisy labels, 1 epoch (64 steps of 8
+              each: AdamW answers mostly one label up to ~24 steps). Metric: accuracy of the most likely answer among
+              negative/neutral/positive on held-out tweets. ~8 min a run on one CPU core (full SAM ~16); seconds on a
+              GPU (`--device cuda`)
+  robustness (`robust_methods`): the regimes where the literature reports SAM's largest gains. AdamW, full SAM, LW-SAM
+      default, LW-SAM probe, the stale ascent and SAM every 4th step (these two take LW-SAM default's rho), LW-SAM
+      over the output half of the trunk; SAM over one part of the model at a time (`LOCATIONS`: embeddings, input
+      half, output half, normalization layers, attention, MLP, head); the cheap modes on every parameter (LookSAM k=5,
+      SAM in the last 30/20/10/5%, random perturbation) and on the normalization layers (stale, last 30%, LookSAM
+      k=5), each schedule with the rho of the method whose layers it perturbs. AdamW's learning rate is chosen on
+      validation from a small grid. Each run trains several epochs, validates every epoch, and is tested at the end
+      and at its best validation epoch (early stopping). Label noise is symmetric (a fixed random share of the
+      training examples gets one of the other classes, uniformly) and in the training split only.
+    tweets-noise20/40  MiniLM fine-tuned on 500 tweets with 20% / 40% noisy labels, 4 epochs
+    tweets-small       MiniLM fine-tuned on 250 clean tweets, 8 epochs
+    digits[-noise20/40] a 4-block ViT trained from scratch on scikit-learn's 8x8 digits (997 train / 300 / 500),
+                       30 epochs
+Each comparison: the mean paired difference against AdamW with its 95% t interval, and the share of full SAM's gain
+kept with a paired bootstrap interval (`scripts/study_stats.py`); the robustness report adds `<report>_pareto.png`
+(the gain against throughput ÷ AdamW). `--measure_cost` adds each method's throughput ÷ AdamW on the cls, lm and
+tweets tasks, measured side by side (run it on an idle machine); the digits and chat tasks take the ratio of the same
+mode in `benchmarks/throughput/` (`Task.cost_files`).
 
-With `--probe_modes`, the probe also at block granularity (`sam_probe_granularity="block"`), ranked by gradient norm
-and by gradient norm per unit of recompute cost (`sam_probe_metric="grad_norm_per_cost"`).
+Adding a method is one row in its suite's methods table (`scripts/study_methods.py`, with examples: a new ascent with
+its own rho grid, a learning-rate schedule that needs other TrainingArguments); adding a task is one `Task` row in
+`study_tasks.TASKS` (its loader, its recipe: model, splits, TrainingArguments, scoring; its `run_config` entry).
 
-`--suite robustness`: the regimes where the literature reports SAM's largest gains. Methods (`robust_methods`, a
-table): AdamW, full SAM, LW-SAM default, LW-SAM probe, the stale ascent and SAM every 4th step (these two take LW-SAM
-default's rho), LW-SAM over the output half of the trunk (how deep the perturbation must reach); SAM over one part of
-the model at a time (`LOCATIONS`: embeddings, input half, output half, normalization layers, attention, MLP, head:
-where full SAM's gain comes from); the cheap modes on every parameter (LookSAM k=5, SAM in the last 30%, random
-perturbation) and on the normalization layers (stale, last 30%, LookSAM k=5), each schedule with the rho of the method
-whose layers it perturbs. Each comparison: the mean paired difference against AdamW with its 95% t interval, and the
-share of full SAM's gain kept with a paired bootstrap interval (`scripts/study_stats.py`); `<report>_pareto.png`
-plots the gain against throughput ÷ AdamW. AdamW's
-learning rate is chosen on validation from a small grid, rho per method; both by the final validation accuracy of
-seed 0. Each run trains several epochs, validates every epoch, and is tested at the end and at its best validation
-epoch (early stopping). Label noise is symmetric (a fixed random share of the training examples gets one of the
-other classes, uniformly) and in the training split only.
-  tweets-noise20/40  MiniLM fine-tuned on 500 tweets with 20% / 40% noisy labels, 4 epochs
-  tweets-small       MiniLM fine-tuned on 250 clean tweets, 8 epochs
-  digits[-noise20/40] a 4-block ViT trained from scratch on scikit-learn's 8x8 digits (997 train / 300 / 500), 30 epochs
-`--measure_cost` adds each method's throughput ÷ AdamW on the task, measured side by side (run it on an idle machine).
-
-Every finished run is cached as JSON under `<out>/runs/` (with the configuration it was made with; a run made with
-another configuration is redone) and skipped when the script runs again (resumable).
+Every finished run is cached as JSON under `<out>/runs/<task>__<method>__rho<rho>__seed<seed>.json` (with the
+configuration it was made with; a run made with another configuration is redone) and skipped when the script runs
+again (resumable). `--report_only` trains nothing and tabulates the cached runs (missing ones are left out);
+`--dry_run` lists the runs still to do. `--device cuda` trains on the GPU: its runs are cached under their own keys
+(`...__cuda.json`, the device in their configuration) and every run records its `machine`, so a report never
+mixes CPU and GPU runs. `--workers N` trains N runs at a time in separate processes (on one GPU: its small models
+leave it mostly idle); `--time_budget S` starts no run after S seconds (the rest resume next time).
 Outputs: `<out>/runs/*.json`, `<out>/<report>.md` (table), `<out>/<report>.png` (metric vs relative cost).
-The tasks (budgets, splits, models, each run's configuration) are in `scripts/study_tasks.py`; the run cache
-and the trainer of a method, shared with `gradnorm_study.py`, in `scripts/study_harness.py`.
 
     python scripts/benchmark_accuracy.py            # the default run (79 min measured on 2 CPU cores, +3 to pretrain)
     python scripts/benchmark_accuracy.py --quick    # about 3 minutes: tiny budgets, 2 seeds, one rho
     python scripts/benchmark_accuracy.py --suite robustness --tasks digits-noise40 tweets-noise40 --measure_cost
     python scripts/benchmark_accuracy.py --tasks chat-noise40 chat-small chat --rhos 0.05 --threads 1 \
-        --report accuracy_smollm2   # 36 runs: minutes on a GPU, about 7 h on one CPU core
+        --report accuracy_smollm2   # 36 runs: about 7 h on one CPU core
+    python scripts/benchmark_accuracy.py --tasks chat-noise40 --device cuda --workers 4 --time_budget 420 \
+        --seeds 0 1 2 3 4 5 6 7 --rhos 0.05   # the same study on one GPU (scripts/gpu_study.sh)
 """
 
 from __future__ import annotations
@@ -71,108 +82,31 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoTokenizer,
-    DataCollatorForLanguageModeling,
-    DataCollatorWithPadding,
-    GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
-    TrainerCallback,
-    set_seed,
-)
+from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from hf_lwsam.cli.metrics import classification_metrics  # noqa: E402
-from hf_lwsam.data import smollm2_path  # noqa: E402
 from hf_lwsam.step_timer import StepTimer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this file, also when
-from study_harness import MACHINE, cached, make_trainer, mean_std, quiet  # noqa: E402  # loaded by path (the tests)
+from study_harness import MACHINE, cached, machine, make_trainer, mean_std, quiet  # noqa: E402  # loaded by path
+from study_methods import Method, chat_methods, main_methods, robust_methods  # noqa: E402
 from study_stats import gain_fraction, paired_difference  # noqa: E402
-from study_tasks import QUICK, QUICK_ROBUST, ROBUST_LR_GRID, ROBUST_TASKS, Budget, RobustBudget  # noqa: E402
-from study_tasks import CHAT_LORA, CHAT_TASKS, LEARNING_RATE, chat_splits, cls_model, lm_assets  # noqa: E402
-from study_tasks import robust_data, run_config, tiny_vit, tweet_splits  # noqa: E402
+from study_tasks import ROBUST_LR_GRID, TASKS, Budget, RobustBudget, Task, run_config  # noqa: E402
+
+THROUGHPUT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput"
+SUITES = {"main": ("cls-full", "cls-lora", "lm"), "chat": ("chat-noise40", "chat-small", "chat"),
+          "robustness": tuple(name for name, task in TASKS.items() if task.suite == "robustness")}
+REPORTS = {"main": "accuracy", "chat": "accuracy_smollm2", "robustness": "robustness"}
 
 
-@dataclass
-class Method:
-    name: str
-    sam: dict | None  # None: plain AdamW through the stock Trainer
-    rho_from: str | None = None  # robustness suite: take this method's chosen rho instead of sweeping its own
-
-
-EMBEDDINGS = r".*(embeddings|wte|wpe)"  # BERT's embedding block, GPT-2's token and position embeddings
-
-
-def all_methods(asam: bool = False, probe_no_embeddings: bool = False, schedules: bool = False,
-                probe_modes: bool = False) -> list[Method]:
-    out = [
-        Method("adamw", None),
-        Method("full SAM", dict(sam_selection="all")),
-        Method("LW-SAM default", dict(sam_selection="pattern")),
-        Method("LW-SAM probe k=2", dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25,
-                                        sam_probe_granularity="layer")),
-    ]
-    if asam:
-        out += [
-            Method("full ASAM", dict(sam_selection="all", sam_adaptive=True)),
-            Method("LW-ASAM default", dict(sam_selection="pattern", sam_adaptive=True)),
-        ]
-    if probe_no_embeddings:  # the probe without the embeddings as candidates: their summed gradients rank them high
-        out.append(Method("LW-SAM probe k=2 no-emb", dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25,
-                                                          sam_exclude_layers=EMBEDDINGS,
-                                                          sam_probe_granularity="layer")))
-    if probe_modes:  # the probe's candidates at block granularity, ranked by gradient norm or per unit of cost
-        out += [Method(f"LW-SAM probe k=2 block{'/cost' if metric.endswith('cost') else ''}",
-                       dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25, sam_probe_granularity="block",
-                            sam_probe_metric=metric)) for metric in ("grad_norm", "grad_norm_per_cost")]
-    if schedules:  # the ascent schedules on the default pattern: a stale ascent (one pass), and SAM every 4th step
-        out += [Method("LW-SAM stale", dict(sam_selection="pattern", sam_ascent="stale")),
-                Method("LW-SAM interval=4", dict(sam_selection="pattern", sam_interval=4))]
-    return out
-
-
-# The probe mode the robustness suite runs: the options spelled out, so that the cache notices a changed default.
-PROBE = dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25, sam_probe_granularity="block",
-             sam_probe_metric="grad_norm_per_cost")
-
-
-# How deep must the perturbation reach? The output half of the trunk (ViT: blocks 2-3 of 4; MiniLM: 3-5 of 6) + head.
-LAST_HALF = {"digits": r"vit\.layers\.[23]|vit\.layernorm|classifier",
-             "tweets": r"bert\.encoder\.layer\.[345]|bert\.pooler\.dense|classifier"}
-
-# Where does full SAM's gain come from? SAM over one part of the model at a time (issue 23), as sam_target_layers.
-LOCATIONS = {
-    "digits": {"embeddings": r"vit\.embeddings", "input half": r"vit\.layers\.[01]",
-               "output half": r"vit\.layers\.[23]", "norms": r".*layernorm.*",
-               "attention": r"vit\.layers\.\d+\.attention", "mlp": r"vit\.layers\.\d+\.mlp", "head": r"classifier"},
-    "tweets": {"embeddings": r"bert\.embeddings", "input half": r"bert\.encoder\.layer\.[012]",
-               "output half": r"bert\.encoder\.layer\.[345]", "norms": r".*LayerNorm",
-               "attention": r"bert\.encoder\.layer\.\d+\.attention",
-               "mlp": r"bert\.encoder\.layer\.\d+\.(intermediate|output)", "head": r"bert\.pooler\.dense|classifier"},
-}
-
-
-def robust_methods(family: str) -> list[Method]:
-    """The robustness suite's methods, as a table: name, `sam_*` options, and (for a schedule over another method's
-    layers and e_S) the method whose chosen rho it takes."""
-    pattern, full = dict(sam_selection="pattern"), dict(sam_selection="all")
-    norms = dict(sam_selection="pattern", sam_target_layers=LOCATIONS[family]["norms"])
-    return [Method("adamw", None), Method("full SAM", full),
-            Method("LW-SAM default", pattern), Method("LW-SAM probe", PROBE),
-            Method("LW-SAM stale", dict(pattern, sam_ascent="stale"), "LW-SAM default"),
-            Method("LW-SAM interval=4", dict(pattern, sam_interval=4), "LW-SAM default"),
-            Method("LW-SAM last half", dict(pattern, sam_target_layers=LAST_HALF[family])),
-            *[Method(f"SAM on {where}", dict(pattern, sam_target_layers=regex))
-              for where, regex in LOCATIONS[family].items()],
-            # The cheap modes: on every parameter, and on the normalization layers (SAM-ON's selection).
-            Method("full LookSAM k=5", dict(full, sam_interval=5, sam_interval_reuse="looksam"), "full SAM"),
-            *[Method(f"full SAM late {start:.0%}", dict(full, sam_start=start), "full SAM")
-              for start in (0.7, 0.8, 0.9, 0.95)],  # SAM over the last 30% / 20% / 10% / 5% of the run
-            Method("full random", dict(full, sam_ascent="random")),
-            Method("norms stale", dict(norms, sam_ascent="stale"), "SAM on norms"),
-            Method("norms late 70%", dict(norms, sam_start=0.7), "SAM on norms"),
-            Method("norms LookSAM k=5", dict(norms, sam_interval=5, sam_interval_reuse="looksam"), "SAM on norms")]
+def methods_table(task: Task, a) -> list[Method]:
+    """The rows `task`'s suite trains on it (`--methods`: only these, and AdamW)."""
+    if task.suite == "robustness":
+        table = robust_methods(task.family)
+    elif task.suite == "chat":
+        table = chat_methods()
+    else:
+        table = main_methods(a.asam, a.asam_rhos, a.probe_no_embeddings, a.schedules, a.probe_modes)
+    return [m for m in table if a.methods is None or m.name == "adamw" or m.name in a.methods]
 
 
 class BestValidation(TrainerCallback):
@@ -194,154 +128,223 @@ class BestValidation(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------------------------ runs
-def _metrics(task: str, metrics: dict) -> dict:
-    if task != "lm":
-        return dict(accuracy=metrics["eval_accuracy"], f1=metrics["eval_f1"])
-    return dict(perplexity=math.exp(metrics["eval_loss"]))
+@dataclass
+class Job:
+    """One run: a method at one rho and seed on a task (at the chosen learning rate, where the task sweeps it).
+    `validate`: a seed-0 run of the train-once protocol is also scored on validation (a rho sweep needs it)."""
+
+    task: str
+    method: Method
+    rho: float
+    seed: int
+    lr: float | None = None
+    validate: bool = True
 
 
-def train_and_eval_chat(task: str, method: Method, rho: float, seed: int, budget: Budget, ctx: dict) -> dict:
-    """A LoRA SFT of SmolLM2 on the chat task (TRL's `SFTTrainer`, or `SFTLWSAMTrainer`), then the answer accuracy
-    on the test split and, for seed 0, the validation split."""
-    import trl
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
-
-    from hf_lwsam.cli.sft_offline import answer_accuracy
-    from hf_lwsam.trl import SFTLWSAMConfig, SFTLWSAMTrainer
-
-    hp, chats = run_config(task, budget), ctx[task]
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    set_seed(seed)  # the LoRA initialisation depends on the seed
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path())
-    common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no",
-                  use_cpu=not torch.cuda.is_available(),  # the only task sized for a GPU (see `Budget`)
-                  disable_tqdm=True, logging_strategy="no", seed=seed, data_seed=seed, weight_decay=0.0, bf16=False,
-                  per_device_train_batch_size=hp["batch"], learning_rate=hp["lr"], num_train_epochs=hp["epochs"],
-                  warmup_steps=hp["warmup_steps"], max_length=hp["max_length"], activation_checkpointing=False)
-    if method.sam is None:
-        trainer_cls, args = trl.SFTTrainer, trl.SFTConfig(**common)
-    else:
-        trainer_cls, args = SFTLWSAMTrainer, SFTLWSAMConfig(**common, sam_rho=rho, **method.sam)
-    trainer = trainer_cls(model=model, args=args, train_dataset=chats["train"].remove_columns("label"),
-                          processing_class=tokenizer, peft_config=LoraConfig(**CHAT_LORA))
-    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * hp["epochs"]
-    return timed_run(trainer, task, method, rho, seed, tokens, hp,
-                     lambda split: dict(accuracy=answer_accuracy(trainer.model, tokenizer, chats[split])),
-                     validate=ctx.get("validate", True))
+def task_data(task: Task, budget: Budget | RobustBudget, ctx: dict) -> Any:
+    """The task's data, loaded once per `Task.data` key (only when a run trains)."""
+    if task.data not in ctx["data"]:
+        ctx["data"][task.data] = task.load(task, budget, ctx["cache"], ctx["log"])
+    return ctx["data"][task.data]
 
 
-def timed_run(trainer, task: str, method: Method, rho: float, seed: int, tokens: int, hp: dict, evaluate,
-              validate: bool = True) -> dict:
-    """Train `trainer` (quietly), timed; the run's record with `evaluate(split)` on the test split and, for seed 0
-    with `validate` (a rho sweep), the validation split."""
-    quiet(trainer)
+def train_and_eval(task: Task, job: Job, budget: Budget | RobustBudget, ctx: dict) -> dict:
+    """Train the job's method on the task once and score it: on test (and, for seed 0 with `job.validate`, on
+    validation); under the robustness protocol validated every epoch and tested at the end and at the best
+    validation epoch."""
+    method, hp = job.method, run_config(task.name, budget, job.lr)
+    recipe = task.recipe(task, hp, task_data(task, budget, ctx), job.seed)
+    args = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no",
+                use_cpu=ctx["device"] == "cpu", disable_tqdm=True, logging_strategy="no", seed=job.seed,
+                data_seed=job.seed, weight_decay=0.0, per_device_train_batch_size=hp["batch"],
+                learning_rate=hp["lr"], **recipe.args)
+    kwargs = dict(recipe.trainer_kwargs)
+    if task.epochs:  # validated (and logged) every epoch
+        best = BestValidation()
+        args.update(logging_strategy="epoch", eval_strategy="epoch")
+        kwargs.update(eval_dataset=recipe.splits["validation"], callbacks=[best])
+    train = recipe.train if recipe.train is not None else recipe.splits["train"]
+    trainer = quiet(make_trainer(method.training_args(args), method.sam, job.rho, sft=recipe.sft,
+                                 model=recipe.model, train_dataset=train, **kwargs))
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    splits = ("validation", "test") if seed == 0 and validate else ("test",)
-    return dict(task=task, method=method.name, rho=rho, seed=seed, wall_s=wall, tokens_per_s=tokens / wall,
-                perturbed=trainer.perturbed_parameter_names() if method.sam else [], config=hp,
-                **{split: evaluate(split) for split in splits})
-
-
-def train_and_eval(task: str, method: Method, rho: float, seed: int, budget: Budget, ctx: dict) -> dict:
-    """Train once, then evaluate on the test split (the report) and, for seed 0, the validation split (rho sweep)."""
-    if task in CHAT_TASKS:
-        return train_and_eval_chat(task, method, rho, seed, budget, ctx)
-    hp = run_config(task, budget)
-    common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
-                  disable_tqdm=True, logging_strategy="no", seed=seed, data_seed=seed, weight_decay=0.0,
-                  per_device_train_batch_size=hp["batch"], learning_rate=hp["lr"])
-    if task.startswith("cls"):
-        data, tokenizer = ctx["tweets"]
-        model = cls_model(lora=task == "cls-lora", seed=seed)
-        common.update(per_device_eval_batch_size=128, num_train_epochs=hp["epochs"],
-                      warmup_steps=hp["warmup_ratio"])  # a float in [0, 1): a ratio of the total steps
-        collator, compute_metrics = DataCollatorWithPadding(tokenizer), classification_metrics()[0]
-        tokens = sum(len(ids) for ids in data["train"]["input_ids"]) * hp["epochs"]
-    else:
-        ckpt, data = ctx["lm"]
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
-        set_seed(seed)
-        model = GPT2LMHeadModel.from_pretrained(ckpt)
-        model.loss_type = "ForCausalLM"
-        common.update(per_device_eval_batch_size=32, max_steps=hp["steps"], warmup_steps=hp["warmup_steps"])
-        collator, compute_metrics = DataCollatorForLanguageModeling(tokenizer, mlm=False), None
-        tokens = hp["steps"] * hp["batch"] * hp["block"]
-    trainer = make_trainer(common, method.sam, rho, model=model, train_dataset=data["train"], data_collator=collator,
-                           compute_metrics=compute_metrics)
-    return timed_run(trainer, task, method, rho, seed, tokens, hp,
-                     lambda split: _metrics(task, trainer.evaluate(data[split])), validate=ctx.get("validate", True))
-
-
-def train_and_eval_robust(task: str, method: Method, rho: float, seed: int, rb: RobustBudget, ctx: dict,
-                          lr: float) -> dict:
-    """Train for several epochs, validating every epoch; test at the end and at the best validation epoch."""
-    hp = run_config(task, rb, lr)
-    data, collator = ctx[task]
-    model = tiny_vit(seed) if task.startswith("digits") else cls_model(lora=False, seed=seed)
-    common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
-                  disable_tqdm=True, logging_strategy="epoch", eval_strategy="epoch", seed=seed, data_seed=seed,
-                  weight_decay=0.0, per_device_train_batch_size=hp["batch"], per_device_eval_batch_size=128,
-                  learning_rate=lr, num_train_epochs=hp["epochs"], warmup_steps=hp["warmup_ratio"])
-    best = BestValidation()
-    trainer = quiet(make_trainer(common, method.sam, rho, model=model, train_dataset=data["train"],
-                                 eval_dataset=data["validation"], data_collator=collator,
-                                 compute_metrics=classification_metrics()[0], callbacks=[best]))
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
+    record = dict(task=task.name, method=method.name, rho=job.rho, seed=job.seed, wall_s=wall,
+                  machine=machine(ctx["device"]), perturbed=trainer.perturbed_parameter_names() if method.sam else [],
+                  config=hp)
+    if recipe.tokens is not None:
+        record["tokens_per_s"] = recipe.tokens(trainer) / wall
+    if not task.epochs:
+        splits = ("validation", "test") if job.seed == 0 and job.validate else ("test",)
+        return dict(record, **{split: recipe.evaluate(trainer, split) for split in splits})
     best.active = False
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    test_end = _metrics("cls", trainer.evaluate(data["test"]))
+    test_end = recipe.evaluate(trainer, "test")
     trainer.model.load_state_dict(best.weights)
-    test_best = _metrics("cls", trainer.evaluate(data["test"]))
-    return dict(task=task, method=method.name, rho=rho, seed=seed, wall_s=wall, config=hp,
-                perturbed=trainer.perturbed_parameter_names() if method.sam else [],
-                validation=dict(accuracy=best.curve[-1]), validation_curve=best.curve, train_loss_curve=losses,
-                best_epoch=best.best_epoch, test=test_end, test_at_best_validation=test_best)
+    return dict(record, validation=dict(accuracy=best.curve[-1]), validation_curve=best.curve,
+                train_loss_curve=losses, best_epoch=best.best_epoch, test=test_end,
+                test_at_best_validation=recipe.evaluate(trainer, "test"))
 
 
-def cached_run(task: str, method: Method, rho: float, seed: int, budget: Budget | RobustBudget, ctx: dict,
-               lr: float | None = None) -> dict:
-    """`train_and_eval` (or `train_and_eval_robust`), cached as `<out>/runs/<key>.json` with its configuration; a
-    cached run made with another configuration is redone. `None` for a run not cached with `--report_only`."""
-    key = f"{task}__{method.name.replace(' ', '_').replace('=', '').replace('/', '-')}__rho{rho}__seed{seed}"
-    if lr is not None and task in ROBUST_TASKS and method.sam is None:
-        key += f"__lr{lr}"  # the robustness suite's AdamW learning-rate sweep
-    config = run_config(task, budget, lr) if task in ROBUST_TASKS else run_config(task, budget)
-    if method.sam is not None and task in ROBUST_TASKS:
-        config = dict(config, sam=method.sam)  # the method's options: a changed probe mode redoes the run
+def run_key(task: Task, job: Job, device: str) -> str:
+    """The run's cache file name (without `.json`): task, method, rho, seed; the learning rate of a plain run of a
+    task that sweeps it; the device, unless the CPU."""
+    name = job.method.name.replace(" ", "_").replace("=", "").replace("/", "-")
+    key = f"{task.name}__{name}__rho{job.rho}__seed{job.seed}"
+    if task.lr_grid and job.method.sam is None:
+        key += f"__lr{job.lr}"  # AdamW's learning-rate sweep
+    return key if device == "cpu" else f"{key}__{device}"
+
+
+def run_configuration(task: Task, job: Job, budget: Budget | RobustBudget, device: str) -> dict:
+    """Everything a cached run depends on: `run_config`, the method's `sam_*` options (`Task.method_in_config`), its
+    other TrainingArguments, and the device unless the CPU."""
+    config = run_config(task.name, budget, job.lr)
+    if task.method_in_config and job.method.sam is not None:
+        config = dict(config, sam=job.method.sam)
+    if job.method.args:
+        config = dict(config, args=job.method.args)
+    return config if device == "cpu" else dict(config, device=device)
+
+
+def cached_run(job: Job, ctx: dict, peek: bool = False) -> dict | None:
+    """`train_and_eval`, cached as `<out>/runs/<key>.json` with its configuration; a cached run made with another
+    configuration is redone. `None` for a run not in the cache that is not trained (`peek`, `--report_only`,
+    `--dry_run`, `--time_budget` spent)."""
+    task = TASKS[job.task]
+    budget = task.budget(ctx["quick"])
+    key = run_key(task, job, ctx["device"])
+    log = ctx["log"]
 
     def make() -> dict | None:
-        if ctx.get("report_only"):
-            ctx["log"](f"{key}: no cached run (--report_only: left out)")
+        if peek:
             return None
-        ctx["log"](f"run {key}")
-        if task in ROBUST_TASKS:
-            result = train_and_eval_robust(task, method, rho, seed, budget, ctx, lr)
-        else:
-            result = train_and_eval(task, method, rho, seed, budget, ctx)
+        if ctx["report_only"] or ctx["dry_run"]:
+            if key not in ctx.setdefault("listed", set()):  # once, though a phase asks for it again
+                ctx["listed"].add(key)
+                log(f"{key}: " + ("to run" if ctx["dry_run"] else "no cached run (--report_only: left out)"))
+            return None
+        if ctx["deadline"] is not None and time.time() > ctx["deadline"]:
+            log(f"{key}: not started (--time_budget spent)")
+            return None
+        log(f"run {key}")
+        result = train_and_eval(task, job, budget, ctx)
         val = f"validation {_metric_str(result['validation'])}, " if "validation" in result else ""
         best = ""
         if "best_epoch" in result:
             best = f", at the best validation epoch ({result['best_epoch']:.0f}) "
             best += _metric_str(result["test_at_best_validation"])
-        ctx["log"](f"     -> {val}test {_metric_str(result['test'])}{best}, {result['wall_s']:.0f} s")
+        log(f"     -> {val}test {_metric_str(result['test'])}{best}, {result['wall_s']:.0f} s")
         return result
 
-    return cached(ctx["out"] / "runs" / f"{key}.json", config, make, ctx["log"])
+    return cached(ctx["out"] / "runs" / f"{key}.json", run_configuration(task, job, budget, ctx["device"]), make,
+                  None if peek else log)
 
 
-def _metric_name(task: str) -> str:
-    return "perplexity" if task == "lm" else "accuracy"
+_WORKER: dict = {}
+
+
+def _start_worker(settings: dict) -> None:
+    torch.set_num_threads(settings.pop("threads"))
+    hf_logging.set_verbosity_error()
+    _WORKER.update(settings, data={})
+
+
+def _work(job: Job) -> dict | None:
+    return cached_run(job, _WORKER)
+
+
+def execute(jobs: list[Job], ctx: dict) -> list[dict | None]:
+    """The jobs' results in order: cached ones read, the others trained (`--workers` at a time, in worker processes
+    that keep their loaded data between jobs)."""
+    if ctx["workers"] <= 1 or ctx["report_only"] or ctx["dry_run"]:
+        return [cached_run(job, ctx) for job in jobs]
+    results = [cached_run(job, ctx, peek=True) for job in jobs]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo and "pool" not in ctx:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        settings = {k: ctx[k] for k in ("out", "cache", "device", "quick", "deadline", "report_only", "dry_run")}
+        settings.update(threads=ctx["threads"], workers=1, log=_Log(ctx["t0"]))
+        ctx["pool"] = ProcessPoolExecutor(ctx["workers"], mp_context=get_context("spawn"),
+                                          initializer=_start_worker, initargs=(settings,))
+    for i, result in zip(todo, ctx["pool"].map(_work, [jobs[i] for i in todo]) if todo else []):
+        results[i] = result
+    return results
+
+
+class _Log:
+    """Print a message with the seconds since `t0` (picklable, for the worker processes)."""
+
+    def __init__(self, t0: float):
+        self.t0 = t0
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.time() - self.t0:6.0f}s] {msg}", flush=True)
 
 
 def _metric_str(r: dict) -> str:
     if "perplexity" in r:
         return f"perplexity {r['perplexity']:.2f}"
     return f"acc {r['accuracy']:.4f}" + (f" F1 {r['f1']:.4f}" if "f1" in r else "")
+
+
+def choose(sweep: dict[float, float], lower_is_better: bool = False) -> float:
+    """The key of the best value of `sweep`."""
+    return (min if lower_is_better else max)(sweep, key=sweep.get)
+
+
+def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[float], ctx: dict,
+             a) -> tuple[dict[str, list[dict]], dict[str, float], float | None] | None:
+    """The task's study: AdamW's learning rate (`Task.lr_grid`), rho per method, then every seed. The runs per
+    method (seeds with an AdamW run to pair with), the chosen rhos and learning rate; `None` without AdamW runs."""
+    log, name, metric = ctx["log"], task.name, task.metric
+    lr = None
+    if task.lr_grid:
+        grid = list(task.lr_grid[:1] if a.quick else task.lr_grid)
+        runs = execute([Job(name, methods[0], 0.0, 0, x) for x in grid], ctx)
+        sweep = {x: r["validation"]["accuracy"] for x, r in zip(grid, runs) if r is not None}
+        if not sweep:
+            log(f"{name}: no AdamW run to choose the learning rate from: left out")
+            return None
+        lr = choose(sweep)
+        log(f"{name} adamw: final validation accuracy by lr {sweep} -> lr={lr}")
+    validate = any(len(m.grid(rhos)) > 1 for m in methods if m.sam is not None)
+    job = lambda m, rho, seed: Job(name, m, rho, seed, lr, validate)  # noqa: E731
+    chosen: dict[str, float] = {}
+    names = {m.name for m in methods}
+    for dependent in (False, True):  # the rows with their own rho first, then those that take another row's
+        todo = [m for m in methods if m.sam is not None and (m.rho_from in names) is dependent]
+        for m in [m for m in todo if m.rho_from in chosen]:
+            chosen[m.name] = chosen[m.rho_from]  # the same layers and e_S, applied on a schedule
+        todo = [m for m in todo if m.name not in chosen]
+        for m in [m for m in todo if len(m.grid(rhos)) == 1]:
+            chosen[m.name] = m.grid(rhos)[0]  # one rho: no sweep
+        sweeps = [(m, rho) for m in todo if len(m.grid(rhos)) > 1 for rho in m.grid(rhos)]
+        first = [job(methods[0], 0.0, 0)] if 0 in seeds and not dependent else []  # AdamW's seed 0 beside them
+        runs = execute(first + [job(m, rho, 0) for m, rho in sweeps], ctx)[len(first):]
+        for m in [m for m in todo if len(m.grid(rhos)) > 1]:
+            sweep = {rho: r["validation"][metric] for (n, rho), r in zip(sweeps, runs) if n is m and r is not None}
+            if not sweep:
+                log(f"{name} {m.name}: no seed-0 run of its rho sweep: left out")
+                continue
+            chosen[m.name] = choose(sweep, task.lower_is_better)
+            log(f"{name} {m.name}: validation {metric} by rho {sweep} -> rho={chosen[m.name]}")
+    methods = [m for m in methods if m.sam is None or m.name in chosen]
+    # seed-major: each seed's runs back to back, so its throughput ratios are side by side
+    jobs = [job(m, chosen.get(m.name, 0.0), seed) for seed in seeds for m in methods]
+    finals: dict[str, list[dict]] = {m.name: [] for m in methods}
+    for j, r in zip(jobs, execute(jobs, ctx)):
+        if r is not None:
+            finals[j.method.name].append(r)
+    paired = {r["seed"] for r in finals[methods[0].name]}  # seeds with an AdamW run to pair with
+    finals = {n: [r for r in runs if r["seed"] in paired] for n, runs in finals.items()}
+    finals = {n: runs for n, runs in finals.items() if runs}
+    if methods[0].name not in finals:
+        log(f"{name}: no AdamW run to compare with: left out")
+        return None
+    return finals, chosen, lr
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -355,11 +358,11 @@ def share_of_gain(base: dict[int, dict], full: dict[int, dict], runs: list[dict]
                          [read(r) for r in both])
 
 
-def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float],
+def summarise(task: Task, finals: dict[str, list[dict]], chosen: dict[str, float],
               costs: dict[str, float] | None = None, wall_ratios: bool = True) -> tuple[list[str], list[dict]]:
     """Test metric per method; throughput ÷ AdamW from `costs` (measured side by side) when given, else from the
     runs' wall times (`wall_ratios`; otherwise 'not measured': runs that shared the cores)."""
-    metric = _metric_name(task)
+    metric, lower = task.metric, task.lower_is_better
     base = {r["seed"]: r for r in finals["adamw"]}
     full = {r["seed"]: r for r in finals.get("full SAM", [])}
     lines, points = [], []
@@ -373,24 +376,24 @@ def summarise(task: str, finals: dict[str, list[dict]], chosen: dict[str, float]
         rel_cost = [1 / t for t in thr]  # wall time ÷ AdamW's
         adamw = [base[r["seed"]]["test"][metric] for r in runs]
         diff = paired_difference(adamw, vals)
-        wins = sum(v < b if task == "lm" else v > b for b, v in zip(adamw, vals))
-        f1 = mean_std([r["test"]["f1"] for r in runs]) if task.startswith("cls") else "-"
-        scale = 1 if task == "lm" else 100  # perplexity; accuracy in points
+        wins = sum(v < b if lower else v > b for b, v in zip(adamw, vals))
+        f1 = mean_std([r["test"]["f1"] for r in runs]) if "f1" in runs[0]["test"] else "-"
+        scale = 1 if lower else 100  # perplexity; accuracy in points
         paired = "-" if name == "adamw" else f"{diff.format(scale)} ({wins}/{len(runs)} better)"
         share = None if name in ("adamw", "full SAM") else share_of_gain(base, full, runs,
                                                                          lambda r: r["test"][metric])
         share = "-" if share is None else share.format(1).replace("+", "")
-        lines.append(f"| {task} | {name} | {chosen.get(name, '-')} | {mean_std(vals)} | {f1} | "
+        lines.append(f"| {task.name} | {name} | {chosen.get(name, '-')} | {mean_std(vals)} | {f1} | "
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f} | "
                      f"{f'{statistics.mean(thr):.2f}' if thr else 'not measured'} | {paired} | "
                      f"{share} |")
-        points.append(dict(task=task, method=name, mean=statistics.mean(vals),
+        points.append(dict(task=task.name, method=name, mean=statistics.mean(vals),
                            std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
                            cost=statistics.mean(rel_cost) if rel_cost else None))
     return lines, points
 
 
-def summarise_robust(task: str, finals: dict[str, list[dict]], chosen: dict[str, float],
+def summarise_robust(task: Task, finals: dict[str, list[dict]], chosen: dict[str, float],
                      costs: dict[str, float]) -> tuple[list[str], list[dict]]:
     """Test accuracy at the end and at the best validation epoch; per method the mean paired difference against AdamW
     with its 95% t interval, and the share of full SAM's gain it keeps with a paired bootstrap interval (seeds that
@@ -399,7 +402,7 @@ def summarise_robust(task: str, finals: dict[str, list[dict]], chosen: dict[str,
     full = {r["seed"]: r for r in finals.get("full SAM", [])}
     lines, points = [], []
     for name, runs in finals.items():
-        row = [task, name, str(chosen.get(name, "-")), str(len(runs))]
+        row = [task.name, name, str(chosen.get(name, "-")), str(len(runs))]
         for split in ("test", "test_at_best_validation"):
             vals = [r[split]["accuracy"] for r in runs]
             diff = paired_difference([base[r["seed"]][split]["accuracy"] for r in runs], vals)
@@ -409,7 +412,7 @@ def summarise_robust(task: str, finals: dict[str, list[dict]], chosen: dict[str,
                 share = None if name == "adamw" else share_of_gain(base, full, runs, lambda r: r["test"]["accuracy"])
                 row.append("-" if share is None or name == "full SAM" else
                            f"{share.format(1)} (n={share.n})".replace("+", ""))
-            points.append(dict(task=task, method=name, split=split, mean=statistics.mean(vals),
+            points.append(dict(task=task.name, method=name, split=split, mean=statistics.mean(vals),
                                std=statistics.stdev(vals) if len(vals) > 1 else 0.0, throughput=costs.get(name),
                                gain=diff.mean, gain_lo=diff.lo, gain_hi=diff.hi))
         cost = f"{costs[name]:.2f}" if name in costs else "not measured"
@@ -457,7 +460,7 @@ def plot(points: list[dict], path: Path) -> None:
         for p in [p for p in points if p["task"] == task and p["cost"] is not None]:  # a measured cost only
             ax.errorbar(p["cost"], p["mean"], yerr=p["std"], fmt="o", capsize=4, label=p["method"])
         ax.set_xlabel("relative cost (wall time ÷ AdamW)")
-        ax.set_ylabel(f"test {_metric_name(task)}" + (" (lower is better)" if task == "lm" else ""))
+        ax.set_ylabel(f"test {TASKS[task].metric}" + (" (lower is better)" if TASKS[task].lower_is_better else ""))
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -465,91 +468,71 @@ def plot(points: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def task_model_and_data(task: str, ctx: dict) -> tuple[Any, Dataset, Any, int]:
-    """A fresh model (seed 0), the training split, the collator and the batch size of a task (for `measure_costs`)."""
-    if task in ROBUST_TASKS:
-        data, collator = ctx[task]
-        model = tiny_vit(0) if task.startswith("digits") else cls_model(lora=False, seed=0)
-        return model, data["train"], collator, 32
-    if task == "lm":
-        ckpt, data = ctx["lm"]
-        model = GPT2LMHeadModel.from_pretrained(ckpt)
-        model.loss_type = "ForCausalLM"
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
-        return model, data["train"], DataCollatorForLanguageModeling(tokenizer, mlm=False), 16
-    data, tokenizer = ctx["tweets"]
-    return cls_model(lora=task == "cls-lora", seed=0), data["train"], DataCollatorWithPadding(tokenizer), 32
-
-
-def measure_costs(task: str, methods: list[Method], ctx: dict, lr: float, rounds: int = 3,
+def measure_costs(task: Task, methods: list[Method], ctx: dict, lr: float | None, rounds: int = 3,
                   steps: int = 12) -> dict[str, float]:
     """Throughput ÷ AdamW of each method on the task's model and data: interleaved rounds of `steps` timed steps
     (after 2 warm-up steps; whole `sam_interval=4` cycles; a probe picks its layers at step 0), each round's mean step
     time, the median over rounds of the per-round ratio. Needs an otherwise idle machine."""
+    budget = task.budget(ctx["quick"])
+    hp = run_config(task.name, budget, lr)
     per_round: dict[str, list[float]] = {m.name: [] for m in methods}
     for _ in range(rounds):
         step_time = {}
         for m in methods:
-            model, train, collator, batch = task_model_and_data(task, ctx)
-            common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
-                          disable_tqdm=True, logging_strategy="no", seed=0, per_device_train_batch_size=batch,
-                          learning_rate=lr, max_steps=steps + 2)
-            timer = StepTimer()  # the first 2 steps are warm-up, left out below
-            quiet(make_trainer(common, m.sam, 0.05, model=model, train_dataset=train, data_collator=collator,
-                               callbacks=[timer])).train()
+            recipe = task.recipe(task, hp, task_data(task, budget, ctx), 0)
+            common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no",
+                          use_cpu=ctx["device"] == "cpu", disable_tqdm=True, logging_strategy="no", seed=0,
+                          per_device_train_batch_size=hp["batch"], learning_rate=hp["lr"], max_steps=steps + 2)
+            timer = StepTimer(ctx["device"])  # the first 2 steps are warm-up, left out below
+            quiet(make_trainer(m.training_args(common), m.sam, 0.05, model=recipe.model,
+                               train_dataset=recipe.splits["train"],
+                               data_collator=recipe.trainer_kwargs["data_collator"], callbacks=[timer])).train()
             step_time[m.name] = statistics.mean(timer.times[2:])
         for m in methods:
             per_round[m.name].append(step_time["adamw"] / step_time[m.name])
     return {name: statistics.median(r) for name, r in per_round.items()}
 
 
-def measured_costs(task: str, methods: list[Method], ctx: dict, lr: float, out: Path, measure: bool,
-                   log, finals: dict[str, list[dict]] | None = None) -> dict[str, float]:
+def measured_costs(task: Task, methods: list[Method], ctx: dict, lr: float | None, measure: bool,
+                   finals: dict[str, list[dict]] | None = None) -> dict[str, float]:
     """`measure_costs`, kept in `<out>/costs_<task>.json` (measured again with `--measure_cost`, else read).
 
     A probe re-selects during training (every 25 steps), so a short timing from step 0 would time its first pick;
     it is timed with the layers its seed-0 run ended with (`finals`), as a fixed pattern."""
-    path = out / f"costs_{task}.json"
+    device = ctx["device"]
+    path = ctx["out"] / (f"costs_{task.name}.json" if device == "cpu" else f"costs_{task.name}_{device}.json")
     if measure:
-        log(f"{task}: measuring throughput side by side (the machine must be idle)")
+        ctx["log"](f"{task.name}: measuring throughput side by side (the machine must be idle)")
         timed = []
         for m in methods:
             if m.sam and m.sam.get("sam_selection") == "probe" and finals and finals.get(m.name):
                 layers = sorted({name.rsplit(".", 1)[0] for name in finals[m.name][0]["perturbed"]})
-                m = Method(m.name, dict(sam_selection="pattern", sam_target_layers=layers))
+                m = Method(m.name, dict(sam_selection="pattern", sam_target_layers=layers), args=m.args)
             timed.append(m)
         path.write_text(json.dumps(measure_costs(task, timed, ctx, lr), indent=1))
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-THROUGHPUT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput"
-# The chat tasks' costs: `benchmark_throughput.py --preset smollm2-135m --lora` (LoRA r=16 on every linear layer;
-# SmolLM2's default selection is block 29 + the final norm, the preset's k=1 with reuse; the probe is not measured).
-SMOLLM2_LORA_JSON = (THROUGHPUT_DIR / "throughput_smollm2_lora_cpu.json",)
-CHAT_COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse"}
-# The CPU benchmark shape's ratios: the cheaper roads' run, then the late-phase runs (issue 23): full SAM's modes
-# side by side with the shorter late phases (3 rounds x 20 steps), then the last 10% / 5% alone with AdamW, longer
-# (5 rounds x 40 steps: one SAM step in 20 needs more steps to be timed well), then full SAM and its last 20% / 10%
-# the same way (the figures the study reports).
-THROUGHPUT_JSONS = tuple(THROUGHPUT_DIR / name for name in ("cheaper_roads_cpu.json", "late_phase_cpu.json",
-                                                            "late_phase_long_cpu.json", "late_phase_final_cpu.json"))
-# Each robustness method's cost, read from the throughput benchmark's CPU shape (GPT-2, 6 layers, d=256, T=128) with the
-# same selection rule carried over: the tiny ViT's step time is Python-bound and says nothing about a real model's.
-COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse", "LW-SAM stale": "LW-SAM k=1 stale",
-              "LW-SAM interval=4": "LW-SAM k=1 reuse interval=4", "SAM on norms": "norms",
-              "norms stale": "norms stale", "norms late 70%": "norms late from 70%",
-              "full LookSAM k=5": "full SAM LookSAM interval=5", "full random": "full random",
-              **{f"full SAM late {p}%": f"full SAM late from {p}%" for p in (70, 80, 90, 95)}}
-
-
-def benchmark_costs(paths: tuple[Path, ...] = THROUGHPUT_JSONS, proxy: dict[str, str] = COST_PROXY) -> dict[str, float]:
-    """Throughput ÷ AdamW per robustness method from `scripts/benchmark_throughput.py`'s JSON files (each ratio
-    measured against the AdamW of its own run; a later file's figure replaces an earlier one's; empty if not run)."""
+def benchmark_costs(task: Task, device: str = "cpu") -> dict[str, float]:
+    """Throughput ÷ AdamW per method from `scripts/benchmark_throughput.py`'s JSON files (`Task.cost_files` on
+    `device`, through `Task.cost_proxy`; each ratio measured against the AdamW of its own run; a later file's figure
+    replaces an earlier one's; empty if not run)."""
     ratios = {}
-    for path in paths:
+    for name in task.cost_files:
+        path = THROUGHPUT_DIR / name.format(device=device)
         if path.exists():
             ratios.update({r["method"]: r["ratio_to_adamw"] for r in json.loads(path.read_text())["results"]})
-    return {name: ratios[bench] for name, bench in dict(proxy, adamw="adamw").items() if bench in ratios}
+    return {name: ratios[bench] for name, bench in dict(task.cost_proxy, adamw="adamw").items() if bench in ratios}
+
+
+def task_costs(task: Task, methods: list[Method], ctx: dict, lr: float | None, measure: bool,
+               finals: dict[str, list[dict]]) -> dict[str, float]:
+    """Each method's throughput ÷ AdamW: the task's own side-by-side timing (`Task.measurable`) over the benchmark's
+    ratios of the same modes (`Task.cost_files`)."""
+    costs = benchmark_costs(task, ctx["device"])
+    if task.measurable:
+        costs = dict(costs, **measured_costs(task, methods, ctx, lr, measure, finals))
+    return costs
 
 
 def plot_pareto(points: list[dict], path: Path) -> None:
@@ -588,38 +571,24 @@ def plot_pareto(points: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out: Path, ctx: dict, log) -> None:
-    """The robustness suite: label noise, small data, and digits; see the module docstring."""
+def machines(finals: list[dict[str, list[dict]]]) -> str:
+    """The machines the runs ran on (`MACHINE` for a run that did not record it: the CPU runs made before)."""
+    return "; ".join(sorted({r.get("machine", MACHINE) for f in finals for runs in f.values() for r in runs}))
+
+
+def write_report(stem: Path, header: str, lines: list[str], note: str, draw, log) -> None:
+    """`<stem>.md` (the table and its note) and `<stem>.png` (`draw(path)`), and the table on stdout."""
+    table = header + "\n" + "\n".join(lines) + "\n\n" + note + "\n"
+    stem.with_suffix(".md").write_text(table)
+    draw(stem.with_suffix(".png"))
+    print("\n" + table)
+    log(f"done: {stem}.md, {stem}.png")
+
+
+def report_robust(a, results: list[tuple], seeds: list[int], rhos: list[float], ctx: dict) -> None:
+    """The robustness report: `<report>.md`, `<report>.png` and `<report>_pareto.png`."""
     lines, points = [], []
-    for task in a.tasks:
-        ctx[task] = robust_data(task, rb)
-        family = "digits" if task.startswith("digits") else "tweets"
-        methods = [m for m in robust_methods(family) if a.methods is None or m.name in a.methods or m.sam is None]
-        grid = ROBUST_LR_GRID[family][:1] if a.quick else ROBUST_LR_GRID[family]
-        sweep = {lr: cached_run(task, methods[0], 0.0, 0, rb, ctx, lr)["validation"]["accuracy"] for lr in grid}
-        lr = max(sweep, key=sweep.get)
-        log(f"{task} adamw: final validation accuracy by lr {sweep} -> lr={lr}")
-        chosen: dict[str, float] = {}
-        for m in methods[1:]:
-            if m.rho_from in chosen:
-                chosen[m.name] = chosen[m.rho_from]  # the same layers and e_S, applied on a schedule
-                continue
-            runs = {rho: cached_run(task, m, rho, 0, rb, ctx, lr) for rho in rhos}
-            sweep = {rho: r["validation"]["accuracy"] for rho, r in runs.items() if r is not None}
-            if sweep:  # (--report_only: a method with no cached sweep run is left out)
-                chosen[m.name] = max(sweep, key=sweep.get)
-                log(f"{task} {m.name}: final validation accuracy by rho {sweep} -> rho={chosen[m.name]}")
-        methods = [m for m in methods if m.sam is None or m.name in chosen]
-        finals = {m.name: [cached_run(task, m, chosen.get(m.name, 0.0), seed, rb, ctx, lr) for seed in seeds]
-                  for m in methods}
-        paired = {r["seed"] for r in finals["adamw"] if r is not None}  # seeds with an AdamW run to pair with
-        finals = {name: [r for r in runs if r is not None and r["seed"] in paired] for name, runs in finals.items()}
-        finals = {name: runs for name, runs in finals.items() if runs}
-        methods = [m for m in methods if m.name in finals]
-        costs = measured_costs(task, methods, ctx, lr, out, a.measure_cost, log, finals)
-        proxies = benchmark_costs()
-        # digits: the benchmark shape's costs (the ViT's own step time is Python-bound); tweets: MiniLM's own.
-        costs = proxies if task.startswith("digits") else dict(proxies, **costs)
+    for task, finals, chosen, costs, _ in results:
         task_lines, task_points = summarise_robust(task, finals, chosen, costs)
         lines += task_lines
         points += task_points
@@ -636,34 +605,61 @@ def run_robustness(a, rb: RobustBudget, seeds: list[int], rhos: list[float], out
             "digits tasks the CPU benchmark shape's ratio of the same mode and selection rule "
             "(`benchmarks/throughput/{cheaper_roads,late_phase,late_phase_long,late_phase_final}_cpu.json`, a "
             "later file's figure first; 'not measured' where they have no such mode). "
-            f"Machine: {MACHINE}. Budget: {rb}.")
-    write_report(out / a.report, header, lines, note, lambda path: plot_robust(points, path), log)
-    plot_pareto(points, out / f"{a.report}_pareto.png")
+            f"Machine: {machines([r[1] for r in results])}. Budget: {results[0][0].budget(a.quick)}.")
+    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot_robust(points, path), ctx["log"])
+    plot_pareto(points, ctx["out"] / f"{a.report}_pareto.png")
 
 
-def write_report(stem: Path, header: str, lines: list[str], note: str, draw, log) -> None:
-    """`<stem>.md` (the table and its note) and `<stem>.png` (`draw(path)`), and the table on stdout."""
-    table = header + "\n" + "\n".join(lines) + "\n\n" + note + "\n"
-    stem.with_suffix(".md").write_text(table)
-    draw(stem.with_suffix(".png"))
-    print("\n" + table)
-    log(f"done: {stem}.md, {stem}.png")
+def own_grids(results: list[tuple]) -> str:
+    """` (name: [rhos], ...)` for the reported rows with their own rho grid (ASAM's is named apart)."""
+    grids = {m.name: list(m.rhos) for *_, methods in results for m in methods
+             if m.rhos is not None and not (m.sam or {}).get("sam_adaptive")}
+    return f" ({', '.join(f'{name}: {grid}' for name, grid in grids.items())})" if grids else ""
+
+
+def report_main(a, results: list[tuple], seeds: list[int], rhos: list[float], ctx: dict) -> None:
+    """The main (and chat) report: `<report>.md` and `<report>.png`."""
+    lines, points = [], []
+    for task, finals, chosen, costs, _ in results:
+        task_lines, task_points = summarise(task, finals, chosen, costs, wall_ratios=task.measurable)
+        lines += task_lines
+        points += task_points
+    header = ("| task | method | rho | test accuracy / perplexity (mean ± std) | macro-F1 | wall s | "
+              "throughput ÷ AdamW | paired Δ vs AdamW, 95% t interval (seeds better) | share of full SAM's gain |"
+              "\n|---|---|---|---|---|---|---|---|---|")
+    note = (f"Metric: accuracy for cls tasks (macro-F1 beside it), perplexity for lm (lower is better). "
+            f"Seeds {seeds}; " + (f"rho chosen per method on validation from {rhos}" if len(rhos) > 1 else
+                                  f"rho fixed at {rhos[0]} (no sweep)")
+            + (f" (ASAM: {a.asam_rhos})" if a.asam else "") + own_grids(results)
+            + f". Machine: {machines([r[1] for r in results])}. "
+            f"Budget: {results[0][0].budget(a.quick)}. Paired Δ: the mean paired difference against AdamW "
+            f"(accuracy in points) with its 95% t interval; share of full SAM's gain: mean Δ / full SAM's mean Δ, "
+            f"95% paired bootstrap interval (inf: "
+            f"full SAM's own gain not established). Chat tasks' throughput: the SmolLM2 LoRA benchmark "
+            f"(`benchmarks/throughput/throughput_smollm2_lora_{ctx['device']}.json`), not the study's runs, which "
+            f"shared the cores.")
+    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot(points, path), ctx["log"])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny budgets, seeds 0 1, rho 0.05 only (a few minutes)")
-    p.add_argument("--suite", default="main", choices=["main", "robustness"],
-                   help="main: cls-full, cls-lora, lm; robustness: label noise, small data, digits (see above)")
-    p.add_argument("--tasks", nargs="+", default=None,
-                   choices=["cls-full", "cls-lora", "lm", *CHAT_TASKS, *ROBUST_TASKS],
-                   help="default: the suite's tasks")
-    p.add_argument("--methods", nargs="+", default=None, help="robustness suite: run only these methods (+ AdamW)")
+    p.add_argument("--suite", default=None, choices=list(SUITES),
+                   help="main: cls-full, cls-lora, lm; chat: the SmolLM2 chat tasks; robustness: label noise, small "
+                        "data, digits (see above). Default: the suite of --tasks, else main")
+    p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS), help="default: the suite's tasks")
+    p.add_argument("--methods", nargs="+", default=None, help="run only these methods of the suite's table (+ AdamW)")
     p.add_argument("--measure_cost", action="store_true",
                    help="measure each method's throughput ÷ AdamW on each task side by side (an idle machine)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
     p.add_argument("--report_only", action="store_true",
-                   help="robustness suite: train nothing; tabulate the cached runs (missing ones are left out)")
+                   help="train nothing; tabulate the cached runs (missing ones are left out)")
+    p.add_argument("--dry_run", action="store_true", help="train and write nothing; list the runs still to do")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where runs train; a GPU's runs are cached and reported apart from the CPU's (default: cpu)")
+    p.add_argument("--workers", type=int, default=1, help="runs trained at a time, in worker processes (default: 1)")
+    p.add_argument("--time_budget", type=float, default=None,
+                   help="seconds after which no run starts (the runs left resume next time; default: no limit)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
     p.add_argument("--rhos", type=float, nargs="+", default=None, help="sweep (default: 0.01 0.05 0.1)")
     p.add_argument("--asam", action="store_true", help="also run the ASAM variants of the two fixed SAM modes")
@@ -677,78 +673,58 @@ def main() -> None:
                    help="also run the probe at block granularity, ranked by gradient norm and by norm per unit of cost")
     p.add_argument("--out", default="benchmarks/accuracy", help="output folder (runs are cached here)")
     p.add_argument("--report", default=None,
-                   help="name of the table and figure: <out>/<report>.md and .png (default: accuracy / robustness)")
+                   help="name of the table and figure: <out>/<report>.md and .png (default: accuracy / "
+                        "accuracy_smollm2 / robustness, with _<device> off the CPU)")
     a = p.parse_args()
-    robust = a.suite == "robustness"
-    a.tasks = a.tasks or (list(ROBUST_TASKS) if robust else ["cls-full", "cls-lora", "lm"])
-    a.report = a.report or ("robustness" if robust else "accuracy")
-    if robust != all(t in ROBUST_TASKS for t in a.tasks):
-        p.error(f"--tasks {' '.join(a.tasks)} do not belong to --suite {a.suite}")
-    if a.measure_cost and set(a.tasks) & set(CHAT_TASKS):
+    suites = {TASKS[t].suite for t in a.tasks or ()}
+    if len(suites) > 1:
+        p.error(f"--tasks {' '.join(a.tasks)} mix the suites {', '.join(sorted(suites))}: run one suite at a time")
+    suite = a.suite or (suites.pop() if suites else "main")
+    a.tasks = a.tasks or list(SUITES[suite])
+    if any(TASKS[t].suite != suite for t in a.tasks):
+        p.error(f"--tasks {' '.join(a.tasks)} do not belong to --suite {suite}")
+    a.report = a.report or REPORTS[suite] + ("" if a.device == "cpu" else f"_{a.device}")
+    if a.measure_cost and any(t.startswith("chat") for t in a.tasks):
         p.error("--measure_cost does not time the chat tasks: run scripts/benchmark_throughput.py --preset "
                 "smollm2-135m --lora --trainer sft for their throughput")
-    budget = QUICK if a.quick else Budget()
+    if a.device == "cuda" and not (a.report_only or a.dry_run) and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (use --device cpu, or --report_only / --dry_run)")
+    if a.workers < 1:
+        p.error(f"--workers {a.workers}: give 1 or more")
     seeds = a.seeds or ([0, 1] if a.quick else [0, 1, 2])
     rhos = a.rhos or ([0.05] if a.quick else [0.01, 0.05, 0.1])
-    asam_rhos = a.asam_rhos or ([0.5] if a.quick else [0.1, 0.5, 1.0])
+    a.asam_rhos = a.asam_rhos or ([0.5] if a.quick else [0.1, 0.5, 1.0])
+    tables = {t: methods_table(TASKS[t], a) for t in a.tasks}
+    unknown = sorted(set(a.methods or ()) - {m.name for table in tables.values() for m in table})
+    if unknown:
+        p.error(f"--methods {', '.join(unknown)}: not in the {suite} suite's methods table "
+                f"({', '.join(dict.fromkeys(m.name for table in tables.values() for m in table))})")
     out = Path(a.out) / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(a.threads or max(torch.get_num_threads(), 1))
-    t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
-
-    ctx = dict(out=out, log=log, report_only=a.report_only, validate=len(rhos) > 1)
-    if robust:
-        return run_robustness(a, QUICK_ROBUST if a.quick else RobustBudget(), seeds, rhos, out, ctx, log)
-    methods = all_methods(a.asam, a.probe_no_embeddings, a.schedules, a.probe_modes)
-    lines, points = [], []
-    for task in a.tasks:
-        if task.startswith("cls") and "tweets" not in ctx:
-            ctx["tweets"] = tweet_splits(budget)
-        if task == "lm" and "lm" not in ctx:
-            ctx["lm"] = lm_assets(budget, Path(a.out) / "cache", log)
-        if task in CHAT_TASKS and task not in ctx:
-            ctx[task] = chat_splits(task, budget)
-        metric = _metric_name(task)
-        chosen: dict[str, float] = {}
-        if 0 in seeds:  # AdamW seed 0 right before the sweep's seed-0 runs, its partners in the throughput ratio
-            cached_run(task, methods[0], 0.0, 0, budget, ctx)
-        for m in methods[1:]:  # rho sweep on validation, seed 0 (one rho: no sweep, no validation)
-            grid = asam_rhos if m.sam.get("sam_adaptive") else rhos
-            if len(grid) == 1:
-                chosen[m.name] = grid[0]
-                continue
-            sweep = {rho: cached_run(task, m, rho, 0, budget, ctx)["validation"][metric] for rho in grid}
-            chosen[m.name] = (min if task == "lm" else max)(sweep, key=sweep.get)
-            log(f"{task} {m.name}: validation {metric} by rho {sweep} -> rho={chosen[m.name]}")
-        finals: dict[str, list[dict]] = {m.name: [] for m in methods}
-        for seed in seeds:  # seed-major: each seed's runs back to back, so its throughput ratios are side by side
-            for m in methods:
-                finals[m.name].append(cached_run(task, m, chosen.get(m.name, 0.0), seed, budget, ctx))
-        if task in CHAT_TASKS:  # the study's runs share the cores: the SmolLM2 LoRA benchmark's ratios instead
-            costs = benchmark_costs(SMOLLM2_LORA_JSON, CHAT_COST_PROXY)
-        else:
-            costs = measured_costs(task, methods, ctx, LEARNING_RATE[task], out, a.measure_cost, log, finals)
-        task_lines, task_points = summarise(task, finals, chosen, costs, wall_ratios=task not in CHAT_TASKS)
-        lines += task_lines
-        points += task_points
-
-    header = ("| task | method | rho | test accuracy / perplexity (mean ± std) | macro-F1 | wall s | "
-              "throughput ÷ AdamW | paired Δ vs AdamW, 95% t interval (seeds better) | share of full SAM's gain |"
-              "\n|---|---|---|---|---|---|---|---|---|")
-    note = (f"Metric: accuracy for cls tasks (macro-F1 beside it), perplexity for lm (lower is better). "
-            f"Seeds {seeds}; " + (f"rho chosen per method on validation from {rhos}" if len(rhos) > 1 else
-                                  f"rho fixed at {rhos[0]} (no sweep)")
-            + (f" (ASAM: {asam_rhos})" if a.asam else "") + f". Machine: {MACHINE}. "
-            f"Budget: {budget}. Paired Δ: the mean paired difference against AdamW (accuracy in points) with its 95% "
-            f"t interval; share of full SAM's gain: mean Δ / full SAM's mean Δ, 95% paired bootstrap interval (inf: "
-            f"full SAM's own gain not established). Chat tasks' throughput: the SmolLM2 LoRA benchmark "
-            f"(`benchmarks/throughput/throughput_smollm2_lora_cpu.json`), not the study's runs, which shared the "
-            f"cores.")
-    write_report(out / a.report, header, lines, note, lambda path: plot(points, path), log)
+    threads = a.threads or max(torch.get_num_threads(), 1)
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    ctx = dict(out=out, cache=Path(a.out) / "cache", log=_Log(t0), t0=t0, device=a.device, quick=a.quick,
+               report_only=a.report_only, dry_run=a.dry_run, workers=a.workers, threads=threads, data={},
+               deadline=None if a.time_budget is None else t0 + a.time_budget)
+    results = []
+    try:
+        for name in a.tasks:
+            task = TASKS[name]
+            done = run_task(task, tables[name], seeds, rhos, ctx, a)
+            if done is not None:
+                finals, chosen, lr = done
+                methods = [m for m in tables[name] if m.name in finals]
+                costs = task_costs(task, methods, ctx, lr, a.measure_cost, finals)
+                results.append((task, finals, chosen, costs, methods))
+    finally:
+        if "pool" in ctx:
+            ctx["pool"].shutdown()
+    if a.dry_run or not results:
+        ctx["log"]("nothing written" + (" (--dry_run)" if a.dry_run else ": no task has runs to report"))
+        return
+    (report_robust if suite == "robustness" else report_main)(a, results, seeds, rhos, ctx)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ full or `--lora`) with the stock `Trainer` loop (or TRL's `SFTTrainer`: `--train
 optimizer step. Methods are interleaved over several rounds after a warm-up; each round's mean step time is taken
 (whole `sam_interval` cycles: warm-up 2 and a multiple of 4 timed steps put SAM steps at the same share as in
 training), and the table reports the median over rounds and ratios measured side by side in this one process.
+The methods are a table (`methods`) of `study_methods.Method` rows, the type `benchmark_accuracy.py` trains: a new
+method is one row, its `sam_*` options in `sam` and any other TrainingArguments in `args`.
 
     python scripts/benchmark_throughput.py                                    # CPU default: 6 layers, d=256, T=128
     python scripts/benchmark_throughput.py --device cuda --bf16 --preset gpt2-350m --json benchmarks/gpu.json
@@ -21,8 +23,9 @@ import os
 import platform
 import re
 import statistics
+import sys
 import tempfile
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -38,6 +41,9 @@ from transformers.utils import logging as hf_logging
 from hf_lwsam import LWSAMConfig, LWSAMTrainer
 from hf_lwsam.step_timer import StepTimer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the methods table's row type, also when loaded by path
+from study_methods import Method  # noqa: E402
+
 PRESETS = {  # layers, d_model, heads, seq_len, batch, vocab
     "cpu": (6, 256, 4, 128, 8, 4096),
     "gpt2-124m": (12, 768, 12, 1024, 16, 50257),
@@ -47,13 +53,6 @@ PRESETS = {  # layers, d_model, heads, seq_len, batch, vocab
     # heads, tied head); T=64, batch 8 suit the CPU, pass --seq_len / --batch for a GPU
     "smollm2-135m": (30, 576, 9, 64, 8, 49152),
 }
-
-
-@dataclass
-class Method:
-    name: str
-    sam: dict | None  # None: the plain Trainer
-    cycle: int = 1  # its timed steps are a multiple of this: whole sam_interval cycles, whole late-phase runs
 
 
 GPT2_NORMS = r"transformer\.h\.\d+\.ln_[12]|transformer\.ln_f"  # every normalization layer (SAM-ON's selection)
@@ -78,17 +77,21 @@ def methods(n_layer: int, ks: list[int], trunk: str = "transformer.h", norm: str
     # over the whole run: `run` puts the start at 70% of the timed steps, a multiple of 10), random perturbation.
     for label, sam in (("full SAM", dict(sam_selection="all")),
                        ("LW-SAM k=1 reuse", dict(sam_target_layers=last))):
-        out.append(Method(f"{label} LookSAM interval=5", dict(sam, sam_interval=5, sam_interval_reuse="looksam"), 5))
-        out.append(Method(f"{label} late from 70%", dict(sam, sam_start=0.7), 10))
+        out.append(Method(f"{label} LookSAM interval=5", dict(sam, sam_interval=5, sam_interval_reuse="looksam"),
+                          cycle=5))
+        out.append(Method(f"{label} late from 70%", dict(sam, sam_start=0.7), cycle=10))
     # Later and shorter late phases of full SAM (issue 23): the last 20%, 10% and 5% of the run.
     for start, cycle in ((0.8, 10), (0.9, 10), (0.95, 20)):
-        out.append(Method(f"full SAM late from {start:.0%}", dict(sam_selection="all", sam_start=start), cycle))
+        out.append(Method(f"full SAM late from {start:.0%}", dict(sam_selection="all", sam_start=start),
+                          cycle=cycle))
     out.append(Method("full random", dict(sam_selection="all", sam_ascent="random")))
+    out.append(Method("full momentum", dict(sam_selection="all", sam_ascent="momentum")))  # one pass, Momentum-SAM
     out.append(Method("LW-SAM k=1 random", dict(sam_target_layers=last, sam_ascent="random")))
+    out.append(Method("LW-SAM k=1 momentum", dict(sam_target_layers=last, sam_ascent="momentum")))
     if norms is not None:  # the normalization layers only: in every block, so the ascent runs the full depth
         out += [Method("norms", dict(sam_target_layers=norms)),
                 Method("norms stale", dict(sam_target_layers=norms, sam_ascent="stale")),
-                Method("norms late from 70%", dict(sam_target_layers=norms, sam_start=0.7), 10)]
+                Method("norms late from 70%", dict(sam_target_layers=norms, sam_start=0.7), cycle=10)]
     return out
 
 
@@ -152,6 +155,7 @@ def run(method: Method, model, data, a, steps: int) -> tuple[list[float], float]
         common.update(max_length=a.seq_len, activation_checkpointing=a.sft_checkpointing)
         extra = dict(processing_class=a.tokenizer)
     timer = StepTimer(a.device)
+    common = method.training_args(common)  # the row's own TrainingArguments on top
     if method.sam is None:
         trainer = plain_cls(model=model, args=plain_config(**common), train_dataset=data, callbacks=[timer], **extra)
     else:

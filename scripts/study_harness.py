@@ -25,16 +25,25 @@ from hf_lwsam import LWSAMConfig, LWSAMTrainer
 MACHINE = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
+def machine(device: str = "cpu") -> str:
+    """What a run on `device` ran on: `MACHINE` for the CPU, else the accelerator's name and torch's version."""
+    if device == "cpu":
+        return MACHINE
+    return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+
+
 def cached(path: Path, config: dict[str, Any], make: Callable[[], dict | None],
            log: Callable[[str], None] | None = None) -> dict | None:
     """The run stored at `path` if it was made with `config`, else `make()` stored there with `config` (resumable).
 
     Args:
         path: the run's JSON file.
-        config: everything the run depends on; a stored run with another `config` is redone.
+        config: everything the run depends on (compared as JSON: a tuple equals the list it is stored as); a
+            stored run with another `config` is redone.
         make: runs it and returns its record (`config` is set on it); `None` (nothing run) stores nothing.
         log: told when a stored run is redone.
     """
+    config = json.loads(json.dumps(config))
     if path.exists():
         stored = json.loads(path.read_text())
         if stored.get("config") == config:
@@ -46,16 +55,27 @@ def cached(path: Path, config: dict[str, Any], make: Callable[[], dict | None],
         return None
     result = dict(result, config=config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    partial = path.with_name(f".{path.name}.{os.getpid()}")  # a run stopped while writing leaves no half a file
+    partial.write_text(json.dumps(result, indent=1))
+    partial.replace(path)
     return result
 
 
-def make_trainer(args: dict[str, Any], sam: dict[str, Any] | None, rho: float, **kwargs: Any) -> Trainer:
+def make_trainer(args: dict[str, Any], sam: dict[str, Any] | None, rho: float, sft: bool = False,
+                 **kwargs: Any) -> Trainer:
     """The stock `Trainer` with `TrainingArguments(**args)` for `sam=None` (plain AdamW), else an `LWSAMTrainer` with
-    `LWSAMConfig(**args, sam_rho=rho, **sam)`; `kwargs` go to the trainer (model, datasets, collator, ...)."""
+    `LWSAMConfig(**args, sam_rho=rho, **sam)`; with `sft`, TRL's `SFTTrainer` / `SFTConfig` and
+    `SFTLWSAMTrainer` / `SFTLWSAMConfig` instead. `kwargs` go to the trainer (model, datasets, collator, ...)."""
+    plain, plain_args, lw, lw_args = Trainer, TrainingArguments, LWSAMTrainer, LWSAMConfig
+    if sft:
+        import trl
+
+        from hf_lwsam.trl import SFTLWSAMConfig, SFTLWSAMTrainer
+
+        plain, plain_args, lw, lw_args = trl.SFTTrainer, trl.SFTConfig, SFTLWSAMTrainer, SFTLWSAMConfig
     if sam is None:
-        return Trainer(args=TrainingArguments(**args), **kwargs)
-    return LWSAMTrainer(args=LWSAMConfig(**args, sam_rho=rho, **sam), **kwargs)
+        return plain(args=plain_args(**args), **kwargs)
+    return lw(args=lw_args(**args, sam_rho=rho, **sam), **kwargs)
 
 
 def quiet(trainer: Trainer) -> Trainer:

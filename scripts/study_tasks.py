@@ -13,7 +13,8 @@ run depends on. Every asset is local: the offline defaults (`HF_HUB_OFFLINE=1`, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,179 @@ def run_config(task: str, budget: Budget | RobustBudget, lr: float | None = None
                   block=budget.lm_block, vocab=budget.lm_vocab, pretrain_steps=budget.lm_pretrain_steps,
                   eval_blocks=budget.lm_eval_blocks)
     return dict(task=task, **hp)
+
+
+# ------------------------------------------------------------------------------------------------- the tasks table
+@dataclass
+class Recipe:
+    """What one training run of a task is made of (`Task.recipe(task, hp, data, seed)`): the model, the splits, the
+    task's own `TrainingArguments` and trainer arguments, and how a split is scored."""
+
+    model: Any
+    splits: DatasetDict  # train / validation / test
+    args: dict[str, Any]  # epochs or steps, warm-up, evaluation batch, ...: on top of the runner's shared arguments
+    evaluate: Callable[[Trainer, str], dict[str, float]]  # (the trained trainer, a split's name) -> its metrics
+    tokens: Callable[[Trainer], int] | None  # tokens trained on (for tokens/s); None: not recorded
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # data_collator, compute_metrics, peft_config, ...
+    sft: bool = False  # TRL's SFTTrainer (SFTLWSAMTrainer with SAM) instead of the Trainer (LWSAMTrainer)
+    train: Dataset | None = None  # the training split as the trainer takes it (default: `splits["train"]`)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One row of the tasks table (`TASKS`).
+
+    Args:
+        name: its name on the command line and in cache keys.
+        suite: the suite that runs it by default, whose methods table it trains (`main`, `chat`, `robustness`).
+        family: the model family (`tweets`, `lm`, `chat`, `digits`: the robustness methods' layer patterns key on it).
+        data: the key its data is loaded under: tasks with the same key share one load (`cls-full`, `cls-lora`).
+        load: `(task, budget, cache_dir, log) -> data`, called once per `data` key, when a run needs training.
+        recipe: `(task, hp, data, seed) -> Recipe` for one run (`hp`: `run_config`'s configuration).
+        metric: `accuracy` or `perplexity` (lower is better).
+        epochs: the robustness protocol: several epochs validated every epoch, tested at the end and at the best
+            validation epoch; else trained once, tested at the end (and validated on seed 0 for a rho sweep).
+        lr_grid: AdamW's learning rate is chosen on validation (seed 0) from it, then every method trains with it;
+            `None`: the fixed learning rate of `run_config`.
+        method_in_config: each run's configuration holds the method's `sam_*` options, so a changed row is redone
+            (off for the first tasks, whose cached runs were made without them).
+        cost_files: `benchmark_throughput.py` JSON files (under `benchmarks/throughput/`, `{device}` filled in) whose
+            ratios stand for the methods' costs, through `cost_proxy` (method -> benchmark method).
+        measurable: `--measure_cost` times the methods on the task itself (its ratios win over `cost_files`').
+    """
+
+    name: str
+    suite: str
+    family: str
+    data: str
+    load: Callable[..., Any]
+    recipe: Callable[..., Recipe]
+    metric: str = "accuracy"
+    epochs: bool = False
+    lr_grid: tuple[float, ...] | None = None
+    method_in_config: bool = True
+    cost_files: tuple[str, ...] = ()
+    cost_proxy: dict[str, str] = field(default_factory=dict)
+    measurable: bool = True
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric == "perplexity"
+
+    def budget(self, quick: bool = False) -> Budget | RobustBudget:
+        """What sizes it: `RobustBudget` for the robustness protocol, else `Budget` (`quick`: the smoke sizes)."""
+        if self.epochs:
+            return QUICK_ROBUST if quick else RobustBudget()
+        return QUICK if quick else Budget()
+
+
+def _classification(splits: DatasetDict) -> Callable[[Trainer, str], dict[str, float]]:
+    def evaluate(trainer: Trainer, split: str) -> dict[str, float]:
+        metrics = trainer.evaluate(splits[split])
+        return dict(accuracy=metrics["eval_accuracy"], f1=metrics["eval_f1"])
+    return evaluate
+
+
+def _cls_recipe(task: Task, hp: dict, data: tuple[DatasetDict, Any], seed: int) -> Recipe:
+    from hf_lwsam.cli.metrics import classification_metrics
+
+    tweets, tokenizer = data
+    model = cls_model(lora=task.name == "cls-lora", seed=seed)
+    return Recipe(model, tweets, dict(per_device_eval_batch_size=128, num_train_epochs=hp["epochs"],
+                                      warmup_steps=hp["warmup_ratio"]),  # a float in [0, 1): a ratio of the steps
+                  _classification(tweets),
+                  lambda trainer: sum(len(ids) for ids in tweets["train"]["input_ids"]) * hp["epochs"],
+                  dict(data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=classification_metrics()[0]))
+
+
+def _lm_recipe(task: Task, hp: dict, data: tuple[str, DatasetDict], seed: int) -> Recipe:
+    import math
+
+    ckpt, blocks = data
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
+    set_seed(seed)
+    model = GPT2LMHeadModel.from_pretrained(ckpt)
+    model.loss_type = "ForCausalLM"
+    return Recipe(model, blocks, dict(per_device_eval_batch_size=32, max_steps=hp["steps"],
+                                      warmup_steps=hp["warmup_steps"]),
+                  lambda trainer, split: dict(perplexity=math.exp(trainer.evaluate(blocks[split])["eval_loss"])),
+                  lambda trainer: hp["steps"] * hp["batch"] * hp["block"],
+                  dict(data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)))
+
+
+def _chat_recipe(task: Task, hp: dict, chats: DatasetDict, seed: int) -> Recipe:
+    """A LoRA SFT of SmolLM2 (TRL's `SFTTrainer`), scored by the answer accuracy (`answer_accuracy`)."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from hf_lwsam.cli.sft_offline import answer_accuracy
+    from hf_lwsam.data import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    set_seed(seed)  # the LoRA initialisation depends on the seed
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path())
+    return Recipe(model, chats, dict(bf16=False, num_train_epochs=hp["epochs"], warmup_steps=hp["warmup_steps"],
+                                     max_length=hp["max_length"], activation_checkpointing=False),
+                  lambda trainer, split: dict(accuracy=answer_accuracy(trainer.model, tokenizer, chats[split])),
+                  lambda trainer: sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * hp["epochs"],
+                  dict(processing_class=tokenizer, peft_config=LoraConfig(**CHAT_LORA)), sft=True,
+                  train=chats["train"].remove_columns("label"))
+
+
+def _robust_recipe(task: Task, hp: dict, data: tuple[DatasetDict, Any], seed: int) -> Recipe:
+    from hf_lwsam.cli.metrics import classification_metrics
+
+    splits, collator = data
+    model = tiny_vit(seed) if task.family == "digits" else cls_model(lora=False, seed=seed)
+    return Recipe(model, splits, dict(per_device_eval_batch_size=128, num_train_epochs=hp["epochs"],
+                                      warmup_steps=hp["warmup_ratio"]),
+                  _classification(splits), None,
+                  dict(data_collator=collator, compute_metrics=classification_metrics()[0]))
+
+
+# The costs that stand for the methods' own (`Task.cost_files`): `benchmark_throughput.py`'s ratios of the same mode
+# and selection rule. The chat tasks: `--preset smollm2-135m --lora` (LoRA r=16 on every linear layer; SmolLM2's
+# default selection is block 29 + the final norm, the preset's k=1 with reuse; the probe is not measured).
+SMOLLM2_LORA_FILES = ("throughput_smollm2_lora_{device}.json",)
+CHAT_COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse",
+                   "fast preset": "full SAM late from 80%"}
+# The digits and tweets tasks: the benchmark's CPU shape (GPT-2, 6 layers, d=256, T=128): the cheaper roads' run,
+# then the late-phase runs: full SAM's modes side by side with the shorter late phases (3 rounds x 20 steps), then
+# the last 10% / 5% alone with AdamW, longer (5 rounds x 40 steps: one SAM step in 20 needs more steps to be timed
+# well), then full SAM and its last 20% / 10% the same way (a later file's figure replaces an earlier one's). The
+# tiny ViT's own step time is Python-bound and says nothing about a real model's.
+SHAPE_FILES = tuple(f"{name}_{{device}}.json" for name in ("cheaper_roads", "late_phase", "late_phase_long",
+                                                             "late_phase_final"))
+SHAPE_COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse", "LW-SAM stale": "LW-SAM k=1 stale",
+                    "LW-SAM interval=4": "LW-SAM k=1 reuse interval=4", "SAM on norms": "norms",
+                    "norms stale": "norms stale", "norms late 70%": "norms late from 70%",
+                    "full LookSAM k=5": "full SAM LookSAM interval=5", "full random": "full random",
+                    **{f"full SAM late {p}%": f"full SAM late from {p}%" for p in (70, 80, 90, 95)}}
+
+
+def _tweets(task: Task, budget: Budget, cache: Path, log) -> tuple[DatasetDict, Any]:
+    return tweet_splits(budget)
+
+
+def _lm(task: Task, budget: Budget, cache: Path, log) -> tuple[str, DatasetDict]:
+    return lm_assets(budget, cache, log)
+
+
+def _chats(task: Task, budget: Budget, cache: Path, log) -> DatasetDict:
+    return chat_splits(task.name, budget)
+
+
+def _robust(task: Task, budget: RobustBudget, cache: Path, log) -> tuple[DatasetDict, Any]:
+    return robust_data(task.name, budget)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("cls-full", "main", "tweets", "tweets", _tweets, _cls_recipe, method_in_config=False),
+    Task("cls-lora", "main", "tweets", "tweets", _tweets, _cls_recipe, method_in_config=False),
+    Task("lm", "main", "lm", "lm", _lm, _lm_recipe, metric="perplexity", method_in_config=False),
+    *[Task(name, "chat", "chat", name, _chats, _chat_recipe, cost_files=SMOLLM2_LORA_FILES,
+           cost_proxy=CHAT_COST_PROXY, measurable=False) for name in CHAT_TASKS],
+    *[Task(name, "robustness", name.split("-")[0], name, _robust, _robust_recipe, epochs=True,
+           lr_grid=tuple(ROBUST_LR_GRID[name.split("-")[0]]), cost_files=SHAPE_FILES, cost_proxy=SHAPE_COST_PROXY,
+           measurable=not name.startswith("digits")) for name in ROBUST_TASKS],
+]}

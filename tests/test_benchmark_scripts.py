@@ -101,6 +101,118 @@ def test_run_cache_keeps_a_run_made_with_the_same_config_and_redoes_another(tmp_
     assert harness.cached(tmp_path / "b.json", {}, lambda: None) is None and not (tmp_path / "b.json").exists()
 
 
+def test_method_rows_keep_sam_options_and_other_training_arguments_apart():
+    methods = _script("study_methods")
+    wsd = methods.Method("adamw WSD", None, args=dict(lr_scheduler_type="warmup_stable_decay",
+                                                      lr_scheduler_kwargs=dict(num_decay_steps=16)))
+    assert wsd.training_args(dict(seed=0, lr_scheduler_type="linear")) == dict(
+        seed=0, lr_scheduler_type="warmup_stable_decay", lr_scheduler_kwargs=dict(num_decay_steps=16))
+    assert methods.Method("m", dict(sam_selection="all"), rhos=(0.05, 0.3)).grid([0.01]) == [0.05, 0.3]
+    assert methods.Method("m", dict(sam_selection="all")).grid([0.01, 0.1]) == [0.01, 0.1]
+    with pytest.raises(ValueError, match=r"sets sam_rho: put the sam_\* options in `sam`"):
+        methods.Method("m", None, args=dict(sam_rho=0.1))
+    with pytest.raises(ValueError, match=r"'learning_rate'.* not sam_\*: put them in `args`"):
+        methods.Method("m", dict(learning_rate=1.0))
+    with pytest.raises(ValueError, match=r"rhos=\(0.1,\) and rho_from='full SAM' both set"):
+        methods.Method("m", dict(sam_selection="all"), rhos=(0.1,), rho_from="full SAM")
+    throughput = _script("benchmark_throughput")  # one row type for the accuracy and the throughput benchmarks
+    rows = throughput.methods(6, [1])
+    assert all(type(m) is methods.Method for m in rows) and rows[0].sam is None
+    assert {m.name: m.cycle for m in rows}["full SAM late from 95%"] == 20
+
+
+def _row(bench, task, name: str):
+    """The methods-table row `name` of `task`'s suite (every flag of the main suite on)."""
+    if task.epochs:
+        table = bench.robust_methods(task.family)
+    else:
+        table = bench.chat_methods() if task.suite == "chat" else bench.main_methods(True, None, True, True, True)
+    return next(m for m in table if m.name == name)
+
+
+def test_every_cached_run_keeps_its_key_and_configuration():
+    """The runner names each committed run's file and rebuilds the configuration it was made with, so reports are
+    rebuilt from the cache without training (the chat tasks' pilot runs were made with an earlier budget)."""
+    bench = _script("benchmark_accuracy")
+    paths = sorted((ROOT / "benchmarks" / "accuracy" / "runs").glob("*.json"))
+    assert len(paths) > 600
+    for path in paths:
+        run = json.loads(path.read_text())
+        task = bench.TASKS[run["task"]]
+        lr = run["config"]["lr"] if task.lr_grid else None
+        job = bench.Job(task.name, _row(bench, task, run["method"]), run["rho"], run["seed"], lr)
+        device = run["config"].get("device", "cpu")
+        assert bench.run_key(task, job, device) == path.stem
+        if task.suite != "chat":
+            config = bench.run_configuration(task, job, task.budget(), device)
+            assert json.loads(json.dumps(config)) == run["config"], path.name
+
+
+def test_gpu_runs_and_other_training_arguments_are_cached_apart():
+    bench, methods = _script("benchmark_accuracy"), _script("study_methods")
+    task = bench.TASKS["chat-noise40"]
+    job = bench.Job(task.name, _row(bench, task, "full SAM"), 0.05, 3)
+    assert bench.run_key(task, job, "cpu") == "chat-noise40__full_SAM__rho0.05__seed3"
+    assert bench.run_key(task, job, "cuda") == "chat-noise40__full_SAM__rho0.05__seed3__cuda"
+    cpu, gpu = (bench.run_configuration(task, job, task.budget(), device) for device in ("cpu", "cuda"))
+    assert gpu == dict(cpu, device="cuda") and cpu["sam"] == {"sam_selection": "all"} and "device" not in cpu
+    wsd = methods.Method("adamw WSD", None, args=dict(lr_scheduler_type="warmup_stable_decay"))
+    digits = bench.TASKS["digits-noise40"]
+    config = bench.run_configuration(digits, bench.Job(digits.name, wsd, 0.0, 0, 1e-3), digits.budget(), "cpu")
+    assert config["args"] == {"lr_scheduler_type": "warmup_stable_decay"} and config["lr"] == 1e-3
+    assert bench.run_key(digits, bench.Job(digits.name, wsd, 0.0, 0, 1e-3), "cpu") == (
+        "digits-noise40__adamw_WSD__rho0.0__seed0__lr0.001")
+
+
+def test_report_only_rebuilds_the_committed_study_report_byte_identical(tmp_path):
+    (tmp_path / "runs").symlink_to(ROOT / "benchmarks" / "accuracy" / "runs")
+    _run("scripts/benchmark_accuracy.py", "--suite", "robustness", "--tasks", "digits-noise40", "digits-noise20",
+         "--rhos", "0.01", "0.02", "0.05", "0.1", "0.2", "--seeds", *map(str, range(16)), "--report_only",
+         "--report", "robustness_study", "--out", str(tmp_path), timeout=600)
+    committed = ROOT / "benchmarks" / "accuracy" / "robustness_study.md"
+    assert (tmp_path / "robustness_study.md").read_bytes() == committed.read_bytes()
+
+
+def test_dry_run_lists_the_gpu_runs_to_do_and_writes_nothing(tmp_path):
+    stdout = _run("scripts/benchmark_accuracy.py", "--tasks", "chat-noise40", "--device", "cuda", "--dry_run",
+                  "--seeds", "0", "1", "--rhos", "0.05", "--out", str(tmp_path), timeout=300)
+    todo = [line.split("] ")[1] for line in stdout.splitlines() if line.endswith(": to run")]
+    assert todo == [f"chat-noise40__{m}__rho{rho}__seed{seed}__cuda: to run" for seed in (0, 1) for m, rho in (
+        ("adamw", 0.0), ("full_SAM", 0.05), ("fast_preset", 0.05), ("LW-SAM_default", 0.05))]
+    assert list(tmp_path.rglob("*.*")) == []
+
+
+def test_accuracy_benchmark_refuses_bad_flags_in_one_line(monkeypatch, capsys):
+    bench = _script("benchmark_accuracy")
+
+    def error(*args: str) -> str:
+        monkeypatch.setattr(sys, "argv", ["benchmark_accuracy.py", *args])
+        with pytest.raises(SystemExit) as exit_:
+            bench.main()
+        assert exit_.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    if not torch.cuda.is_available():
+        assert "--device cuda: no CUDA device here" in error("--tasks", "chat", "--device", "cuda")
+    assert "--methods nope: not in the chat suite's methods table" in error("--tasks", "chat", "--methods", "nope")
+    assert "do not belong to --suite main" in error("--suite", "main", "--tasks", "digits")
+    assert "mix the suites chat, main" in error("--tasks", "chat", "lm")
+    assert "--workers 0: give 1 or more" in error("--workers", "0")
+
+
+def test_a_method_rows_training_arguments_reach_the_trainer(tmp_path):
+    """A row that only changes TrainingArguments (here the learning-rate schedule) trains differently from AdamW on
+    the same seed, and its run records the machine."""
+    bench, methods = _script("benchmark_accuracy"), _script("study_methods")
+    task = bench.TASKS["digits"]
+    ctx = dict(out=tmp_path, cache=tmp_path / "cache", log=print, device="cpu", data={})
+    runs = [bench.train_and_eval(task, bench.Job(task.name, m, 0.0, 0, 3e-3), task.budget(quick=True), ctx)
+            for m in (methods.Method("adamw"), methods.Method("adamw constant", None,
+                                                              args=dict(lr_scheduler_type="constant")))]
+    assert [len(r["train_loss_curve"]) for r in runs] == [3, 3] and runs[0]["machine"] == bench.MACHINE
+    assert runs[0]["train_loss_curve"][0] != runs[1]["train_loss_curve"][0]  # the warm-up and decay differ
+
+
 def test_symmetric_label_noise_flips_the_stated_share_to_other_classes():
     from hf_lwsam.data import load_tweets
 
@@ -190,15 +302,20 @@ def test_throughput_benchmark_smollm2_preset(lora, tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in result["results"])
 
 
-@pytest.mark.slow  # SmolLM2 LoRA SFT: AdamW and the three SAM methods, 2 steps each
+@pytest.mark.slow  # SmolLM2 LoRA SFT: the chat suite's AdamW and three SAM rows, 2 steps each
 def test_accuracy_benchmark_chat_task_quick(tmp_path):
     _run("scripts/benchmark_accuracy.py", "--quick", "--tasks", "chat-noise40", "--seeds", "0", "--out", str(tmp_path),
          timeout=1800)
-    table = (tmp_path / "quick" / "accuracy.md").read_text()
-    for method in ("adamw", "full SAM", "LW-SAM default", "LW-SAM probe k=2"):
+    table = (tmp_path / "quick" / "accuracy_smollm2.md").read_text()
+    for method in ("adamw", "full SAM", "fast preset", "LW-SAM default"):
         assert f"| chat-noise40 | {method} |" in table
-    run = json.loads((tmp_path / "quick" / "runs" / "chat-noise40__LW-SAM_default__rho0.05__seed0.json").read_text())
+    runs = tmp_path / "quick" / "runs"
+    run = json.loads((runs / "chat-noise40__LW-SAM_default__rho0.05__seed0.json").read_text())
     assert 0 <= run["test"]["accuracy"] <= 1 and run["perturbed"] and all("lora_" in n for n in run["perturbed"])
+    assert run["config"]["sam"] == {"sam_selection": "pattern"} and run["machine"]
+    fast = json.loads((runs / "chat-noise40__fast_preset__rho0.05__seed0.json").read_text())
+    assert fast["config"]["sam"] == {"sam_preset": "fast"} and len(fast["perturbed"]) == len(
+        json.loads((runs / "chat-noise40__full_SAM__rho0.05__seed0.json").read_text())["perturbed"])
 
 
 @pytest.mark.slow  # the real SmolLM2-135M, 2 LoRA steps

@@ -1,0 +1,148 @@
+"""The studies' methods as tables: a `Method` is one row (a name, its `sam_*` options, any other `TrainingArguments`
+it changes, and how it gets its rho). `benchmark_accuracy.py` trains each row on each task; `benchmark_throughput.py`
+times rows of the same type.
+
+Adding a method is one row in a table (`main_methods`, `chat_methods`, `robust_methods`; `benchmark_throughput.py`'s
+`methods`). The row's name is its cache key (`benchmarks/accuracy/runs/<task>__<name>__rho<rho>__seed<seed>.json`),
+so a new name never reuses another row's runs. For example:
+
+    # one-pass SAM from the optimizer's momentum, rho chosen on validation (seed 0) from its own grid
+    Method("momentum SAM", dict(sam_selection="all", sam_ascent="momentum"), rhos=(0.05, 0.1, 0.3))
+    # the same at a fixed rho: a one-value grid is no sweep
+    Method("momentum SAM rho=0.3", dict(sam_selection="all", sam_ascent="momentum"), rhos=(0.3,))
+    # AdamW with another learning-rate schedule: extra TrainingArguments, no SAM
+    Method("adamw WSD", None, args=dict(lr_scheduler_type="warmup_stable_decay",
+                                        lr_scheduler_kwargs=dict(num_decay_steps=16)))
+    # a schedule over another row's layers and perturbation size: it takes that row's chosen rho
+    Method("LW-SAM stale", dict(sam_selection="pattern", sam_ascent="stale"), rho_from="LW-SAM default")
+
+The options and `args` go into each cached run's configuration (where its task records the method: the robustness
+and chat tasks; and `args` everywhere), so a row whose options change is run again rather than read from the cache.
+
+    >>> Method("adamw WSD", None, args=dict(lr_scheduler_type="warmup_stable_decay")).training_args(dict(seed=0))
+    {'seed': 0, 'lr_scheduler_type': 'warmup_stable_decay'}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Method:
+    """One row of a methods table.
+
+    Args:
+        name: the row's label in tables and its cache key.
+        sam: its `sam_*` options (`LWSAMConfig`); `None`: plain training through the stock `Trainer` (AdamW).
+        args: other `TrainingArguments` it sets on top of the task's (`lr_scheduler_type`, `lr_scheduler_kwargs`,
+            ...), for plain and SAM rows alike.
+        rhos: its own rho grid (chosen on validation, seed 0, when it has several values); `None`: the study's grid.
+        rho_from: take this row's chosen rho instead of sweeping (a schedule over the same layers and e_S).
+        cycle: `benchmark_throughput.py`: its timed steps are a multiple of this (whole `sam_interval` cycles, whole
+            late-phase runs).
+    """
+
+    name: str
+    sam: dict[str, Any] | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    rhos: tuple[float, ...] | None = None
+    rho_from: str | None = None
+    cycle: int = 1
+
+    def __post_init__(self) -> None:
+        misplaced = sorted(k for k in self.args if k.startswith("sam_"))
+        if misplaced:
+            raise ValueError(f"Method {self.name!r}: args={self.args!r} sets {', '.join(misplaced)}: put the sam_* "
+                             "options in `sam` instead.")
+        if self.sam is not None and any(not k.startswith("sam_") for k in self.sam):
+            raise ValueError(f"Method {self.name!r}: sam={self.sam!r} holds options that are not sam_*: put them in "
+                             "`args` instead.")
+        if self.rhos is not None and self.rho_from is not None:
+            raise ValueError(f"Method {self.name!r}: rhos={self.rhos!r} and rho_from={self.rho_from!r} both set: "
+                             "give one of them.")
+
+    def training_args(self, task_args: dict[str, Any]) -> dict[str, Any]:
+        """The task's `TrainingArguments` with this row's `args` on top."""
+        return {**task_args, **self.args}
+
+    def grid(self, rhos: list[float]) -> list[float]:
+        """The rhos this row is swept over: its own `rhos`, else the study's `rhos`."""
+        return list(self.rhos) if self.rhos is not None else list(rhos)
+
+
+EMBEDDINGS = r".*(embeddings|wte|wpe)"  # BERT's embedding block, GPT-2's token and position embeddings
+FULL, PATTERN = dict(sam_selection="all"), dict(sam_selection="pattern")
+
+
+def main_methods(asam: bool = False, asam_rhos: list[float] | None = None, probe_no_embeddings: bool = False,
+                 schedules: bool = False, probe_modes: bool = False) -> list[Method]:
+    """The main suite's rows (cls, lm): AdamW, full SAM, the layer-wise default and the probe; the flags add rows."""
+    probe = dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25)
+    out = [Method("adamw"), Method("full SAM", dict(FULL)), Method("LW-SAM default", dict(PATTERN)),
+           Method("LW-SAM probe k=2", dict(probe, sam_probe_granularity="layer"))]
+    if asam:  # ASAM scales e by |w|, so it needs a larger rho: its own grid
+        grid = tuple(asam_rhos or (0.1, 0.5, 1.0))
+        out += [Method("full ASAM", dict(FULL, sam_adaptive=True), rhos=grid),
+                Method("LW-ASAM default", dict(PATTERN, sam_adaptive=True), rhos=grid)]
+    if probe_no_embeddings:  # the probe without the embeddings as candidates: their summed gradients rank them high
+        out.append(Method("LW-SAM probe k=2 no-emb", dict(probe, sam_exclude_layers=EMBEDDINGS,
+                                                          sam_probe_granularity="layer")))
+    if probe_modes:  # the probe's candidates at block granularity, ranked by gradient norm or per unit of cost
+        out += [Method(f"LW-SAM probe k=2 block{'/cost' if metric.endswith('cost') else ''}",
+                       dict(probe, sam_probe_granularity="block", sam_probe_metric=metric))
+                for metric in ("grad_norm", "grad_norm_per_cost")]
+    if schedules:  # the ascent schedules on the default pattern: a stale ascent (one pass), and SAM every 4th step
+        out += [Method("LW-SAM stale", dict(PATTERN, sam_ascent="stale")),
+                Method("LW-SAM interval=4", dict(PATTERN, sam_interval=4))]
+    return out
+
+
+def chat_methods() -> list[Method]:
+    """The SmolLM2 chat study's rows: AdamW, full SAM (`sam_preset="exact"`), `sam_preset="fast"` (full SAM over the
+    last 20% of the run) and the layer-wise default."""
+    return [Method("adamw"), Method("full SAM", dict(FULL)), Method("fast preset", dict(sam_preset="fast")),
+            Method("LW-SAM default", dict(PATTERN))]
+
+
+# The probe mode the robustness suite runs: the options spelled out, so that the cache notices a changed default.
+PROBE = dict(sam_selection="probe", sam_top_k=2, sam_probe_interval=25, sam_probe_granularity="block",
+             sam_probe_metric="grad_norm_per_cost")
+
+# How deep must the perturbation reach? The output half of the trunk (ViT: blocks 2-3 of 4; MiniLM: 3-5 of 6) + head.
+LAST_HALF = {"digits": r"vit\.layers\.[23]|vit\.layernorm|classifier",
+             "tweets": r"bert\.encoder\.layer\.[345]|bert\.pooler\.dense|classifier"}
+
+# Where does full SAM's gain come from? SAM over one part of the model at a time, as sam_target_layers.
+LOCATIONS = {
+    "digits": {"embeddings": r"vit\.embeddings", "input half": r"vit\.layers\.[01]",
+               "output half": r"vit\.layers\.[23]", "norms": r".*layernorm.*",
+               "attention": r"vit\.layers\.\d+\.attention", "mlp": r"vit\.layers\.\d+\.mlp", "head": r"classifier"},
+    "tweets": {"embeddings": r"bert\.embeddings", "input half": r"bert\.encoder\.layer\.[012]",
+               "output half": r"bert\.encoder\.layer\.[345]", "norms": r".*LayerNorm",
+               "attention": r"bert\.encoder\.layer\.\d+\.attention",
+               "mlp": r"bert\.encoder\.layer\.\d+\.(intermediate|output)", "head": r"bert\.pooler\.dense|classifier"},
+}
+
+
+def robust_methods(family: str) -> list[Method]:
+    """The robustness suite's rows for the `digits` or `tweets` models; a schedule over another row's layers and e_S
+    takes that row's chosen rho (`rho_from`)."""
+    norms = dict(PATTERN, sam_target_layers=LOCATIONS[family]["norms"])
+    return [Method("adamw"), Method("full SAM", dict(FULL)),
+            Method("LW-SAM default", dict(PATTERN)), Method("LW-SAM probe", dict(PROBE)),
+            Method("LW-SAM stale", dict(PATTERN, sam_ascent="stale"), rho_from="LW-SAM default"),
+            Method("LW-SAM interval=4", dict(PATTERN, sam_interval=4), rho_from="LW-SAM default"),
+            Method("LW-SAM last half", dict(PATTERN, sam_target_layers=LAST_HALF[family])),
+            *[Method(f"SAM on {where}", dict(PATTERN, sam_target_layers=regex))
+              for where, regex in LOCATIONS[family].items()],
+            # The cheap modes: on every parameter, and on the normalization layers (SAM-ON's selection).
+            Method("full LookSAM k=5", dict(FULL, sam_interval=5, sam_interval_reuse="looksam"), rho_from="full SAM"),
+            *[Method(f"full SAM late {start:.0%}", dict(FULL, sam_start=start), rho_from="full SAM")
+              for start in (0.7, 0.8, 0.9, 0.95)],  # SAM over the last 30% / 20% / 10% / 5% of the run
+            Method("full random", dict(FULL, sam_ascent="random")),
+            Method("norms stale", dict(norms, sam_ascent="stale"), rho_from="SAM on norms"),
+            Method("norms late 70%", dict(norms, sam_start=0.7), rho_from="SAM on norms"),
+            Method("norms LookSAM k=5", dict(norms, sam_interval=5, sam_interval_reuse="looksam"),
+                   rho_from="SAM on norms")]
