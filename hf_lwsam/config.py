@@ -447,7 +447,8 @@ def sam_option_docs() -> list[dict[str, Any]]:
     for f in fields(LWSAMConfigMixin):
         if not f.name.startswith("sam_"):
             continue
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = LWSAMConfigMixin.__annotations__.get(f.name, f.type)  # as written: HfArgumentParser rewrites f.type
+        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
         kind = " or ".join(part.strip() for part in kind.split("|") if part.strip() != "None")
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         options.append({"name": f.name, "type": kind, "default": None if default is MISSING else default,
