@@ -236,7 +236,7 @@ def test_help_renders_every_help_string(command, capsys):
         importlib.import_module(command).main(["--help"])
     text = capsys.readouterr().out
     assert exit_info.value.code == 0
-    assert "s % sam_interval == 0" in " ".join(text.split())
+    assert "(s - start) % sam_interval == 0" in " ".join(text.split())
     assert "option_strings" not in text and "--sam_interval" in text and "--learning_rate" in text
     # a description and examples first, then the sam_* options as their own group before the stock flags
     head, options = text.split("LW-SAM options (--sam_*):", 1)
