@@ -17,7 +17,8 @@ from __future__ import annotations
 try:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 except ImportError as e:  # an optional extra
-    raise ImportError('hf_lwsam.trl needs TRL: pip install "hf_lwsam[trl]" (or pip install trl).') from e
+    raise ImportError('hf_lwsam.trl needs TRL: pip install "trl>=1.16" (or, in a clone of hf_lwsam, '
+                      'pip install -e ".[trl]").') from e
 
 from .config import lwsam_config
 from .trainer import lwsam_trainer

@@ -108,7 +108,7 @@ def test_grpo_is_refused_with_the_reason():
 def test_importing_hf_lwsam_trl_without_trl_says_how_to_install():
     code = "import sys; sys.modules['trl'] = None\ntry:\n import hf_lwsam.trl\nexcept ImportError as e: print(e)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
-    assert 'pip install "hf_lwsam[trl]"' in out
+    assert 'pip install "trl>=1.16"' in out and 'pip install -e ".[trl]"' in out
 
 
 # --------------------------------------------------------------------------------------------------- SFT

@@ -1,0 +1,336 @@
+"""The docs are tested: every Python block of README.md and docs/ runs, every `hf-lwsam-*` command shown is accepted
+by the real parser, every relative link and repository path exists, the generated reference pages are current and
+byte-stable, the API reference names every public object, and `mkdocs build --strict` fails on a broken link, a
+missing anchor and a missing page."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+REPORTS = DOCS / "benchmarks"  # a link to ../benchmarks: the scripts' own reports, checked where they are written
+FENCE_MARKERS = {"notest", "slow", "gpu"}  # the only ways a Python block is not run by the default suite
+PROCESS_WORDS = re.compile(r"this session|earlier session|this round|issue [0-9]{1,2}\b|was lent|this turn", re.I)
+PATH_ROOTS = ("hf_lwsam/", "scripts/", "tests/", "benchmarks/", "docs/", ".ci/", "model_cards/")
+ROOT_FILES = {"README.md", "pyproject.toml", "mkdocs.yml", ".ci/run"}
+COMMANDS = {"hf-lwsam-train", "hf-lwsam-sft"}
+
+
+def doc_files() -> list[Path]:
+    pages = [p for p in sorted(DOCS.rglob("*.md")) if REPORTS not in p.parents]
+    return [REPO / "README.md", *pages]
+
+
+@dataclass
+class Block:
+    path: Path
+    line: int
+    lang: str
+    markers: set[str]
+    heading: str
+    code: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.relative_to(REPO)}:{self.line}"
+
+
+def blocks(path: Path) -> list[Block]:
+    """The fenced code blocks of a Markdown file, with the heading they sit under."""
+    found, heading, fence, start, body, info = [], "", None, 0, [], ""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if fence is None:
+            if line.startswith("#"):
+                heading = line.lstrip("#").strip()
+            match = re.match(r"^\s*(`{3,})(.*)$", line)
+            if match:
+                fence, info, start, body = match.group(1), match.group(2).strip(), number, []
+        elif line.strip() == fence:
+            words = info.split()
+            lang = words[0] if words else ""
+            found.append(Block(path, start, lang, set(words[1:]), heading, "\n".join(body) + "\n"))
+            fence = None
+        else:
+            body.append(line)
+    return found
+
+
+def python_blocks() -> list:
+    params = []
+    for path in doc_files():
+        for block in blocks(path):
+            if block.lang != "python" or "notest" in block.markers:
+                continue
+            marks = [getattr(pytest.mark, m) for m in ("slow", "gpu") if m in block.markers]
+            params.append(pytest.param(block, id=block.id, marks=marks))
+    return params
+
+
+# ------------------------------------------------------------------------------------------- Python blocks run
+def _check_readme_usage(namespace: dict, out: str) -> None:
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 8  # 256 tweets / batch 32, one epoch
+    assert any("sam/sharpness" in log for log in trainer.state.log_history)
+    assert "eval_loss" in out
+
+
+def _check_readme_trl(namespace: dict, out: str) -> None:
+    sft = namespace["sft"]
+    assert sft.state.global_step == 4
+    assert any("sam/sharpness" in log and "num_tokens" in log for log in sft.state.log_history)
+
+
+def _check_trl_guide(namespace: dict, out: str) -> None:
+    sft, dpo = namespace["sft"], namespace["dpo"]
+    assert sft.state.global_step == 4 and dpo.state.global_step == 2
+    assert any("lora_" in n for n in dpo.perturbed_parameter_names())
+    assert any("sam/sharpness" in log and "num_tokens" in log for log in sft.state.log_history)
+    assert any("sam/sharpness" in log and "rewards/margins" in log for log in dpo.state.log_history)
+    assert dpo.reuse_disabled_reason is None
+
+
+# What a block must have done beyond running, by (file, heading).
+CHECKS = {
+    ("README.md", "Usage"): _check_readme_usage,
+    ("README.md", "With TRL"): _check_readme_trl,
+    ("docs/guides/trl.md", "TRL: `SFTTrainer` and `DPOTrainer`"): _check_trl_guide,
+}
+
+
+def test_python_fences_use_only_known_markers():
+    unknown = {b.id: b.markers - FENCE_MARKERS for p in doc_files() for b in blocks(p)
+               if b.lang == "python" and b.markers - FENCE_MARKERS}
+    assert not unknown, f"unknown fence markers (use {sorted(FENCE_MARKERS)}): {unknown}"
+    keys = {(str(b.path.relative_to(REPO)), b.heading) for p in doc_files() for b in blocks(p) if b.lang == "python"}
+    assert set(CHECKS) <= keys  # every check still finds its block
+
+
+@pytest.mark.parametrize("block", python_blocks())
+def test_python_block_runs(block: Block, tmp_path, monkeypatch, capsys):
+    if "gpu" in block.markers:
+        torch = pytest.importorskip("torch")
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(block.code, block.id, "exec"), namespace)
+    check = CHECKS.get((str(block.path.relative_to(REPO)), block.heading))
+    if check is not None:
+        check(namespace, capsys.readouterr().out)
+
+
+# ------------------------------------------------------------------------------------- commands are accepted
+def _commands_in(text: str) -> list[list[str]]:
+    """Every `hf-lwsam-*` invocation in shell text: continuation lines joined, comments dropped, split at && ; |."""
+    commands = []
+    for line in text.replace("\\\n", " ").splitlines():
+        try:
+            tokens = shlex.split(line, comments=True)
+        except ValueError:
+            continue
+        command: list[str] = []
+        for token in [*tokens, "&&"]:
+            if token in ("&&", ";", "|", "||"):
+                if command and command[0] in COMMANDS:
+                    commands.append(command)
+                command = []
+            else:
+                command.append(token)
+    return commands
+
+
+def shown_commands() -> list:
+    from hf_lwsam.cli import args, sft
+
+    found = []
+    for path in doc_files():
+        for block in blocks(path):
+            if block.lang in ("bash", "sh", "shell", "console", "text", ""):
+                found += [(f"{block.id}", c) for c in _commands_in(block.code)]
+        prose = re.sub(r"^\s*`{3,}.*?^\s*`{3,}", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+        for span in re.findall(r"`([^`\n]+)`", prose):
+            found += [(f"{path.relative_to(REPO)} (inline)", c) for c in _commands_in(span)]
+    for name, parser in (("hf-lwsam-train --help", args.make_parser()), ("hf-lwsam-sft --help", sft.make_parser())):
+        found += [(name, c) for c in _commands_in(parser.description)]
+    return [pytest.param(argv, id=f"{where}: {shlex.join(argv)[:60]}") for where, argv in found]
+
+
+# The one refusal that is about the machine, not the command: SFTConfig turns bf16 on, and this CPU has none.
+MACHINE_REFUSALS = ("--bf16 is on (SFTConfig's default) and this machine has no bf16 accelerator",)
+
+
+@pytest.mark.parametrize("argv", shown_commands())
+def test_shown_command_is_accepted_by_its_parser(argv, monkeypatch):
+    from hf_lwsam.cli import args, sft
+    from hf_lwsam.cli.args import UsageError
+
+    monkeypatch.chdir(REPO)  # paths in commands are relative to the repository root
+    command, flags = argv[0], argv[1:]
+    if "--help" in flags:
+        with pytest.raises(SystemExit) as exit_info:
+            (args.make_parser() if command == "hf-lwsam-train" else sft.make_parser()).parse_args(flags)
+        assert exit_info.value.code == 0
+        return
+    try:
+        args.parse_args(flags) if command == "hf-lwsam-train" else sft.parse_args(flags)
+    except UsageError as error:
+        assert str(error).startswith(MACHINE_REFUSALS), f"{shlex.join(argv)}: {error}"
+
+
+def test_commands_are_found_in_every_place_they_are_shown():
+    found = [p.values[0] for p in shown_commands()]
+    assert sum(c[0] == "hf-lwsam-sft" for c in found) >= 3 and sum(c[0] == "hf-lwsam-train" for c in found) >= 8
+
+
+# -------------------------------------------------------------------------------------- links and paths exist
+def _link_targets(text: str) -> list[str]:
+    text = re.sub(r"^\s*`{3,}.*?^\s*`{3,}", "", text, flags=re.S | re.M)  # not inside code blocks
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text)
+
+
+def _repository_paths(text: str) -> list[str]:
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"^\s*`{3,}.*?^\s*`{3,}", "", text, flags=re.S | re.M))
+    return [s for s in spans if " " not in s and (s.startswith(PATH_ROOTS) or s.split("::")[0] in ROOT_FILES)]
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_and_repository_paths_exist(path: Path):
+    text = path.read_text(encoding="utf-8")
+    missing = []
+    for target in _link_targets(text):
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            continue  # a URL, or an anchor on the page (mkdocs checks anchors)
+        if not (path.parent / target.split("#")[0]).exists():
+            missing.append(target)
+    for named in _repository_paths(text):
+        file, _, test = named.partition("::")
+        pattern = re.sub(r"<[^>]+>", "*", file)
+        matches = list(REPO.glob(pattern.rstrip("/"))) if "*" in pattern else [REPO / file]
+        if not any(m.exists() for m in matches):
+            missing.append(named)
+        elif test and not re.search(rf"^def {re.escape(test)}\(", matches[0].read_text(), re.M):
+            missing.append(named)
+    assert not missing, f"{path.relative_to(REPO)} names what does not exist: {missing}"
+
+
+# ------------------------------------------------------------------------------------------ honest, short text
+def test_readme_has_at_most_250_lines():
+    assert len((REPO / "README.md").read_text(encoding="utf-8").splitlines()) <= 250
+
+
+def test_no_text_talks_about_how_the_project_is_made():
+    files = [*doc_files(), *sorted((REPO / "hf_lwsam").rglob("*.py")), *sorted((REPO / "hf_lwsam").rglob("*.j2"))]
+    hits = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in files
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if PROCESS_WORDS.search(line)]
+    assert not hits, "\n".join(hits)
+
+
+# -------------------------------------------------------------------------------- one source for every option
+def _generator():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gen_docs
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return gen_docs
+
+
+def test_generated_pages_equal_what_the_generator_writes():
+    """The committed pages were written by another process (another hash seed): equal bytes here also show that the
+    generator holds no timestamp and no set or hash order."""
+    stale = _generator().stale_pages()
+    assert not stale, f"run python scripts/gen_docs.py: {sorted(stale)} differ from what it writes"
+
+
+def test_the_options_docstring_and_page_list_every_sam_field():
+    from hf_lwsam import LWSAMConfig
+    from hf_lwsam.config import sam_option_docs
+
+    page = (DOCS / "reference" / "options.md").read_text(encoding="utf-8")
+    for option in sam_option_docs():
+        assert f"## `{option['name']}`" in page
+        entry = re.search(rf"^        {option['name']} \(`{re.escape(option['type'])}`, \*optional\*.*?\):\n"
+                          rf"((?:            .*\n)+)", LWSAMConfig.__doc__, re.M)
+        assert entry, option["name"]
+        assert " ".join(entry.group(1).split()).startswith(" ".join(option["help"].split()))
+
+
+def test_api_reference_names_every_public_object():
+    import hf_lwsam
+
+    api = (DOCS / "reference" / "api.md").read_text(encoding="utf-8")
+    missing = [name for name in hf_lwsam.__all__ if f"::: hf_lwsam.{name}\n" not in api]
+    assert not missing, f"docs/reference/api.md lacks ::: hf_lwsam.NAME for {missing}"
+
+
+# ------------------------------------------------------------------------------ the strict build fails on errors
+def _mkdocs(site: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(site / "mkdocs.yml"),
+                           "-d", str(site / "site")], cwd=site, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+
+
+def _small_site(root: Path) -> Path:
+    """Two pages built with this repository's theme, Markdown extensions and `validation:` settings."""
+    config = yaml.safe_load((REPO / "mkdocs.yml").read_text(encoding="utf-8"))
+    small = {key: config[key] for key in ("theme", "validation", "markdown_extensions")}
+    small.update(site_name="check", docs_dir="docs", nav=[{"Home": "index.md"}, {"Other": "other.md"}],
+                 plugins=["search"])
+    (root / "docs").mkdir(parents=True)
+    (root / "mkdocs.yml").write_text(yaml.safe_dump(small), encoding="utf-8")
+    (root / "docs" / "index.md").write_text("# Home\n\nSee [the section](other.md#a-section).\n", encoding="utf-8")
+    (root / "docs" / "other.md").write_text("# Other\n\n## A section\n\nText.\n", encoding="utf-8")
+    return root
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (None, None),
+    ("link", "missing.md"),
+    ("anchor", "no-such-section"),
+    ("page", "gone.md"),
+])
+def test_strict_build_fails_on_a_broken_link_anchor_or_page(breakage, expected, tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("material")
+    site = _small_site(tmp_path)
+    index, config = site / "docs" / "index.md", site / "mkdocs.yml"
+    if breakage == "link":
+        index.write_text("# Home\n\nSee [a page](missing.md).\n", encoding="utf-8")
+    elif breakage == "anchor":
+        index.write_text("# Home\n\nSee [the section](other.md#no-such-section).\n", encoding="utf-8")
+    elif breakage == "page":
+        config.write_text(config.read_text().replace("other.md", "gone.md"), encoding="utf-8")
+        (site / "docs" / "other.md").unlink()
+        index.write_text("# Home\n", encoding="utf-8")
+    result = _mkdocs(site)
+    if breakage is None:
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        assert result.returncode != 0 and expected in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow  # the whole site, with the API pages imported by mkdocstrings
+def test_the_real_site_builds_and_one_broken_link_fails_it(tmp_path):
+    pytest.importorskip("mkdocstrings")
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    shutil.copy(REPO / "mkdocs.yml", copy / "mkdocs.yml")
+    shutil.copytree(DOCS, copy / "docs", symlinks=True)
+    (copy / "benchmarks").symlink_to(REPO / "benchmarks")
+    assert _mkdocs(copy).returncode == 0
+    page = copy / "docs" / "guides" / "trl.md"
+    page.write_text(page.read_text() + "\n[broken](no-such-page.md)\n", encoding="utf-8")
+    result = _mkdocs(copy)
+    assert result.returncode != 0 and "no-such-page.md" in result.stderr
