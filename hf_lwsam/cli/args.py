@@ -120,9 +120,10 @@ class TrainArguments(LWSAMConfig):
     )
     measure_plain_steps: int = field(
         default=4,
-        metadata={"help": "Time this many micro-batches, spread over the run, with both a plain (non-SAM) and the "
-                          "LW-SAM step to report LW-SAM's overhead (single process only; 0 disables). The plain "
-                          "step's gradients are discarded, so the weights are trained as without it."},
+        metadata={"help": "Time this many micro-batches of SAM steps, spread over the run's SAM steps, with both the "
+                          "SAM step and a plain (non-SAM) step, to report the SAM step's cost in the mode that runs "
+                          "(single process only; 0 disables). The plain step's gradients are discarded, so the "
+                          "weights are trained as without it."},
     )
 
 
