@@ -342,7 +342,8 @@ def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[flo
     finals = {n: [r for r in runs if r["seed"] in paired] for n, runs in finals.items()}
     finals = {n: runs for n, runs in finals.items() if runs}
     if methods[0].name not in finals:
-        log(f"{name}: no AdamW run to compare with: left out")
+        if not ctx["dry_run"]:
+            log(f"{name}: no AdamW run to compare with: left out")
         return None
     return finals, chosen, lr
 
@@ -722,7 +723,8 @@ def main() -> None:
         if "pool" in ctx:
             ctx["pool"].shutdown()
     if a.dry_run or not results:
-        ctx["log"]("nothing written" + (" (--dry_run)" if a.dry_run else ": no task has runs to report"))
+        ctx["log"](f"--dry_run: {len(ctx.get('listed', ()))} runs to do, nothing written" if a.dry_run else
+                   "nothing written: no task has runs to report")
         return
     (report_robust if suite == "robustness" else report_main)(a, results, seeds, rhos, ctx)
 

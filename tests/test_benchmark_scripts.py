@@ -200,6 +200,64 @@ def test_accuracy_benchmark_refuses_bad_flags_in_one_line(monkeypatch, capsys):
     assert "--workers 0: give 1 or more" in error("--workers", "0")
 
 
+def test_time_budget_spent_starts_no_run(tmp_path):
+    stdout = _run("scripts/benchmark_accuracy.py", "--suite", "robustness", "--quick", "--tasks", "digits",
+                  "--time_budget", "0", "--out", str(tmp_path), timeout=300)
+    assert "digits__adamw__rho0.0__seed0__lr0.001: not started (--time_budget spent)" in stdout
+    assert "nothing written: no task has runs to report" in stdout and not list(tmp_path.rglob("*.json"))
+
+
+@pytest.mark.slow  # 2 x 6 tiny-ViT runs
+def test_worker_processes_make_the_same_runs_as_one_process(tmp_path):
+    args = ("scripts/benchmark_accuracy.py", "--suite", "robustness", "--quick", "--tasks", "digits", "--threads", "1",
+            "--seeds", "0", "1", "--methods", "full SAM", "LW-SAM stale")
+    _run(*args, "--out", str(tmp_path / "one"), timeout=1800)
+    _run(*args, "--workers", "2", "--out", str(tmp_path / "two"), timeout=1800)
+    one, two = (sorted((tmp_path / d / "quick" / "runs").glob("*.json")) for d in ("one", "two"))
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 6
+    for a, b in zip(one, two):
+        ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+        assert (ra["test"], ra["train_loss_curve"]) == (rb["test"], rb["train_loss_curve"]), a.name
+    report = [(tmp_path / d / "quick" / "robustness.md").read_text() for d in ("one", "two")]
+    assert report[0] == report[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chat_task_on_the_gpu_is_cached_apart(tmp_path):
+    _run("scripts/benchmark_accuracy.py", "--quick", "--tasks", "chat-noise40", "--device", "cuda", "--seeds", "0",
+         "--methods", "full SAM", "--workers", "2", "--out", str(tmp_path), timeout=1800)
+    runs = sorted(p.name for p in (tmp_path / "quick" / "runs").glob("*.json"))
+    assert runs == ["chat-noise40__adamw__rho0.0__seed0__cuda.json", "chat-noise40__full_SAM__rho0.05__seed0__cuda.json"]
+    run = json.loads((tmp_path / "quick" / "runs" / runs[1]).read_text())
+    assert run["config"]["device"] == "cuda" and torch.cuda.get_device_name() in run["machine"]
+    assert torch.cuda.get_device_name() in (tmp_path / "quick" / "accuracy_smollm2_cuda.md").read_text()
+
+
+def test_device_check_plan_fits_one_call_and_runs_the_fsdp2_check():
+    plan = subprocess.run(["bash", "scripts/device_check.sh", "--plan"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    steps = {line.split(":")[0]: int(line.split("at most ")[1].split("s")[0]) for line in plan.stdout.splitlines()
+             if ": at most " in line and not line.startswith("total")}
+    assert list(steps) == ["fsdp2_check", "gpu_check_works_with", "gpu_check", "gpu_tests", "throughput_gpt2-350m"]
+    assert "scripts/accelerate_configs/fsdp2.yaml --num_processes 1 scripts/gpu_check_fsdp2.py" in plan.stdout
+    assert plan.stdout.strip().endswith("total: at most 530s of TOTAL=530s") and sum(steps.values()) + 30 <= 530
+    tight = subprocess.run(["bash", "scripts/device_check.sh", "--plan"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, env=dict(os.environ, TOTAL="400"))
+    assert tight.returncode == 1  # steps that could not all fit are a failure before anything runs
+
+
+def test_gpu_study_dry_run_passes_its_flags_on(tmp_path):
+    done = subprocess.run(["bash", "scripts/gpu_study.sh", "--dry_run", "--seeds", "0", "--methods", "full SAM"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OUT=str(tmp_path)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split("] ")[1] for line in done.stdout.splitlines() if line.endswith(": to run")] == [
+        "chat-noise40__adamw__rho0.0__seed0__cuda: to run", "chat-noise40__full_SAM__rho0.05__seed0__cuda: to run"]
+    assert (tmp_path / "gpu_study.log").exists() and not (tmp_path / "gpu_runs.tar.gz").exists()
+
+
 def test_a_method_rows_training_arguments_reach_the_trainer(tmp_path):
     """A row that only changes TrainingArguments (here the learning-rate schedule) trains differently from AdamW on
     the same seed, and its run records the machine."""
