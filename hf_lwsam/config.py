@@ -251,6 +251,15 @@ class LWSAMConfigMixin:
         self._sam_given = None if given is None else frozenset(n for n in given if n.startswith("sam_"))
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Never pickled with the Hub token: the Trainer writes `torch.save(args)` into every checkpoint, the final
+        # folder and each checkpoint push (training_args.bin). Hub calls read it from the live config, or from
+        # `hf auth login` / HF_TOKEN.
+        state = dict(self.__dict__)
+        if state.get("hub_token") is not None:
+            state["hub_token"] = None
+        return state
+
     def __post_init__(self):
         # As in TRL's ModelConfig: a single command-line value is a regex, several are names.
         for name in ("sam_target_layers", "sam_exclude_layers"):

@@ -163,6 +163,10 @@ def test_lwsam_trainer_never_pickles_a_configured_hub_token(tmp_path, sgd_args):
         "final/training_args.bin", "out/checkpoint-1/training_args.bin", "out/checkpoint-2/training_args.bin"]
     assert _files_holding(tmp_path, TOKEN.encode()) == []
     assert torch.load(saved[0], weights_only=False).hub_token is None and trainer.args.hub_token == TOKEN
+    # Every torch.save(args) of the Trainer (also _push_from_checkpoint's copy next to a pushed checkpoint) pickles it.
+    import pickle
+
+    assert TOKEN.encode() not in pickle.dumps(trainer.args) and trainer.args.hub_token == TOKEN
 
 
 # ------------------------------------------------------------------------------------------ network failures
