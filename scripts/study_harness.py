@@ -1,6 +1,7 @@
 """What the accuracy and gradient-norm studies (`benchmark_accuracy.py`, `gradnorm_study.py`) do alike: cache a run
-as JSON with the configuration it was made with, build the plain or the layer-wise SAM trainer of a method, quiet a
-trainer, and format a mean ± std over seeds. (The offline defaults, `HF_HUB_OFFLINE=1`, ..., are its users' to
+as JSON with the configuration it was made with, build the plain or the layer-wise SAM trainer of a method (the
+stock `Trainer` or TRL's `SFTTrainer`), quiet a trainer, name the machine a run ran on, and format a mean ± std over
+seeds. (The offline defaults, `HF_HUB_OFFLINE=1`, ..., are its users' to
 set before importing it.)
 
     >>> mean_std([0.80, 0.82])

@@ -7,8 +7,10 @@
                             (`robust_data`, `tiny_vit`, `with_label_noise`)
 
 `Budget` and `RobustBudget` size them (`QUICK`, `QUICK_ROBUST`: the smoke-run sizes); `run_config` is what a cached
-run depends on. Every asset is local: the offline defaults (`HF_HUB_OFFLINE=1`, ...) are its users' to set, as
-`benchmark_accuracy.py` does before importing it.
+run depends on. `TASKS` is the tasks table the runner reads: one `Task` row each (its suite, data loader, `Recipe`
+for one run: model, splits, TrainingArguments and scoring; metric, protocol, learning-rate grid, where its costs come
+from). Adding a task is one row, its loader and recipe, and its `run_config` entry. Every asset is local: the offline
+defaults (`HF_HUB_OFFLINE=1`, ...) are its users' to set, as `benchmark_accuracy.py` does before importing it.
 """
 
 from __future__ import annotations
