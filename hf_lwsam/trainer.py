@@ -99,6 +99,9 @@ class LWSAMMixin:
             # Bad layer names fail here, before the base trainer creates output_dir or prepares data.
             select_layers(model, args.sam_target_layers, args.sam_exclude_layers)
         super().__init__(**bound)
+        from .loss_kwargs import fix_loss_kwargs  # a loss that ignores num_items_in_batch is averaged, not multiplied
+
+        fix_loss_kwargs(self)
         self._sam_layers = self._select_sam_layers()  # validates the patterns now, not at the first step
         self._sam_params: list[tuple[str, nn.Parameter]] | None = None
         self._reuse_plan: tuple[nn.ModuleList, int] | None = None

@@ -3,8 +3,9 @@
 One optimizer step of SGD(lr=1): w_new = w - sum_b grad L_b(w_S + e_S^b, w_rest), with
 e_S^b = rho * g_S^b / ||g_S^b|| (ASAM: rho * |w|^2 g / || |w| g ||), g_S^b = grad_S L_b(w), and L_b the
 micro-batch loss normalised as the stock Trainer normalises it. Causal LMs take `num_items_in_batch`: the loss is
-summed over the micro-batch's tokens / the window's token count. BERT classifiers declare `**kwargs` (so the Trainer
-skips its division by the accumulation steps) but ignore `num_items_in_batch`: each micro-batch contributes its mean.
+summed over the micro-batch's tokens / the window's token count. BERT classifiers declare `**kwargs` but their loss
+ignores `num_items_in_batch`, so the trainer does not pass it (`hf_lwsam.loss_kwargs`): each micro-batch contributes
+its mean divided by the accumulation steps, as for a forward without loss kwargs (ViT).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _summed_loss(model, batch, causal: bool, label_smoothing: float = 0.0) -> tu
 def reference_update(model, batches, selected: list[str] | None, rho: float, causal: bool, adaptive: bool = False,
                      divided_by_accumulation: bool = False, label_smoothing: float = 0.0):
     """w_new under SGD lr=1 after one accumulation window, computed by hand. `divided_by_accumulation`: a model whose
-    forward takes no loss kwargs (ViT), whose micro-batch mean the stock Trainer divides by the accumulation steps.
+    loss is a micro-batch mean (ViT, BERT classifiers), which the Trainer divides by the accumulation steps.
     `label_smoothing`: the loss of `label_smoothing_factor` (summed over the window's tokens / their count)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = list(params)
@@ -90,11 +91,13 @@ CASES = {
     "gpt2-asam-all": dict(make=tiny_gpt2, data=lambda: shakespeare_lm_dataset(4), causal=True,
                           sam=dict(sam_selection="all", sam_adaptive=True)),
     "llama-lora-default": dict(make=tiny_llama_lora, data=lambda: shakespeare_lm_dataset(4), causal=True, sam={}),
-    "bert-classifier-default": dict(make=tiny_bert, data=lambda: tweet_bytes_dataset(4), causal=False, sam={}),
+    "bert-classifier-default": dict(make=tiny_bert, data=lambda: tweet_bytes_dataset(4), causal=False, sam={},
+                                    divided_by_accumulation=True),
     # The probe at block granularity, ranked per unit of recompute cost (the first step uses the initial selection).
     "bert-probe-block-cost": dict(make=tiny_bert, data=lambda: tweet_bytes_dataset(4), causal=False,
                                   sam=dict(sam_selection="probe", sam_probe_granularity="block",
-                                           sam_probe_metric="grad_norm_per_cost", sam_top_k=3)),
+                                           sam_probe_metric="grad_norm_per_cost", sam_top_k=3),
+                                  divided_by_accumulation=True),
     # Vision: a tiny ViT on real 8x8 digits, the default selection with activation reuse on.
     "vit-default-reuse": dict(make=lambda: tiny_vit(), data=lambda: digits_dataset(4), causal=False, sam={},
                               divided_by_accumulation=True),

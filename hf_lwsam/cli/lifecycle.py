@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
+from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -98,11 +99,21 @@ def take_output_dir(args: Any, plan: OutputPlan) -> None:
             apply_plan(plan)
 
 
+class LogLastStep(TrainerCallback):
+    """Under several processes, log at the last step: the `Trainer` adds the loss since the last log to `train_loss`
+    from each process's own value, not averaged over the processes, so without it `train_loss` is rank-local."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.world_size > 1 and state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 def train_resumably(trainer: Any, checkpoint: str | None, output_dir: Path) -> dict[str, Any]:
     """`trainer.train()` from `checkpoint` (or step 0) with a `PreemptionCallback`, recording each checkpoint in
-    `output_dir` as written by this run; its metrics, or `Preempted`."""
+    `output_dir` as written by this run; its metrics, or `Preempted`. `train_loss` is averaged over the processes."""
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
+    trainer.add_callback(LogLastStep())
     trainer.add_callback(OutputRecorder(output_dir))
     start = json.loads(Path(checkpoint, TRAINER_STATE_NAME).read_text())["global_step"] if checkpoint else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
