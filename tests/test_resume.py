@@ -41,7 +41,8 @@ def _trainer(output_dir, selection: str, accumulation: int) -> LWSAMTrainer:
     args = LWSAMConfig(
         output_dir=str(output_dir), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
         max_steps=MAX_STEPS, learning_rate=1e-3, save_strategy="no", logging_steps=1, report_to="none", use_cpu=True,
-        disable_tqdm=True, seed=0, sam_selection=selection, sam_top_k=2, sam_probe_interval=2,
+        disable_tqdm=True, seed=0, sam_selection=selection,
+        **(dict(sam_top_k=2, sam_probe_interval=2) if selection == "probe" else {}),  # probe options need the probe
     )
     return LWSAMTrainer(model=_model(), args=args, train_dataset=tweet_bytes_dataset(48))
 
