@@ -145,4 +145,29 @@ def robust_methods(family: str) -> list[Method]:
             Method("norms stale", dict(norms, sam_ascent="stale"), rho_from="SAM on norms"),
             Method("norms late 70%", dict(norms, sam_start=0.7), rho_from="SAM on norms"),
             Method("norms LookSAM k=5", dict(norms, sam_interval=5, sam_interval_reuse="looksam"),
-                   rho_from="SAM on norms")]
+                   rho_from="SAM on norms"),
+            *momentum_methods(family)]
+
+
+# Momentum-SAM's radius is far larger than SAM's in its paper (rho = 3): its own grid, chosen on validation.
+MOMENTUM_RHOS = (0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 3.0)
+MOMENTUM = dict(sam_ascent="momentum")
+# The digits tasks' run: 997 training images, batch 32, 30 epochs = 960 optimizer steps; a SAM tail over the last
+# 20% (sam_start=0.8) owns the whole learning-rate decay of warmup_stable_decay (its last 192 steps).
+DIGITS_STEPS = 960
+WSD = dict(lr_scheduler_type="warmup_stable_decay", lr_scheduler_kwargs=dict(num_decay_steps=DIGITS_STEPS // 5))
+
+
+def momentum_methods(family: str) -> list[Method]:
+    """The one-pass momentum ascent (`sam_ascent="momentum"`) on every parameter and on the layer-wise default, on
+    the last 20% of the run, and the late phases aligned to a fresh learning-rate decay (digits only: the decay is
+    sized in its steps), beside AdamW on the same schedule."""
+    rows = [Method("full momentum", dict(FULL, **MOMENTUM), rhos=MOMENTUM_RHOS),
+            Method("LW-SAM momentum", dict(PATTERN, **MOMENTUM), rhos=MOMENTUM_RHOS),
+            Method("full momentum late 80%", dict(FULL, **MOMENTUM, sam_start=0.8), rho_from="full momentum")]
+    if family == "digits":
+        rows += [Method("adamw WSD", None, args=WSD),
+                 Method("full SAM late 80% WSD", dict(FULL, sam_start=0.8), args=WSD, rho_from="full SAM"),
+                 Method("full momentum late 80% WSD", dict(FULL, **MOMENTUM, sam_start=0.8), args=WSD,
+                        rho_from="full momentum")]
+    return rows
