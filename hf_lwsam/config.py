@@ -22,7 +22,7 @@ ASCENT_MODES = tuple(ASCENTS)  # the registry's ascents (`hf_lwsam.ascent`)
 INTERVAL_REUSE_MODES = ("none", "looksam")
 PROBE_METRICS = ("grad_norm", "grad_norm_per_param", "grad_norm_per_cost")
 PROBE_GRANULARITIES = ("block", "layer")
-# `sam_preset`: several options at once, chosen from the robustness study (README, "Which mode keeps SAM's gain").
+# `sam_preset`: several options at once, chosen from the robustness study (docs/studies/which-mode.md).
 SAM_PRESETS: dict[str, dict[str, Any]] = {
     "exact": {"sam_selection": "all"},  # SAM (Foret et al.): every trainable parameter, every step, two passes
     "fast": {"sam_selection": "all", "sam_start": 0.8},  # the same SAM over the last 20% of the run only
@@ -409,8 +409,8 @@ class LWSAMConfigMixin:
             )
 
     def _refuse_unsupported_setups(self) -> None:
-        supported = ("Supported: single device, DDP (torchrun / accelerate launch), FSDP2 (fsdp_config version 2) and "
-                     "DeepSpeed ZeRO stage 0-1.")
+        supported = ("Supported: single device, DDP (torchrun / accelerate launch) and FSDP2 (fsdp_config version 2); "
+                     "DeepSpeed ZeRO stage 0-1 is not refused but not tested.")
         version = _fsdp_version(self.fsdp_config) if self.fsdp else None
         if version is not None and version != 2:
             raise ValueError(

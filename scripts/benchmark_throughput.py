@@ -80,7 +80,7 @@ def methods(n_layer: int, ks: list[int], trunk: str = "transformer.h", norm: str
         out.append(Method(f"{label} LookSAM interval=5", dict(sam, sam_interval=5, sam_interval_reuse="looksam"),
                           cycle=5))
         out.append(Method(f"{label} late from 70%", dict(sam, sam_start=0.7), cycle=10))
-    # Later and shorter late phases of full SAM (issue 23): the last 20%, 10% and 5% of the run.
+    # Later and shorter late phases of full SAM: the last 20%, 10% and 5% of the run.
     for start, cycle in ((0.8, 10), (0.9, 10), (0.95, 20)):
         out.append(Method(f"full SAM late from {start:.0%}", dict(sam_selection="all", sam_start=start),
                           cycle=cycle))

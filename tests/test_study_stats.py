@@ -16,7 +16,7 @@ _spec = importlib.util.spec_from_file_location("study_stats", Path(__file__).res
 study_stats = sys.modules["study_stats"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
 _spec.loader.exec_module(study_stats)
 
-# digits-noise40, seeds 0-2 (issue 23's table): AdamW, full SAM, normalization layers only.
+# digits-noise40, seeds 0-2 (the robustness study's table): AdamW, full SAM, normalization layers only.
 ADAMW, FULL, NORM = [0.818, 0.778, 0.812], [0.890, 0.786, 0.868], [0.828, 0.832, 0.822]
 
 
