@@ -1,11 +1,18 @@
 """One rank of `test_fsdp2.py`: raw `fully_shard` (FSDP2) on 2 CPU processes (gloo), one LW-SAM SGD step driven by
 hf_lwsam's own pass-1 / perturb / restore code (the functions `LWSAMTrainer` calls under FSDP2), then a pass 2 that
-fails, which must leave the shards exactly as they were. Rank 0 saves `<out>/<model>.pt`."""
+fails, which must leave the shards exactly as they were. Rank 0 saves `<out>/<model>.pt`.
+
+The one-pass ascents, as `hf_lwsam.ascent` takes them under FSDP2 (accelerate sets FSDP up only for GPU-like devices:
+on the CPU it gives the Trainer DDP, so the Trainer is not driven here): `sam_ascent="stale"` for 3 steps,
+uninterrupted and resumed after 2 from the model's shards and each process's `lwsam_ascent_rank{N}.pt`
+(`<out>/stale_rank<r>.pt`), and `sam_ascent="momentum"` with AdamW for 3 steps (`<out>/momentum_rank<r>.pt`)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,31 +20,44 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from conftest import shakespeare_lm_dataset, tiny_gpt2, tiny_llama_lora
+from hf_lwsam.ascent import first_moments
 from hf_lwsam.probe import candidate_layers, grad_squared_norms, owned_parameters
-from hf_lwsam.sam import Perturbation, ascent_direction
+from hf_lwsam.sam import Perturbation, ascent_direction, global_norm, momentum_direction
+from hf_lwsam.schedule import AscentSchedule
 from hf_lwsam.selection import layer_parameters, select_layers
-from hf_lwsam.sharding import all_reduce_mean, all_reduce_sum, capture_unsharded, gradient_of, local, shards_of
+from hf_lwsam.sharding import (all_reduce_mean, all_reduce_sum, capture_unsharded, gradient_of, is_sharded, local,
+                               shards_of)
 
 RHO, ROWS_PER_RANK = 0.5, 2
+STEPS, STALE_LR = 3, 0.2  # the one-pass ascents' runs: optimizer steps, SGD's learning rate for the stale ascent
+MOMENTUM_RHO, MOMENTUM_LR = 0.3, 1e-2  # AdamW, as test_momentum.reference_run computes it on one process
 MODELS = {  # name -> (builder, the trunk's blocks)
     "gpt2": (tiny_gpt2, lambda m: m.transformer.h),
     "llama-lora": (tiny_llama_lora, lambda m: m.base_model.model.model.layers),
 }
 
 
-def batch_of(rank: int) -> dict[str, torch.Tensor]:
-    data = shakespeare_lm_dataset(2 * ROWS_PER_RANK)[rank * ROWS_PER_RANK:(rank + 1) * ROWS_PER_RANK]
+def batch_of(rank: int, step: int = 0) -> dict[str, torch.Tensor]:
+    """This rank's rows of global batch `step` (rows `4 step` to `4 step + 3`: rank 0 the first two)."""
+    first = (2 * step + rank) * ROWS_PER_RANK
+    data = shakespeare_lm_dataset(first + ROWS_PER_RANK)[first:first + ROWS_PER_RANK]
     return {k: torch.tensor(v) for k, v in data.items()}
 
 
-def run(name: str, out: str, rank: int, mesh) -> None:
+def sharded(name: str, mesh) -> tuple[torch.nn.Module, list[str], list[tuple[str, torch.nn.Parameter]]]:
+    """Model `name` with every trunk block and the whole model `fully_shard`ed, its selected layers and S."""
     make, blocks = MODELS[name]
     model = make()
     selected = select_layers(model)  # the default output-side selection, resolved before sharding
     for block in blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    named = layer_parameters(model, selected)  # resolved after sharding: DTensors
+    return model, selected, layer_parameters(model, selected)  # S resolved after sharding: DTensors
+
+
+def run(name: str, out: str, rank: int, mesh) -> None:
+    blocks = MODELS[name][1]
+    model, selected, named = sharded(name, mesh)
     params = [p for _, p in named]
     batch = batch_of(rank)
 
@@ -86,6 +106,141 @@ def run(name: str, out: str, rank: int, mesh) -> None:
                     "selected": selected, "sharded": type(params[0]).__name__}, os.path.join(out, f"{name}.pt"))
 
 
+# ------------------------------------------------------------------------------------------ one-pass ascents
+def step_at(model: torch.nn.Module, optimizer: torch.optim.Optimizer, shards: list[torch.Tensor],
+            steps: list[torch.Tensor], batch: dict[str, torch.Tensor], after_backward=None) -> float:
+    """One optimizer step whose gradient is taken at w + e (`steps` added to `shards`, restored exactly, as
+    `trainer._pass_at` does); `after_backward` runs before the optimizer step (the stale ascent keeps `.grad` there).
+    Returns ||e|| over every process's shards."""
+    e_norm = float(all_reduce_sum(global_norm(steps).pow(2)).sqrt())
+    perturbation = Perturbation.apply(shards, steps) if shards else Perturbation(params=[])
+    try:  # FSDP2 reduce-scatters the mean gradient of the processes' batches into .grad
+        model(**batch).loss.backward()
+    finally:
+        perturbation.restore()
+    if after_backward is not None:
+        after_backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return e_norm
+
+
+def stale_step(model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]], schedule: AscentSchedule,
+               optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
+    """A `sam_ascent="stale"` step as `StaleAscent.step` takes it (accumulation 1): e_S from this process's kept
+    shards of the previous step's gradient of S (none: a plain step), and this step's gradient shards kept."""
+    names, params = [n for n, _ in named], [p for _, p in named]
+    shards = local(params)
+    kept = schedule.direction(names, like=shards)
+    if kept is None:
+        steps = [torch.zeros_like(t) for t in shards]
+    else:
+        steps, _, _ = ascent_direction(shards, [g.clone() for g in kept], RHO, sum_across=all_reduce_sum)
+    return step_at(model, optimizer, shards, steps, batch, lambda: schedule.keep(
+        names, local([p.grad for p in params]), like=shards, per_process=is_sharded(params)))
+
+
+def refusal(action) -> str | None:
+    """The message of the `ValueError` that `action()` raises, or `None`."""
+    try:
+        action()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def stale_resume(out: str, rank: int, mesh) -> None:
+    """3 stale steps uninterrupted; 2 steps, the model's shards and the schedule saved per process, then a fresh model,
+    optimizer and schedule loaded from them and the third step; the same third step without the kept vector (plain);
+    and the resumes the schedule refuses. Saves `<out>/stale_rank<rank>.pt`."""
+    world, cpu = dist.get_world_size(), torch.device("cpu")
+    checkpoint = os.path.join(out, "stale_checkpoint")
+    os.makedirs(checkpoint, exist_ok=True)
+
+    def start() -> tuple[Any, Any, AscentSchedule, torch.optim.Optimizer]:
+        model, _, named = sharded("gpt2", mesh)
+        return model, named, AscentSchedule(ascent="stale"), torch.optim.SGD(model.parameters(), lr=STALE_LR)
+
+    def full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+
+    def load_shards(model: torch.nn.Module) -> None:
+        saved = torch.load(os.path.join(checkpoint, f"model_rank{rank}.pt"), weights_only=True)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.to_local().copy_(saved[n])
+
+    model, named, schedule, optimizer = start()
+    names = [n for n, _ in named]
+    e_norms = [stale_step(model, named, schedule, optimizer, batch_of(rank, s)) for s in range(STEPS)]
+    uninterrupted, kept = full(model), [g.clone() for g in schedule.direction(names)]
+
+    model, named, schedule, optimizer = start()
+    for s in range(STEPS - 1):
+        stale_step(model, named, schedule, optimizer, batch_of(rank, s))
+    torch.save({n: p.to_local().clone() for n, p in model.named_parameters()},
+               os.path.join(checkpoint, f"model_rank{rank}.pt"))
+    schedule.save(checkpoint, rank, world)
+    dist.barrier()
+    saved = torch.load(os.path.join(checkpoint, f"lwsam_ascent_rank{rank}.pt"), weights_only=True)
+
+    model, named, schedule, optimizer = start()
+    load_shards(model)
+    schedule.load(checkpoint, cpu, rank, world)
+    stale_step(model, named, schedule, optimizer, batch_of(rank, STEPS - 1))
+    resumed, resumed_kept = full(model), schedule.direction(names)
+
+    model, named, schedule, optimizer = start()
+    load_shards(model)  # ... and no kept vector: the third step is a plain one
+    stale_step(model, named, schedule, optimizer, batch_of(rank, STEPS - 1))
+    without_vector = full(model)
+
+    # A checkpoint holding only the other process's vector (copied without this one's), and an unsharded one (as a
+    # single process or DDP writes it: lwsam_ascent.pt, whole tensors); each process in its own folder.
+    partial, whole = os.path.join(out, f"partial_rank{rank}"), os.path.join(out, f"whole_rank{rank}")
+    os.makedirs(partial), os.makedirs(whole)
+    shutil.copy(os.path.join(checkpoint, f"lwsam_ascent_rank{1 - rank}.pt"), partial)
+    unsharded = AscentSchedule(ascent="stale")
+    unsharded.keep(names, [p.full_tensor() for _, p in named], like=[p.full_tensor() for _, p in named])
+    unsharded.save(whole, rank, world)
+    from_whole = AscentSchedule(ascent="stale")
+    from_whole.load(whole, cpu, rank, world)
+    refused = {
+        "three processes": refusal(lambda: AscentSchedule(ascent="stale").load(checkpoint, cpu, rank, 3)),
+        "process 2 of 3": refusal(lambda: AscentSchedule(ascent="stale").load(checkpoint, cpu, 2, 3)),
+        "own file missing": refusal(lambda: AscentSchedule(ascent="stale").load(partial, cpu, rank, world)),
+        "unsharded vector": refusal(lambda: from_whole.direction(names, like=local([p for _, p in named]))),
+    }
+    torch.save({"uninterrupted": uninterrupted, "resumed": resumed, "without_vector": without_vector,
+                "kept": kept, "resumed_kept": resumed_kept, "saved": saved, "e_norms": e_norms,
+                "full_shapes": {n: tuple(p.shape) for n, p in named}, "files": sorted(os.listdir(checkpoint)),
+                "refused": refused}, os.path.join(out, f"stale_rank{rank}.pt"))
+
+
+def momentum_steps(out: str, rank: int, mesh) -> None:
+    """3 AdamW steps with `sam_ascent="momentum"` as `MomentumAscent.step` takes them: e_S = -rho m_S / ||m_S|| from
+    this process's shards of the first moment, the norm summed over the processes (a plain first step: no moment yet).
+    Saves `<out>/momentum_rank<rank>.pt`: the whole weights after, S's names and ||e_S|| of the SAM steps."""
+    model, _, named = sharded("gpt2", mesh)
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=MOMENTUM_LR, weight_decay=0.0)
+    key, inner = first_moments(optimizer)
+    e_norms = []
+    for step in range(STEPS):
+        state = [inner.state.get(p, {}).get(key) for p in params]
+        shards, steps = [], []
+        if not all(m is None for m in state):
+            shards = local(params)
+            moments = [torch.zeros_like(t) if m is None else m for m, t in zip(local(state), shards)]
+            steps, _, _ = momentum_direction(moments, MOMENTUM_RHO, sum_across=all_reduce_sum)
+        e_norm = step_at(model, optimizer, shards, steps, batch_of(rank, step))
+        if shards:
+            e_norms.append(e_norm)
+    torch.save({"stepped": {n: p.full_tensor().clone() for n, p in model.named_parameters()}, "e_norms": e_norms,
+                "selected": [n for n, _ in named], "sharded": type(state[0]).__name__},
+               os.path.join(out, f"momentum_rank{rank}.pt"))
+
+
 def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo")
@@ -93,8 +248,16 @@ def main() -> None:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for name in MODELS:
         run(name, out, rank, mesh)
+    stale_resume(out, rank, mesh)
+    momentum_steps(out, rank, mesh)
     dist.barrier()
     dist.destroy_process_group()
+    # `fully_shard` keeps the process group referenced past `destroy_process_group` (gloo's threads stay up), and
+    # their teardown at interpreter exit can abort a rank ("terminate called without an active exception") after all
+    # results are written: leave without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """FSDP2 on the CPU: two gloo processes with raw `fully_shard` on a tiny GPT-2 and a tiny Llama with LoRA. One LW-SAM
 step through hf_lwsam's sharded pass 1 / perturb / restore equals single-process LW-SAM on the global batch, g_S is
-not zero, and a failing pass 2 leaves the shards exactly as they were (`tests/fsdp2_worker.py`)."""
+not zero, and a failing pass 2 leaves the shards exactly as they were; the stale ascent resumes bit for bit from each
+process's shard of its vector, and the momentum ascent equals Momentum-SAM on one process (`tests/fsdp2_worker.py`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import shakespeare_lm_dataset, tiny_gpt2, tiny_llama_lora
+from fsdp2_worker import MOMENTUM_LR, MOMENTUM_RHO, STEPS
 from hf_lwsam.selection import layer_parameters, select_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +97,56 @@ def test_fsdp2_probe_norms_of_sharded_gradients_equal_the_whole_gradients(result
     for layer, params in owned_parameters(model, candidate_layers(model)).items():
         expected = sum(float((grads[names[id(p)]].double() ** 2).sum()) for p in params)
         assert got[layer] == pytest.approx(expected, rel=1e-4, abs=1e-12), layer
+
+
+# ---------------------------------------------------------------------------------------- one-pass ascents
+def stale(results: Path) -> list[dict]:
+    return [torch.load(results / f"stale_rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_fsdp2_stale_resume_from_each_process_shard_is_bit_exact(results):
+    """3 stale steps uninterrupted equal 2 steps, a checkpoint (the model's shards, `lwsam_ascent_rank{N}.pt` per
+    process), a fresh model and schedule loaded from it and the third step, bit for bit; without the kept vector the
+    third step is a plain one and lands elsewhere."""
+    ranks = stale(results)
+    for r, got in enumerate(ranks):
+        assert got["files"] == ["lwsam_ascent_rank0.pt", "lwsam_ascent_rank1.pt", "model_rank0.pt", "model_rank1.pt"]
+        saved = got["saved"]
+        assert saved["per_process"] and saved["num_processes"] == 2 and saved["kind"] == "stale"
+        for name, g in zip(saved["names"], saved["grads"]):  # this process's piece of each tensor of S (Shard(0))
+            assert g.shape == torch.empty(got["full_shapes"][name]).chunk(2)[r].shape and g.abs().sum() > 0, name
+        assert got["e_norms"] == pytest.approx([0.0] + [RHO] * (STEPS - 1), abs=1e-5)  # plain, then stale SAM
+        assert all(torch.equal(got["resumed"][n], p) for n, p in got["uninterrupted"].items()), f"rank {r}"
+        assert all(torch.equal(a, b) for a, b in zip(got["resumed_kept"], got["kept"])), f"rank {r}"
+        assert not all(torch.equal(got["without_vector"][n], p) for n, p in got["uninterrupted"].items())
+    assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["saved"]["grads"], ranks[1]["saved"]["grads"]))
+
+
+def test_fsdp2_stale_resume_with_other_processes_or_sharding_is_refused(results):
+    """Another process count, a process without its own file (only the other's), and an unsharded vector (a
+    `lwsam_ascent.pt` of one process or DDP) for sharded S: each a `ValueError` saying how to resume."""
+    for r, got in enumerate(stale(results)):
+        refused = got["refused"]
+        assert refused["three processes"] is not None and "was written by 2 processes" in refused["three processes"]
+        assert "this run has 3. Resume with 2 processes." in refused["three processes"]
+        assert refused["process 2 of 3"] is not None and "but none for process 2" in refused["process 2 of 3"]
+        assert refused["own file missing"] is not None and f"but none for process {r}" in refused["own file missing"]
+        assert refused["unsharded vector"] is not None and "does not fit this run" in refused["unsharded vector"]
+        assert "Resume with the same number of processes" in refused["unsharded vector"]
+
+
+def test_fsdp2_momentum_steps_equal_the_single_process_formula(results):
+    """AdamW with `sam_ascent="momentum"` on 2 processes: e_S from the shards of the first moment with the norm summed
+    over them (||e_S|| = rho, not rho per process) takes the steps of Momentum-SAM by hand on the global batches."""
+    from test_momentum import SELECTED, rel, reference_run
+
+    ranks = [torch.load(results / f"momentum_rank{r}.pt", weights_only=False) for r in range(2)]
+    got = ranks[0]["stepped"]
+    assert ranks[0]["sharded"] == "DTensor" and all(torch.equal(p, ranks[1]["stepped"][n]) for n, p in got.items())
+    assert ranks[0]["selected"] == [n for n in got if n.startswith(SELECTED)]
+    assert ranks[0]["e_norms"] == pytest.approx([MOMENTUM_RHO] * (STEPS - 1), rel=1e-5)
+    data, adamw = shakespeare_lm_dataset(4 * STEPS), (torch.optim.AdamW, dict(lr=MOMENTUM_LR, weight_decay=0.0))
+    expected = reference_run(*adamw, MOMENTUM_RHO, SELECTED, data, steps=STEPS)
+    start = {n: p.detach() for n, p in tiny_gpt2().named_parameters()}
+    assert rel(got, expected, start) <= 1e-5
+    assert rel(reference_run(*adamw, 0.0, SELECTED, data, steps=STEPS), expected, start) > 1e-2  # SAM changed it
