@@ -134,7 +134,8 @@ class AscentSchedule:
             return
         name = RANK_STATE_FILE.format(process_index) if self._per_process else STATE_FILE
         torch.save({"names": self._names, "grads": [g.cpu() for g in self._grads], "kind": self._kind(),
-                    "per_process": self._per_process, "num_processes": num_processes},
+                    "per_process": self._per_process, "num_processes": num_processes,
+                    "process_index": process_index},
                    os.path.join(checkpoint_dir, name))
 
     def load(self, checkpoint_dir: str, device: Any, process_index: int = 0, num_processes: int = 1) -> None:
@@ -156,6 +157,9 @@ class AscentSchedule:
             raise ValueError(f"{path} was written by {state.get('num_processes')} processes, each keeping its shard of "
                              f"the ascent vector; this run has {num_processes}. Resume with "
                              f"{state.get('num_processes')} processes.")
+        if state is not None and state.get("per_process") and state.get("process_index", process_index) != process_index:
+            raise ValueError(f"{path} holds the ascent vector of process {state.get('process_index')}, not of process "
+                             f"{process_index}: each process must read the file it wrote.")
         # A checkpoint of a run without a kept vector, or with another kind of one (stale gradient vs g_v): the next
         # SAM step starts over (a plain stale step; LookSAM reuses nothing until the next SAM step).
         if state is not None and state.get("kind", "stale") == self._kind():

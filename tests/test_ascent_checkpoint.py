@@ -121,3 +121,12 @@ def test_another_selection_or_kind_of_vector_starts_over(gradient, tmp_path):
     assert loaded(tmp_path, ascent="exact", reuse="looksam").direction(names, like=shard(grads, 0)) is None
     (tmp_path / "empty").mkdir()
     assert loaded(tmp_path / "empty").direction(names) is None
+
+
+def test_a_file_copied_to_another_process_name_is_refused(gradient, tmp_path):
+    """A per-process file records its writer: process 1 reading process 0's file (renamed or copied) is refused."""
+    names, grads = gradient
+    save_per_process(tmp_path, names, grads)
+    (tmp_path / "lwsam_ascent_rank1.pt").write_bytes((tmp_path / "lwsam_ascent_rank0.pt").read_bytes())
+    with pytest.raises(ValueError, match=re.escape("holds the ascent vector of process 0, not of process 1")):
+        loaded(tmp_path, 1)
