@@ -61,7 +61,7 @@ def test_momentum_ascent_equals_the_formula_over_several_steps(optimizer, select
     data, rho = shakespeare_lm_dataset(4 * STEPS), 0.3
     if optimizer.startswith("adamw"):
         args = dict(optim="adamw_torch_fused" if optimizer == "adamw_fused" else "adamw_torch", learning_rate=1e-2)
-        reference = (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.0))
+        reference = (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.0, fused=optimizer == "adamw_fused"))
     else:
         args = dict(optim="sgd", optim_args="momentum=0.9", learning_rate=0.1)
         reference = (torch.optim.SGD, dict(lr=0.1, momentum=0.9))
