@@ -404,12 +404,17 @@ CHAT_COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse",
 # well), then full SAM and its last 20% / 10% the same way (a later file's figure replaces an earlier one's). The
 # tiny ViT's own step time is Python-bound and says nothing about a real model's.
 SHAPE_FILES = tuple(f"{name}_{{device}}.json" for name in ("cheaper_roads", "late_phase", "late_phase_long",
-                                                             "late_phase_final"))
+                                                             "late_phase_final", "momentum"))
 SHAPE_COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse", "LW-SAM stale": "LW-SAM k=1 stale",
                     "LW-SAM interval=4": "LW-SAM k=1 reuse interval=4", "SAM on norms": "norms",
                     "norms stale": "norms stale", "norms late 70%": "norms late from 70%",
                     "full LookSAM k=5": "full SAM LookSAM interval=5", "full random": "full random",
-                    **{f"full SAM late {p}%": f"full SAM late from {p}%" for p in (70, 80, 90, 95)}}
+                    **{f"full SAM late {p}%": f"full SAM late from {p}%" for p in (70, 80, 90, 95)},
+                    # one pass: the momentum rows; a late phase costs at most the full run's ratio, and a learning-rate
+                    # schedule nothing
+                    "full momentum": "full momentum", "LW-SAM momentum": "LW-SAM k=1 momentum",
+                    "full momentum late 80%": "full momentum", "full momentum late 80% WSD": "full momentum",
+                    "adamw WSD": "adamw", "full SAM late 80% WSD": "full SAM late from 80%"}
 
 
 def _tweets(task: Task, budget: Budget, cache: Path, log) -> tuple[DatasetDict, Any]:
