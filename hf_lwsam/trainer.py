@@ -399,15 +399,6 @@ class LWSAMMixin:
         self._noise_targets = (names, targets)
         return targets
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save as the stock `Trainer` does, with `hub_token` left out of the pickled `training_args.bin` (every
-        checkpoint and the final folder have one, and `push_to_hub` uploads it)."""
-        token, self.args.hub_token = self.args.hub_token, None
-        try:
-            super()._save(output_dir, state_dict=state_dict)
-        finally:
-            self.args.hub_token = token
-
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """The base class's optimizer, checked by the ascent before the first step (the momentum ascent reads its
         first moment)."""
