@@ -26,7 +26,11 @@ PROBE_GRANULARITIES = ("block", "layer")
 SAM_PRESETS: dict[str, dict[str, Any]] = {
     "exact": {"sam_selection": "all"},  # SAM (Foret et al.): every trainable parameter, every step, two passes
     "fast": {"sam_selection": "all", "sam_start": 0.8},  # the same SAM over the last 20% of the run only
+    # Momentum-SAM on every parameter: one pass per step, e from the optimizer's first moment
+    "free": {"sam_selection": "all", "sam_ascent": "momentum"},
 }
+# What a preset suggests where the user set nothing: the radius its study chose on validation (both digits tasks).
+SAM_PRESET_DEFAULTS: dict[str, dict[str, Any]] = {"free": {"sam_rho": 0.2}}
 
 # Optimizers that step inside backward hooks: there is no `.grad` left for a second pass to fill.
 _UNSUPPORTED_OPTIMIZERS = (
@@ -120,8 +124,9 @@ class LWSAMConfigMixin:
         default=None,
         metadata={
             "help": "Several sam_* options at once: 'exact' = full SAM (sam_selection='all'), every step; 'fast' = "
-            "full SAM over the last 20 percent of the run only (sam_selection='all', sam_start=0.8). An option the "
-            "preset sets may be given too only with the same value.",
+            "full SAM over the last 20 percent of the run only (sam_selection='all', sam_start=0.8); 'free' = "
+            "Momentum-SAM on every parameter, one pass per step (sam_selection='all', sam_ascent='momentum', and "
+            "sam_rho=0.2 unless given). An option the preset sets may be given too only with the same value.",
             "choices": list(SAM_PRESETS),
         },
     )
@@ -288,6 +293,10 @@ class LWSAMConfigMixin:
                 raise ValueError(f"sam_preset={self.sam_preset!r} sets {name}={value!r}, but {name}={given!r} was "
                                  f"given: drop one of the two (or set the options without a preset).")
             setattr(self, name, value)
+        for name, value in SAM_PRESET_DEFAULTS.get(self.sam_preset, {}).items():
+            was_set = name in explicit if explicit is not None else getattr(self, name) != defaults[name]
+            if not was_set:
+                setattr(self, name, value)
 
     def _refuse_unused_options(self) -> None:
         """An option of a mode that is off, set off its default, does nothing: refused by name."""
