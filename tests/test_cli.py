@@ -239,6 +239,19 @@ def test_yaml_config_with_flags_overriding(tmp_path):
     assert args.output_dir == str(tmp_path / "o")
 
 
+@pytest.mark.parametrize("form", ["leading", "--config PATH", "--config=PATH"])
+def test_a_config_file_leading_or_after_config(tmp_path, form):
+    """The config file as the leading argument or through TRL's `--config`, before or after the flags."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": "some/dir", "train_file": "t.csv", "sam_rho": 0.1}))
+    argv = {"leading": [str(config), "--learning_rate", "2e-3"],
+            "--config PATH": ["--learning_rate", "2e-3", "--config", str(config)],
+            "--config=PATH": [f"--config={config}", "--learning_rate", "2e-3"]}[form]
+    model_args, data_args, args, embedded = parse_args(argv)
+    assert not embedded and model_args.model_name_or_path == "some/dir" and data_args.train_file == "t.csv"
+    assert args.sam_rho == 0.1 and args.learning_rate == 2e-3
+
+
 def test_no_flags_selects_the_embedded_default():
     _, data_args, args, embedded = parse_args([])
     assert embedded and data_args.max_length == EMBEDDED_DEFAULTS["max_length"] == 64

@@ -195,6 +195,21 @@ def test_full_parameter_sft_with_config_on_conversational_data(local_model, tmp_
     _assert_full_parameter_run(out, local_model)
 
 
+@pytest.mark.parametrize("form", ["--config PATH", "leading", "--config=PATH"])
+def test_a_config_file_after_config_or_leading(local_model, tmp_path, form):
+    """The config file through TRL's `--config`, or as the leading argument as `hf-lwsam-train` takes it."""
+    from hf_lwsam.cli.sft import parse_args
+
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model_name_or_path: {local_model}\ndataset_name: {tmp_path}\nbf16: false\nsam_rho: 0.1\n")
+    argv = {"--config PATH": ["--config", str(config), "--learning_rate", "2e-3"],
+            "leading": [str(config), "--learning_rate", "2e-3"],
+            "--config=PATH": ["--learning_rate", "2e-3", f"--config={config}"]}[form]
+    script_args, args, model_args, _, embedded = parse_args(argv + ["--output_dir", str(tmp_path / "o")])
+    assert not embedded and model_args.model_name_or_path == str(local_model)
+    assert script_args.dataset_name == str(tmp_path) and args.sam_rho == 0.1 and args.learning_rate == 2e-3
+
+
 def test_a_max_length_inside_every_prompt_is_one_line_naming_the_shortest_example(local_model, tmp_path, capsys):
     """TRL drops every prompt-completion example whose prompt fills --max_length; instead of the sampler's traceback
     on the empty split, one line names the shortest example's length, and that length trains."""

@@ -135,8 +135,9 @@ def _one_line_error(message: str) -> None:
 TRAIN_DESCRIPTION = """\
 Fine-tune a Hugging Face model with layer-wise sharpness-aware minimization (LW-SAM) through the stock Trainer:
 sequence classification or causal language modelling, all weights or a LoRA adapter. With no model and no data it
-fine-tunes the shipped all-MiniLM-L6-v2 on the shipped tweets, offline. A leading YAML/JSON file holds options and
-flags override it. Running the same command again resumes from the last checkpoint in --output_dir.
+fine-tunes the shipped all-MiniLM-L6-v2 on the shipped tweets, offline. A YAML/JSON file (leading, or --config
+CONFIG.yaml) holds options and flags override it. Running the same command again resumes from the last checkpoint
+in --output_dir.
 
 examples:
   hf-lwsam-train
@@ -172,7 +173,7 @@ def sam_options_first(parser: argparse.ArgumentParser, groups: dict[str, set[str
 def make_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), prog="hf-lwsam-train",
                               allow_abbrev=False,  # a typo such as --sam_rh must not become --sam_rho
-                              usage="hf-lwsam-train [CONFIG.yaml] [--flag VALUE ...]", description=TRAIN_DESCRIPTION,
+                              usage="hf-lwsam-train [CONFIG.yaml | --config CONFIG.yaml] [--flag VALUE ...]", description=TRAIN_DESCRIPTION,
                               formatter_class=HelpFormatter)
     parser.error = _one_line_error  # argparse errors become one-line UsageErrors
     own = {f.name for f in fields(TrainArguments)} - {f.name for f in fields(LWSAMConfig)}
@@ -231,18 +232,30 @@ def _typed_config_value(parser: HfArgumentParser, path: str, key: str, value: An
     return converted if isinstance(value, list) else converted[0]
 
 
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The config file named as the leading argument (`CONFIG.yaml`) or by `--config CONFIG.yaml` (TRL's form), and
+    the other arguments; `None` when there is none, `""` when `--config` has no path."""
+    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
+        return argv[0], argv[1:]
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+        if arg == "--config":
+            given = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            return (argv[i + 1] if given else ""), argv[:i] + argv[i + 1 + given:]
+    return None, argv
+
+
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, TrainArguments, bool]:
-    """Parse flags, optionally after a leading YAML/JSON config file; flags override the file.
+    """Parse flags and an optional YAML/JSON config file (leading, or `--config CONFIG.yaml`); flags override it.
 
     Returns the three dataclasses and whether the embedded offline default (no model or data given) runs.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file, argv = split_config(list(sys.argv[1:] if argv is None else argv))
     parser = make_parser()
-    config: dict[str, Any] = {}
-    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
-        config = _read_config_file(argv.pop(0), parser)
+    config = {} if config_file is None else _read_config_file(config_file, parser)
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")} | set(config)
     embedded = not any(key in given for key in SOURCE_KEYS)
     defaults = {**(EMBEDDED_DEFAULTS if embedded else {}), **config}

@@ -40,6 +40,7 @@ from .args import (
     looks_like_path,
     parsing_error,
     sam_options_first,
+    split_config,
     validate_lora_args,
     validate_training_args,
 )
@@ -103,7 +104,7 @@ def make_parser():
 
     parser = TrlParser((ScriptArguments, SFTLWSAMConfig, ModelConfig, RunArguments), prog=PROG,
                        allow_abbrev=False,  # a typo such as --sam_rh must not become --sam_rho
-                       usage=f"{PROG} [--config sft.yaml] [--flag VALUE ...]", description=DESCRIPTION,
+                       usage=f"{PROG} [sft.yaml | --config sft.yaml] [--flag VALUE ...]", description=DESCRIPTION,
                        formatter_class=HelpFormatter)
 
     def one_line_error(message: str) -> None:
@@ -119,7 +120,9 @@ def make_parser():
 def parse_args(argv: list[str] | None = None):
     """`(script_args, training_args, model_args, run_args, embedded)`; `embedded` when no model and no dataset were
     given. Every option is checked here, before anything is loaded."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file, argv = split_config(list(sys.argv[1:] if argv is None else argv))
+    if config_file is not None:  # a leading CONFIG.yaml or --config=CONFIG.yaml: TRL's parser reads --config CONFIG.yaml
+        argv = ["--config", config_file, *argv]
     parser = make_parser()
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
     embedded = not ({"model_name_or_path", "dataset_name", "config"} & given)
