@@ -252,6 +252,21 @@ def test_a_config_file_leading_or_after_config(tmp_path, form):
     assert args.sam_rho == 0.1 and args.learning_rate == 2e-3
 
 
+def test_the_cli_modules_import_no_private_names_from_each_other():
+    """What both commands share lives in public functions (`cli/core.py`, `cli/args.py`), not in one command's
+    private helpers."""
+    import ast
+
+    import hf_lwsam.cli
+
+    private = []
+    for path in Path(hf_lwsam.cli.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
+
+
 def test_no_flags_selects_the_embedded_default():
     _, data_args, args, embedded = parse_args([])
     assert embedded and data_args.max_length == EMBEDDED_DEFAULTS["max_length"] == 64

@@ -183,7 +183,7 @@ def make_parser() -> HfArgumentParser:
                                       "hf-lwsam-train": own})
 
 
-def _read_config_file(path: str, parser: HfArgumentParser, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_config_file(path: str, parser: HfArgumentParser, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """The options of a YAML/JSON config file, typed as the flags would be; `extra_keys` are accepted as they are."""
     if not Path(path).is_file():
         raise UsageError(f"config file {path!r} does not exist: pass an existing .yaml/.yml/.json file.")
@@ -255,7 +255,7 @@ def parse_args(
     """
     config_file, argv = split_config(list(sys.argv[1:] if argv is None else argv))
     parser = make_parser()
-    config = {} if config_file is None else _read_config_file(config_file, parser)
+    config = {} if config_file is None else read_config_file(config_file, parser)
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")} | set(config)
     embedded = not any(key in given for key in SOURCE_KEYS)
     defaults = {**(EMBEDDED_DEFAULTS if embedded else {}), **config}

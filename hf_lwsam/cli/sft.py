@@ -32,17 +32,24 @@ from transformers.utils import logging
 from ..config import given_options
 from ..model_card import ModelCardInfo, write_model_card
 from .args import (
-    DataArguments,
     HelpFormatter,
-    ModelArguments,
     UsageError,
-    _read_config_file,
     looks_like_path,
     parsing_error,
+    read_config_file,
     sam_options_first,
     split_config,
     validate_lora_args,
     validate_training_args,
+)
+from .core import (
+    add_peft_adapter,
+    check_model_config,
+    check_sam_layers,
+    load_model_config,
+    load_tokenizer,
+    quiet_datasets,
+    weightless_model,
 )
 from .data import check_texts, describe_dataset, load_named_dataset
 from .lifecycle import (
@@ -59,15 +66,6 @@ from .lifecycle import (
 from .output import plan_output_dir
 from .sft_data import CONVERSATIONAL, sft_format, shortest_example_tokens
 from .sft_offline import EMBEDDED_DEFAULTS
-from .train import (
-    _quiet_datasets,
-    add_peft_adapter,
-    check_model_config,
-    check_sam_layers,
-    load_model_config,
-    load_tokenizer,
-    weightless_model,
-)
 
 logger = logging.get_logger("hf_lwsam.cli.sft")
 
@@ -137,7 +135,7 @@ def parse_args(argv: list[str] | None = None):
         i = argv.index("--config")
         if i + 1 >= len(argv) or not Path(argv[i + 1]).is_file():
             raise UsageError("--config needs an existing YAML file: pass --config path/to/sft.yaml.")
-        config = _read_config_file(argv[i + 1], parser, extra_keys=("env",))  # syntax, names and types
+        config = read_config_file(argv[i + 1], parser, extra_keys=("env",))  # syntax, names and types
         given |= set(config) - {"env"}
         flags = argv[:i] + argv[i + 2:]
         parser.set_defaults(**{k: v for k, v in config.items() if k != "env"})
@@ -188,14 +186,15 @@ def validate_sft_args(a: Any, given: set[str]) -> None:
                              f"train on a CUDA GPU), or drop --{flag}.")
 
 
-def skeleton_model(name: str, config: Any, model_args: ModelArguments, peft_config: Any) -> Any:
+def skeleton_model(name: str, config: Any, peft_config: Any, trust_remote_code: bool = False,
+                   revision: str | None = None) -> Any:
     """The model built from its config on the meta device (no weights, remote code from `--model_revision`), wrapped
     by PEFT as the trainer will wrap it: the layer names to check the `--lora_target_modules` and sam_* patterns
     against."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = weightless_model(AutoModelForCausalLM, config, model_args)
+        model = weightless_model(AutoModelForCausalLM, config, trust_remote_code, revision)
     except ValueError as e:  # no causal-LM class for this config
         raise UsageError(f"--model_name_or_path {name!r} is not a causal language model "
                          f"({' '.join(str(e).split())[:200]}): pass one, e.g. openai-community/gpt2.") from None
@@ -276,22 +275,21 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if embedded:
         model, tokenizer, data, held_out = sft_offline.embedded_model_and_data()
         # before TRL tokenizes: a bad layer name fails first (names as PEFT will wrap them)
-        check_sam_layers(skeleton_model(sft_offline.BASE_MODEL, model.config, ModelArguments(), peft_config), args)
+        check_sam_layers(skeleton_model(sft_offline.BASE_MODEL, model.config, peft_config), args)
         base_model, description, is_hub = sft_offline.BASE_MODEL, sft_offline.description(), True
         dataset_ids: list[str] = []
-        with _quiet_datasets():
+        with quiet_datasets():
             train, test, _ = sft_splits(data, script_args, args)
     else:
         # Everything is checked before the weights load: the model's config, layer names and LoRA targets (on a
         # weightless copy), the data's format and texts, the tokenizer.
-        hub_args = ModelArguments(model_name_or_path=model_args.model_name_or_path,
-                                  trust_remote_code=args.trust_remote_code, model_revision=model_args.model_revision)
-        name, config, is_hub = load_model_config(hub_args)
-        check_model_config(config, name, ModelArguments(), DataArguments(max_length=args.max_length))
-        check_sam_layers(skeleton_model(name, config, hub_args, peft_config), args)
-        with _quiet_datasets():
+        hub = {"trust_remote_code": args.trust_remote_code, "revision": model_args.model_revision}
+        name, config, is_hub = load_model_config(model_args.model_name_or_path, **hub)
+        check_model_config(config, name, max_length=args.max_length)
+        check_sam_layers(skeleton_model(name, config, peft_config, **hub), args)
+        with quiet_datasets():
             train, test, data_format = sft_splits(load_data(script_args), script_args, args)
-        tokenizer = load_tokenizer(name, hub_args)
+        tokenizer = load_tokenizer(name, **hub)
         if data_format.startswith("conversational") and tokenizer.chat_template is None and \
                 args.chat_template_path is None:
             raise UsageError(f"the data is conversational and the tokenizer of {name!r} has no chat template: pass "
@@ -311,7 +309,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     point_at_output_dir(args, plan)
     try:  # built (weights loaded, data tokenized, the Hub repo created) before the output directory is touched
-        with _quiet_datasets(), create_repo_failures(args):
+        with quiet_datasets(), create_repo_failures(args):
             if not embedded:
                 model = load_causal_lm(name, args, model_args)
             trainer = SFTLWSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,

@@ -11,9 +11,7 @@ or data flags it fine-tunes the shipped all-MiniLM-L6-v2 on the shipped tweets, 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import statistics
 import sys
 import time
@@ -24,23 +22,30 @@ from typing import Any
 import torch
 import transformers
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
     default_data_collator,
     set_seed,
 )
-import datasets.utils as datasets_progress
 from transformers.utils import logging
 
 from ..model_card import ModelCardInfo, perturbed_layers, sam_mode, write_model_card
 from ..reuse import capture_rng, restore_rng
-from ..selection import select_layers
 from ..trainer import LWSAMTrainer
-from .args import DataArguments, ModelArguments, TrainArguments, UsageError, looks_like_path, parse_args
+from .args import DataArguments, ModelArguments, UsageError, parse_args
+from .core import (
+    CAUSAL_SUFFIXES,
+    add_peft_adapter,
+    check_model_config,
+    check_sam_layers,
+    hub_kwargs,
+    load_model_config,
+    load_tokenizer,
+    quiet_datasets,
+    weightless_model,
+)
 from .data import (
     check_texts,
     load_raw_data,
@@ -65,7 +70,6 @@ from .output import plan_output_dir
 
 logger = logging.get_logger("hf_lwsam.cli.train")
 
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 EMBEDDED_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -187,61 +191,6 @@ class CLITrainer(LWSAMTrainer):
 
 
 # ------------------------------------------------------------------------------------------------ model loading
-def load_model_config(model_args: ModelArguments) -> tuple[str, Any, bool]:
-    """The model path (the shipped MiniLM by default), its config, and whether it names a Hub repo."""
-    name = model_args.model_name_or_path
-    if name is None:
-        from ..data import minilm_path
-
-        try:
-            name = minilm_path()
-        except FileNotFoundError as e:
-            raise UsageError(f"{e} (or pass --model_name_or_path)") from None
-    is_local = os.path.isdir(name)
-    if os.path.isfile(name):
-        raise UsageError(f"--model_name_or_path {name!r} is a file: pass the model's directory (with config.json) or "
-                         "a Hub model id.")
-    if not is_local and (looks_like_path(name) or os.path.exists(name)):
-        raise UsageError(f"--model_name_or_path {name!r} does not exist: pass an existing model directory or a "
-                         "Hub model id such as 'bert-base-uncased'.")
-    try:
-        config = AutoConfig.from_pretrained(name, **hub_kwargs(model_args))
-    except (OSError, ValueError) as e:
-        from huggingface_hub import constants
-
-        if is_local:
-            raise UsageError(f"--model_name_or_path {name!r} is not a model directory (no usable config.json: "
-                             f"{' '.join(str(e).split())[:200]}): pass a directory written by "
-                             "save_pretrained.") from None
-        if constants.HF_HUB_OFFLINE:
-            raise UsageError(f"--model_name_or_path {name!r} is not a local directory and the Hub is offline "
-                             "(HF_HUB_OFFLINE=1) with no cached copy: pass a local model directory, or unset "
-                             "HF_HUB_OFFLINE.") from None
-        raise UsageError(f"--model_name_or_path {name!r} could not be loaded from the Hub: "
-                         f"{' '.join(str(e).split())[:200]}; check the id or pass a local directory.") from None
-    return name, config, not is_local
-
-
-def hub_kwargs(model_args: ModelArguments) -> dict[str, Any]:
-    """The keyword arguments of every `from_pretrained` of the model's files: `trust_remote_code` and the pinned
-    `revision` (transformers then also takes the model's remote code from that revision)."""
-    return {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.model_revision}
-
-
-def weightless_model(auto: Any, config: Any, model_args: ModelArguments) -> Any:
-    """`auto.from_config(config)` on the meta device (no weights), with the class `from_pretrained` would build: for
-    remote code (`--trust_remote_code`), the class comes from the pinned revision, as in `from_pretrained` (a plain
-    `from_config` takes it from `main`) and is registered for `auto`, which then builds it."""
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-    class_ref = (getattr(config, "auto_map", None) or {}).get(auto.__name__)
-    if model_args.trust_remote_code and isinstance(class_ref, str):
-        model_class = get_class_from_dynamic_module(class_ref, config.name_or_path, revision=model_args.model_revision)
-        auto.register(type(config), model_class, exist_ok=True)
-    with torch.device("meta"):
-        return auto.from_config(config, trust_remote_code=model_args.trust_remote_code)
-
-
 def resolve_task(task: str | None, config: Any, label_column: str | None, name: str) -> str:
     """The explicit `--task`, else classification for labelled data, else causal LM for a causal-LM model."""
     if task is not None:
@@ -252,20 +201,6 @@ def resolve_task(task: str | None, config: Any, label_column: str | None, name: 
         return "causal_lm"
     raise UsageError(f"cannot tell the task: the data has no label column and {name!r} is not a causal LM; pass "
                      "--label_column NAME for classification, or --task causal_lm with a causal LM.")
-
-
-def load_tokenizer(name: str, model_args: ModelArguments) -> Any:
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(model_args))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"no tokenizer could be loaded from {name!r} ({' '.join(str(e).split())[:200]}): save one "
-                         "next to the model with tokenizer.save_pretrained.") from None
-    if len(tokenizer) <= len(tokenizer.all_special_tokens):  # a folder without tokenizer files gives an empty one
-        raise UsageError(f"{name!r} has no tokenizer files (the tokenizer built from it has {len(tokenizer)} "
-                         "token(s)): save the model's tokenizer next to it with tokenizer.save_pretrained.")
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_model(name: str, config: Any, task: str, model_args: ModelArguments, labels: list[str] | None,
@@ -281,9 +216,10 @@ def load_model(name: str, config: Any, task: str, model_args: ModelArguments, la
             config = copy.deepcopy(config)
             for key, value in label_kwargs.items():
                 setattr(config, key, value)
-            model = weightless_model(auto, config, model_args)
+            model = weightless_model(auto, config, model_args.trust_remote_code, model_args.model_revision)
         else:
-            model = auto.from_pretrained(name, **hub_kwargs(model_args), **label_kwargs)
+            model = auto.from_pretrained(name, **hub_kwargs(model_args.trust_remote_code, model_args.model_revision),
+                                         **label_kwargs)
     except (OSError, ValueError) as e:
         raise UsageError(f"{name!r} cannot be loaded for {task}: {' '.join(str(e).split())[:250]}") from None
     if task == "classification" and model.config.pad_token_id is None:
@@ -310,44 +246,7 @@ def _add_lora(model: Any, task: str, model_args: ModelArguments) -> Any:
     return add_peft_adapter(model, config)
 
 
-def add_peft_adapter(model: Any, peft_config: Any) -> Any:
-    """`get_peft_model(model, peft_config)`, a bad target module name reported as one `UsageError` line."""
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, peft_config)
-    except ValueError as e:
-        raise UsageError(f"LoRA could not be added: {' '.join(str(e).split())[:250]}; pass --lora_target_modules "
-                         "with module names of this model (or 'all-linear').") from None
-
-
 # ------------------------------------------------------------------------------------------------ checks
-def check_model_config(config: Any, name: str, model_args: ModelArguments, data_args: DataArguments) -> None:
-    """Checks against the model's config, before any data or weights are loaded."""
-    architectures = list(getattr(config, "architectures", None) or [])
-    if model_args.task == "causal_lm" and architectures and not any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
-        raise UsageError(f"--task causal_lm needs a causal language model and {name!r} is a "
-                         f"{', '.join(architectures)}: pass a causal LM (e.g. --model_name_or_path "
-                         "openai-community/gpt2), or --task classification.")
-    positions = [v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)]
-    if data_args.max_length is not None and positions and data_args.max_length > min(positions):
-        raise UsageError(f"--max_length {data_args.max_length} is longer than the {min(positions)} positions "
-                         f"{name!r} supports: pass --max_length {min(positions)} or less.")
-
-
-def check_sam_layers(model: Any, args: TrainArguments) -> None:
-    """The `sam_target_layers` / `sam_exclude_layers` patterns must match this model (as the trainer would check)."""
-    if args.sam_selection == "all" or (args.sam_selection == "probe" and args.sam_target_layers is None
-                                       and args.sam_exclude_layers is None):
-        return
-    target = args.sam_target_layers if args.sam_target_layers is not None or args.sam_selection == "pattern" else ".+"
-    try:
-        select_layers(model, target, args.sam_exclude_layers)
-    except ValueError as e:
-        flag = "--sam_exclude_layers" if "sam_exclude_layers=" in str(e).split(" ", 1)[0] else "--sam_target_layers"
-        raise UsageError(f"{' '.join(str(e).split())} Pass {flag} with names of this model.") from None
-
-
 def _limit(split: Any, n: int | None) -> Any:
     return split if n is None else split.select(range(min(n, len(split))))
 
@@ -358,19 +257,6 @@ def _max_length(data_args: DataArguments, tokenizer: Any, config: Any, task: str
     limits = [512 if task == "classification" else 1024, tokenizer.model_max_length]
     limits += [v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)]
     return min(limits)
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    """No `datasets` progress bars while loading, checking and tokenizing the data (bad data then fails with one
-    line; the Trainer's own progress bar is unaffected)."""
-    was_enabled = not datasets_progress.are_progress_bars_disabled()
-    datasets_progress.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets_progress.enable_progress_bars()
 
 
 # --------------------------------------------------------------------------------------------------------- main
@@ -387,9 +273,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     output_dir = Path(args.output_dir).expanduser().resolve()
     plan = plan_output_dir(output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
-    name, config, is_hub = load_model_config(model_args)
-    check_model_config(config, name, model_args, data_args)
-    with _quiet_datasets():
+    name, config, is_hub = load_model_config(model_args.model_name_or_path, model_args.trust_remote_code,
+                                             model_args.model_revision)
+    check_model_config(config, name, model_args.task, data_args.max_length)
+    with quiet_datasets():
         raw = load_raw_data(data_args, embedded, args.seed)
         if args.do_predict and "test" not in raw.splits:
             raise UsageError("--do_predict needs a test split and the data has none: pass --test_file PATH, or drop "
@@ -400,7 +287,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             raise UsageError(f"--task classification needs labels and the data has none of the default label "
                              f"columns: pass --label_column with one of {raw.splits['train'].column_names}.")
         if task == "causal_lm":
-            check_model_config(config, name, ModelArguments(task=task), data_args)
+            check_model_config(config, name, task, data_args.max_length)
         splits = raw.splits
         splits["train"] = _limit(splits["train"], data_args.max_train_samples)
         if not args.do_predict and "test" in splits:
@@ -412,9 +299,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if task == "classification":
             splits, labels = prepare_labels(splits, label_column)
         check_texts(splits, text_column)
-    tokenizer = load_tokenizer(name, model_args)
+    tokenizer = load_tokenizer(name, model_args.trust_remote_code, model_args.model_revision)
     max_length = _max_length(data_args, tokenizer, config, task)
-    with args.main_process_first(desc="dataset preprocessing"), _quiet_datasets():
+    with args.main_process_first(desc="dataset preprocessing"), quiet_datasets():
         if task == "classification":
             splits = tokenize_for_classification(splits, tokenizer, text_column, max_length,
                                                  data_args.preprocessing_num_workers)

@@ -1,0 +1,139 @@
+"""What `hf-lwsam-train` and `hf-lwsam-sft` share before training: the model's config, tokenizer and weightless copy
+loaded from a local directory or the Hub (at a pinned revision), the checks made on them before the weights load,
+LoRA wrapping and quiet `datasets` processing. Each bad input raises a one-line `UsageError`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import datasets.utils as datasets_progress
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from ..selection import select_layers
+from .args import UsageError, looks_like_path
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def hub_kwargs(trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
+    """The keyword arguments of every `from_pretrained` of the model's files: `trust_remote_code` and the pinned
+    `revision` (transformers then also takes the model's remote code from that revision)."""
+    return {"trust_remote_code": trust_remote_code, "revision": revision}
+
+
+def load_model_config(name: str | None, trust_remote_code: bool = False,
+                      revision: str | None = None) -> tuple[str, Any, bool]:
+    """The model path (the shipped MiniLM when `name` is `None`), its config, and whether it names a Hub repo."""
+    if name is None:
+        from ..data import minilm_path
+
+        try:
+            name = minilm_path()
+        except FileNotFoundError as e:
+            raise UsageError(f"{e} (or pass --model_name_or_path)") from None
+    is_local = os.path.isdir(name)
+    if os.path.isfile(name):
+        raise UsageError(f"--model_name_or_path {name!r} is a file: pass the model's directory (with config.json) or "
+                         "a Hub model id.")
+    if not is_local and (looks_like_path(name) or os.path.exists(name)):
+        raise UsageError(f"--model_name_or_path {name!r} does not exist: pass an existing model directory or a "
+                         "Hub model id such as 'bert-base-uncased'.")
+    try:
+        config = AutoConfig.from_pretrained(name, **hub_kwargs(trust_remote_code, revision))
+    except (OSError, ValueError) as e:
+        from huggingface_hub import constants
+
+        if is_local:
+            raise UsageError(f"--model_name_or_path {name!r} is not a model directory (no usable config.json: "
+                             f"{' '.join(str(e).split())[:200]}): pass a directory written by "
+                             "save_pretrained.") from None
+        if constants.HF_HUB_OFFLINE:
+            raise UsageError(f"--model_name_or_path {name!r} is not a local directory and the Hub is offline "
+                             "(HF_HUB_OFFLINE=1) with no cached copy: pass a local model directory, or unset "
+                             "HF_HUB_OFFLINE.") from None
+        raise UsageError(f"--model_name_or_path {name!r} could not be loaded from the Hub: "
+                         f"{' '.join(str(e).split())[:200]}; check the id or pass a local directory.") from None
+    return name, config, not is_local
+
+
+def weightless_model(auto: Any, config: Any, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """`auto.from_config(config)` on the meta device (no weights), with the class `from_pretrained` would build: for
+    remote code (`--trust_remote_code`), the class comes from the pinned revision, as in `from_pretrained` (a plain
+    `from_config` takes it from `main`) and is registered for `auto`, which then builds it."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    class_ref = (getattr(config, "auto_map", None) or {}).get(auto.__name__)
+    if trust_remote_code and isinstance(class_ref, str):
+        model_class = get_class_from_dynamic_module(class_ref, config.name_or_path, revision=revision)
+        auto.register(type(config), model_class, exist_ok=True)
+    with torch.device("meta"):
+        return auto.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The model's tokenizer (padding with its EOS token when it has no pad token)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(trust_remote_code, revision))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"no tokenizer could be loaded from {name!r} ({' '.join(str(e).split())[:200]}): save one "
+                         "next to the model with tokenizer.save_pretrained.") from None
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):  # a folder without tokenizer files gives an empty one
+        raise UsageError(f"{name!r} has no tokenizer files (the tokenizer built from it has {len(tokenizer)} "
+                         "token(s)): save the model's tokenizer next to it with tokenizer.save_pretrained.")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def add_peft_adapter(model: Any, peft_config: Any) -> Any:
+    """`get_peft_model(model, peft_config)`, a bad target module name reported as one `UsageError` line."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as e:
+        raise UsageError(f"LoRA could not be added: {' '.join(str(e).split())[:250]}; pass --lora_target_modules "
+                         "with module names of this model (or 'all-linear').") from None
+
+
+def check_model_config(config: Any, name: str, task: str | None = None, max_length: int | None = None) -> None:
+    """Checks against the model's config, before any data or weights are loaded."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    if task == "causal_lm" and architectures and not any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+        raise UsageError(f"--task causal_lm needs a causal language model and {name!r} is a "
+                         f"{', '.join(architectures)}: pass a causal LM (e.g. --model_name_or_path "
+                         "openai-community/gpt2), or --task classification.")
+    positions = [v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)]
+    if max_length is not None and positions and max_length > min(positions):
+        raise UsageError(f"--max_length {max_length} is longer than the {min(positions)} positions "
+                         f"{name!r} supports: pass --max_length {min(positions)} or less.")
+
+
+def check_sam_layers(model: Any, args: Any) -> None:
+    """The `sam_target_layers` / `sam_exclude_layers` patterns must match this model (as the trainer would check)."""
+    if args.sam_selection == "all" or (args.sam_selection == "probe" and args.sam_target_layers is None
+                                       and args.sam_exclude_layers is None):
+        return
+    target = args.sam_target_layers if args.sam_target_layers is not None or args.sam_selection == "pattern" else ".+"
+    try:
+        select_layers(model, target, args.sam_exclude_layers)
+    except ValueError as e:
+        flag = "--sam_exclude_layers" if "sam_exclude_layers=" in str(e).split(" ", 1)[0] else "--sam_target_layers"
+        raise UsageError(f"{' '.join(str(e).split())} Pass {flag} with names of this model.") from None
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bars while loading, checking and tokenizing the data (bad data then fails with one
+    line; the Trainer's own progress bar is unaffected)."""
+    was_enabled = not datasets_progress.are_progress_bars_disabled()
+    datasets_progress.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_progress.enable_progress_bars()
