@@ -42,7 +42,9 @@ def test_a_run_trains_saves_and_refuses_a_second_run(local, tmp_path, capsys):
     assert state["global_step"] == 2
     logged = [e for e in state["log_history"] if "sam/sharpness" in e]
     assert logged and "num_tokens" in logged[0]
-    capsys.readouterr()
+    stdout = capsys.readouterr().out  # the summary, laid out as hf-lwsam-train's
+    assert "***** hf-lwsam-sft summary *****" in stdout and f"  train loss         : {results['train_loss']:.4f}" in stdout
+    assert "  perturbed layers   : " in stdout and f"  output             : {out.resolve()} (model card" in stdout
     assert main(["--output_dir", str(out), *local, *TINY]) == 2  # a finished run is not overwritten silently
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite_output_dir" in err[0]

@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import datasets.utils as datasets_progress
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from ..model_card import perturbed_layers
 from ..selection import select_layers
 from .args import UsageError, looks_like_path
 
@@ -137,3 +139,15 @@ def quiet_datasets() -> Iterator[None]:
     finally:
         if was_enabled:
             datasets_progress.enable_progress_bars()
+
+
+def summary(prog: str, trainer: Any, rows: dict[str, str], output_dir: Path) -> str:
+    """The end-of-run report: the command's `rows` (label: value), then the perturbed layers, the output folder and,
+    with `--push_to_hub`, the Hub repository."""
+    layers, num_params = perturbed_layers(trainer)
+    shown = ", ".join(layers[:6]) + (f", ... (+{len(layers) - 6})" if len(layers) > 6 else "")
+    rows = {**rows, "perturbed layers": f"{len(layers)} ({num_params:,} parameters): {shown}",
+            "output": f"{output_dir} (model card: README.md)"}
+    if trainer.args.push_to_hub:
+        rows["pushed to"] = f"https://huggingface.co/{trainer.hub_model_id}"
+    return "\n".join(["", f"***** {prog} summary *****", *(f"  {label:<19}: {value}" for label, value in rows.items())])

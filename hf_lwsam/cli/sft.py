@@ -49,6 +49,7 @@ from .core import (
     load_model_config,
     load_tokenizer,
     quiet_datasets,
+    summary,
     weightless_model,
 )
 from .data import check_texts, describe_dataset, load_named_dataset
@@ -344,12 +345,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         with push_failures(trainer, output_dir):
             trainer.push_to_hub(commit_message="End of training")
     if trainer.is_world_process_zero():
-        print(f"\n***** {PROG} summary *****\n  train loss: {metrics.get('train_loss', float('nan')):.4f}"
-              + (f"\n  eval loss : {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
-              + (f"\n  held-out answer accuracy: {metrics[f'eval_{sft_offline.METRIC}_before']:.3f} before, "
-                 f"{metrics[f'eval_{sft_offline.METRIC}']:.3f} after" if embedded else "")
-              + f"\n  perturbed : {', '.join(trainer.perturbed_parameter_names()[:6])}"
-              + f"\n  output    : {output_dir} (model card: README.md)")
+        rows = {"train loss": f"{metrics.get('train_loss', float('nan')):.4f}"}
+        if "eval_loss" in metrics:
+            rows["eval loss"] = f"{metrics['eval_loss']:.4f}"
+        if embedded:
+            rows["held-out answer accuracy"] = (f"{metrics[f'eval_{sft_offline.METRIC}_before']:.3f} before, "
+                                                f"{metrics[f'eval_{sft_offline.METRIC}']:.3f} after")
+        print(summary(PROG, trainer, rows, output_dir))
     return metrics
 
 

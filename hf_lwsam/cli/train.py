@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from ..model_card import ModelCardInfo, perturbed_layers, sam_mode, write_model_card
+from ..model_card import ModelCardInfo, sam_mode, write_model_card
 from ..reuse import capture_rng, restore_rng
 from ..trainer import LWSAMTrainer
 from .args import DataArguments, ModelArguments, UsageError, parse_args
@@ -44,6 +44,7 @@ from .core import (
     load_model_config,
     load_tokenizer,
     quiet_datasets,
+    summary,
     weightless_model,
 )
 from .data import (
@@ -352,37 +353,28 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         with push_failures(trainer, output_dir):
             trainer.push_to_hub(commit_message="End of training", model_name=output_dir.name)
     if trainer.is_world_process_zero():
-        print(summary(trainer, metrics, task, card_info, output_dir))
+        print(summary("hf-lwsam-train", trainer, summary_rows(trainer, metrics, task, card_info), output_dir))
     return metrics
 
 
-def summary(trainer: CLITrainer, metrics: dict[str, Any], task: str, info: ModelCardInfo, output_dir: Path) -> str:
-    """The short end-of-run report."""
-    layers, num_params = perturbed_layers(trainer)
-    t = info.throughput
-    lines = ["", "***** hf-lwsam-train summary *****"]
+def summary_rows(trainer: CLITrainer, metrics: dict[str, Any], task: str, info: ModelCardInfo) -> dict[str, str]:
+    """The end-of-run report's rows of this command: the task metrics, train time, tokens/s and the step-time ratio."""
+    t, nan = info.throughput, float("nan")
     if task == "classification":
-        lines += [f"  eval accuracy      : {metrics.get('eval_accuracy', float('nan')):.4f}",
-                  f"  eval macro-F1      : {metrics.get('eval_f1', float('nan')):.4f}"]
+        rows = {"eval accuracy": f"{metrics.get('eval_accuracy', nan):.4f}",
+                "eval macro-F1": f"{metrics.get('eval_f1', nan):.4f}"}
     else:
-        lines += [f"  eval perplexity    : {metrics.get('eval_perplexity', float('nan')):.2f}",
-                  f"  eval token accuracy: {metrics.get('eval_accuracy', float('nan')):.4f}"]
-    lines.append(f"  train time         : {t['train_runtime']:.1f} s ({info.num_train_examples:,} "
-                 f"{'examples' if task == 'classification' else 'blocks'}, {trainer.state.global_step} steps)")
-    lines.append(f"  tokens/s           : {t['tokens_per_second']:,.0f}")
-    label = f"  {sam_mode(trainer.args) + ' vs plain':<19}: "
-    if t.get("sam_overhead"):
-        lines.append(f"{label}{t['sam_overhead']:.2f}x step time (median over {t['plain_steps']} of the run's "
-                     f"{t['sam_steps']} SAM steps, of {t['max_steps']} steps in all; each also timed as a plain step)")
-    else:
-        lines.append(f"{label}not measured (--measure_plain_steps 0, multi-process, or too few SAM steps)")
-    shown = ", ".join(layers[:6]) + (f", ... (+{len(layers) - 6})" if len(layers) > 6 else "")
-    lines.append(f"  perturbed layers   : {len(layers)} ({num_params:,} parameters): {shown}")
-    lines.append(f"  metrics            : {info.metric_source}")
-    lines.append(f"  output             : {output_dir} (model card: README.md)")
-    if trainer.args.push_to_hub:
-        lines.append(f"  pushed to          : https://huggingface.co/{trainer.hub_model_id}")
-    return "\n".join(lines)
+        rows = {"eval perplexity": f"{metrics.get('eval_perplexity', nan):.2f}",
+                "eval token accuracy": f"{metrics.get('eval_accuracy', nan):.4f}"}
+    rows["train time"] = (f"{t['train_runtime']:.1f} s ({info.num_train_examples:,} "
+                          f"{'examples' if task == 'classification' else 'blocks'}, {trainer.state.global_step} steps)")
+    rows["tokens/s"] = f"{t['tokens_per_second']:,.0f}"
+    rows[sam_mode(trainer.args) + " vs plain"] = (
+        f"{t['sam_overhead']:.2f}x step time (median over {t['plain_steps']} of the run's {t['sam_steps']} SAM steps, "
+        f"of {t['max_steps']} steps in all; each also timed as a plain step)" if t.get("sam_overhead") else
+        "not measured (--measure_plain_steps 0, multi-process, or too few SAM steps)")
+    rows["metrics"] = info.metric_source
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
