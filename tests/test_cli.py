@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from hf_lwsam import select_layers
-from hf_lwsam.cli.args import EMBEDDED_DEFAULTS, parse_args
+from hf_lwsam.cli.args import OFFLINE_DEFAULTS, parse_args
 from hf_lwsam.cli.train import main
 from hf_lwsam.data import TWEET_LABELS, load_tweets, minilm_path, shakespeare_files
 
@@ -269,7 +269,7 @@ def test_the_cli_modules_import_no_private_names_from_each_other():
 
 def test_no_flags_selects_the_embedded_default():
     _, data_args, args, embedded = parse_args([])
-    assert embedded and data_args.max_length == EMBEDDED_DEFAULTS["max_length"] == 64
+    assert embedded and data_args.max_length == OFFLINE_DEFAULTS["hf-lwsam-train"]["max_length"] == 64
     assert args.per_device_train_batch_size == 32 and args.num_train_epochs == 1
     model_args, data_args, args, embedded = parse_args(["--train-file", "t.csv", "--model-name-or-path", "m"])
     assert not embedded and data_args.max_length is None and args.per_device_train_batch_size == 8

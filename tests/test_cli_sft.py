@@ -197,6 +197,19 @@ def test_full_parameter_sft_with_config_on_conversational_data(local_model, tmp_
     _assert_full_parameter_run(out, local_model)
 
 
+def test_no_model_and_no_data_selects_the_offline_defaults_of_the_shared_table(tmp_path):
+    """Both commands' offline defaults live in one table (`OFFLINE_DEFAULTS`, keyed by command); flags override."""
+    from hf_lwsam.cli.args import OFFLINE_DEFAULTS
+    from hf_lwsam.cli.sft import parse_args
+
+    _, args, model_args, _, embedded = parse_args(["--output_dir", str(tmp_path / "o"), "--lora_r", "4"])
+    table = OFFLINE_DEFAULTS["hf-lwsam-sft"]
+    assert embedded and args.max_steps == table["max_steps"] and args.learning_rate == table["learning_rate"]
+    assert model_args.use_peft and model_args.lora_alpha == table["lora_alpha"] and model_args.lora_r == 4
+    _, args, _, _, embedded = parse_args(["--model_name_or_path", "m", "--dataset_name", "d", "--bf16", "false"])
+    assert not embedded and args.max_steps == -1
+
+
 @pytest.mark.parametrize("form", ["--config PATH", "leading", "--config=PATH"])
 def test_a_config_file_after_config_or_leading(local_model, tmp_path, form):
     """The config file through TRL's `--config`, or as the leading argument as `hf-lwsam-train` takes it."""

