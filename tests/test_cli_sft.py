@@ -197,6 +197,16 @@ def test_full_parameter_sft_with_config_on_conversational_data(local_model, tmp_
     _assert_full_parameter_run(out, local_model)
 
 
+def test_checkpoints_and_the_final_model_carry_the_lwsam_card(local, tmp_path):
+    """One model-card mechanism for both commands: the LW-SAM card is written with every save, checkpoints included
+    (TRL's own card hook writes it too)."""
+    out = tmp_path / "run"
+    assert main(["--output_dir", str(out), *local, *TINY, "--save_strategy", "steps", "--save_steps", "1"]) == 0
+    for folder in (out / "checkpoint-1", out / "checkpoint-2", out):
+        card = (folder / "README.md").read_text()
+        assert "hf-lwsam" in card and "sam_rho" in card.replace("`", ""), folder
+
+
 def test_no_model_and_no_data_selects_the_offline_defaults_of_the_shared_table(tmp_path):
     """Both commands' offline defaults live in one table (`OFFLINE_DEFAULTS`, keyed by command); flags override."""
     from hf_lwsam.cli.args import OFFLINE_DEFAULTS

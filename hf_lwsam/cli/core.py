@@ -14,7 +14,7 @@ import datasets.utils as datasets_progress
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from ..model_card import perturbed_layers
+from ..model_card import ModelCardInfo, perturbed_layers, write_model_card
 from ..selection import select_layers
 from .args import UsageError, looks_like_path
 
@@ -139,6 +139,34 @@ def quiet_datasets() -> Iterator[None]:
     finally:
         if was_enabled:
             datasets_progress.enable_progress_bars()
+
+
+
+class ModelCardMixin:
+    """Trainer mixin of both commands: the LW-SAM model card (`write_model_card`) is written next to the weights
+    whenever the model is saved, and before a Hub push through the stock `create_model_card` hook (which TRL's
+    trainers also call at each checkpoint), instead of the stock draft.
+
+    Args:
+        card_info ([`ModelCardInfo`]): what the card says about the run beyond the trainer's own state.
+        card_name (`str`): the card's title.
+        *other arguments*: as for the trainer it is mixed into.
+    """
+
+    def __init__(self, *args: Any, card_info: ModelCardInfo, card_name: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.card_info, self.card_name = card_info, card_name
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The LW-SAM card in `output_dir` instead of the stock draft (called by `push_to_hub`)."""
+        if self.is_world_process_zero():
+            write_model_card(self, self.card_info, self.args.output_dir, self.card_name)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as the stock `Trainer` does, then write the card next to the weights."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            write_model_card(self, self.card_info, output_dir or self.args.output_dir, self.card_name)
 
 
 def summary(prog: str, trainer: Any, rows: dict[str, str], output_dir: Path) -> str:

@@ -166,10 +166,10 @@ def preemptible_finish(trainer: Any, output_dir: Path) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def save_final(trainer: Any, output_dir: Path, metrics: dict[str, Any], write_card: Callable[[Path], Any]) -> None:
-    """The final weights, tokenizer, model card (`write_card(folder)`) and `trainer_state.json` go to a temporary
-    folder and are renamed into `output_dir`; `all_results.json` is written last. Interrupted anywhere, the directory
-    does not look finished and a rerun resumes."""
+def save_final(trainer: Any, output_dir: Path, metrics: dict[str, Any]) -> None:
+    """The final weights, tokenizer, model card (written by the trainer's `save_model`, [`ModelCardMixin`]) and
+    `trainer_state.json` go to a temporary folder and are renamed into `output_dir`; `all_results.json` is written
+    last. Interrupted anywhere, the directory does not look finished and a rerun resumes."""
     args = trainer.args
     tmp = output_dir / FINAL_TMP_NAME
     with args.main_process_first(desc="final save"):
@@ -177,7 +177,6 @@ def save_final(trainer: Any, output_dir: Path, metrics: dict[str, Any], write_ca
             begin_final_save(output_dir)
     trainer.save_model(str(tmp), _internal_call=True)  # no push from here: it comes once, after the rename
     if args.should_save:
-        write_card(tmp)
         trainer.state.save_to_json(str(tmp / "trainer_state.json"))
         finish_final_save(output_dir, tmp, metrics)
     trainer.accelerator.wait_for_everyone()

@@ -30,7 +30,7 @@ from typing import Any
 from transformers.utils import logging
 
 from ..config import given_options
-from ..model_card import ModelCardInfo, write_model_card
+from ..model_card import ModelCardInfo
 from .args import (
     OFFLINE_DEFAULTS,
     HelpFormatter,
@@ -44,6 +44,7 @@ from .args import (
     validate_training_args,
 )
 from .core import (
+    ModelCardMixin,
     add_peft_adapter,
     check_model_config,
     check_sam_layers,
@@ -259,12 +260,19 @@ def sft_splits(data: Any, script_args: Any, args: Any) -> tuple[Any, Any, str]:
     return splits["train"], splits.get("eval"), formats["train"]
 
 
+def sft_trainer_class() -> type:
+    """`SFTLWSAMTrainer` writing the LW-SAM model card as `hf-lwsam-train`'s trainer does ([`ModelCardMixin`]);
+    built on first use, TRL being optional."""
+    from ..trl import SFTLWSAMTrainer
+
+    return type("CLISFTTrainer", (ModelCardMixin, SFTLWSAMTrainer), {"__module__": __name__})
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, validate, train (resuming from the last checkpoint in `output_dir`), evaluate, save (with card) and
     optionally push; returns the final metrics."""
     from trl import get_peft_config
 
-    from ..trl import SFTLWSAMTrainer
     from . import sft_offline
 
     script_args, args, model_args, run_args, embedded = parse_args(argv)
@@ -313,8 +321,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         with quiet_datasets(), create_repo_failures(args):
             if not embedded:
                 model = load_causal_lm(name, args, model_args)
-            trainer = SFTLWSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
-                                      processing_class=tokenizer, peft_config=peft_config)
+            trainer = sft_trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=test,
+                                          processing_class=tokenizer, peft_config=peft_config, card_info=card_info,
+                                          card_name=output_dir.name)
     except ValueError as e:  # a check of TRL's or the trainer's that the ones above do not make
         raise UsageError(" ".join(str(e).split())) from None
     for split, rows, kept in (("train", train, trainer.train_dataset), ("eval", test, trainer.eval_dataset)):
@@ -337,11 +346,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             metrics.update(task)
             trainer.log(task)
         trainer.log_metrics("all", metrics)
-        save_final(trainer, output_dir, metrics, lambda folder: write_model_card(trainer, card_info, folder,
-                                                                                 output_dir.name))
+        save_final(trainer, output_dir, metrics)
     if args.push_to_hub:
-        trainer.create_model_card = lambda *a, **k: write_model_card(trainer, card_info, args.output_dir,
-                                                                     output_dir.name)
         with push_failures(trainer, output_dir):
             trainer.push_to_hub(commit_message="End of training")
     if trainer.is_world_process_zero():

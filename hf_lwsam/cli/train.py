@@ -31,12 +31,13 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from ..model_card import ModelCardInfo, sam_mode, write_model_card
+from ..model_card import ModelCardInfo, sam_mode
 from ..reuse import capture_rng, restore_rng
 from ..trainer import LWSAMTrainer
 from .args import DataArguments, ModelArguments, UsageError, parse_args
 from .core import (
     CAUSAL_SUFFIXES,
+    ModelCardMixin,
     add_peft_adapter,
     check_model_config,
     check_sam_layers,
@@ -74,12 +75,11 @@ logger = logging.get_logger("hf_lwsam.cli.train")
 EMBEDDED_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-class CLITrainer(LWSAMTrainer):
+class CLITrainer(ModelCardMixin, LWSAMTrainer):
     r"""
-    [`LWSAMTrainer`] for the script: writes the model card whenever the model is saved (and before a Hub push, through
-    the stock `create_model_card` hook), adds `perplexity` to causal-LM evaluations, and counts the tokens it trains
-    on. On a few SAM steps, spread over the run's SAM steps, it also times a plain (non-SAM) step on the same batch
-    and discards its gradients: the SAM step's cost, in the mode that runs.
+    [`LWSAMTrainer`] for the script: writes the LW-SAM model card ([`ModelCardMixin`]), adds `perplexity` to causal-LM
+    evaluations, and counts the tokens it trains on. On a few SAM steps, spread over the run's SAM steps, it also times
+    a plain (non-SAM) step on the same batch and discards its gradients: the SAM step's cost, in the mode that runs.
 
     Args:
         card_info ([`ModelCardInfo`]): what the card says about the run beyond the trainer's own state.
@@ -88,24 +88,11 @@ class CLITrainer(LWSAMTrainer):
     """
 
     def __init__(self, *a: Any, card_info: ModelCardInfo, card_name: str, **kw: Any):
-        super().__init__(*a, **kw)
-        self.card_info, self.card_name = card_info, card_name
+        super().__init__(*a, card_info=card_info, card_name=card_name, **kw)
         self.sam_step_times: list[float] = []
         self.plain_step_times: list[float] = []
         self.tokens_seen = 0
         self._sam_micro_batches = 0  # SAM steps' micro-batches trained so far
-
-    # --------------------------------------------------------------------------------------------- model card
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """The LW-SAM card instead of the stock draft (called by `push_to_hub`)."""
-        if self.is_world_process_zero():
-            write_model_card(self, self.card_info, self.args.output_dir, self.card_name)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as the stock `Trainer` does, then write the card next to the weights."""
-        super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save:
-            write_model_card(self, self.card_info, output_dir or self.args.output_dir, self.card_name)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.card_info.task == "causal_lm":
@@ -348,7 +335,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if args.do_predict and "test" in splits:
             metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
         trainer.log_metrics("all", metrics)
-        save_final(trainer, output_dir, metrics, write_card=lambda folder: None)  # CLITrainer.save_model writes it
+        save_final(trainer, output_dir, metrics)
     if args.push_to_hub:
         with push_failures(trainer, output_dir):
             trainer.push_to_hub(commit_message="End of training", model_name=output_dir.name)
