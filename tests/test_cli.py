@@ -267,6 +267,33 @@ def test_the_cli_modules_import_no_private_names_from_each_other():
     assert private == []
 
 
+# Values the CLIs' own checks refuse, one per check, that `TrainingArguments` accepts: each check guards something the
+# stock class lets through (to a traceback mid-run or a silently odd run), so none duplicates it.
+STOCK_ACCEPTS = {
+    "learning_rate": -1.0, "per_device_train_batch_size": 0, "per_device_eval_batch_size": 0,
+    "gradient_accumulation_steps": 0, "max_steps": 0, "num_train_epochs": float("nan"), "seed": -1, "data_seed": 2**33,
+    "weight_decay": -1.0, "max_grad_norm": -1.0, "warmup_steps": float("nan"), "adam_beta1": 1.5, "adam_beta2": -0.1,
+    "label_smoothing_factor": 1.2, "adam_epsilon": 0.0, "logging_steps": -1, "save_steps": -1, "save_total_limit": 0,
+    "dataloader_num_workers": -1, "report_to": "bogus",
+}
+
+
+@pytest.mark.parametrize("option", list(STOCK_ACCEPTS))
+def test_each_training_option_check_guards_a_value_training_arguments_accepts(option, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from hf_lwsam.cli.args import UsageError, validate_training_args
+
+    value = STOCK_ACCEPTS[option]
+    TrainingArguments(output_dir=str(tmp_path), **{option: value})  # the stock class lets it through
+    defaults = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    namespace = SimpleNamespace(**{**vars(defaults), option: value})
+    with pytest.raises(UsageError, match=f"--{option}"):
+        validate_training_args(namespace)
+
+
 def test_no_flags_selects_the_embedded_default():
     _, data_args, args, embedded = parse_args([])
     assert embedded and data_args.max_length == OFFLINE_DEFAULTS["hf-lwsam-train"]["max_length"] == 64
