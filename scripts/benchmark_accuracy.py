@@ -15,7 +15,7 @@ Suites (`--suite`, or the suite of the `--tasks` given), each with its methods t
     cls-lora  the same under PEFT LoRA (r=8 on query/value; the classifier head trained)
     lm        a small GPT-2 pretrained from scratch on most Shakespeare plays (cached), fine-tuned on a held-out group
               of plays; perplexity on a further held-out play
-  chat (`chat_methods`: AdamW, full SAM, `sam_preset="fast"`, the layer-wise default)
+  chat (`chat_methods`: AdamW, full SAM, `sam_preset="fast"`, the layer-wise default, `sam_preset="free"`)
     chat, chat-small, chat-noise40
               the shipped pretrained SmolLM2-135M-Instruct, LoRA SFT (TRL's SFTTrainer, r=16 on every linear layer)
               on tweet sentiment as a chat in its chat template (`hf-lwsam-sft`'s offline task): 512 clean training

@@ -36,7 +36,7 @@ if [ "$train" = 1 ]; then
   if [ "$THROUGHPUT_S" -gt 0 ]; then
     timeout "$THROUGHPUT_S" python3 scripts/benchmark_throughput.py --device cuda --preset smollm2-135m --lora \
       --trainer sft --k 1 --rounds 3 --steps 10 --methods '^adamw$' '^full SAM$' '^LW-SAM k=1 reuse$' \
-      '^full SAM late from 80%$' --json benchmarks/throughput/throughput_smollm2_lora_cuda.json 2>&1 |
+      '^full SAM late from 80%$' '^full momentum$' --json benchmarks/throughput/throughput_smollm2_lora_cuda.json 2>&1 |
       tee "$OUT/throughput_smollm2_lora_cuda.log"
   fi
 fi

@@ -101,9 +101,13 @@ def main_methods(asam: bool = False, asam_rhos: list[float] | None = None, probe
 
 def chat_methods() -> list[Method]:
     """The SmolLM2 chat study's rows: AdamW, full SAM (`sam_preset="exact"`), `sam_preset="fast"` (full SAM over the
-    last 20% of the run) and the layer-wise default."""
+    last 20% of the run), the layer-wise default, and the momentum ascent on every parameter at rho 0.2
+    (`sam_preset="free"`) and 0.5."""
     return [Method("adamw"), Method("full SAM", dict(FULL)), Method("fast preset", dict(sam_preset="fast")),
-            Method("LW-SAM default", dict(PATTERN))]
+            Method("LW-SAM default", dict(PATTERN)),
+            # the momentum ascent at the rho the digits study chose (the recommended preset) and one larger
+            Method("free preset", dict(sam_preset="free"), rhos=(0.2,)),
+            Method("full momentum rho 0.5", dict(FULL, sam_ascent="momentum"), rhos=(0.5,))]
 
 
 # The probe mode the robustness suite runs: the options spelled out, so that the cache notices a changed default.

@@ -395,9 +395,10 @@ def _robust_recipe(task: Task, hp: dict, data: tuple[DatasetDict, Any], seed: in
 # The costs that stand for the methods' own (`Task.cost_files`): `benchmark_throughput.py`'s ratios of the same mode
 # and selection rule. The chat tasks: `--preset smollm2-135m --lora` (LoRA r=16 on every linear layer; SmolLM2's
 # default selection is block 29 + the final norm, the preset's k=1 with reuse; the probe is not measured).
-SMOLLM2_LORA_FILES = ("throughput_smollm2_lora_{device}.json",)
+SMOLLM2_LORA_FILES = ("throughput_smollm2_lora_{device}.json", "momentum_smollm2_lora_{device}.json")
 CHAT_COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse",
-                   "fast preset": "full SAM late from 80%"}
+                   "fast preset": "full SAM late from 80%", "free preset": "full momentum",
+                   "full momentum rho 0.5": "full momentum"}
 # The digits and tweets tasks: the benchmark's CPU shape (GPT-2, 6 layers, d=256, T=128): the cheaper roads' run,
 # then the late-phase runs: full SAM's modes side by side with the shorter late phases (3 rounds x 20 steps), then
 # the last 10% / 5% alone with AdamW, longer (5 rounds x 40 steps: one SAM step in 20 needs more steps to be timed

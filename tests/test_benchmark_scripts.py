@@ -183,7 +183,8 @@ def test_dry_run_lists_the_gpu_runs_to_do_and_writes_nothing(tmp_path):
                   "--seeds", "0", "1", "--rhos", "0.05", "--out", str(tmp_path), timeout=300)
     todo = [line.split("] ")[1] for line in stdout.splitlines() if line.endswith(": to run")]
     assert todo == [f"chat-noise40__{m}__rho{rho}__seed{seed}__cuda: to run" for seed in (0, 1) for m, rho in (
-        ("adamw", 0.0), ("full_SAM", 0.05), ("fast_preset", 0.05), ("LW-SAM_default", 0.05))]
+        ("adamw", 0.0), ("full_SAM", 0.05), ("fast_preset", 0.05), ("LW-SAM_default", 0.05), ("free_preset", 0.2),
+        ("full_momentum_rho_0.5", 0.5))]
     assert list(tmp_path.rglob("*.*")) == []
 
 
