@@ -61,9 +61,11 @@ class LWSAMMixin:
     The layer-wise SAM `training_step` for any [`~transformers.Trainer`] subclass: put it first among the bases
     (`class MyTrainer(LWSAMMixin, SFTTrainer)`), or use [`lwsam_trainer`].
 
-    Every micro-batch takes two passes: the ascent gradient g_S of the selected parameters S at w (a truncated
-    backward that leaves `.grad` alone), then the base class's own `training_step` at w + e_S, after which S is
-    restored bit-exactly. The optimizer, scheduler, clipping and checkpointing are the base class's.
+    With the default exact ascent every micro-batch of a SAM step takes two passes: the ascent gradient g_S of the
+    selected parameters S at w (a truncated backward that leaves `.grad` alone), then the base class's own
+    `training_step` at w + e_S, after which S is restored bit-exactly. The one-pass ascents (`sam_ascent="stale"`,
+    `"random"`, `"momentum"`; `hf_lwsam.ascent`) take e_S from elsewhere and run only the second pass. The optimizer,
+    scheduler, clipping and checkpointing are the base class's.
 
     The micro-batch's inputs are prepared once (`_prepare_inputs`) and both passes use them. What the base class's
     `compute_loss` records as a side effect (TRL's `_metrics` lists and `_total_train_tokens`) is kept from pass 1 only,
@@ -516,9 +518,10 @@ class LWSAMTrainer(LWSAMMixin, Trainer):
     A drop-in [`~transformers.Trainer`] that trains with layer-wise sharpness-aware minimization: [`LWSAMMixin`] plus
     `Trainer`.
 
-    Every micro-batch takes two passes: the ascent gradient g_S of the selected parameters S at w (a truncated
-    backward that leaves `.grad` alone), then the stock `training_step` at w + e_S, after which S is restored
-    bit-exactly. The optimizer, scheduler, clipping and checkpointing are the stock ones.
+    With the default exact ascent every micro-batch of a SAM step takes two passes: the ascent gradient g_S of the
+    selected parameters S at w (a truncated backward that leaves `.grad` alone), then the stock `training_step` at
+    w + e_S, after which S is restored bit-exactly; the one-pass ascents (`sam_preset="free"`: Momentum-SAM) run only
+    the second. The optimizer, scheduler, clipping and checkpointing are the stock ones.
 
     Args:
         args ([`LWSAMConfig`] or [`~transformers.TrainingArguments`], *optional*):
