@@ -49,17 +49,30 @@ def ascent_direction(
     if adaptive:
         abs_w = torch._foreach_abs(params)
         grads = torch._foreach_mul(grads, abs_w)  # T g
-    norm = global_norm(grads)
-    if sum_across is not None:
-        norm = sum_across(norm.pow(2)).sqrt()  # the shards' squared norms add up to the whole one's
-    usable = torch.isfinite(norm) & (norm > 0)  # not an overflow, and not a gradient that vanished
-    scale = rho / (norm + 1e-12)  # rho / ||g_S||; a zero gradient gives e = 0
+    norm, usable, scale = _norm_scale(grads, rho, sum_across)
     if adaptive:
         torch._foreach_mul_(grads, abs_w)  # T (T g) = T^2 g
     torch._foreach_mul_(grads, scale)
-    for g in grads:
-        g.masked_fill_(~usable, 0.0)  # inf/NaN (and x * NaN) become 0: no perturbation, decided on the device
-    return list(grads), norm, usable
+    return _zero_unless(usable, grads), norm, usable
+
+
+def _norm_scale(tensors: list[torch.Tensor], rho: float, sum_across: Callable[[torch.Tensor], torch.Tensor] | None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """||tensors|| (over every process's shards with `sum_across`), whether it is usable (finite and non-zero: not an
+    overflow, not a vanished direction) and rho / ||tensors||, all on the device."""
+    norm = global_norm(tensors)
+    if sum_across is not None:
+        norm = sum_across(norm.pow(2)).sqrt()  # the shards' squared norms add up to the whole one's
+    usable = torch.isfinite(norm) & (norm > 0)
+    return norm, usable, rho / (norm + 1e-12)  # a zero direction gives e = 0
+
+
+def _zero_unless(usable: torch.Tensor, steps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`steps`, zeroed in place where not `usable`: inf/NaN (and x * NaN) become 0, no perturbation, decided on the
+    device."""
+    for e in steps:
+        e.masked_fill_(~usable, 0.0)
+    return list(steps)
 
 
 @torch.no_grad()
@@ -72,14 +85,8 @@ def momentum_direction(
 
     As in `ascent_direction`, everything stays on the device: a non-finite or zero m_S gives e_S = 0 (counted in
     `sam/skipped`). `moments` are not modified. `sum_across`: the sum over the processes holding shards (FSDP2)."""
-    norm = global_norm(moments)
-    if sum_across is not None:
-        norm = sum_across(norm.pow(2)).sqrt()  # the shards' squared norms add up to the whole one's
-    usable = torch.isfinite(norm) & (norm > 0)
-    steps = torch._foreach_mul(moments, -rho / (norm + 1e-12))  # -rho m / ||m||, new tensors
-    for e in steps:
-        e.masked_fill_(~usable, 0.0)  # inf/NaN become 0: no perturbation, decided on the device
-    return list(steps), norm, usable
+    norm, usable, scale = _norm_scale(moments, -rho, sum_across)
+    return _zero_unless(usable, torch._foreach_mul(moments, scale)), norm, usable  # -rho m / ||m||, new tensors
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
@@ -165,7 +172,8 @@ class Perturbation:
     def apply(cls, params: list[torch.Tensor], steps: list[torch.Tensor]) -> Perturbation:
         """Add `steps` to `params` in place."""
         backup = [p.detach().clone() for p in params]
-        torch._foreach_add_(params, steps)
+        if params:  # nothing to perturb (e.g. a step before any moment): the pass runs at w
+            torch._foreach_add_(params, steps)
         return cls(params=params, backup=backup)
 
     @torch.no_grad()

@@ -358,7 +358,7 @@ class LWSAMMixin:
         afterwards, also when the step raises; `steps` is consumed (the perturbation is applied in place). Every
         ascent's perturbed pass runs here. `after_pass_one`: what the pass's `compute_loss` records as a side effect
         is undone (metrics and token counts come from the clean pass 1)."""
-        perturbation = Perturbation.apply(tensors, steps) if tensors else Perturbation(params=[])
+        perturbation = Perturbation.apply(tensors, steps)
         steps.clear()  # the caller's list: free e before the pass
         try:
             with self._inputs_already_prepared(), self._records_from_pass_one() if after_pass_one else nullcontext():
@@ -460,7 +460,6 @@ class LWSAMMixin:
             w["clean"] = w.get("clean", 0.0) + clean.detach().float()
             w["exact_micro_batches"] = w.get("exact_micro_batches", 0) + 1
         w["perturbed"] = w.get("perturbed", 0.0) + perturbed.detach().float()
-        w["perturbed_micro_batches"] = w.get("perturbed_micro_batches", 0) + 1
         w["grad_norm"] = w.get("grad_norm", 0.0) + torch.where(finite, norm.float(), 0.0)
         w["skipped"] = w.get("skipped", 0.0) + (~finite).float()
         if e_norm is not None:
@@ -477,13 +476,12 @@ class LWSAMMixin:
         """`sam/*` over the logging window (one host sync, here): losses per SAM step on the scale of the stock `loss`,
         summed over processes then averaged; `sam/sam_steps` counts this process's SAM optimizer steps."""
         w, self._sam_window = self._sam_window, {}
-        keys = ("clean", "perturbed", "grad_norm", "skipped", "micro_batches", "exact_micro_batches", "e_norm",
-                "perturbed_micro_batches")
+        keys = ("clean", "perturbed", "grad_norm", "skipped", "micro_batches", "exact_micro_batches", "e_norm")
         sums = torch.stack([torch.as_tensor(w.get(k, 0.0), dtype=torch.float32, device=self.args.device).reshape(())
                             for k in keys])
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")  # totals over processes
-        clean, perturbed, grad_norm, skipped, micro_batches, exact, e_norm, perturbed_micro = sums.tolist()
+        clean, perturbed, grad_norm, skipped, micro_batches, exact, e_norm = sums.tolist()
         sam_steps = w.get("sam_steps", 0)
         logs = {"sam/sam_steps": float(sam_steps)}
         if "looksam_steps" in w:  # this process's steps between that added LookSAM's component
@@ -491,7 +489,7 @@ class LWSAMMixin:
         if "looksam_kept" in w:  # mean over this window's SAM steps (g_v is the same on every process)
             logs["sam/looksam_sin"] = round(float(w["looksam_sin"]) / w["looksam_kept"], 6)
         per_step = max(sam_steps, 1) * self.accelerator.num_processes  # mean over processes, per optimizer step
-        if perturbed_micro:  # the loss at w + e_S
+        if micro_batches:  # SAM micro-batches were recorded: the loss at w + e_S
             logs["sam/loss_perturbed"] = round(perturbed / per_step, 4)
         if exact:  # exact SAM steps have both losses
             logs["sam/sharpness"] = round((perturbed - clean) / per_step, 6)
