@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -251,7 +252,7 @@ class LWSAMConfigMixin:
         # set, an option at its default counts as unset.
         self = super().__new__(cls)
         given = _GIVEN.get()
-        if given is None and not {f.name for f in fields(LWSAMConfigMixin)} <= set(kwargs):
+        if given is None and not _sam_defaults().keys() <= set(kwargs):
             given = kwargs
         self._sam_given = None if given is None else frozenset(n for n in given if n.startswith("sam_"))
         return self
@@ -284,7 +285,7 @@ class LWSAMConfigMixin:
         if self.sam_preset not in SAM_PRESETS:
             raise ValueError(f"sam_preset={self.sam_preset!r} is unknown: use one of "
                              f"{', '.join(map(repr, SAM_PRESETS))}, or leave it unset.")
-        defaults = {f.name: f.default for f in fields(LWSAMConfigMixin)}
+        defaults = _sam_defaults()
         explicit = getattr(self, "_sam_given", None)
         for name, value in SAM_PRESETS[self.sam_preset].items():
             given = getattr(self, name)
@@ -300,7 +301,7 @@ class LWSAMConfigMixin:
 
     def _refuse_unused_options(self) -> None:
         """An option of a mode that is off, set off its default, does nothing: refused by name."""
-        defaults = {f.name: f.default for f in fields(LWSAMConfigMixin)}
+        defaults = _sam_defaults()
         needs = {name: ("sam_selection='probe'", self.sam_selection == "probe")
                  for name in ("sam_top_k", "sam_top_ratio", "sam_probe_interval", "sam_probe_batches",
                               "sam_probe_metric", "sam_probe_granularity")}
@@ -488,6 +489,12 @@ def _sam_parameters_docstring(indent: str = "        ") -> str:
             text += " Choices: " + ", ".join(f'`"{c}"`' for c in option["choices"]) + "."
         lines.append(textwrap.fill(text, width=120, initial_indent=indent + "    ", subsequent_indent=indent + "    "))
     return "\n".join(lines)
+
+
+@functools.cache
+def _sam_defaults() -> dict[str, Any]:
+    """The default of every field of [`LWSAMConfigMixin`] (read once)."""
+    return {f.name: f.default for f in fields(LWSAMConfigMixin)}
 
 
 @dataclass
