@@ -253,6 +253,11 @@ def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+def given_flags(argv: list[str]) -> set[str]:
+    """The option names of the `--flag` / `--flag=value` arguments in `argv`, as dataclass field names."""
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, TrainArguments, bool]:
@@ -263,7 +268,7 @@ def parse_args(
     config_file, argv = split_config(list(sys.argv[1:] if argv is None else argv))
     parser = make_parser()
     config = {} if config_file is None else read_config_file(config_file, parser)
-    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")} | set(config)
+    given = given_flags(argv) | set(config)
     embedded = not any(key in given for key in SOURCE_KEYS)
     defaults = {**(OFFLINE_DEFAULTS["hf-lwsam-train"] if embedded else {}), **config}
     if defaults:

@@ -35,6 +35,7 @@ from .args import (
     OFFLINE_DEFAULTS,
     HelpFormatter,
     UsageError,
+    given_flags,
     looks_like_path,
     parsing_error,
     read_config_file,
@@ -124,7 +125,7 @@ def parse_args(argv: list[str] | None = None):
     if config_file is not None:  # a leading CONFIG.yaml or --config=CONFIG.yaml: TRL's parser reads --config CONFIG.yaml
         argv = ["--config", config_file, *argv]
     parser = make_parser()
-    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    given = given_flags(argv)
     embedded = not ({"model_name_or_path", "dataset_name", "config"} & given)
     if not embedded and "config" not in given and len({"model_name_or_path", "dataset_name"} & given) == 1:
         missing = "--dataset_name" if "model_name_or_path" in given else "--model_name_or_path"
