@@ -1,4 +1,4 @@
-"""Model cards for models trained with `LWSAMTrainer`: Hub metadata plus the LW-SAM setup, results and throughput.
+"""Model cards for models trained with `LWSAMTrainer`: Hub metadata plus the SAM mode that ran, results and throughput.
 
 The card is rendered by `huggingface_hub.ModelCard.from_template` from the Jinja template
 `hf_lwsam/templates/model_card.md.j2` (the only copy, shipped as package data); the YAML front matter is a
@@ -7,6 +7,7 @@ The card is rendered by `huggingface_hub.ModelCard.from_template` from the Jinja
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -18,10 +19,34 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import sam_option_docs
+from .modes import mode_description, sam_mode
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md.j2"
-CARD_TAGS = ("hf-lwsam", "sharpness-aware-minimization", "layer-wise-sam")
-PAPER = "https://arxiv.org/abs/2503.14205"
+CARD_TAGS = ("hf-lwsam", "sharpness-aware-minimization")  # every card; plus the mode's tag (`mode_tags`)
+MAX_LAYER_GROUPS = 16  # rows of the perturbed-modules table; the rest are counted in one line
+
+# The papers of the modes, by key (`citations`): BibTeX entry type, key and fields (the arXiv id is added).
+PAPERS = {
+    "sam": ("inproceedings", "foret2021sharpnessaware", "2010.01412", {
+        "title": "Sharpness-aware Minimization for Efficiently Improving Generalization",
+        "author": "Foret, Pierre and Kleiner, Ariel and Mobahi, Hossein and Neyshabur, Behnam",
+        "booktitle": "International Conference on Learning Representations (ICLR)", "year": "2021"}),
+    "layer-wise": ("inproceedings", "lee2024layerwise", "2503.14205", {
+        "title": "Layer-wise Adaptive Gradient Norm Penalizing Method for Efficient and Accurate Deep Learning",
+        "author": "Lee, Sunwoo",
+        "booktitle": "Proceedings of the 30th ACM SIGKDD Conference on Knowledge Discovery and Data Mining (KDD '24)",
+        "year": "2024"}),
+    "momentum": ("misc", "becker2024momentumsam", "2401.12033", {
+        "title": "Momentum-SAM: Sharpness Aware Minimization without Computational Overhead",
+        "author": "Becker, Marlon and Altrock, Frederick and Risse, Benjamin", "year": "2024"}),
+}
+
+
+def _bibtex(key: str) -> str:
+    kind, name, arxiv, fields = PAPERS[key]
+    fields = {**fields, "eprint": arxiv, "archivePrefix": "arXiv", "url": f"https://arxiv.org/abs/{arxiv}"}
+    return "\n".join([f"@{kind}{{{name},", *(f"  {k:<9} = {{{v}}}," for k, v in fields.items())])[:-1] + "\n}"
+
 
 # Hub pipeline tags and model-index task types by CLI task.
 PIPELINE_TAGS = {"classification": "text-classification", "causal_lm": "text-generation"}
@@ -42,7 +67,8 @@ class ModelCardInfo:
         dataset_description (`str`): a short human-readable description of the training data.
         num_train_examples / num_eval_examples (`int`): examples (blocks for causal LM) used.
         labels (`list[str]`, *optional*): class names (classification).
-        max_length (`int`, *optional*): truncation length, or the block size for causal LM.
+        max_length (`int`, *optional*): truncation length; for causal LM outside TRL's SFT, the block size the texts
+            are packed into (`data_preparation`).
         lora (`dict`, *optional*): LoRA settings when a PEFT adapter was trained.
         metric_source (`str`): where the `evaluate` metrics came from.
         repo_id (`str`, *optional*): where the model is pushed (used in the usage snippet).
@@ -73,9 +99,10 @@ def _fmt(value: Any) -> Any:
     return value
 
 
-def _option_value(name: str, value: Any) -> Any:
-    """A `sam_*` option's value as the card shows it (an unset layer pattern is the output-side default)."""
-    if name == "sam_target_layers" and value is None:
+def _option_value(name: str, value: Any, args: Any) -> Any:
+    """A `sam_*` option's value as the card shows it (an unset layer pattern of the pattern selection is the
+    output-side default)."""
+    if name == "sam_target_layers" and value is None and args.sam_selection == "pattern":
         return "default (output side)"
     return value
 
@@ -90,19 +117,111 @@ def is_hub_id(name: str) -> bool:
     return not os.path.exists(name)
 
 
-def sam_mode(args: Any) -> str:
-    """What a SAM step of a run with `args` is: `full SAM` (every layer) or `LW-SAM`, and an ascent other than the
-    exact one."""
-    name = "full SAM" if args.sam_selection == "all" else "LW-SAM"
-    return name if args.sam_ascent == "exact" else f"{name} ({args.sam_ascent} ascent)"
-
-
 def perturbed_layers(trainer: Any) -> tuple[list[str], int]:
     """The modules (in parameter order) and the parameter count that `trainer` perturbs."""
     names = trainer.perturbed_parameter_names()
     params = dict(trainer.model.named_parameters())
     layers = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
     return layers, sum(params[n].numel() for n in names if n in params)
+
+
+def _layer_sizes(trainer: Any) -> dict[str, int]:
+    """Parameters per perturbed module of `trainer`."""
+    params, sizes = dict(trainer.model.named_parameters()), {}
+    for name in trainer.perturbed_parameter_names():
+        module = name.rsplit(".", 1)[0]
+        sizes[module] = sizes.get(module, 0) + (params[name].numel() if name in params else 0)
+    return sizes
+
+
+def hub_base_model(info: ModelCardInfo) -> str | None:
+    """The Hub id the card names as its base model (`info.base_model` when it is one), or `None` for a local model."""
+    return info.base_model if info.base_model_is_hub_id and is_hub_id(info.base_model) else None
+
+
+def name_adapter_base_model(model: Any, output_dir: str | Path, info: ModelCardInfo) -> None:
+    """Name the card's Hub base model as `base_model_name_or_path` in the `adapter_config.json` of each PEFT adapter
+    of `model` saved in `output_dir`. A model the card names by its Hub id may have been loaded from a local copy (the
+    CLIs' offline defaults load the shipped SmolLM2 and MiniLM), whose path PEFT records; a local model keeps its path.
+    The file is edited after PEFT wrote it: with the Hub id in memory, PEFT would look the model up on the Hub at
+    every save."""
+    hub_id = hub_base_model(info)
+    for name in (getattr(model, "peft_config", None) or {}) if hub_id else ():
+        path = Path(output_dir) / ("" if name == "default" else name) / "adapter_config.json"  # PEFT's layout
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            config["base_model_name_or_path"] = hub_id
+            path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")  # as PEFT writes it
+
+
+def _index_span(values: list[int]) -> str:
+    """`7`, `[0-29]` (a contiguous run), `[0,4,9]` (up to 4 values) or `*`."""
+    values = sorted(set(values))
+    if len(values) == 1:
+        return str(values[0])
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"[{values[0]}-{values[-1]}]"
+    return "[" + ",".join(map(str, values)) + "]" if len(values) <= 4 else "*"
+
+
+def layer_groups(layers: list[str], sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The perturbed modules grouped by name pattern (each numeric part of a dotted name is an index): one entry per
+    pattern, in first-seen order, with `pattern` (the indices shown as `7`, `[0-29]`, ...), `count` (modules) and
+    `parameters` (their parameter count, from `sizes`: module name -> parameters).
+
+    A module that no other module shares its pattern with keeps its own name: the default output-side selection is
+    listed name by name, the 420 LoRA tensors of every layer of a 30-layer model as 14 patterns.
+    """
+    groups: dict[tuple, dict[str, Any]] = {}
+    for layer in layers:
+        parts = layer.split(".")
+        key = tuple(None if p.isdigit() else p for p in parts)
+        group = groups.setdefault(key, {"indices": [[] for p in parts if p.isdigit()], "count": 0, "parameters": 0})
+        for slot, value in zip(group["indices"], (int(p) for p in parts if p.isdigit())):
+            slot.append(value)
+        group["count"] += 1
+        group["parameters"] += (sizes or {}).get(layer, 0)
+    rows = []
+    for key, group in groups.items():
+        spans = iter(_index_span(values) for values in group["indices"])
+        pattern = ".".join(part if part is not None else next(spans) for part in key)
+        rows.append({"pattern": pattern, "count": group["count"], "parameters": f"{group['parameters']:,}"})
+    return rows
+
+
+def data_preparation(trainer: Any, info: ModelCardInfo) -> str | None:
+    """What the data collator (and TRL's dataset preparation) made of the texts, read from the run's config: packing
+    into blocks, or truncation and per-batch padding, and which tokens the loss is on."""
+    args, length = trainer.args, info.max_length
+    if hasattr(args, "packing"):  # TRL's SFTConfig
+        if args.packing:
+            text = f"examples packed into sequences of {length} tokens (TRL packing, `{args.packing_strategy}`)"
+        else:
+            text = (f"each example truncated to its first {length} tokens" if length else "examples kept whole") + (
+                ", each batch flattened into one sequence without padding" if getattr(trainer, "padding_free", False)
+                else ", each batch padded to its longest example (no packing)")
+        loss = ("the completion only" if getattr(trainer, "completion_only_loss", False) else
+                "the assistant turns only" if getattr(args, "assistant_only_loss", False) else "every token")
+        return f"{text}; loss on {loss}"
+    if info.task == "causal_lm":
+        return f"texts concatenated and cut into blocks of {length} tokens; loss on every token"
+    if length:
+        return f"each text truncated to {length} tokens, each batch padded to its longest text"
+    return None
+
+
+def citations(args: Any) -> list[str]:
+    """BibTeX of the method that ran: layer-wise SAM (Lee, KDD 2024) for a layer-wise selection, Momentum-SAM (Becker
+    et al.) for the momentum ascent, SAM (Foret et al., ICLR 2021) otherwise."""
+    keys = ["layer-wise"] if args.sam_selection != "all" else []
+    keys.append("momentum" if args.sam_ascent == "momentum" else "sam")
+    return [_bibtex(key) for key in keys]
+
+
+def mode_tags(args: Any) -> list[str]:
+    """The card's tags for the mode that ran."""
+    tags = ["layer-wise-sam"] if args.sam_selection != "all" else []
+    return tags + (["momentum-sam"] if args.sam_ascent == "momentum" else [])
 
 
 def final_eval_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
@@ -199,7 +318,7 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
     eval_metrics = final_eval_metrics(log_history)
     task_type = PIPELINE_TAGS[info.task]
     dataset_ids = [name for name in info.dataset_ids if is_hub_id(name)]
-    base_is_hub_id = info.base_model_is_hub_id and is_hub_id(info.base_model)
+    base_is_hub_id = hub_base_model(info) is not None
     dataset_type = dataset_ids[0] if dataset_ids else "custom"
     eval_results = [
         EvalResult(task_type=task_type, dataset_type=dataset_type, dataset_name=info.dataset_description,
@@ -210,7 +329,7 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
         library_name="peft" if info.lora else "transformers",
         base_model=info.base_model if base_is_hub_id else None,
         datasets=dataset_ids or None,
-        tags=[*CARD_TAGS, *(["lora", "peft"] if info.lora else []), task_type],
+        tags=[*CARD_TAGS, *mode_tags(args), *(["lora", "peft"] if info.lora else []), task_type],
         pipeline_tag=task_type,
         model_name=model_name,
         eval_results=eval_results or None,
@@ -220,11 +339,18 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
     if train_loss is None:
         train_loss = next((entry["train_loss"] for entry in reversed(log_history) if "train_loss" in entry), None)
     world_size = getattr(getattr(trainer, "accelerator", None), "num_processes", 1)
+    groups = layer_groups(layers, _layer_sizes(trainer))
     sam = {
         # one row per `sam_*` option, in the order and with the names of LWSAMConfigMixin's fields
-        "options": [(o["name"], _option_value(o["name"], getattr(args, o["name"], o["default"])))
+        "options": [(o["name"], _option_value(o["name"], getattr(args, o["name"], o["default"]), args))
                     for o in sam_option_docs()],
-        "layers": layers,
+        "mode": sam_mode(args),
+        "preset": getattr(args, "sam_preset", None),
+        "description": mode_description(args),
+        "rho": args.sam_rho,
+        "groups": groups[:MAX_LAYER_GROUPS],
+        "more_groups": len(groups[MAX_LAYER_GROUPS:]),
+        "more_modules": sum(group["count"] for group in groups[MAX_LAYER_GROUPS:]),
         "num_layers": len(layers),
         "num_parameters": f"{num_params:,}",
     }
@@ -243,7 +369,7 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
             info.task],
         num_train_examples=info.num_train_examples,
         num_eval_examples=info.num_eval_examples,
-        max_length=info.max_length,
+        data_preparation=data_preparation(trainer, info),
         labels=info.labels,
         use_lora=bool(info.lora),
         lora_r=lora.get("r"), lora_alpha=lora.get("alpha"), lora_dropout=lora.get("dropout"),
@@ -255,10 +381,10 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
         results_columns=columns,
         results_table=rows,
         throughput=throughput,
-        sam_mode=sam_mode(args),
         metric_source=info.metric_source,
         usage_snippet=_usage_snippet(info, info.repo_id or model_name),
         versions=_versions(bool(info.lora)),
+        citations=citations(args),
     )
 
 

@@ -139,7 +139,8 @@ def test_classification_from_csv_files_saves_a_reloadable_model(assets, tmp_path
     assert f"eval accuracy      : {results['eval_accuracy']:.4f}" in stdout
     assert f"eval macro-F1      : {results['eval_f1']:.4f}" in stdout
     assert "tokens/s" in stdout and f"perturbed layers   : {len(select_layers(model))} " in stdout
-    assert "LW-SAM vs plain    : " in stdout and "x step time (median over 2 of the run's 4 SAM steps, of 4" in stdout
+    assert "layer-wise SAM on the output side vs plain: " in stdout
+    assert "x step time (median over 2 of the run's 4 SAM steps, of 4" in stdout
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == math.ceil(64 / 16)
     assert all("sam/loss_perturbed" in log for log in state["log_history"] if "loss" in log)
@@ -155,9 +156,10 @@ def test_the_speed_line_times_the_sam_steps_of_the_mode_that_ran(assets, tmp_pat
                                     "--sam_preset", "fast"])
     assert code == 0, stderr
     line = next(line for line in stdout.splitlines() if "vs plain" in line)
-    assert line.startswith("  full SAM vs plain  : ") and "median over 2 of the run's 3 SAM steps, of 15 steps" in line
+    assert line.startswith("  full SAM, last 20% of the run vs plain: ")
+    assert "median over 2 of the run's 3 SAM steps, of 15 steps" in line
     card = (out / "README.md").read_text()
-    assert "- full SAM step time relative to plain training steps of the same run: " in card
+    assert "- SAM step time (full SAM, last 20% of the run) relative to plain training steps of the same run: " in card
     assert "(median over 2 of the run's 3 SAM steps, each also timed as a plain step)" in card
 
 
@@ -219,7 +221,7 @@ def test_embedded_default_full_run_learns(tmp_path):
     assert code == 0, stderr
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_accuracy"] > 0.6 and results["eval_f1"] > 0.5, results
-    assert "LW-SAM vs plain" in stdout and "x step time" in stdout
+    assert "layer-wise SAM on the output side vs plain" in stdout and "x step time" in stdout
 
 
 # ----------------------------------------------------------------------------------------- config file, flags

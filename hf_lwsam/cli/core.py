@@ -14,7 +14,7 @@ import datasets.utils as datasets_progress
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from ..model_card import ModelCardInfo, perturbed_layers, write_model_card
+from ..model_card import ModelCardInfo, name_adapter_base_model, perturbed_layers, write_model_card
 from ..selection import select_layers
 from .args import UsageError, looks_like_path
 
@@ -166,6 +166,7 @@ class ModelCardMixin:
         """Save as the stock `Trainer` does, then write the card next to the weights."""
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
+            name_adapter_base_model(self.model, output_dir or self.args.output_dir, self.card_info)
             write_model_card(self, self.card_info, output_dir or self.args.output_dir, self.card_name)
 
 

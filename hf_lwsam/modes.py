@@ -1,0 +1,121 @@
+"""One name and one description per SAM mode, derived from the `sam_*` options.
+
+The model card, the command-line tools' end-of-run summary and the docs call a mode by [`sam_mode`], so a run is
+named the same everywhere: `full SAM every step` (`sam_preset="exact"`), `full SAM, last 20% of the run` (`"fast"`),
+`Momentum-SAM on every parameter` (`"free"`), `layer-wise SAM on the output side` (the defaults), ...
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from .config import SAM_PRESET_DEFAULTS, SAM_PRESETS, sam_option_docs
+
+# The preset that README.md, docs/index.md, docs/guides/choosing-a-mode.md and both CLIs' --help recommend: it kept
+# all of full SAM's gain at one pass per step in the momentum study (docs/studies/momentum.md).
+RECOMMENDED_PRESET = "free"
+
+
+def _where(args: Any) -> str:
+    """Which parameters a layer-wise mode perturbs, in words."""
+    if args.sam_selection == "probe":
+        return "on the probed layers"
+    if args.sam_target_layers is None and args.sam_exclude_layers is None:
+        return "on the output side"
+    return "on the selected layers"
+
+
+def _schedule(args: Any) -> str:
+    """Which optimizer steps are SAM steps, as a suffix of the mode's name ('' for every step)."""
+    parts = []
+    start = args.sam_start
+    if start and start < 1:
+        parts.append(f"last {round((1 - start) * 100, 6):g}% of the run")
+    elif start:
+        parts.append(f"from step {int(start)}")
+    if args.sam_interval > 1:
+        looksam = getattr(args, "sam_interval_reuse", "none") == "looksam"
+        parts.append(f"k={args.sam_interval}" if looksam else f"every {args.sam_interval} steps")
+    return "".join(f", {part}" for part in parts)
+
+
+def sam_mode(args: Any) -> str:
+    """The name of the mode that `args` (an [`LWSAMConfig`] or anything with its `sam_*` attributes) trains with:
+    `full SAM every step`, `full SAM, last 20% of the run`, `Momentum-SAM on every parameter`,
+    `layer-wise SAM on the output side`, `layer-wise SAM on the selected layers, stale ascent`,
+    `full random perturbation`, `full LookSAM, k=5`, ... The same options give the same name."""
+    looksam = getattr(args, "sam_interval_reuse", "none") == "looksam" and args.sam_interval > 1
+    word = "LookSAM" if looksam else "SAM"
+    if args.sam_adaptive:
+        word = "ASAM" if word == "SAM" else f"{word} (ASAM)"
+    method = {"momentum": "Momentum-SAM", "random": "random perturbation"}.get(args.sam_ascent, word)
+    stale = ", stale ascent" if args.sam_ascent == "stale" else ""
+    schedule = _schedule(args)
+    if args.sam_selection != "all":
+        return f"layer-wise {method} {_where(args)}{stale}{schedule}"
+    if args.sam_ascent == "momentum":
+        return f"Momentum-SAM on every parameter{schedule}"
+    if not schedule and args.sam_ascent == "exact":
+        schedule = " every step"  # told apart from its late phases
+    return f"full {method}{stale}{schedule}"
+
+
+def preset_options(preset: str | None) -> SimpleNamespace:
+    """Every `sam_*` option as `sam_preset=preset` sets it, the others at their defaults (`None`: all defaults)."""
+    options = {o["name"]: o["default"] for o in sam_option_docs()}
+    if preset is not None:
+        options.update(sam_preset=preset, **SAM_PRESETS[preset], **SAM_PRESET_DEFAULTS.get(preset, {}))
+    return SimpleNamespace(**options)
+
+
+def preset_mode(preset: str) -> str:
+    """The name ([`sam_mode`]) of the mode a preset sets, e.g. `preset_mode("free")`."""
+    return sam_mode(preset_options(preset))
+
+
+def _perturbation(args: Any) -> str:
+    if args.sam_ascent == "momentum":
+        return ("e_S = -rho * m_S / ||m_S||, m the optimizer's first moment after the previous step (Momentum-SAM; the "
+                "first step, with no moment yet, is a plain step): one forward and one backward per micro-batch, at "
+                "w + e_S")
+    if args.sam_ascent == "random":
+        return ("e_S is Gaussian noise scaled per weight row by the row's norm, radius rho: one forward and one "
+                "backward per micro-batch, at w + e_S, no ascent gradient")
+    g = "|w|^2 g_S / || |w| g_S ||" if args.sam_adaptive else "g_S / ||g_S||"
+    if args.sam_ascent == "stale":
+        return (f"e_S = rho * {g}, g_S the gradient of S kept from the previous SAM step (a stale ascent): one "
+                "forward and one backward per micro-batch, at w + e_S")
+    return (f"e_S = rho * {g}, g_S the gradient of S at w on the same micro-batch: an ascent pass, then one forward "
+            "and one backward at w + e_S (two passes per micro-batch)")
+
+
+def _steps(args: Any) -> str:
+    start, interval = args.sam_start, args.sam_interval
+    if not start and interval == 1:
+        return "Every optimizer step is a SAM step"
+    steps = f"one optimizer step in {interval}" if interval > 1 else "the optimizer steps"
+    if start and start < 1:
+        steps += f" of the last {round((1 - start) * 100, 6):g}% of the run"
+    elif start:
+        steps += f" from step {int(start)} on"
+    other = "the stock optimizer step"
+    if getattr(args, "sam_interval_reuse", "none") == "looksam" and interval > 1:
+        other = ("the stock step plus the last SAM gradient's component orthogonal to the clean gradient, weighted by "
+                 f"alpha={args.sam_looksam_alpha} (LookSAM)")
+    return f"SAM steps are {steps}; the others are {other}"
+
+
+def mode_description(args: Any) -> str:
+    """What a run with `args` did, in two sentences (Markdown): the parameters S it perturbs, where the perturbation
+    e_S comes from, what a step costs and which steps are SAM steps."""
+    if args.sam_selection == "all":
+        who = "every trainable parameter"
+    elif args.sam_selection == "probe":
+        who = "only the layers with the largest measured gradient norms (`sam_selection='probe'`, listed below)"
+    elif args.sam_target_layers is None and args.sam_exclude_layers is None:
+        who = "only the output-side layers (the default selection, listed below)"
+    else:
+        who = "only the selected layers (`sam_target_layers` / `sam_exclude_layers`, listed below)"
+    return (f"S is {who}; {_perturbation(args)}. S is then restored bit-exactly and the stock optimizer steps at w "
+            f"with the gradient taken at w + e_S. {_steps(args)}.")
