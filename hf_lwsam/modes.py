@@ -7,10 +7,9 @@ named the same everywhere: `full SAM every step` (`sam_preset="exact"`), `full S
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
-from .config import SAM_PRESET_DEFAULTS, SAM_PRESETS, sam_option_docs
+from .config import LWSAMConfig
 
 # The preset that README.md, docs/index.md, docs/guides/choosing-a-mode.md and both CLIs' --help recommend: it kept
 # all of full SAM's gain at one pass per step in the momentum study (docs/studies/momentum.md).
@@ -35,7 +34,7 @@ def _schedule(args: Any) -> str:
     elif start:
         parts.append(f"from step {int(start)}")
     if args.sam_interval > 1:
-        looksam = getattr(args, "sam_interval_reuse", "none") == "looksam"
+        looksam = args.sam_interval_reuse == "looksam"
         parts.append(f"k={args.sam_interval}" if looksam else f"every {args.sam_interval} steps")
     return "".join(f", {part}" for part in parts)
 
@@ -45,7 +44,7 @@ def sam_mode(args: Any) -> str:
     `full SAM every step`, `full SAM, last 20% of the run`, `Momentum-SAM on every parameter`,
     `layer-wise SAM on the output side`, `layer-wise SAM on the selected layers, stale ascent`,
     `full random perturbation`, `full LookSAM, k=5`, ... The same options give the same name."""
-    looksam = getattr(args, "sam_interval_reuse", "none") == "looksam" and args.sam_interval > 1
+    looksam = args.sam_interval_reuse == "looksam" and args.sam_interval > 1
     word = "LookSAM" if looksam else "SAM"
     if args.sam_adaptive:
         word = "ASAM" if word == "SAM" else f"{word} (ASAM)"
@@ -61,12 +60,10 @@ def sam_mode(args: Any) -> str:
     return f"full {method}{stale}{schedule}"
 
 
-def preset_options(preset: str | None) -> SimpleNamespace:
-    """Every `sam_*` option as `sam_preset=preset` sets it, the others at their defaults (`None`: all defaults)."""
-    options = {o["name"]: o["default"] for o in sam_option_docs()}
-    if preset is not None:
-        options.update(sam_preset=preset, **SAM_PRESETS[preset], **SAM_PRESET_DEFAULTS.get(preset, {}))
-    return SimpleNamespace(**options)
+def preset_options(preset: str | None, **options: Any) -> LWSAMConfig:
+    """The config of `sam_preset=preset` (`None`: no preset) with the `sam_*` `options`, every other option resolved
+    as a run resolves it (e.g. `preset_options("free").sam_rho` is the preset's radius)."""
+    return LWSAMConfig(output_dir="unused", report_to="none", sam_preset=preset, **options)
 
 
 def preset_mode(preset: str) -> str:
@@ -100,7 +97,7 @@ def _steps(args: Any) -> str:
     elif start:
         steps += f" from step {int(start)} on"
     other = "the stock optimizer step"
-    if getattr(args, "sam_interval_reuse", "none") == "looksam" and interval > 1:
+    if args.sam_interval_reuse == "looksam" and interval > 1:
         other = ("the stock step plus the last SAM gradient's component orthogonal to the clean gradient, weighted by "
                  f"alpha={args.sam_looksam_alpha} (LookSAM)")
     return f"SAM steps are {steps}; the others are {other}"

@@ -79,16 +79,19 @@ def python_blocks() -> list:
 
 # ------------------------------------------------------------------------------------------- Python blocks run
 def _check_readme_usage(namespace: dict, out: str) -> None:
+    from hf_lwsam.modes import RECOMMENDED_PRESET, preset_options
+
     trainer = namespace["trainer"]
     assert trainer.state.global_step == 8  # 256 tweets / batch 32, one epoch
-    assert any("sam/sharpness" in log for log in trainer.state.log_history)
+    assert trainer.args.sam_preset == RECOMMENDED_PRESET and trainer.args.sam_rho == preset_options("free").sam_rho
+    assert any("sam/loss_perturbed" in log and "sam/e_norm" in log for log in trainer.state.log_history)
     assert "eval_loss" in out
 
 
 def _check_readme_trl(namespace: dict, out: str) -> None:
     sft = namespace["sft"]
     assert sft.state.global_step == 4
-    assert any("sam/sharpness" in log and "num_tokens" in log for log in sft.state.log_history)
+    assert any("sam/loss_perturbed" in log and "num_tokens" in log for log in sft.state.log_history)
 
 
 def _check_trl_guide(namespace: dict, out: str) -> None:
@@ -235,6 +238,82 @@ def test_no_text_talks_about_how_the_project_is_made():
     hits = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in files
             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if PROCESS_WORDS.search(line)]
     assert not hits, "\n".join(hits)
+
+
+# ---------------------------------------------------------------------- one recommendation, one name per mode
+RECOMMENDING = ("README.md", "docs/index.md", "docs/guides/choosing-a-mode.md")
+
+
+def _help_texts() -> dict[str, str]:
+    from hf_lwsam.cli import args, sft
+
+    return {"hf-lwsam-train --help": args.make_parser().format_help(),
+            "hf-lwsam-sft --help": sft.make_parser().format_help()}
+
+
+def _readme_recommendation() -> str:
+    """The README's sentence that recommends a preset (in its first paragraph)."""
+    from hf_lwsam.modes import RECOMMENDED_PRESET
+
+    intro = (REPO / "README.md").read_text(encoding="utf-8").split("\n\n")[1]
+    sentences = re.split(r"(?<=[.])\s+(?=[A-Z])", " ".join(intro.split()))
+    return next(s for s in sentences if f'sam_preset="{RECOMMENDED_PRESET}"' in s)
+
+
+def test_one_preset_is_recommended_everywhere_with_the_same_numbers():
+    """README.md, the docs home, the choosing-a-mode guide and both CLIs' --help name the same preset first, by its
+    mode's name and its radius, with the README's measured numbers; --help shows no other preset."""
+    from hf_lwsam.config import SAM_PRESETS
+    from hf_lwsam.modes import RECOMMENDED_PRESET, preset_mode, preset_options
+
+    assert RECOMMENDED_PRESET in SAM_PRESETS
+    numbers = re.findall(r"[+-]?\d+\.\d+|\d+%", _readme_recommendation())
+    assert len(numbers) >= 6, numbers  # the gains, shares and throughputs the README states
+    for name in RECOMMENDING:
+        text = " ".join((REPO / name).read_text(encoding="utf-8").split())
+        first = re.search(r'sam_preset="(\w+)"', text)
+        assert first and first.group(1) == RECOMMENDED_PRESET, f"{name} first names sam_preset={first.group(1)!r}"
+        assert preset_mode(RECOMMENDED_PRESET) in text and f"rho {preset_options(RECOMMENDED_PRESET).sam_rho}" in text
+        missing = [n for n in numbers if n not in text]
+        assert not missing, f"{name} lacks the README's numbers {missing}"
+        bold = re.findall(r"^\| \*\*([^*|]+)\*\* \|", (REPO / name).read_text(encoding="utf-8"), re.M)
+        assert set(bold) <= {preset_mode(RECOMMENDED_PRESET)}, f"{name} highlights {bold} in its mode table"
+    for where, text in _help_texts().items():
+        assert set(re.findall(r"--sam_preset (\w+)", text)) == {RECOMMENDED_PRESET}, where
+
+
+def _mode_rows(path: Path) -> list[tuple[str, str]]:
+    """The (mode, options) cells of a mode table: the rows under a header starting `| mode | options |`."""
+    rows, inside = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("| mode | options |"):
+            inside = True
+        elif inside and line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows.append((cells[0].strip("*"), cells[1]))
+        elif inside and not line.startswith("|"):
+            inside = False
+    return rows
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/guides/choosing-a-mode.md"])
+def test_a_mode_table_names_each_mode_as_the_cards_and_summaries_do(name):
+    """Each row's mode is `hf_lwsam.modes.sam_mode` of the options in its options cell (the name the model card and
+    the CLI summary print), optionally followed by ': ' and which layers."""
+    import ast
+
+    from hf_lwsam.modes import preset_options, sam_mode
+
+    rows = _mode_rows(REPO / name)
+    assert len(rows) >= 6
+    for mode, cell in rows:
+        preset = re.search(r'sam_preset="(\w+)"', cell)
+        options = {key: ast.literal_eval(value) for key, value in re.findall(r"(sam_\w+)=([^,`)]+)", cell)
+                   if key != "sam_preset"}
+        if "`sam_target_layers` =" in cell:  # layers named in words
+            options["sam_target_layers"] = "named"
+        expected = sam_mode(preset_options(preset.group(1) if preset else None, **options))
+        assert mode == expected or mode.startswith(expected + ": "), f"{name}: {mode!r} is {expected!r}"
 
 
 # -------------------------------------------------------------------------------- one source for every option

@@ -149,7 +149,7 @@ in --output_dir.
 examples:
   hf-lwsam-train
   hf-lwsam-train --model_name_or_path distilbert/distilbert-base-uncased --dataset_name stanfordnlp/sst2 \\
-      --text_column sentence --sam_preset fast --output_dir outputs/distilbert-sst2-lwsam
+      --text_column sentence --sam_preset free --output_dir outputs/distilbert-sst2-lwsam
   hf-lwsam-train scripts/configs/minilm_tweets.yaml --learning_rate 5e-5 --output_dir outputs/run2
 
 The --sam_* options come first below, then the model and data flags, then every TrainingArguments flag."""

@@ -83,7 +83,7 @@ from the last checkpoint in --output_dir.
 examples:
   hf-lwsam-sft
   hf-lwsam-sft --model_name_or_path Qwen/Qwen2-0.5B --dataset_name trl-lib/Capybara --use_peft \\
-      --sam_preset fast --output_dir Qwen2-0.5B-SFT-LWSAM
+      --sam_preset free --output_dir Qwen2-0.5B-SFT-LWSAM
   hf-lwsam-sft --model_name_or_path ./my-model --dataset_name ./my-chats.jsonl --bf16 false  # local, all weights
 
 The --sam_* options come first below, then the script's, TRL's script and model flags, then every SFTConfig flag."""
