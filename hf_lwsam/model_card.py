@@ -119,14 +119,12 @@ def is_hub_id(name: str) -> bool:
 
 def perturbed_layers(trainer: Any) -> tuple[list[str], int]:
     """The modules (in parameter order) and the parameter count that `trainer` perturbs."""
-    names = trainer.perturbed_parameter_names()
-    params = dict(trainer.model.named_parameters())
-    layers = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
-    return layers, sum(params[n].numel() for n in names if n in params)
+    sizes = _layer_sizes(trainer)
+    return list(sizes), sum(sizes.values())
 
 
 def _layer_sizes(trainer: Any) -> dict[str, int]:
-    """Parameters per perturbed module of `trainer`."""
+    """Parameters per perturbed module of `trainer`, in parameter order."""
     params, sizes = dict(trainer.model.named_parameters()), {}
     for name in trainer.perturbed_parameter_names():
         module = name.rsplit(".", 1)[0]
