@@ -73,7 +73,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +88,14 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from hf_lwsam.step_timer import StepTimer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this file, also when
 from study_harness import MACHINE, cached, machine, make_trainer, mean_std, quiet  # noqa: E402  # loaded by path
-from study_methods import Method, chat_methods, main_methods, robust_methods  # noqa: E402
+from study_methods import (LABEL_SMOOTHINGS, PLAIN_OPTIMIZERS, WEIGHT_DECAYS, Method, baseline_grid,  # noqa: E402
+                           chat_methods, main_methods, momentum_refusal, reference_methods, robust_methods)
+from hf_lwsam.config import SAM_PRESETS  # noqa: E402
 from study_stats import gain_fraction, paired_difference  # noqa: E402
 from study_tasks import ROBUST_LR_GRID, TASKS, Budget, RobustBudget, Task, run_config  # noqa: E402
 
 THROUGHPUT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput"
-SUITES = {"main": ("cls-full", "cls-lora", "lm"), "chat": ("chat-noise40", "chat-small", "chat"),
+SUITES = {"main": ("cls-full", "cls-lora", "lm"), "chat": ("chat-noise40", "chat-noise40-full"),
           "robustness": tuple(name for name, task in TASKS.items() if task.suite == "robustness")}
 REPORTS = {"main": "accuracy", "chat": "accuracy_smollm2", "robustness": "robustness"}
 
@@ -101,7 +103,7 @@ REPORTS = {"main": "accuracy", "chat": "accuracy_smollm2", "robustness": "robust
 def methods_table(task: Task, a) -> list[Method]:
     """The rows `task`'s suite trains on it (`--methods`: only these, and AdamW)."""
     if task.suite == "robustness":
-        table = robust_methods(task.family)
+        table = robust_methods(task.family) + (reference_methods() if a.baselines else [])
     elif task.suite == "chat":
         table = chat_methods()
     else:
@@ -139,6 +141,7 @@ class Job:
     seed: int
     lr: float | None = None
     validate: bool = True
+    wd: float = 0.0  # the weight decay (chosen with the learning rate where the task has a `wd_grid`)
 
 
 def task_data(task: Task, budget: Budget | RobustBudget, ctx: dict) -> Any:
@@ -152,11 +155,11 @@ def train_and_eval(task: Task, job: Job, budget: Budget | RobustBudget, ctx: dic
     """Train the job's method on the task once and score it: on test (and, for seed 0 with `job.validate`, on
     validation); under the robustness protocol validated every epoch and tested at the end and at the best
     validation epoch."""
-    method, hp = job.method, run_config(task.name, budget, job.lr)
+    method, hp = job.method, run_config(task.name, budget, job.lr, job.wd)
     recipe = task.recipe(task, hp, task_data(task, budget, ctx), job.seed)
     args = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no",
                 use_cpu=ctx["device"] == "cpu", disable_tqdm=True, logging_strategy="no", seed=job.seed,
-                data_seed=job.seed, weight_decay=0.0, per_device_train_batch_size=hp["batch"],
+                data_seed=job.seed, weight_decay=job.wd, per_device_train_batch_size=hp["batch"],
                 learning_rate=hp["lr"], **recipe.args)
     kwargs = dict(recipe.trainer_kwargs)
     if task.epochs:  # validated (and logged) every epoch
@@ -174,6 +177,8 @@ def train_and_eval(task: Task, job: Job, budget: Budget | RobustBudget, ctx: dic
                   config=hp)
     if recipe.tokens is not None:
         record["tokens_per_s"] = recipe.tokens(trainer) / wall
+    if recipe.after is not None:
+        record.update(recipe.after(trainer))
     if not task.epochs:
         splits = ("validation", "test") if job.seed == 0 and job.validate else ("test",)
         return dict(record, **{split: recipe.evaluate(trainer, split) for split in splits})
@@ -193,13 +198,14 @@ def run_key(task: Task, job: Job, device: str) -> str:
     key = f"{task.name}__{name}__rho{job.rho}__seed{job.seed}"
     if task.lr_grid and job.method.sam is None:
         key += f"__lr{job.lr}"  # AdamW's learning-rate sweep
+        key += f"__wd{job.wd}" if job.wd else ""
     return key if device == "cpu" else f"{key}__{device}"
 
 
 def run_configuration(task: Task, job: Job, budget: Budget | RobustBudget, device: str) -> dict:
     """Everything a cached run depends on: `run_config`, the method's `sam_*` options (`Task.method_in_config`), its
     other TrainingArguments, and the device unless the CPU."""
-    config = run_config(task.name, budget, job.lr)
+    config = run_config(task.name, budget, job.lr, job.wd)
     if task.method_in_config and job.method.sam is not None:
         config = dict(config, sam=job.method.sam)
     if job.method.args:
@@ -290,9 +296,58 @@ def _metric_str(r: dict) -> str:
     return f"acc {r['accuracy']:.4f}" + (f" F1 {r['f1']:.4f}" if "f1" in r else "")
 
 
-def choose(sweep: dict[float, float], lower_is_better: bool = False) -> float:
+def choose(sweep: dict[Any, float], lower_is_better: bool = False) -> Any:
     """The key of the best value of `sweep`."""
     return (min if lower_is_better else max)(sweep, key=sweep.get)
+
+
+def choose_reference(scores: dict[tuple[str, float], list[float]]) -> tuple[str, float]:
+    """The plain configuration (row name, learning rate) with the best mean validation accuracy over the selection
+    seeds; a tie goes to the first in grid order."""
+    return max(scores, key=lambda k: statistics.fmean(scores[k]))
+
+
+def on_reference(task: Task, methods: list[Method], a, ctx: dict, own_lr: dict[str, float]) -> list[Method]:
+    """The plain-baseline grid (`baseline_grid`) on the selection seeds (`--reference_seeds`), its best configuration
+    by mean validation accuracy as the task's reference, and `methods` with the reference row after AdamW and each
+    `on_reference` row on the reference's optimizer settings; a row the reference's optimizer cannot run (the free
+    preset without a first moment) is left out as not applicable. The grid's scores go to `ctx["baselines"]`."""
+    name, log = task.name, ctx["log"]
+    grid, seeds = baseline_grid(), list(a.reference_seeds)
+    # seed-major: a stopped grid has every configuration's first seeds
+    jobs = [Job(name, m, 0.0, seed, x) for seed in seeds for m in grid for x in (m.lrs[:1] if a.quick else m.lrs)]
+    runs = execute(jobs, ctx)
+    scores: dict[tuple[str, float], list[float]] = {}
+    tests: dict[tuple[str, float], list[float]] = {}
+    for j, r in zip(jobs, runs):
+        if r is not None:
+            scores.setdefault((j.method.name, j.lr), []).append(r["validation"]["accuracy"])
+            tests.setdefault((j.method.name, j.lr), []).append(r["test"]["accuracy"])
+    complete = {k: v for k, v in scores.items() if len(v) == len(seeds)}
+    kept = [m for m in methods if not m.on_reference]
+    if not complete:
+        log(f"{name}: no plain configuration run on every selection seed {seeds}: the rows on the reference wait")
+        return kept
+    ref_name, ref_lr = choose_reference(complete)
+    ref = next(m for m in grid if m.name == ref_name)
+    log(f"{name}: reference {ref_name} lr={ref_lr} (mean validation accuracy "
+        f"{statistics.fmean(complete[(ref_name, ref_lr)]):.4f} over seeds {seeds}, {len(complete)} configurations)")
+    ctx.setdefault("baselines", {})[name] = dict(scores=complete, tests=tests, reference=(ref_name, ref_lr),
+                                                 seeds=seeds, not_applicable={})
+    own_lr[ref_name] = ref_lr
+    out = [kept[0], ref, *kept[1:]]  # AdamW first (the pairing base), the reference beside it
+    for m in methods:
+        if not m.on_reference:
+            continue
+        ascent = m.sam.get("sam_ascent") or SAM_PRESETS.get(m.sam.get("sam_preset"), {}).get("sam_ascent")
+        why = momentum_refusal(ref.args) if ascent == "momentum" else None
+        if why is not None:  # the library's own refusal of that optimizer (Adafactor keeps no first moment)
+            ctx["baselines"][name]["not_applicable"][m.name] = why
+            log(f"{name} {m.name}: not applicable ({why})")
+            continue
+        out.append(replace(m, args={**ref.args, **m.args}))
+        own_lr[m.name] = ref_lr
+    return out
 
 
 def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[float], ctx: dict,
@@ -300,18 +355,32 @@ def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[flo
     """The task's study: AdamW's learning rate (`Task.lr_grid`), rho per method, then every seed. The runs per
     method (seeds with an AdamW run to pair with), the chosen rhos and learning rate; `None` without AdamW runs."""
     log, name, metric = ctx["log"], task.name, task.metric
-    lr = None
+    lr, wd = None, 0.0
     if task.lr_grid:
-        grid = list(task.lr_grid[:1] if a.quick else task.lr_grid)
-        runs = execute([Job(name, methods[0], 0.0, 0, x) for x in grid], ctx)
-        sweep = {x: r["validation"]["accuracy"] for x, r in zip(grid, runs) if r is not None}
+        grid = [(x, d) for x in (task.lr_grid[:1] if a.quick else task.lr_grid) for d in task.wd_grid]
+        runs = execute([Job(name, methods[0], 0.0, 0, x, True, d) for x, d in grid], ctx)
+        sweep = {g: r["validation"]["accuracy"] for g, r in zip(grid, runs) if r is not None}
         if not sweep:
             log(f"{name}: no AdamW run to choose the learning rate from: left out")
             return None
-        lr = choose(sweep)
-        log(f"{name} adamw: final validation accuracy by lr {sweep} -> lr={lr}")
-    validate = any(len(m.grid(rhos)) > 1 for m in methods if m.sam is not None)
-    job = lambda m, rho, seed: Job(name, m, rho, seed, lr, validate)  # noqa: E731
+        lr, wd = choose(sweep)
+        log(f"{name} adamw: final validation accuracy by (lr, weight decay) {sweep} -> lr={lr}, weight decay={wd}")
+    own_lr: dict[str, float] = {}  # the plain rows with their own learning rate, and the rows on the reference
+    if getattr(a, "baselines", False):  # the grid and its reference, also with no row on it (`--methods adamw`)
+        methods = on_reference(task, methods, a, ctx, own_lr)
+    sweeps_lr = [m for m in methods[1:] if m.sam is None and m.lrs and m.name not in own_lr]
+    validate = bool(task.lr_grid) or bool(sweeps_lr) or any(len(m.grid(rhos)) > 1 for m in methods if m.sam)
+    if sweeps_lr:  # a second plain optimizer (Adafactor): its own learning rate, chosen on validation (seed 0)
+        grid = [(m, x) for m in sweeps_lr for x in (m.lrs[:1] if a.quick else m.lrs)]
+        runs = execute([Job(name, m, 0.0, 0, x, True, wd) for m, x in grid], ctx)
+        for m in sweeps_lr:
+            sweep = {x: r["validation"][metric] for (n, x), r in zip(grid, runs) if n is m and r is not None}
+            if sweep:
+                own_lr[m.name] = choose(sweep, task.lower_is_better)
+                log(f"{name} {m.name}: validation {metric} by lr {sweep} -> lr={own_lr[m.name]}")
+        methods = [m for m in methods if not (m in sweeps_lr and m.name not in own_lr)]
+    job = lambda m, rho, seed: Job(name, m, rho, seed, own_lr.get(m.name, lr), validate, wd)  # noqa: E731
+    ctx.setdefault("chosen_lr", {})[name] = dict(own_lr, adamw=lr, weight_decay=wd)
     chosen: dict[str, float] = {}
     names = {m.name for m in methods}
     for dependent in (False, True):  # the rows with their own rho first, then those that take another row's
@@ -611,6 +680,142 @@ def report_robust(a, results: list[tuple], seeds: list[int], rhos: list[float], 
     plot_pareto(points, ctx["out"] / f"{a.report}_pareto.png")
 
 
+def paired_cell(base: dict[int, dict], runs: list[dict], split: str = "test") -> str:
+    """`+1.23 [+0.40, +2.06] (5/8)`: the mean paired difference against `base` (seed -> run) in points over the
+    seeds both ran, its 95% t interval, and the seeds ahead; `-` without a shared seed."""
+    both = [r for r in runs if r["seed"] in base]
+    if not both:
+        return "-"
+    pairs = [(base[r["seed"]][split]["accuracy"], r[split]["accuracy"]) for r in both]
+    diff = paired_difference([b for b, _ in pairs], [o for _, o in pairs])
+    return f"{diff.format(100)} ({sum(o > b for b, o in pairs)}/{len(pairs)})"
+
+
+def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float], ctx: dict) -> None:
+    """The plain-baseline report (`--baselines`): per task the grid's mean validation (and test) accuracy per
+    configuration and the chosen reference, then each row's test accuracy with its paired gain over the reference
+    and over the suite's AdamW; `<report>.png`: the gains over the reference."""
+    grid_lines, lines, points = [], [], []
+    for task, finals, chosen, _, _ in results:
+        info = ctx.get("baselines", {}).get(task.name)
+        if info is None:
+            continue
+        ref_name, ref_lr = info["reference"]
+        args = {m.name: m.args for m in baseline_grid()}
+        for (row, lr), vals in sorted(info["scores"].items(), key=lambda kv: -statistics.fmean(kv[1])):
+            mark = " **reference**" if (row, lr) == (ref_name, ref_lr) else ""
+            opts = ", ".join(f"{k}={v}" for k, v in args[row].items())
+            grid_lines.append(f"| {task.name} | {row}{mark} | {opts} | {lr:g} | {mean_std(vals)} | "
+                              f"{mean_std(info['tests'][(row, lr)])} |")
+        base = {r["seed"]: r for r in finals["adamw"]}
+        ref = {r["seed"]: r for r in finals.get(ref_name, [])}
+        for name, runs in finals.items():
+            label = f"{name} (reference, lr {ref_lr:g})" if name == ref_name else name
+            vals = [r["test"]["accuracy"] for r in runs]
+            vs_ref = "-" if name == ref_name else paired_cell(ref, runs)
+            vs_adamw = "-" if name == "adamw" else paired_cell(base, runs)
+            lines.append(f"| {task.name} | {label} | {chosen.get(name, '-')} | {len(runs)} | {mean_std(vals)} | "
+                         f"{vs_ref} | {vs_adamw} |")
+            both = [r for r in runs if r["seed"] in ref]
+            if name != ref_name and len(both) > 1:
+                d = paired_difference([ref[r["seed"]]["test"]["accuracy"] for r in both],
+                                      [r["test"]["accuracy"] for r in both])
+                points.append(dict(task=task.name, method=name, gain=d.mean, lo=d.lo, hi=d.hi))
+        for name, why in info["not_applicable"].items():
+            lines.append(f"| {task.name} | {name} | - | 0 | not applicable: {why.split('. ')[0]} | - | - |")
+    grid = ", ".join(f"{opt} lr {list(lrs)} {args or ''}".strip() for opt, (args, lrs) in PLAIN_OPTIMIZERS.items())
+    header = ("| task | plain configuration | TrainingArguments | lr | validation acc. (mean ± std) | "
+              "test acc. (mean ± std) |\n|---|---|---|---|---|---|\n" + "\n".join(grid_lines) + "\n\n"
+              "| task | method | rho | seeds | test acc. at the end | Δ vs reference, pt [95% CI] (wins) | "
+              "Δ vs AdamW, pt [95% CI] (wins) |\n|---|---|---|---|---|---|---|")
+    note = (f"Plain-baseline grid: {grid}, each with weight decay {list(WEIGHT_DECAYS)} and label smoothing "
+            f"{list(LABEL_SMOOTHINGS)} (label_smoothing_factor); the reference is the configuration with the best mean "
+            f"final validation accuracy over seeds {a.reference_seeds}. The rows 'on reference' train with the "
+            "reference's optimizer settings and learning rate, rho chosen on validation (seed 0) as in the robustness "
+            f"suite ({rhos}; the free preset from its momentum grid); 'adamw' is the suite's AdamW (lr chosen from "
+            f"{ROBUST_LR_GRID}, weight decay 0); full SAM and full momentum (the free preset's options) without "
+            f"'on reference' train on it. Seeds {seeds}; Δ: the mean paired difference in points with its 95% t "
+            "interval (seeds ahead); a difference whose interval holds 0 is no measured effect. "
+            f"Machine: {machines([r[1] for r in results])}. Budget: {results[0][0].budget(a.quick)}.")
+    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot_gains(points, path), ctx["log"])
+
+
+def plot_gains(points: list[dict], path: Path) -> None:
+    """The paired test-accuracy gain over the reference (points, 95% t interval) per method, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(p["task"] for p in points)) or ["(no runs)"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        shown = [p for p in points if p["task"] == task]
+        for i, p in enumerate(shown):
+            err = [[(p["gain"] - p["lo"]) * 100], [(p["hi"] - p["gain"]) * 100]] if math.isfinite(p["lo"]) else None
+            ax.errorbar(p["gain"] * 100, i, xerr=err, fmt="o", capsize=3)
+        ax.set_yticks(range(len(shown)), [p["method"] for p in shown], fontsize=7)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_xlabel("test accuracy gain over the reference, points (95% CI)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def paired_metric(base: dict[int, dict], runs: list[dict], read, scale: float = 1.0) -> str:
+    """The mean paired difference `read(run) - read(base run)` over the seeds both ran, times `scale`, with its 95%
+    t interval; `-` without a shared seed."""
+    both = [r for r in runs if r["seed"] in base]
+    if not both:
+        return "-"
+    return paired_difference([read(base[r["seed"]]) for r in both], [read(r) for r in both]).format(scale)
+
+
+def forgetting(run: dict) -> float:
+    """How much the fine-tuning raised the NLL of the held-out text (nats per token; negative: lowered it)."""
+    return run["forgetting"]["nll_after"] - run["forgetting"]["nll_before"]
+
+
+def report_chat(a, results: list[tuple], seeds: list[int], rhos: list[float], ctx: dict) -> None:
+    """The SmolLM2 report: per method its test answer accuracy, answer NLL and forgetting, each with the mean paired
+    difference against AdamW and its 95% t interval; the learning rates and rhos chosen on validation."""
+    lines, points = [], []
+    for task, finals, chosen, _, _ in results:
+        base = {r["seed"]: r for r in finals["adamw"]}
+        lrs = ctx.get("chosen_lr", {}).get(task.name, {})
+        for name, runs in finals.items():
+            acc = [r["test"]["accuracy"] for r in runs]
+            nll = [r["test"]["answer_nll"] for r in runs]
+            forget = [forgetting(r) for r in runs]
+            wins = sum(r["test"]["accuracy"] > base[r["seed"]]["test"]["accuracy"] for r in runs)
+            lr = lrs.get(name, lrs.get("adamw"))
+            cells = ["-"] * 3 if name == "adamw" else [
+                f"{paired_metric(base, runs, lambda r: r['test']['accuracy'], 100)} ({wins}/{len(runs)})",
+                paired_metric(base, runs, lambda r: r["test"]["answer_nll"]), paired_metric(base, runs, forgetting)]
+            lines.append(f"| {task.name} | {name} | {chosen.get(name, '-')} | {lr if lr is not None else '-'} | "
+                         f"{len(runs)} | {mean_std(acc)} | {cells[0]} | {mean_std(nll)} | {cells[1]} | "
+                         f"{mean_std(forget, '+.4f')} | {cells[2]} | "
+                         f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
+            points.append(dict(task=task.name, method=name, mean=statistics.mean(acc),
+                               std=statistics.stdev(acc) if len(acc) > 1 else 0.0, cost=None))
+    header = ("| task | method | rho | lr | seeds | test answer accuracy | Δ vs AdamW, pt [95% CI] (wins) | answer NLL "
+              "| Δ vs AdamW [95% CI] | forgetting (NLL after - before) | Δ vs AdamW [95% CI] | wall s |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    wds = {t.name: ctx.get("chosen_lr", {}).get(t.name, {}).get("weight_decay") for t, *_ in results}
+    note = (f"Seeds {seeds}; mean ± std over seeds; Δ: the mean paired difference against AdamW (same seed: the "
+            "same data order, LoRA initialisation and label noise) with its 95% t interval; an interval holding 0 is "
+            "no measured effect. Answer accuracy: the most likely of negative/neutral/positive after the generation "
+            "prompt; answer NLL: the mean negative log-likelihood of the right answer's first token (whole "
+            "vocabulary); forgetting: the NLL per token of the first forget_blocks x forget_block tokens of "
+            "a-midsummer-night-s-dream (not fine-tuned on) after training minus before (positive: forgot). AdamW's "
+            f"learning rate and weight decay chosen on validation (seed 0) from the task's grids (chosen weight "
+            f"decay: {wds}), Adafactor's learning rate likewise; every SAM row trains with AdamW's; rho from each "
+            f"row's grid{own_grids(results)}. Machine: {machines([r[1] for r in results])}. "
+            f"Budget: {results[0][0].budget(a.quick)}.")
+    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot(points, path), ctx["log"])
+
+
 def own_grids(results: list[tuple]) -> str:
     """` (name: [rhos], ...)` for the reported rows with their own rho grid (ASAM's is named apart)."""
     grids = {m.name: list(m.rhos) for *_, methods in results for m in methods
@@ -672,6 +877,12 @@ def main() -> None:
                    help="also run the ascent schedules: sam_ascent='stale' and sam_interval=4 on the default pattern")
     p.add_argument("--probe_modes", action="store_true",
                    help="also run the probe at block granularity, ranked by gradient norm and by norm per unit of cost")
+    p.add_argument("--baselines", action="store_true",
+                   help="robustness tasks: run the plain-baseline grid (AdamW, Adafactor, SGD with momentum; their "
+                        "learning rates, weight decay, label smoothing) on --reference_seeds, take the best by mean "
+                        "validation accuracy as the reference, and SAM on top of it; report: baselines")
+    p.add_argument("--reference_seeds", type=int, nargs="+", default=None,
+                   help="seeds the reference is chosen on (default: 0 1 2; quick: 0)")
     p.add_argument("--out", default="benchmarks/accuracy", help="output folder (runs are cached here)")
     p.add_argument("--report", default=None,
                    help="name of the table and figure: <out>/<report>.md and .png (default: accuracy / "
@@ -684,7 +895,11 @@ def main() -> None:
     a.tasks = a.tasks or list(SUITES[suite])
     if any(TASKS[t].suite != suite for t in a.tasks):
         p.error(f"--tasks {' '.join(a.tasks)} do not belong to --suite {suite}")
-    a.report = a.report or REPORTS[suite] + ("" if a.device == "cpu" else f"_{a.device}")
+    if a.baselines and suite != "robustness":
+        p.error(f"--baselines: the plain-baseline grid runs on the robustness tasks, not the {suite} suite's")
+    a.reference_seeds = a.reference_seeds or ([0] if a.quick else [0, 1, 2])
+    a.report = a.report or ("baselines" if a.baselines else REPORTS[suite]) + ("" if a.device == "cpu" else
+                                                                                f"_{a.device}")
     if a.measure_cost and any(t.startswith("chat") for t in a.tasks):
         p.error("--measure_cost does not time the chat tasks: run scripts/benchmark_throughput.py --preset "
                 "smollm2-135m --lora --trainer sft for their throughput")
@@ -726,7 +941,9 @@ def main() -> None:
         ctx["log"](f"--dry_run: {len(ctx.get('listed', ()))} runs to do, nothing written" if a.dry_run else
                    "nothing written: no task has runs to report")
         return
-    (report_robust if suite == "robustness" else report_main)(a, results, seeds, rhos, ctx)
+    report = (report_baselines if a.baselines else report_robust if suite == "robustness" else
+              report_chat if suite == "chat" else report_main)
+    report(a, results, seeds, rhos, ctx)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
 #!/usr/bin/env python
-"""How many LoRA steps does SmolLM2-135M-Instruct need to learn the chat task? (sizing the SmolLM2 accuracy study)
+"""Sizing the SmolLM2 accuracy study (`benchmark_accuracy.py --suite chat`): what a run costs, which cost reductions
+keep its scores, and how many steps AdamW needs before its validation score stops improving.
 
-A LoRA SFT of the shipped SmolLM2-135M-Instruct on tweet sentiment as a chat (`hf-lwsam-sft`'s offline task and the
-accuracy study's `chat` tasks: r=16 on every linear layer, learning rate 2e-3, batch 8, linear decay over the run),
-scored every `--every` optimizer steps on held-out tweets: the accuracy of the most likely answer, and the share of
-the most frequent predicted answer (1.0: the model answers one label whatever the tweet, i.e. it learned only the
-label prior). Writes `<out>/chat_learning_curve_<method>.json`.
+Every run here is the study's own recipe (`study_tasks._chat_recipe` on `chat-noise40`: SmolLM2-135M-Instruct,
+LoRA r=16 on every linear layer, 40% noisy training labels, batch 8, linear decay over the run), scored on the study's
+validation tweets by answer accuracy and answer NLL (`study_tasks.answer_scores`), with the forgetting NLL at the end.
 
-    python scripts/chat_learning_curve.py --steps 64 --every 16     # AdamW, about 15 min on one CPU core
-    python scripts/chat_learning_curve.py --method "LW-SAM default"
+  --measure_cost   seconds per optimizer step of each variant (float32 / CPU bf16 autocast, padded / padding-free
+                   batches, LoRA / every weight), interleaved; seconds to score the validation prompts in float32 and
+                   bf16 (and whether their answers agree); the prompt's tokens with the task's system turn and with
+                   the chat template's default one; the loss of one batch padded and padding-free (they must match).
+                   Writes `<out>/chat_sizing_cost.json`.
+  (default)        one AdamW run of `--steps` steps scored every `--every` steps (and before the first):
+                   `<out>/chat_learning_curve_<method>[_bf16][_padding_free].json`.
+
+    python scripts/chat_learning_curve.py --measure_cost --threads 1
+    python scripts/chat_learning_curve.py --steps 64 --every 32 --threads 1            # the float32 run of 64 steps
+    python scripts/chat_learning_curve.py --steps 64 --every 32 --bf16 --threads 1     # the same in bf16
+    python scripts/chat_learning_curve.py --steps 192 --every 32 --bf16 --threads 1    # the curve
 """
 
 from __future__ import annotations
@@ -16,37 +25,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback, set_seed  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
-from hf_lwsam.cli.sft_offline import answer_predictions  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study's modules, beside this file
+from study_harness import MACHINE, make_trainer, quiet  # noqa: E402
+from study_tasks import TASKS, Budget, answer_scores, chat_splits, run_config  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study's chat recipe, beside this file
-from study_tasks import CHAT_LORA, LEARNING_RATE  # noqa: E402
+from hf_lwsam.step_timer import StepTimer  # noqa: E402
 
-METHODS = {"adamw": None, "full SAM": dict(sam_selection="all"), "LW-SAM default": dict(sam_selection="pattern")}
+METHODS = {"adamw": None, "full SAM": dict(sam_preset="exact"), "free preset": dict(sam_preset="free")}
+TASK = "chat-noise40"
 
 
 class Curve(TrainerCallback):
-    """Scores the held-out chats every `every` optimizer steps (and before the first)."""
+    """Scores the validation chats every `every` optimizer steps (and before the first)."""
 
-    def __init__(self, tokenizer, chats, every: int):
-        self.tokenizer, self.chats, self.every, self.points = tokenizer, chats, every, []
+    def __init__(self, score, every: int):
+        self.score_fn, self.every, self.points = score, every, []
 
     def score(self, model, step: int) -> None:
-        guess = answer_predictions(model, self.tokenizer, self.chats)
-        accuracy = sum(g == y for g, y in zip(guess, self.chats["label"])) / len(guess)
-        majority = Counter(guess).most_common(1)[0][1] / len(guess)
-        self.points.append(dict(step=step, accuracy=accuracy, top_answer_share=majority))
-        print(f"step {step:4d}: answer accuracy {accuracy:.3f}, most frequent answer {majority:.2f}", flush=True)
+        start = time.perf_counter()
+        point = dict(step=step, **self.score_fn(model), score_s=time.perf_counter() - start)
+        self.points.append(point)
+        print(f"step {step:4d}: validation answer accuracy {point['accuracy']:.3f}, answer NLL "
+              f"{point['answer_nll']:.3f}, most frequent answer {point['top_answer_share']:.2f}", flush=True)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.score(model, 0)
@@ -56,50 +70,132 @@ class Curve(TrainerCallback):
             self.score(model, state.global_step)
 
 
+def trainer_for(hp: dict, chats, seed: int, out: Path, max_steps: int, sam: dict | None = None, rho: float = 0.05,
+                callbacks: list | None = None):
+    """The study's chat recipe (`TASKS[TASK].recipe`) as a trainer of `max_steps` steps, and the recipe."""
+    task = TASKS[TASK]
+    recipe = task.recipe(task, hp, chats, seed)
+    args = dict(output_dir=str(out / "tmp"), report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+                logging_strategy="no", seed=seed, data_seed=seed, weight_decay=0.0,
+                per_device_train_batch_size=hp["batch"], learning_rate=hp["lr"], max_steps=max_steps, **recipe.args)
+    trainer = quiet(make_trainer(args, sam, rho, sft=True, model=recipe.model, train_dataset=recipe.train,
+                                 callbacks=callbacks or [], **recipe.trainer_kwargs))
+    return trainer, recipe
+
+
+def scorer(tokenizer, chats, bf16: bool):
+    def score(model) -> dict:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            scores = answer_scores(model, tokenizer, chats)
+        from hf_lwsam.cli.sft_offline import answer_predictions
+
+        guess = answer_predictions(model, tokenizer, chats.select(range(min(len(chats), 64))))
+        return dict(scores, top_answer_share=Counter(guess).most_common(1)[0][1] / len(guess))
+    return score
+
+
+def measure_cost(a, budget: Budget, out: Path) -> dict:
+    """Seconds per optimizer step of each variant (one warm-up step, then `a.timed_steps`, interleaved over
+    `a.rounds` rounds), scoring seconds, prompt lengths and the padding-free loss check."""
+    from transformers import AutoTokenizer
+
+    from hf_lwsam.data import SENTIMENT_SYSTEM_PROMPT, smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    chats = chat_splits(TASK, budget)
+    variants = {"float32 padded": (False, False, False), "bf16 padded": (True, False, False),
+                "float32 padding-free": (False, True, False), "bf16 padding-free": (True, True, False),
+                "full float32 padded": (False, False, True), "full bf16 padded": (True, False, True)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    first_loss: dict[str, float] = {}
+    for _ in range(a.rounds):
+        for name, (bf16, padding_free, full) in variants.items():
+            b = replace(budget, chat_bf16=bf16, chat_padding_free=padding_free)
+            hp = run_config(f"{TASK}-full" if full else TASK, b)
+            timer = StepTimer("cpu")
+            trainer, _ = trainer_for(hp, chats, 0, out, 1 + a.timed_steps, callbacks=[timer])
+            if name not in first_loss and not full:  # the same first batch padded and padding-free
+                batch = next(iter(trainer.get_train_dataloader()))
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    first_loss[name] = trainer.compute_loss(trainer.model, batch).item()
+            trainer.train()
+            times[name] += timer.times[1:]
+            print(f"{name}: {statistics.mean(timer.times[1:]):.2f} s a step", flush=True)
+    # scoring: the validation prompts in float32 and bf16, the same untrained model
+    hp = run_config(TASK, budget)
+    trainer, _ = trainer_for(hp, chats, 0, out, 1)
+    scoring = {}
+    for bf16 in (False, True):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            scores = answer_scores(trainer.model, tokenizer, chats["validation"])
+        scoring["bf16" if bf16 else "float32"] = dict(scores, seconds=time.perf_counter() - start,
+                                                      prompts=len(chats["validation"]))
+    sample = chats["train"].select(range(min(64, len(chats["train"]))))
+    tokens = lambda msgs: len(tokenizer(tokenizer.apply_chat_template(msgs, tokenize=False),  # noqa: E731
+                                        add_special_tokens=False)["input_ids"])
+    own = [tokens(c["prompt"] + c["completion"]) for c in sample]
+    default = [tokens(c["prompt"][1:] + c["completion"]) for c in sample]  # no system turn: the template's own
+    bare_instruction = [tokens([dict(role="user", content=SENTIMENT_SYSTEM_PROMPT + "\n" + c["prompt"][1]["content"])]
+                               + c["completion"]) for c in sample]
+    padded = [8 * max(own[i : i + 8]) for i in range(0, len(own), 8)]
+    return dict(machine=MACHINE, threads=torch.get_num_threads(), rounds=a.rounds, timed_steps=a.timed_steps,
+                step_s={name: statistics.mean(t) for name, t in times.items()},
+                step_s_all=times, first_batch_loss=first_loss, scoring=scoring,
+                tokens_per_chat=dict(task_system_turn=statistics.mean(own), template_default_system=statistics.mean(
+                    default), instruction_in_user_turn=statistics.mean(bare_instruction)),
+                padding_share=1 - sum(own) / sum(padded))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--measure_cost", action="store_true", help="time the variants (see above) instead of a curve")
     p.add_argument("--method", choices=list(METHODS), default="adamw")
     p.add_argument("--steps", type=int, default=64, help="optimizer steps of 8 chats (one epoch over steps x 8)")
-    p.add_argument("--every", type=int, default=16, help="score the held-out chats every this many steps")
-    p.add_argument("--held_out", type=int, default=200, help="held-out tweets scored")
+    p.add_argument("--every", type=int, default=32, help="score the validation chats every this many steps")
+    p.add_argument("--lr", type=float, default=None, help="default: the task's fixed learning rate")
+    p.add_argument("--bf16", action="store_true", help="CPU bf16 autocast for training and scoring")
+    p.add_argument("--padding_free", action="store_true", help="TRL's padding-free batches")
     p.add_argument("--rho", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=2, help="--measure_cost: interleaved rounds")
+    p.add_argument("--timed_steps", type=int, default=3, help="--measure_cost: timed steps a variant and round")
+    p.add_argument("--quick", action="store_true", help="the study's smoke sizes (tests)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/accuracy")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    import trl
-    from peft import LoraConfig
+    from transformers.utils import logging as hf_logging
 
-    from hf_lwsam.data import load_tweets, smollm2_path, tweet_sentiment_chats
-    from hf_lwsam.trl import SFTLWSAMConfig, SFTLWSAMTrainer
+    hf_logging.set_verbosity_error()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = TASKS[TASK].budget(a.quick)
+    if a.measure_cost:
+        result = measure_cost(a, base, out)
+        path = out / "chat_sizing_cost.json"
+    else:
+        budget = replace(base, chat_train=8 * a.steps, chat_bf16=a.bf16, chat_padding_free=a.padding_free)
+        chats = chat_splits(TASK, budget)
+        hp = run_config(TASK, budget, a.lr)
+        from transformers import AutoTokenizer
 
-    tweets = load_tweets(seed=42, validation_size=a.held_out, test_size=a.held_out, max_train_samples=8 * a.steps)
-    train, held_out = tweet_sentiment_chats(tweets["train"]).remove_columns("label"), tweet_sentiment_chats(
-        tweets["test"])
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    set_seed(a.seed)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path())
-    common = dict(output_dir=str(Path(a.out) / "tmp"), report_to="none", save_strategy="no", use_cpu=True,
-                  disable_tqdm=True, logging_strategy="no", seed=a.seed, data_seed=a.seed, weight_decay=0.0,
-                  bf16=False, per_device_train_batch_size=8, learning_rate=LEARNING_RATE["chat"], max_steps=a.steps,
-                  warmup_steps=2, max_length=128, activation_checkpointing=False)
-    sam = METHODS[a.method]
-    trainer_cls, args = ((trl.SFTTrainer, trl.SFTConfig(**common)) if sam is None else
-                         (SFTLWSAMTrainer, SFTLWSAMConfig(**common, sam_rho=a.rho, **sam)))
-    curve = Curve(tokenizer, held_out, a.every)
-    trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                          peft_config=LoraConfig(**CHAT_LORA), callbacks=[curve])
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    result = dict(method=a.method, rho=a.rho if sam else None, seed=a.seed, steps=a.steps, batch=8,
-                  train_tweets=len(train), held_out=a.held_out, held_out_label_shares={
-                      k: v / a.held_out for k, v in sorted(Counter(held_out["label"]).items())},
-                  wall_s=time.perf_counter() - start, curve=curve.points)
-    path = Path(a.out) / f"chat_learning_curve_{a.method.replace(' ', '_')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+        from hf_lwsam.data import smollm2_path
+
+        curve = Curve(scorer(AutoTokenizer.from_pretrained(smollm2_path()), chats["validation"], a.bf16), a.every)
+        trainer, recipe = trainer_for(hp, chats, a.seed, out, a.steps, METHODS[a.method], a.rho, [curve])
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+        scoring = sum(point["score_s"] for point in curve.points)
+        result = dict(method=a.method, rho=a.rho if METHODS[a.method] else None, seed=a.seed, steps=a.steps,
+                      config=hp, machine=MACHINE, threads=torch.get_num_threads(), train_s=wall - scoring,
+                      scoring_s=scoring, validation_label_shares={k: v / len(chats["validation"]) for k, v in sorted(
+                          Counter(chats["validation"]["label"]).items())},
+                      curve=curve.points, **recipe.after(trainer))
+        suffix = "_bf16" * a.bf16 + "_padding_free" * a.padding_free + f"_{a.steps}"
+        path = out / f"chat_learning_curve_{a.method.replace(' ', '_')}{suffix}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

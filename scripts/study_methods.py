@@ -42,6 +42,9 @@ class Method:
         rho_from: take this row's chosen rho instead of sweeping (a schedule over the same layers and e_S).
         cycle: `benchmark_throughput.py`: its timed steps are a multiple of this (whole `sam_interval` cycles, whole
             late-phase runs).
+        lrs: a plain-baseline grid row's own learning rates (`baseline_grid`): each is run on the selection seeds
+            and the best configuration of the grid is the task's reference.
+        on_reference: a SAM row that trains with the reference's optimizer settings (`args`) and learning rate.
     """
 
     name: str
@@ -50,6 +53,8 @@ class Method:
     rhos: tuple[float, ...] | None = None
     rho_from: str | None = None
     cycle: int = 1
+    lrs: tuple[float, ...] | None = None
+    on_reference: bool = False
 
     def __post_init__(self) -> None:
         misplaced = sorted(k for k in self.args if k.startswith("sam_"))
@@ -62,6 +67,12 @@ class Method:
         if self.rhos is not None and self.rho_from is not None:
             raise ValueError(f"Method {self.name!r}: rhos={self.rhos!r} and rho_from={self.rho_from!r} both set: "
                              "give one of them.")
+        if self.lrs is not None and self.sam is not None:
+            raise ValueError(f"Method {self.name!r}: lrs={self.lrs!r} on a SAM row: a learning-rate grid belongs to a "
+                             "plain baseline row (sam=None); a SAM row takes the reference's with on_reference=True.")
+        if self.on_reference and self.sam is None:
+            raise ValueError(f"Method {self.name!r}: on_reference=True on a plain row: the reference is itself a "
+                             "plain row; give the row sam_* options or drop on_reference.")
 
     def training_args(self, task_args: dict[str, Any]) -> dict[str, Any]:
         """The task's `TrainingArguments` with this row's `args` on top."""
@@ -100,14 +111,15 @@ def main_methods(asam: bool = False, asam_rhos: list[float] | None = None, probe
 
 
 def chat_methods() -> list[Method]:
-    """The SmolLM2 chat study's rows: AdamW, full SAM (`sam_preset="exact"`), `sam_preset="fast"` (full SAM over the
-    last 20% of the run), the layer-wise default, and the momentum ascent on every parameter at rho 0.2
-    (`sam_preset="free"`) and 0.5."""
-    return [Method("adamw"), Method("full SAM", dict(FULL)), Method("fast preset", dict(sam_preset="fast")),
-            Method("LW-SAM default", dict(PATTERN)),
-            # the momentum ascent at the rho the digits study chose (the recommended preset) and one larger
-            Method("free preset", dict(sam_preset="free"), rhos=(0.2,)),
-            Method("full momentum rho 0.5", dict(FULL, sam_ascent="momentum"), rhos=(0.5,))]
+    """The SmolLM2 chat study's rows: AdamW (its learning rate and weight decay chosen on validation, `Task.lr_grid`),
+    Adafactor (its own learning rate, chosen the same way), full SAM (`sam_preset="exact"`), `sam_preset="fast"`
+    (full SAM over the last 20% of the run, at full SAM's rho), `sam_preset="free"` (the momentum ascent on every
+    parameter), and the layer-wise default; full SAM's and the free preset's rho chosen on validation (seed 0)."""
+    return [Method("adamw"), Method("adafactor", None, args=dict(optim="adafactor"), lrs=(1e-3, 2e-3, 4e-3)),
+            Method("full SAM", dict(sam_preset="exact"), rhos=(0.01, 0.05, 0.1)),
+            Method("fast preset", dict(sam_preset="fast"), rho_from="full SAM"),
+            Method("free preset", dict(sam_preset="free"), rhos=(0.05, 0.1, 0.2, 0.5)),
+            Method("LW-SAM default", dict(PATTERN), rhos=(0.05,))]
 
 
 # The probe mode the robustness suite runs: the options spelled out, so that the cache notices a changed default.
@@ -175,3 +187,61 @@ def momentum_methods(family: str) -> list[Method]:
                  Method("full momentum late 80% WSD", dict(FULL, **MOMENTUM, sam_start=0.8), args=WSD,
                         rho_from="full momentum")]
     return rows
+
+
+# The plain-baseline grid (`baseline_grid`): each optimizer with its own learning rates, as `TrainingArguments`.
+# AdamW sets no `optim`: the same default as the `adamw` row (`adamw_torch_fused`).
+PLAIN_OPTIMIZERS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
+    "adamw": ({}, (3e-4, 1e-3, 3e-3)),
+    "adafactor": (dict(optim="adafactor"), (3e-4, 1e-3, 3e-3)),  # transformers' Adafactor, fixed lr, no beta1
+    "sgd": (dict(optim="sgd", optim_args="momentum=0.9"), (1e-2, 3e-2, 1e-1)),
+}
+WEIGHT_DECAYS = (0.0, 0.1)
+LABEL_SMOOTHINGS = (0.0, 0.1)
+
+
+def baseline_grid() -> list[Method]:
+    """The plain baselines a SAM mode is measured against: every optimizer of `PLAIN_OPTIMIZERS` with its own
+    learning-rate grid, times weight decay {0, 0.1} and label smoothing {0, 0.1} (36 configurations). The runner's
+    `--baselines` runs each on the selection seeds and takes the best mean validation accuracy as the reference.
+
+        >>> len(baseline_grid()), sum(len(m.lrs) for m in baseline_grid())
+        (12, 36)
+    """
+    return [Method(f"plain {opt} wd{wd:g} ls{ls:g}", None, args=dict(args, weight_decay=wd, label_smoothing_factor=ls),
+                   lrs=lrs)
+            for opt, (args, lrs) in PLAIN_OPTIMIZERS.items() for wd in WEIGHT_DECAYS for ls in LABEL_SMOOTHINGS]
+
+
+def reference_methods() -> list[Method]:
+    """SAM on top of the task's reference (the best plain configuration): full SAM (`sam_preset="exact"`'s options,
+    rho from the study's grid), the fast preset (its rho) and the free preset (the momentum grid)."""
+    return [Method("full SAM on reference", dict(FULL), on_reference=True),
+            Method("fast on reference", dict(sam_preset="fast"), rho_from="full SAM on reference", on_reference=True),
+            Method("free on reference", dict(sam_preset="free"), rhos=MOMENTUM_RHOS, on_reference=True)]
+
+
+def momentum_refusal(args: dict[str, Any]) -> str | None:
+    """Why the momentum ascent (`sam_preset="free"`) cannot run on the optimizer the `TrainingArguments` `args` set
+    (`optim`, `optim_args`, ...): `hf_lwsam.ascent.first_moments`'s refusal of that optimizer, built as the Trainer
+    builds it; `None` when it keeps a first moment the ascent reads (AdamW's `exp_avg`, SGD's `momentum_buffer`).
+
+        >>> momentum_refusal({}) is None, momentum_refusal(dict(optim="sgd", optim_args="momentum=0.9")) is None
+        (True, True)
+        >>> "keeps no first moment" in momentum_refusal(dict(optim="adafactor"))
+        True
+    """
+    import tempfile
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from hf_lwsam.ascent import first_moments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=tmp, use_cpu=True, **args))
+    try:
+        first_moments(cls([torch.nn.Parameter(torch.zeros(2))], **kwargs))
+    except ValueError as e:
+        return str(e)
+    return None

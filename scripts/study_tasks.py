@@ -46,15 +46,21 @@ from hf_lwsam.data import (
 LM_FINETUNE_PLAYS = ("twelfth-night", "as-you-like-it", "much-ado-about-nothing", "the-merchant-of-venice")
 LM_TEST_PLAY = "a-midsummer-night-s-dream"
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])  # + the classifier head, trained
-CHAT_TASKS = ("chat", "chat-small", "chat-noise40")
+CHAT_TASKS = ("chat", "chat-small", "chat-noise40", "chat-noise40-full")  # `-full`: every weight, no LoRA
 CHAT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+# The plain optimizer's learning rate (and weight decay) of the SmolLM2 study's tasks, chosen on validation (seed 0)
+# from these grids; the other chat tasks keep the fixed `LEARNING_RATE`.
+CHAT_LR_GRID = {"chat-noise40": (1e-3, 2e-3, 4e-3), "chat-noise40-full": (1e-5, 3e-5, 1e-4)}
+CHAT_WD_GRID = (0.0, 0.1)
+CHAT_EVAL_BATCH = 32  # prompts per scoring forward
 # Every method trains with the AdamW baseline's learning rate. cls: the best validation accuracy (seed 0) of
 # {5e-5, 1e-4, 2e-4, 4e-4} (full) and {5e-4, 2e-3, 4e-3, 8e-3, 1.5e-2} (LoRA). lm: fixed, not tuned (1e-3 gives a
 # lower validation perplexity but a higher test perplexity: it over-fits the fine-tuning plays).
 LEARNING_RATE = {"cls-full": 4e-4, "cls-lora": 8e-3, "lm": 3e-4}
 # The SmolLM2 chat tasks: `hf-lwsam-sft`'s offline default recipe (LoRA r=16 on every linear layer, learning rate
 # 2e-3; not tuned here).
-LEARNING_RATE.update({task: 2e-3 for task in CHAT_TASKS})
+# The full-parameter task's fixed rate (when not swept): the middle of its grid.
+LEARNING_RATE.update({task: 2e-3 for task in CHAT_TASKS if not task.endswith("full")}, **{"chat-noise40-full": 3e-5})
 
 
 @dataclass
@@ -78,11 +84,18 @@ class Budget:
     chat_train: int = 512  # chat, chat-noise40: 1 epoch, 64 steps of 8
     chat_small: int = 128  # chat-small: 4 epochs over 128 chats, 64 steps
     chat_small_epochs: int = 4
-    chat_eval: int = 200  # validation and test tweets each
+    chat_val: int = 500  # validation tweets (the learning rate's and rho's choice)
+    chat_test: int = 1000  # test tweets
+    chat_bf16: bool = False  # CPU bf16 autocast for training and scoring
+    chat_padding_free: bool = False  # TRL's padding-free batches (no pad tokens; one packed row per batch)
+    # forgetting: the NLL of a held-out Shakespeare play (`LM_TEST_PLAY`), before and after fine-tuning
+    forget_blocks: int = 32
+    forget_block: int = 128
 
 
 QUICK = Budget(cls_train=192, cls_eval=128, cls_max_length=48, lm_pretrain_steps=30, lm_finetune_steps=12,
-               lm_block=64, lm_vocab=1024, lm_eval_blocks=64, chat_train=16, chat_small=8, chat_eval=16)
+               lm_block=64, lm_vocab=1024, lm_eval_blocks=64, chat_train=16, chat_small=8, chat_val=16,
+               chat_test=16, forget_blocks=2, forget_block=32)
 
 
 # The robustness suite (`--suite robustness`): where the literature reports SAM's largest gains.
@@ -113,8 +126,11 @@ ROBUST_LR_GRID = {"tweets": [1e-4, 4e-4], "digits": [1e-3, 3e-3]}
 
 
 def noise_fraction(task: str) -> float:
-    """The share of noisy training labels a task's name asks for (`digits-noise40`: 0.4)."""
-    return int(task.rsplit("noise", 1)[1]) / 100 if "noise" in task else 0.0
+    """The share of noisy training labels a task's name asks for (`digits-noise40`, `chat-noise40-full`: 0.4)."""
+    import re
+
+    found = re.search(r"noise(\d+)", task)
+    return int(found.group(1)) / 100 if found else 0.0
 
 
 def with_label_noise(data: Dataset, fraction: float, num_classes: int, seed: int = 0) -> Dataset:
@@ -142,7 +158,7 @@ def tweet_splits(budget: Budget) -> tuple[DatasetDict, Any]:
 
 def chat_splits(task: str, budget: Budget) -> DatasetDict:
     """The chat task's tweets as SmolLM2 chats (label noise in the training split only), with their `label`."""
-    tweets = load_tweets(seed=42, validation_size=budget.chat_eval, test_size=budget.chat_eval,
+    tweets = load_tweets(seed=42, validation_size=budget.chat_val, test_size=budget.chat_test,
                          max_train_samples=budget.chat_small if task == "chat-small" else budget.chat_train)
     tweets["train"] = with_label_noise(tweets["train"], noise_fraction(task), 3)
     return DatasetDict({split: tweet_sentiment_chats(data) for split, data in tweets.items()})
@@ -234,8 +250,9 @@ def tiny_vit(seed: int):
         intermediate_size=128, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
-def run_config(task: str, budget: Budget | RobustBudget, lr: float | None = None) -> dict:
-    """Everything a cached run depends on besides method, rho and seed: a cached run made otherwise is redone."""
+def run_config(task: str, budget: Budget | RobustBudget, lr: float | None = None, wd: float = 0.0) -> dict:
+    """Everything a cached run depends on besides method, rho and seed: a cached run made otherwise is redone.
+    `lr`: the chosen (or swept) learning rate where the task sweeps it; `wd`: the weight decay, recorded when not 0."""
     if task in ROBUST_TASKS:
         if task.startswith("digits"):
             hp = dict(model="tiny ViT 4x64", batch=32, epochs=budget.digits_epochs, val=budget.digits_val,
@@ -254,13 +271,18 @@ def run_config(task: str, budget: Budget | RobustBudget, lr: float | None = None
     elif task in CHAT_TASKS:
         small = task == "chat-small"
         hp = dict(model="SmolLM2-135M-Instruct", batch=8, epochs=budget.chat_small_epochs if small else 1,
-                  train=budget.chat_small if small else budget.chat_train, eval=budget.chat_eval,
-                  lr=LEARNING_RATE[task], warmup_steps=2, max_length=128, lora=CHAT_LORA, noise=noise_fraction(task),
-                  noise_kind="symmetric, other classes")
+                  train=budget.chat_small if small else budget.chat_train, val=budget.chat_val, eval=budget.chat_test,
+                  lr=LEARNING_RATE[task] if lr is None else lr, warmup_steps=2, max_length=128,
+                  lora=None if task.endswith("full") else CHAT_LORA, noise=noise_fraction(task),
+                  noise_kind="symmetric, other classes", bf16=budget.chat_bf16, padding_free=budget.chat_padding_free,
+                  scoring="answer accuracy and answer_nll: the labels' first tokens after the generation prompt",
+                  forgetting=dict(text=LM_TEST_PLAY, blocks=budget.forget_blocks, block=budget.forget_block))
     else:
         hp = dict(batch=16, steps=budget.lm_finetune_steps, lr=LEARNING_RATE[task], warmup_steps=5,
                   block=budget.lm_block, vocab=budget.lm_vocab, pretrain_steps=budget.lm_pretrain_steps,
                   eval_blocks=budget.lm_eval_blocks)
+    if wd:
+        hp["weight_decay"] = wd
     return dict(task=task, **hp)
 
 
@@ -276,6 +298,7 @@ class Recipe:
     evaluate: Callable[[Trainer, str], dict[str, float]]  # (the trained trainer, a split's name) -> its metrics
     tokens: Callable[[Trainer], int] | None  # tokens trained on (for tokens/s); None: not recorded
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # data_collator, compute_metrics, peft_config, ...
+    after: Callable[[Trainer], dict[str, Any]] | None = None  # more of the run's record after training (forgetting)
     sft: bool = False  # TRL's SFTTrainer (SFTLWSAMTrainer with SAM) instead of the Trainer (LWSAMTrainer)
     train: Dataset | None = None  # the training split as the trainer takes it (default: `splits["train"]`)
 
@@ -296,6 +319,7 @@ class Task:
             validation epoch; else trained once, tested at the end (and validated on seed 0 for a rho sweep).
         lr_grid: AdamW's learning rate is chosen on validation (seed 0) from it, then every method trains with it;
             `None`: the fixed learning rate of `run_config`.
+        wd_grid: the weight decays AdamW's learning rate is chosen with (each pair on validation, seed 0).
         method_in_config: each run's configuration holds the method's `sam_*` options, so a changed row is redone
             (off for the first tasks, whose cached runs were made without them).
         cost_files: `benchmark_throughput.py` JSON files (under `benchmarks/throughput/`, `{device}` filled in) whose
@@ -312,6 +336,7 @@ class Task:
     metric: str = "accuracy"
     epochs: bool = False
     lr_grid: tuple[float, ...] | None = None
+    wd_grid: tuple[float, ...] = (0.0,)
     method_in_config: bool = True
     cost_files: tuple[str, ...] = ()
     cost_proxy: dict[str, str] = field(default_factory=dict)
@@ -362,23 +387,82 @@ def _lm_recipe(task: Task, hp: dict, data: tuple[str, DatasetDict], seed: int) -
                   dict(data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)))
 
 
+def answer_scores(model, tokenizer, chats: Dataset, batch_size: int = 32) -> dict[str, float]:
+    """`accuracy`: the share of `chats` whose most likely answer among the labels is theirs; `answer_nll`: the mean
+    negative log-likelihood of the right answer's first token (normalised over the whole vocabulary) right after
+    the generation prompt. One forward per chat (`hf_lwsam.cli.sft_offline.answer_log_probs`)."""
+    from hf_lwsam.cli.sft_offline import answer_log_probs
+
+    log_probs = answer_log_probs(model, tokenizer, chats, batch_size)
+    labels = torch.tensor(chats["label"])
+    return dict(accuracy=(log_probs.argmax(-1) == labels).float().mean().item(),
+                answer_nll=-log_probs.gather(1, labels[:, None]).mean().item())
+
+
+def text_blocks(tokenizer, blocks: int, block: int) -> torch.Tensor:
+    """The forgetting text: the first `blocks` x `block` tokens of the held-out play `LM_TEST_PLAY` (no chat
+    template), as a `(blocks, block)` tensor of token ids."""
+    ids = tokenizer(_read(LM_TEST_PLAY), add_special_tokens=False)["input_ids"]
+    if len(ids) < blocks * block:
+        raise ValueError(f"forget_blocks x forget_block = {blocks * block} tokens, but {LM_TEST_PLAY} has "
+                         f"{len(ids)}: ask for fewer")
+    return torch.tensor(ids[: blocks * block]).view(blocks, block)
+
+
+@torch.no_grad()
+def text_nll(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """The mean next-token negative log-likelihood of `blocks` (equal-length rows: the mean of the blocks' means is
+    the mean over tokens) under `model`, in eval mode (its mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.float().item() * len(b)
+                  for b in blocks.split(batch_size)]
+    finally:
+        model.train(was_training)
+    return sum(losses) / len(blocks)
+
+
+_NLL_BEFORE: dict[tuple, float] = {}  # the pretrained model's forgetting NLL, once per configuration
+
+
 def _chat_recipe(task: Task, hp: dict, chats: DatasetDict, seed: int) -> Recipe:
-    """A LoRA SFT of SmolLM2 (TRL's `SFTTrainer`), scored by the answer accuracy (`answer_accuracy`)."""
+    """An SFT of SmolLM2 (TRL's `SFTTrainer`; LoRA unless the task is `-full`), scored by the answer accuracy and
+    the answer NLL (`answer_scores`), with the NLL of a held-out play before and after (`forgetting`)."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
-    from hf_lwsam.cli.sft_offline import answer_accuracy
     from hf_lwsam.data import smollm2_path
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     set_seed(seed)  # the LoRA initialisation depends on the seed
     model = AutoModelForCausalLM.from_pretrained(smollm2_path())
-    return Recipe(model, chats, dict(bf16=False, num_train_epochs=hp["epochs"], warmup_steps=hp["warmup_steps"],
-                                     max_length=hp["max_length"], activation_checkpointing=False),
-                  lambda trainer, split: dict(accuracy=answer_accuracy(trainer.model, tokenizer, chats[split])),
-                  lambda trainer: sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * hp["epochs"],
-                  dict(processing_class=tokenizer, peft_config=LoraConfig(**CHAT_LORA)), sft=True,
-                  train=chats["train"].remove_columns("label"))
+    blocks = text_blocks(tokenizer, hp["forgetting"]["blocks"], hp["forgetting"]["block"])
+    key = (hp["forgetting"]["blocks"], hp["forgetting"]["block"], hp["bf16"])
+    if key not in _NLL_BEFORE:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp["bf16"]):
+            _NLL_BEFORE[key] = text_nll(model, blocks)
+    device_of = lambda trainer: trainer.args.device.type  # noqa: E731
+
+    def evaluate(trainer: Trainer, split: str) -> dict[str, float]:
+        with torch.autocast(device_of(trainer), dtype=torch.bfloat16, enabled=hp["bf16"]):
+            return answer_scores(trainer.model, tokenizer, chats[split], CHAT_EVAL_BATCH)
+
+    def after(trainer: Trainer) -> dict[str, Any]:
+        with torch.autocast(device_of(trainer), dtype=torch.bfloat16, enabled=hp["bf16"]):
+            return dict(forgetting=dict(nll_before=_NLL_BEFORE[key], nll_after=text_nll(trainer.model, blocks)))
+
+    kwargs = dict(processing_class=tokenizer)
+    if hp["lora"] is not None:
+        kwargs["peft_config"] = LoraConfig(**hp["lora"])
+    # padding-free: TRL refuses a max_length it would not enforce; the chats are far shorter than `max_length`
+    return Recipe(model, chats, dict(bf16=hp["bf16"], padding_free=hp["padding_free"],
+                                     num_train_epochs=hp["epochs"], warmup_steps=hp["warmup_steps"],
+                                     max_length=None if hp["padding_free"] else hp["max_length"],
+                                     activation_checkpointing=False),
+                  evaluate, lambda trainer: sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * hp["epochs"],
+                  kwargs, sft=True, train=chats["train"].remove_columns("label"), after=after)
 
 
 def _robust_recipe(task: Task, hp: dict, data: tuple[DatasetDict, Any], seed: int) -> Recipe:
@@ -397,8 +481,7 @@ def _robust_recipe(task: Task, hp: dict, data: tuple[DatasetDict, Any], seed: in
 # default selection is block 29 + the final norm, the preset's k=1 with reuse; the probe is not measured).
 SMOLLM2_LORA_FILES = ("throughput_smollm2_lora_{device}.json", "momentum_smollm2_lora_{device}.json")
 CHAT_COST_PROXY = {"full SAM": "full SAM", "LW-SAM default": "LW-SAM k=1 reuse",
-                   "fast preset": "full SAM late from 80%", "free preset": "full momentum",
-                   "full momentum rho 0.5": "full momentum"}
+                   "fast preset": "full SAM late from 80%", "free preset": "full momentum"}
 # The digits and tweets tasks: the benchmark's CPU shape (GPT-2, 6 layers, d=256, T=128): the cheaper roads' run,
 # then the late-phase runs: full SAM's modes side by side with the shorter late phases (3 rounds x 20 steps), then
 # the last 10% / 5% alone with AdamW, longer (5 rounds x 40 steps: one SAM step in 20 needs more steps to be timed
@@ -438,8 +521,10 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("cls-full", "main", "tweets", "tweets", _tweets, _cls_recipe, method_in_config=False),
     Task("cls-lora", "main", "tweets", "tweets", _tweets, _cls_recipe, method_in_config=False),
     Task("lm", "main", "lm", "lm", _lm, _lm_recipe, metric="perplexity", method_in_config=False),
-    *[Task(name, "chat", "chat", name, _chats, _chat_recipe, cost_files=SMOLLM2_LORA_FILES,
-           cost_proxy=CHAT_COST_PROXY, measurable=False) for name in CHAT_TASKS],
+    *[Task(name, "chat", "chat", name, _chats, _chat_recipe, lr_grid=CHAT_LR_GRID.get(name),
+           wd_grid=CHAT_WD_GRID if name in CHAT_LR_GRID else (0.0,),
+           cost_files=() if name.endswith("full") else SMOLLM2_LORA_FILES, cost_proxy=CHAT_COST_PROXY,
+           measurable=False) for name in CHAT_TASKS],
     *[Task(name, "robustness", name.split("-")[0], name, _robust, _robust_recipe, epochs=True,
            lr_grid=tuple(ROBUST_LR_GRID[name.split("-")[0]]), cost_files=SHAPE_FILES, cost_proxy=SHAPE_COST_PROXY,
            measurable=not name.startswith("digits")) for name in ROBUST_TASKS],

@@ -124,9 +124,10 @@ def test_method_rows_keep_sam_options_and_other_training_arguments_apart():
 
 
 def _row(bench, task, name: str):
-    """The methods-table row `name` of `task`'s suite (every flag of the main suite on)."""
+    """The methods-table row `name` of `task`'s suite (every flag of the main suite on; the robustness suite with its
+    plain-baseline grid and the rows on its reference)."""
     if task.epochs:
-        table = bench.robust_methods(task.family)
+        table = bench.robust_methods(task.family) + bench.baseline_grid() + bench.reference_methods()
     else:
         table = bench.chat_methods() if task.suite == "chat" else bench.main_methods(True, None, True, True, True)
     return next(m for m in table if m.name == name)
@@ -142,7 +143,10 @@ def test_every_cached_run_keeps_its_key_and_configuration():
         run = json.loads(path.read_text())
         task = bench.TASKS[run["task"]]
         lr = run["config"]["lr"] if task.lr_grid else None
-        job = bench.Job(task.name, _row(bench, task, run["method"]), run["rho"], run["seed"], lr)
+        row = _row(bench, task, run["method"])
+        if row.on_reference:  # trained with the reference's optimizer settings
+            row = bench.replace(row, args=run["config"]["args"])
+        job = bench.Job(task.name, row, run["rho"], run["seed"], lr, wd=run["config"].get("weight_decay", 0.0))
         device = run["config"].get("device", "cpu")
         assert bench.run_key(task, job, device) == path.stem
         if task.suite != "chat":
@@ -157,7 +161,11 @@ def test_gpu_runs_and_other_training_arguments_are_cached_apart():
     assert bench.run_key(task, job, "cpu") == "chat-noise40__full_SAM__rho0.05__seed3"
     assert bench.run_key(task, job, "cuda") == "chat-noise40__full_SAM__rho0.05__seed3__cuda"
     cpu, gpu = (bench.run_configuration(task, job, task.budget(), device) for device in ("cpu", "cuda"))
-    assert gpu == dict(cpu, device="cuda") and cpu["sam"] == {"sam_selection": "all"} and "device" not in cpu
+    assert gpu == dict(cpu, device="cuda") and cpu["sam"] == {"sam_preset": "exact"} and "device" not in cpu
+    assert cpu["eval"] >= 1000 and cpu["val"] >= 500  # the scores' standard error ~1.5 points
+    adamw = bench.Job(task.name, _row(bench, task, "adamw"), 0.0, 0, 2e-3, wd=0.1)
+    assert bench.run_key(task, adamw, "cpu") == "chat-noise40__adamw__rho0.0__seed0__lr0.002__wd0.1"
+    assert bench.run_configuration(task, adamw, task.budget(), "cpu")["weight_decay"] == 0.1
     wsd = methods.Method("adamw WSD", None, args=dict(lr_scheduler_type="warmup_stable_decay"))
     digits = bench.TASKS["digits-noise40"]
     config = bench.run_configuration(digits, bench.Job(digits.name, wsd, 0.0, 0, 1e-3), digits.budget(), "cpu")
@@ -179,12 +187,14 @@ def test_report_only_rebuilds_the_committed_study_report_byte_identical(tmp_path
 
 
 def test_dry_run_lists_the_gpu_runs_to_do_and_writes_nothing(tmp_path):
+    """The chat study's plan: AdamW's (lr, weight decay) grid and Adafactor's lr grid on seed 0, then each row's rho
+    grid on seed 0 (nothing is trained, so nothing is chosen and no seed run is listed)."""
     stdout = _run("scripts/benchmark_accuracy.py", "--tasks", "chat-noise40", "--device", "cuda", "--dry_run",
-                  "--seeds", "0", "1", "--rhos", "0.05", "--out", str(tmp_path), timeout=300)
+                  "--seeds", "0", "1", "--methods", "adafactor", "free preset", "--out", str(tmp_path), timeout=300)
     todo = [line.split("] ")[1] for line in stdout.splitlines() if line.endswith(": to run")]
-    assert todo == [f"chat-noise40__{m}__rho{rho}__seed{seed}__cuda: to run" for seed in (0, 1) for m, rho in (
-        ("adamw", 0.0), ("full_SAM", 0.05), ("fast_preset", 0.05), ("LW-SAM_default", 0.05), ("free_preset", 0.2),
-        ("full_momentum_rho_0.5", 0.5))]
+    assert todo == [f"chat-noise40__adamw__rho0.0__seed0__lr{lr}{wd}__cuda: to run" for lr in (0.001, 0.002, 0.004)
+                    for wd in ("", "__wd0.1")]
+    assert "chat-noise40: no AdamW run to choose the learning rate from: left out" in stdout
     assert list(tmp_path.rglob("*.*")) == []
 
 
@@ -260,7 +270,8 @@ def test_gpu_study_dry_run_passes_its_flags_on(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OUT=str(tmp_path)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert [line.split("] ")[1] for line in done.stdout.splitlines() if line.endswith(": to run")] == [
-        "chat-noise40__adamw__rho0.0__seed0__cuda: to run", "chat-noise40__full_SAM__rho0.05__seed0__cuda: to run"]
+        f"chat-noise40__adamw__rho0.0__seed0__lr{lr}{wd}__cuda: to run" for lr in (0.001, 0.002, 0.004)
+        for wd in ("", "__wd0.1")]
     assert (tmp_path / "gpu_study.log").exists() and not (tmp_path / "gpu_runs.tar.gz").exists()
 
 
@@ -340,7 +351,7 @@ def test_chat_tasks_noise_only_the_training_answers_and_keep_the_chat_format():
     budget = tasks.Budget()
     noisy, clean = tasks.chat_splits("chat-noise40", budget), tasks.chat_splits("chat", budget)
     small = tasks.chat_splits("chat-small", budget)
-    assert [len(noisy[s]) for s in ("train", "validation", "test")] == [512, 200, 200] and len(small["train"]) == 128
+    assert [len(noisy[s]) for s in ("train", "validation", "test")] == [512, 500, 1000] and len(small["train"]) == 128
     for split in ("validation", "test"):
         assert noisy[split]["completion"] == clean[split]["completion"]
         assert noisy[split]["prompt"] == clean[split]["prompt"]
@@ -376,16 +387,82 @@ def test_accuracy_benchmark_chat_task_quick(tmp_path):
     runs = tmp_path / "quick" / "runs"
     run = json.loads((runs / "chat-noise40__LW-SAM_default__rho0.05__seed0.json").read_text())
     assert 0 <= run["test"]["accuracy"] <= 1 and run["perturbed"] and all("lora_" in n for n in run["perturbed"])
+    assert run["test"]["answer_nll"] > 0 and set(run["forgetting"]) == {"nll_before", "nll_after"}
     assert run["config"]["sam"] == {"sam_selection": "pattern"} and run["machine"]
     fast = json.loads((runs / "chat-noise40__fast_preset__rho0.05__seed0.json").read_text())
     assert fast["config"]["sam"] == {"sam_preset": "fast"} and len(fast["perturbed"]) == len(
         json.loads((runs / "chat-noise40__full_SAM__rho0.05__seed0.json").read_text())["perturbed"])
+    assert "| answer NLL |" in table and "forgetting (NLL after - before)" in table
 
 
 @pytest.mark.slow  # the real SmolLM2-135M, 2 LoRA steps
 def test_chat_learning_curve_scores_every_step(tmp_path):
-    _run("scripts/chat_learning_curve.py", "--steps", "2", "--every", "1", "--held_out", "8", "--out", str(tmp_path),
-         timeout=1200)
-    result = json.loads((tmp_path / "chat_learning_curve_adamw.json").read_text())
-    assert [p["step"] for p in result["curve"]] == [0, 1, 2] and result["train_tweets"] == 16
-    assert all(0 <= p["accuracy"] <= 1 and 1 / 3 <= p["top_answer_share"] <= 1 for p in result["curve"])
+    _run("scripts/chat_learning_curve.py", "--steps", "2", "--every", "1", "--quick", "--padding_free", "--bf16",
+         "--out", str(tmp_path), timeout=1200)
+    result = json.loads((tmp_path / "chat_learning_curve_adamw_bf16_padding_free_2.json").read_text())
+    assert [p["step"] for p in result["curve"]] == [0, 1, 2] and result["config"]["train"] == 16
+    assert result["config"]["bf16"] and result["config"]["padding_free"] and result["forgetting"]["nll_after"] > 0
+    assert all(0 <= p["accuracy"] <= 1 and p["answer_nll"] > 0 and 1 / 3 <= p["top_answer_share"] <= 1
+               for p in result["curve"])
+
+
+def test_the_reference_is_the_best_mean_over_the_selection_seeds_not_seed_0():
+    bench = _script("benchmark_accuracy")
+    scores = {("plain adamw wd0 ls0", 1e-3): [0.90, 0.70, 0.71], ("plain sgd wd0 ls0", 3e-2): [0.80, 0.80, 0.79],
+              ("plain adafactor wd0 ls0", 1e-3): [0.78, 0.81, 0.80]}
+    assert bench.choose_reference(scores) == ("plain sgd wd0 ls0", 3e-2)  # mean 0.797; seed 0 alone picks AdamW
+    tie = {("a", 1e-3): [0.8, 0.7], ("b", 1e-3): [0.7, 0.8]}
+    assert bench.choose_reference(tie) == ("a", 1e-3)  # a tie: the first in grid order
+
+
+def test_plain_baseline_grid_rows_and_the_momentum_ascents_optimizers():
+    methods = _script("study_methods")
+    grid = methods.baseline_grid()
+    assert sum(len(m.lrs) for m in grid) == 36 and all(m.sam is None for m in grid)
+    sgd = next(m for m in grid if m.name == "plain sgd wd0.1 ls0.1")
+    assert sgd.args == dict(optim="sgd", optim_args="momentum=0.9", weight_decay=0.1, label_smoothing_factor=0.1)
+    assert "optim" not in next(m for m in grid if m.name == "plain adamw wd0 ls0").args  # the adamw row's default
+    # the free preset on the reference: the library's own refusal decides (Adafactor keeps no first moment)
+    assert methods.momentum_refusal(dict(optim="adafactor", weight_decay=0.1)) is not None
+    assert methods.momentum_refusal(dict(optim="sgd", optim_args="momentum=0.9")) is None
+    assert methods.momentum_refusal(dict(optim="sgd")) is not None  # SGD without momentum keeps none
+    assert methods.momentum_refusal({}) is None
+    with pytest.raises(ValueError, match=r"lrs=\(0.1,\) on a SAM row"):
+        methods.Method("m", dict(sam_selection="all"), lrs=(0.1,))
+    with pytest.raises(ValueError, match="on_reference=True on a plain row"):
+        methods.Method("m", None, on_reference=True)
+
+
+def test_answer_scores_match_a_forward_per_prompt_by_hand():
+    """Batched, left-padded scoring equals one unpadded forward per prompt: the accuracy of the most likely label and
+    the mean NLL of the right label's first token over the whole vocabulary; the forgetting NLL likewise."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_lwsam.data import TWEET_LABELS, load_tweets, smollm2_path, tweet_sentiment_chats
+
+    tasks = _script("study_tasks")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id))
+    chats = tweet_sentiment_chats(load_tweets(seed=42)["test"].select(range(7)))
+    nll, right = [], []
+    for chat in chats:
+        text = tokenizer.apply_chat_template(chat["prompt"], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        answers = [tokenizer(text + label, add_special_tokens=False)["input_ids"][ids.shape[1]]
+                   for label in TWEET_LABELS]
+        with torch.no_grad():
+            log_p = model(input_ids=ids).logits[0, -1].log_softmax(-1)[answers]
+        nll.append(-log_p[chat["label"]].item())
+        right.append(int(log_p.argmax()) == chat["label"])
+    assert len({len(tokenizer.apply_chat_template(c["prompt"], tokenize=False)) for c in chats}) > 1  # padding used
+    scores = tasks.answer_scores(model, tokenizer, chats, batch_size=3)
+    assert scores["accuracy"] == pytest.approx(sum(right) / len(right))
+    assert scores["answer_nll"] == pytest.approx(sum(nll) / len(nll), rel=1e-4)
+    blocks = tasks.text_blocks(tokenizer, 3, 16)
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1]
+    by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+    assert tasks.text_nll(model, blocks, batch_size=2) == pytest.approx(by_hand.item(), rel=1e-5)

@@ -55,9 +55,10 @@ def _answer_token_ids(tokenizer: Any, prompt: list[dict]) -> list[int]:
 
 
 @torch.no_grad()
-def answer_predictions(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16) -> list[int]:
-    """The index (into `TWEET_LABELS`) of the most likely answer among the labels for each of `chats`: the label whose
-    first token the model finds most likely right after the chat template's generation prompt.
+def answer_log_probs(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16) -> torch.Tensor:
+    """The log-probability (over the whole vocabulary) of each label's first token right after the chat template's
+    generation prompt, for each of `chats`: a `(len(chats), len(TWEET_LABELS))` float tensor on the CPU. One forward
+    per prompt, `batch_size` prompts at a time (left-padded, positions counted from each prompt's first token).
 
     Args:
         model (`PreTrainedModel` or `PeftModel`):
@@ -74,7 +75,7 @@ def answer_predictions(model: Any, tokenizer: Any, chats: Any, batch_size: int =
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # the last position of every row is its generation prompt's end
-    guesses: list[int] = []
+    out: list[torch.Tensor] = []
     try:
         device = next(model.parameters()).device
         for i in range(0, len(texts), batch_size):
@@ -84,11 +85,19 @@ def answer_predictions(model: Any, tokenizer: Any, chats: Any, batch_size: int =
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=positions,
                            logits_to_keep=1).logits[:, -1]
-            guesses += logits[:, label_ids.to(device)].argmax(-1).tolist()
+            # normalised over the whole vocabulary (in float32): the answer's likelihood, not only its rank
+            out.append(logits.float().log_softmax(-1)[:, label_ids.to(device)].cpu())
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return guesses
+    return torch.cat(out)
+
+
+def answer_predictions(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16) -> list[int]:
+    """The index (into `TWEET_LABELS`) of the most likely answer among the labels for each of `chats`: the label whose
+    first token the model finds most likely right after the chat template's generation prompt (`answer_log_probs`;
+    same arguments)."""
+    return answer_log_probs(model, tokenizer, chats, batch_size).argmax(-1).tolist()
 
 
 def answer_accuracy(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16) -> float:
