@@ -21,6 +21,7 @@ runs the base class's pass and restores S bit-exactly. The allowed values of `sa
 from __future__ import annotations
 
 import copy
+import inspect
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -72,10 +73,12 @@ class Ascent:
         if config.sam_interval_reuse == "looksam" and not cls.clean_gradient:
             raise ValueError(f"sam_interval_reuse='looksam' with sam_ascent={cls.name!r} is not supported: LookSAM "
                              "needs the clean gradient of the SAM step's ascent pass. Use sam_ascent='exact'.")
-        if config.fsdp and not cls.supports_sharded:
-            raise ValueError(f"sam_ascent={cls.name!r} is not supported with fsdp={config.fsdp!r}: it is implemented "
-                             "for whole (unsharded) parameters. Use DDP, or sam_ascent='exact'/'stale' without "
-                             "LookSAM.")
+        from .config import fsdp_version, launch_source  # config imports this module
+
+        if not cls.supports_sharded and fsdp_version(config) is not None:
+            raise ValueError(f"sam_ascent={cls.name!r} is not supported with {launch_source(config, 'fsdp')}: it is "
+                             "implemented for whole (unsharded) parameters. Use DDP, or sam_ascent='exact'/'stale' "
+                             "without LookSAM.")
 
     _no_adaptive: ClassVar[str] = ""
 
@@ -197,26 +200,101 @@ class RandomAscent(Ascent):
         return loss
 
 
+# The torch optimizers whose state holds Momentum-SAM's m, and under which key. Each one's step (single-tensor, foreach
+# and fused alike) updates `exp_avg.lerp_(grad, 1 - beta1)`: the beta1-average of the gradients; SGD's
+# `momentum_buffer` is `momentum * buf + (1 - dampening) * grad`. Only these exact classes: a subclass's step may keep
+# the same key differently.
+FIRST_MOMENTS: dict[type, str] = {
+    torch.optim.Adam: "exp_avg",
+    torch.optim.AdamW: "exp_avg",
+    torch.optim.NAdam: "exp_avg",
+    torch.optim.RAdam: "exp_avg",
+    torch.optim.Adamax: "exp_avg",
+    torch.optim.SGD: "momentum_buffer",
+}
+_READ = "hf_lwsam reads exp_avg of torch.optim Adam, AdamW, NAdam, RAdam and Adamax, and momentum_buffer of SGD"
+MOMENTUM_FIX = ("Use optim='adamw_torch' (or 'adamw_torch_fused', or SGD with momentum > 0: optim='sgd', "
+                "optim_args='momentum=0.9'), or an ascent that reads no optimizer state: sam_preset='exact' or "
+                "'fast' (or sam_ascent='exact')")
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def unreadable_moment(cls: type, groups: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """Why an optimizer of class `cls` with these parameter groups (their hyperparameters) keeps no first moment that
+    Momentum-SAM can use, and what to set instead; `None` when it keeps one."""
+    key = FIRST_MOMENTS.get(cls)
+    if key is None:
+        base = next((b for b in cls.__mro__ if b in FIRST_MOMENTS), None)  # the nearest one
+        if base is not None:
+            return (f"it subclasses {_qualname(base)}, and a subclass's step may keep {FIRST_MOMENTS[base]} "
+                    f"differently: only the classes themselves are read ({_READ})", MOMENTUM_FIX)
+        return f"it keeps no first moment that can be read ({_READ})", MOMENTUM_FIX
+    for group in groups:
+        if group.get("maximize", False):  # the step negates the gradient first: m would point the other way
+            return (f"maximize=True makes its {key} an average of the negated gradient",
+                    "Minimize (maximize=False), or use another sam_ascent")
+        if key == "exp_avg" and float(group["betas"][0]) <= 0:  # lerp weight 1: exp_avg is the last gradient
+            return ("its beta1 is 0 (betas[0]; TrainingArguments' adam_beta1), so exp_avg is the last gradient, not "
+                    "an average of gradients", "Set adam_beta1 (betas[0]) > 0, e.g. 0.9")
+        if key == "momentum_buffer" and not group.get("momentum", 0) > 0:
+            return "SGD without momentum keeps none", MOMENTUM_FIX
+        if key == "momentum_buffer" and group.get("dampening", 0) >= 1:  # buf = momentum * buf: never a new gradient
+            return ("dampening=1 keeps momentum_buffer at its first gradient", "Set dampening < 1 (e.g. 0, the "
+                    "default)")
+    return None
+
+
 def first_moments(optimizer: Any) -> tuple[str, Any]:
-    """Which first moment `optimizer` keeps per parameter: (`"exp_avg"` for Adam/AdamW, fused, foreach or not;
-    `"momentum_buffer"` for SGD with momentum, the torch optimizer, under accelerate's wrapper).
+    """Which first moment `optimizer` keeps per parameter, and the torch optimizer holding it (accelerate's wrapper
+    removed): `"exp_avg"` for torch's Adam, AdamW, NAdam, RAdam and Adamax with beta1 > 0 (fused, foreach or not),
+    `"momentum_buffer"` for SGD with momentum > 0 and dampening < 1. The trainer calls it before the first step, and
+    it can be called on any optimizer meant for `optimizers=(optimizer, None)`.
 
     Raises:
-        ValueError: the optimizer keeps no first moment that can be read (Adafactor, 8-bit or paged states, SGD
-            without momentum, anything else): names it and says what to use.
+        ValueError: the optimizer keeps no first moment that can be read (Adafactor, 8-bit or paged states, a subclass,
+            beta1 = 0, SGD without momentum, `maximize=True`, anything else): names it, why, and what to use.
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
-    kind = f"{type(inner).__module__}.{type(inner).__name__}"
-    if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
-        return "exp_avg", inner
-    if type(inner) is torch.optim.SGD and all(g.get("momentum", 0) > 0 for g in inner.param_groups):
-        return "momentum_buffer", inner
-    why = ("SGD without momentum keeps none" if type(inner) is torch.optim.SGD
-           else "it keeps no first moment that can be read (Adafactor without beta1, 8-bit or paged states, or an "
-                "optimizer hf_lwsam does not know)")
-    raise ValueError(f"sam_ascent='momentum' needs the optimizer's first moment, but the optimizer is {kind}: {why}. "
-                     "Use optim='adamw_torch' (or 'adamw_torch_fused', or SGD with momentum > 0: optim='sgd', "
-                     "optim_args='momentum=0.9'), or another sam_ascent.")
+    why = unreadable_moment(type(inner), inner.param_groups)
+    if why is not None:
+        raise ValueError(f"sam_ascent='momentum' needs the optimizer's first moment, but the optimizer is "
+                         f"{_qualname(type(inner))}: {why[0]}. {why[1]}.")
+    return FIRST_MOMENTS[type(inner)], inner
+
+
+# `optim` values whose optimizer is a torch.optim class, built without an extra package (the others keep no moment
+# that can be read: Adafactor, bitsandbytes 8-bit/paged/Lion/RMSprop, torchao 4/8-bit, schedule-free, GaLore, APOLLO,
+# LOMO, GrokAdamW, StableAdamW, AnyPrecisionAdamW, the XLA and NPU AdamWs).
+_TORCH_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")
+
+
+def check_optim(config: Any) -> None:
+    """Refuse, when the config is built, an `optim` whose optimizer keeps no first moment Momentum-SAM can read: the
+    class and hyperparameters are the ones the Trainer will use (`Trainer.get_optimizer_cls_and_kwargs`: `optim`,
+    `adam_beta1`, `optim_args`), judged as [`first_moments`] judges a live optimizer."""
+    from transformers import Trainer
+
+    optim = getattr(config.optim, "value", config.optim)
+    if optim not in _TORCH_OPTIMS:
+        raise ValueError(f"sam_ascent='momentum' needs the optimizer's first moment, but optim={optim!r} keeps none "
+                         f"that can be read ({_READ}). {MOMENTUM_FIX}.")
+    try:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(config)
+    except ValueError as e:  # transformers' own reading of optim_args ("key=value,...")
+        raise ValueError(f"optim_args={config.optim_args!r} cannot be read ({e}): write it as key=value pairs "
+                         "separated by commas, e.g. 'momentum=0.9'.") from None
+    defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+    why = unreadable_moment(cls, [{**defaults, **kwargs}])
+    if why is not None:
+        raise ValueError(f"sam_ascent='momentum' needs the optimizer's first moment, but optim={optim!r} builds "
+                         f"{_qualname(cls)} with {_shown(kwargs)}: {why[0]}. {why[1]}.")
+
+
+def _shown(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("lr", "eps")) or "its defaults"
 
 
 @register_ascent
@@ -242,10 +320,13 @@ class MomentumAscent(Ascent):
 
     @classmethod
     def validate(cls, config: Any) -> None:
+        from .config import deepspeed_stage, launch_source  # config imports this module
+
         super().validate(config)
-        if config.deepspeed:
-            raise ValueError(f"sam_ascent='momentum' with deepspeed={config.deepspeed!r} is not supported: DeepSpeed "
-                             "keeps the optimizer's moments inside its engine. Use DDP or FSDP2.")
+        if deepspeed_stage(config) is not None:
+            raise ValueError(f"sam_ascent='momentum' with DeepSpeed ({launch_source(config, 'deepspeed')}) is not "
+                             "supported: DeepSpeed keeps the optimizer's moments inside its engine. Use DDP or FSDP2.")
+        check_optim(config)
 
     def check_optimizer(self, optimizer: Any) -> None:
         first_moments(optimizer)

@@ -7,14 +7,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 import textwrap
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from transformers import TrainingArguments
+from transformers.utils.generic import strtobool
 
 from .ascent import ASCENTS, ascent_help
 
@@ -23,10 +21,17 @@ ASCENT_MODES = tuple(ASCENTS)  # the registry's ascents (`hf_lwsam.ascent`)
 INTERVAL_REUSE_MODES = ("none", "looksam")
 PROBE_METRICS = ("grad_norm", "grad_norm_per_param", "grad_norm_per_cost")
 PROBE_GRANULARITIES = ("block", "layer")
-# `sam_preset`: several options at once, chosen from the robustness study (docs/studies/which-mode.md).
+# What the options a preset or a mode can set resolve to when left unset (`None`) and no preset sets them. Their
+# fields default to `None`, so every way a config is built (keywords, HfArgumentParser, `dataclasses.replace`, the
+# copy into TRL's config classes) tells an option the user set, even at this value, from one left unset.
+SAM_DEFAULTS: dict[str, Any] = {"sam_rho": 0.05, "sam_selection": "pattern", "sam_ascent": "exact", "sam_interval": 1,
+                                "sam_start": 0}
+# `sam_preset`: several options at once, chosen from the robustness study (docs/studies/which-mode.md). Each preset
+# sets every option that defines it; any of them may also be given, at the preset's value only.
+_FULL_SAM = {"sam_selection": "all", "sam_ascent": "exact", "sam_interval": 1, "sam_start": 0}
 SAM_PRESETS: dict[str, dict[str, Any]] = {
-    "exact": {"sam_selection": "all"},  # SAM (Foret et al.): every trainable parameter, every step, two passes
-    "fast": {"sam_selection": "all", "sam_start": 0.8},  # the same SAM over the last 20% of the run only
+    "exact": {**_FULL_SAM},  # SAM (Foret et al.): every trainable parameter, every step, two passes
+    "fast": {**_FULL_SAM, "sam_start": 0.8},  # the same SAM over the last 20% of the run only
     # Momentum-SAM on every parameter: one pass per step, e from the optimizer's first moment
     "free": {"sam_selection": "all", "sam_ascent": "momentum"},
 }
@@ -42,24 +47,6 @@ _UNSUPPORTED_OPTIMIZERS = (
     "galore_adafactor_layerwise",
     "apollo_adamw_layerwise",
 )
-
-
-_GIVEN: ContextVar[frozenset[str] | None] = ContextVar("hf_lwsam_given_options", default=None)
-
-
-@contextmanager
-def given_options(names: set[str]) -> Iterator[None]:
-    """Configs built inside the block take `names` as the options the user set (a command line's flags and config
-    file keys), instead of the keyword arguments they are built with: a parser passes every option, default or not.
-
-    Args:
-        names (`set[str]`): the options set explicitly.
-    """
-    token = _GIVEN.set(frozenset(names))
-    try:
-        yield
-    finally:
-        _GIVEN.reset(token)
 
 
 def _deepspeed_zero_stage(deepspeed: dict | str | None) -> int:
@@ -112,6 +99,49 @@ def _fsdp_version(fsdp_config: dict | str | None) -> int:
     return int(value) if str(value).isdigit() else 2
 
 
+def fsdp_version(args: Any) -> int | None:
+    """The FSDP version the Trainer will shard with under `args`, `None` without FSDP. `args.fsdp` wins (the version
+    of its `fsdp_config`, transformers' default 2); without it, what `accelerate config` / `accelerate launch` set in
+    the environment: the Accelerator builds `FullyShardedDataParallelPlugin()` when ACCELERATE_USE_FSDP is true, which
+    reads FSDP_VERSION (default 1). The same plugin is built here to read it."""
+    if args.fsdp:
+        return _fsdp_version(args.fsdp_config)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # the Accelerator's own test
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        return int(FullyShardedDataParallelPlugin().fsdp_version)
+    return None
+
+
+def deepspeed_stage(args: Any) -> int | None:
+    """The DeepSpeed ZeRO stage the Trainer will run under `args`, `None` without DeepSpeed. `args.deepspeed` wins;
+    without it, TrainingArguments builds accelerate's `DeepSpeedPlugin()` when ACCELERATE_USE_DEEPSPEED is true (as
+    `accelerate launch` sets it), whose stage comes from ACCELERATE_DEEPSPEED_CONFIG_FILE or
+    ACCELERATE_DEEPSPEED_ZERO_STAGE (default 2). The same plugin is built here to read it."""
+    if args.deepspeed:
+        return _deepspeed_zero_stage(args.deepspeed)
+    if strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):  # TrainingArguments' own test
+        from accelerate.utils import DeepSpeedPlugin
+
+        return int(DeepSpeedPlugin().zero_stage)
+    return None
+
+
+def launch_source(args: Any, backend: str) -> str:
+    """Where `backend` ("fsdp" or "deepspeed") comes from, for a message: the option, or the launch environment."""
+    if backend == "fsdp":
+        if args.fsdp:
+            return f"fsdp={args.fsdp!r}"
+        version = os.environ.get("FSDP_VERSION", "(unset: 1)")
+        return f"ACCELERATE_USE_FSDP=true, FSDP_VERSION={version} from accelerate launch"
+    if args.deepspeed:
+        return f"deepspeed={args.deepspeed!r}"
+    config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    where = (f"ACCELERATE_DEEPSPEED_CONFIG_FILE={config}" if config and config != "none" else
+             f"ACCELERATE_DEEPSPEED_ZERO_STAGE={os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '(unset: 2)')}")
+    return f"ACCELERATE_USE_DEEPSPEED=true, {where} from accelerate launch"
+
+
 @dataclass
 class LWSAMConfigMixin:
     r"""
@@ -124,22 +154,26 @@ class LWSAMConfigMixin:
     sam_preset: str | None = field(
         default=None,
         metadata={
-            "help": "Several sam_* options at once: 'exact' = full SAM (sam_selection='all'), every step; 'fast' = "
-            "full SAM over the last 20 percent of the run only (sam_selection='all', sam_start=0.8); 'free' = "
-            "Momentum-SAM on every parameter, one pass per step (sam_selection='all', sam_ascent='momentum', and "
-            "sam_rho=0.2 unless given). An option the preset sets may be given too only with the same value.",
+            "help": "Several sam_* options at once: 'exact' = full SAM every step, two passes (sam_selection='all', "
+            "sam_ascent='exact', sam_interval=1, sam_start=0); 'fast' = the same over the last 20 percent of the run "
+            "only (sam_start=0.8); 'free' = Momentum-SAM on every parameter, one pass per step (sam_selection='all', "
+            "sam_ascent='momentum', and sam_rho=0.2 unless given). An option the preset sets may be given too only "
+            "with the same value.",
             "choices": list(SAM_PRESETS),
         },
     )
-    sam_rho: float = field(
-        default=0.05,
-        metadata={"help": "SAM perturbation radius rho (>= 0): the ascent step is rho * g_S / ||g_S||."},
+    sam_rho: float | None = field(
+        default=None,
+        metadata={"help": "SAM perturbation radius rho (>= 0): the ascent step is rho * g_S / ||g_S||. Default 0.05; "
+                          "0.2 under sam_preset='free'. 0 trains exactly as the stock Trainer, at the cost of the "
+                          "mode's passes."},
     )
-    sam_selection: str = field(
-        default="pattern",
+    sam_selection: str | None = field(
+        default=None,
         metadata={
-            "help": "Which parameters to perturb: 'pattern' (the layers named by --sam_target_layers, output-side "
-            "default when unset), 'all' (conventional SAM) or 'probe' (largest measured gradient norms).",
+            "help": "Which parameters to perturb: 'pattern' (the default: the layers named by --sam_target_layers, "
+            "output-side default when unset), 'all' (conventional SAM, set by every preset: every trainable parameter "
+            "but the modules of --sam_exclude_layers) or 'probe' (largest measured gradient norms).",
             "choices": list(SELECTION_MODES),
         },
     )
@@ -148,13 +182,16 @@ class LWSAMConfigMixin:
         metadata={
             "help": "Modules to perturb, PEFT target_modules semantics: one value is a regex matched with "
             "re.fullmatch against module names; several values match a name exactly or as a dotted suffix. "
-            "Default: the last trunk block + final norm + task head (untied).",
+            "Default: the last trunk block + final norm + task head (untied). Refused under sam_selection='all' "
+            "(every preset), which perturbs every trainable parameter: use sam_selection='pattern'.",
             "nargs": "+",
         },
     )
     sam_exclude_layers: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Modules to leave unperturbed, same matching rules as --sam_target_layers.", "nargs": "+"},
+        metadata={"help": "Modules to leave unperturbed, same matching rules as --sam_target_layers; under "
+                          "sam_selection='all', every trainable parameter but these modules' is perturbed.",
+                  "nargs": "+"},
     )
     sam_adaptive: bool = field(
         default=False,
@@ -164,7 +201,9 @@ class LWSAMConfigMixin:
         default=True,
         metadata={
             "help": "Replay pass 1's outputs of the trunk blocks below the lowest perturbed block in pass 2 instead "
-            "of recomputing them (same gradients, less compute); falls back with a logged reason when unsafe."
+            "of recomputing them (same gradients, less compute); falls back with a logged reason when unsafe. Only "
+            "the exact ascent's two passes on a selection below which layers stay unperturbed reuse, so False is "
+            "refused under sam_selection='all' (every preset) and the one-pass ascents."
         },
     )
     sam_sync_perturbation: bool = field(
@@ -175,15 +214,16 @@ class LWSAMConfigMixin:
         },
     )
 
-    sam_interval: int = field(
-        default=1,
+    sam_interval: int | None = field(
+        default=None,
         metadata={"help": "SAM steps are the optimizer steps s >= start with (s - start) %% sam_interval == 0, start "
-                          "being the first step of sam_start; the others are exactly the stock step (1: every step "
-                          "from sam_start on)."},
+                          "being the first step of sam_start; the others are exactly the stock step (1, the default: "
+                          "every step from sam_start on)."},
     )
-    sam_ascent: str = field(
-        default="exact",
-        metadata={"help": ascent_help(), "choices": list(ASCENT_MODES)},
+    sam_ascent: str | None = field(
+        default=None,
+        metadata={"help": ascent_help() + " Default 'exact'; 'momentum' under sam_preset='free'.",
+                  "choices": list(ASCENT_MODES)},
     )
     sam_interval_reuse: str = field(
         default="none",
@@ -199,11 +239,12 @@ class LWSAMConfigMixin:
         metadata={"help": "sam_interval_reuse='looksam': weight alpha (>= 0) of the kept component g_v; the step adds "
                           "alpha * ||g|| / ||g_v|| * g_v to the gradient g (the paper's default: 0.7)."},
     )
-    sam_start: float = field(
-        default=0,
+    sam_start: float | None = field(
+        default=None,
         metadata={"help": "Late-phase SAM: the first optimizer step that may be a SAM step; an integer step (e.g. "
                           "100) or a fraction in [0, 1) of the run's total optimizer steps (e.g. 0.7: the last 30 "
-                          "percent). Steps before it are exactly the stock step; sam_interval counts from it."},
+                          "percent). Steps before it are exactly the stock step; sam_interval counts from it. Default "
+                          "0; 0.8 under sam_preset='fast'."},
     )
     sam_top_k: int = field(
         default=2,
@@ -246,17 +287,6 @@ class LWSAMConfigMixin:
         },
     )
 
-    def __new__(cls, *args: Any, **kwargs: Any):
-        # Which sam_* options the user set (a preset refuses any of them that it sets otherwise, even at its default).
-        # A parser (HfArgumentParser) or a copy passes every option: then, unless `given_options` says which were
-        # set, an option at its default counts as unset.
-        self = super().__new__(cls)
-        given = _GIVEN.get()
-        if given is None and not _sam_defaults().keys() <= set(kwargs):
-            given = kwargs
-        self._sam_given = None if given is None else frozenset(n for n in given if n.startswith("sam_"))
-        return self
-
     def __getstate__(self) -> dict[str, Any]:
         # Never pickled with the Hub token: the Trainer writes `torch.save(args)` into every checkpoint, the final
         # folder and each checkpoint push (training_args.bin). Hub calls read it from the live config, or from
@@ -277,30 +307,28 @@ class LWSAMConfigMixin:
         super().__post_init__()
         self._refuse_reentrant_checkpointing()  # after the stock gradient_* -> activation_* aliasing
 
-    def _apply_preset(self) -> None:
-        """Set the options of `sam_preset`; an option the user set to another value, its default included, is an
-        error (nothing is overridden silently)."""
-        if self.sam_preset is None:
-            return
-        if self.sam_preset not in SAM_PRESETS:
-            raise ValueError(f"sam_preset={self.sam_preset!r} is unknown: use one of "
-                             f"{', '.join(map(repr, SAM_PRESETS))}, or leave it unset.")
-        defaults = _sam_defaults()
-        explicit = getattr(self, "_sam_given", None)
-        for name, value in SAM_PRESETS[self.sam_preset].items():
+    def _resolve_options(self) -> None:
+        """Set the options left unset (`None`): from `sam_preset`, else from `SAM_DEFAULTS`. An option the preset sets
+        that was given at another value is an error (its default included: nothing is overridden silently); one given
+        at the preset's value is kept, so a config rebuilt from a resolved one (`dataclasses.replace`, the copy into
+        TRL's config classes) resolves the same way."""
+        preset = self.sam_preset
+        if preset is not None and preset not in SAM_PRESETS:
+            raise ValueError(f"sam_preset={preset!r} is unknown: use one of {', '.join(map(repr, SAM_PRESETS))}, or "
+                             "leave it unset.")
+        for name, value in SAM_PRESETS.get(preset, {}).items():
             given = getattr(self, name)
-            was_set = name in explicit if explicit is not None else given != defaults[name]
-            if was_set and given != value:
-                raise ValueError(f"sam_preset={self.sam_preset!r} sets {name}={value!r}, but {name}={given!r} was "
-                                 f"given: drop one of the two (or set the options without a preset).")
+            if given is not None and (isinstance(given, bool) or given != value):
+                raise ValueError(f"sam_preset={preset!r} sets {name}={value!r}, but {name}={given!r} was given: drop "
+                                 "one of the two (or set the options without a preset).")
             setattr(self, name, value)
-        for name, value in SAM_PRESET_DEFAULTS.get(self.sam_preset, {}).items():
-            was_set = name in explicit if explicit is not None else getattr(self, name) != defaults[name]
-            if not was_set:
+        for name, value in {**SAM_DEFAULTS, **SAM_PRESET_DEFAULTS.get(preset, {})}.items():
+            if getattr(self, name) is None:
                 setattr(self, name, value)
 
     def _refuse_unused_options(self) -> None:
-        """An option of a mode that is off, set off its default, does nothing: refused by name."""
+        """An option that does nothing in the chosen mode is refused by name: one of a mode that is off, set off its
+        default; layer patterns under sam_selection='all'; sam_reuse_activations=False where nothing is reused."""
         defaults = _sam_defaults()
         needs = {name: ("sam_selection='probe'", self.sam_selection == "probe")
                  for name in ("sam_top_k", "sam_top_ratio", "sam_probe_interval", "sam_probe_batches",
@@ -312,9 +340,22 @@ class LWSAMConfigMixin:
             value = getattr(self, name)
             if not on and value != defaults[name]:
                 raise ValueError(f"{name}={value!r} does nothing without {mode}: set that mode, or drop {name}.")
+        everything = "sam_selection='all'" + (f" (set by sam_preset={self.sam_preset!r})" if self.sam_preset else "")
+        if self.sam_selection == "all" and self.sam_target_layers is not None:
+            raise ValueError(f"sam_target_layers={self.sam_target_layers!r} does nothing with {everything}, which "
+                             "perturbs every trainable parameter: use sam_selection='pattern' (without a preset) to "
+                             "perturb only those layers, or drop sam_target_layers (sam_exclude_layers removes "
+                             "modules from 'all').")
+        if self.sam_reuse_activations is False:
+            if self.sam_selection == "all":
+                raise ValueError(f"sam_reuse_activations=False does nothing with {everything}: every layer is "
+                                 "perturbed, so there is nothing below them to reuse. Drop sam_reuse_activations.")
+            if not ASCENTS[self.sam_ascent].clean_gradient:
+                raise ValueError(f"sam_reuse_activations=False does nothing with sam_ascent={self.sam_ascent!r}: a "
+                                 "one-pass ascent has no first pass to reuse. Drop sam_reuse_activations.")
 
     def _validate_sam(self) -> None:
-        self._apply_preset()
+        self._resolve_options()
         rho = self.sam_rho
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (rho >= 0 and math.isfinite(rho)):
             raise ValueError(f"sam_rho={rho!r} is invalid: the perturbation radius must be >= 0 and finite "
@@ -363,8 +404,8 @@ class LWSAMConfigMixin:
                              "every step is a SAM step, so there is no step between to reuse on. Set "
                              "sam_interval >= 2 (the paper's k, e.g. 5).")
         ASCENTS[self.sam_ascent].validate(self)
-        if self.fsdp and self.sam_interval_reuse == "looksam":
-            raise ValueError(f"sam_interval_reuse='looksam' is not supported with fsdp={self.fsdp!r}: it is "
+        if self.sam_interval_reuse == "looksam" and fsdp_version(self) is not None:
+            raise ValueError(f"sam_interval_reuse='looksam' is not supported with {launch_source(self, 'fsdp')}: it is "
                              "implemented for whole (unsharded) parameters. Use DDP, or sam_ascent='exact'/'stale' "
                              "without LookSAM.")
         start = self.sam_start
@@ -421,19 +462,22 @@ class LWSAMConfigMixin:
     def _refuse_unsupported_setups(self) -> None:
         supported = ("Supported: single device, DDP (torchrun / accelerate launch) and FSDP2 (fsdp_config version 2); "
                      "DeepSpeed ZeRO stage 0-1 is not refused but not tested.")
-        version = _fsdp_version(self.fsdp_config) if self.fsdp else None
+        version = fsdp_version(self)  # what accelerate will run: the options, else the `accelerate launch` environment
         if version is not None and version != 2:
+            what = (f"fsdp={self.fsdp!r} with FSDP version {version}" if self.fsdp else
+                    f"FSDP version {version} ({launch_source(self, 'fsdp')})")
             raise ValueError(
-                f"fsdp={self.fsdp!r} with FSDP version {version} is not supported by LWSAMTrainer: FSDP1 flattens the "
-                f"parameters, so the selected layers cannot be perturbed on their own. Use FSDP2: "
-                f"fsdp_config={{'version': 2}} (accelerate: fsdp_version: 2)."
+                f"{what} is not supported by LWSAMTrainer: FSDP1 flattens the parameters, so the selected layers "
+                f"cannot be perturbed on their own. Use FSDP2: fsdp_config={{'version': 2}} (accelerate config: "
+                f"fsdp_version: 2)."
             )
-        stage = _deepspeed_zero_stage(self.deepspeed)
-        if stage >= 2:
+        stage = deepspeed_stage(self)
+        if stage is not None and stage >= 2:
             raise ValueError(
-                f"DeepSpeed ZeRO stage {stage} (deepspeed={self.deepspeed!r}) is not supported by LWSAMTrainer: "
+                f"DeepSpeed ZeRO stage {stage} ({launch_source(self, 'deepspeed')}) is not supported by LWSAMTrainer: "
                 f"ZeRO-2/3 partition gradients and parameters inside DeepSpeed's engine, out of reach of the "
-                f"perturbation. {supported} Set zero_optimization.stage to 0 or 1, or shard with FSDP2."
+                f"perturbation. {supported} Set zero_optimization.stage to 0 or 1 (accelerate config: zero_stage), or "
+                "shard with FSDP2."
             )
         optim = getattr(self.optim, "value", self.optim)
         if optim in _UNSUPPORTED_OPTIMIZERS:
@@ -459,8 +503,9 @@ def sam_option_docs() -> list[dict[str, Any]]:
     """The `sam_*` options as documented everywhere (the `LWSAMConfig` docstring, the options page, the model card):
     read from the fields of [`LWSAMConfigMixin`] and their `help` metadata, in declaration order.
 
-    Each entry has `name`, `type` (e.g. `"list[str] or str"`), `default` (`None` when the option has no default
-    value), `help` (argparse's `%%` unescaped) and `choices` (or `None`).
+    Each entry has `name`, `type` (e.g. `"list[str] or str"`), `default` (what the option is when left unset and no
+    preset sets it, from `SAM_DEFAULTS` for the options a preset can set; `None` when it has no default value),
+    `help` (argparse's `%%` unescaped) and `choices` (or `None`).
     """
     options = []
     for f in fields(LWSAMConfigMixin):
@@ -469,7 +514,7 @@ def sam_option_docs() -> list[dict[str, Any]]:
         kind = LWSAMConfigMixin.__annotations__.get(f.name, f.type)  # as written: HfArgumentParser rewrites f.type
         kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
         kind = " or ".join(part.strip() for part in kind.split("|") if part.strip() != "None")
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        default = f.default_factory() if f.default_factory is not MISSING else SAM_DEFAULTS.get(f.name, f.default)
         options.append({"name": f.name, "type": kind, "default": None if default is MISSING else default,
                         "help": f.metadata.get("help", "").replace("%%", "%"),
                         "choices": list(f.metadata["choices"]) if "choices" in f.metadata else None})
@@ -493,7 +538,7 @@ def _sam_parameters_docstring(indent: str = "        ") -> str:
 
 @functools.cache
 def _sam_defaults() -> dict[str, Any]:
-    """The default of every field of [`LWSAMConfigMixin`] (read once)."""
+    """The default of every field of [`LWSAMConfigMixin`] (read once; `None` for those `SAM_DEFAULTS` resolves)."""
     return {f.name: f.default for f in fields(LWSAMConfigMixin)}
 
 

@@ -94,10 +94,10 @@ def test_defaults_and_non_reentrant_checkpointing_are_accepted(tmp_path):
 
 def test_hf_argument_parser_exposes_sam_flags():
     (config,) = HfArgumentParser(LWSAMConfig).parse_args_into_dataclasses(
-        ["--output_dir", "o", "--sam_rho", "0.1", "--sam_selection", "all", "--sam_adaptive",
+        ["--output_dir", "o", "--sam_rho", "0.1", "--sam_selection", "probe", "--sam_adaptive",
          "--sam_target_layers", "h.4", "h.5", "--sam_exclude_layers", r".*ln_.*", "--report_to", "none"]
     )
-    assert config.sam_rho == 0.1 and config.sam_selection == "all" and config.sam_adaptive
+    assert config.sam_rho == 0.1 and config.sam_selection == "probe" and config.sam_adaptive
     assert config.sam_target_layers == ["h.4", "h.5"]  # several values: names
     assert config.sam_exclude_layers == r".*ln_.*"  # one value: a regex, as in TRL
     help_text = HfArgumentParser(LWSAMConfig).format_help()

@@ -178,21 +178,31 @@ def test_momentum_ascent_under_mixed_precision(dtype, sgd_args):
 
 
 @pytest.mark.parametrize("optim, optim_args, why", [
-    ("sgd", None, "SGD without momentum"),
-    ("adafactor", None, "Adafactor"),
+    ("sgd", None, "SGD without momentum keeps none"),
+    ("adafactor", None, "optim='adafactor' keeps none that can be read"),
     ("adagrad", None, "torch.optim.adagrad.Adagrad"),
 ])
-def test_an_optimizer_without_a_readable_moment_is_refused_before_the_first_step(optim, optim_args, why, sgd_args):
+def test_an_optim_without_a_readable_moment_is_refused_when_the_config_is_built(optim, optim_args, why, sgd_args):
+    """The optimizer `optim` names is known when the config is built: refused there, before a trainer or a run."""
+    with pytest.raises(ValueError, match=r"sam_ascent='momentum' needs the optimizer's first moment.*optim=") as info:
+        sgd_args(sam_ascent="momentum", optim=optim, optim_args=optim_args, max_steps=2)
+    assert why in str(info.value)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda params: torch.optim.SGD(params, lr=0.1), "SGD without momentum"),
+    (lambda params: torch.optim.Adagrad(params, lr=0.1), "torch.optim.adagrad.Adagrad"),
+    (lambda params: torch.optim.AdamW(params, lr=0.1, betas=(0.0, 0.999)), "its beta1 is 0"),
+])
+def test_an_optimizer_without_a_readable_moment_is_refused_before_the_first_step(make, why, sgd_args):
+    """`optimizers=(optimizer, None)` bypasses `optim`: the optimizer itself is checked before anything steps."""
     model = tiny_gpt2()
     start = weights(model)
-    trainer = LWSAMTrainer(model=model, args=sgd_args(sam_ascent="momentum", optim=optim, optim_args=optim_args,
-                                                      max_steps=2), train_dataset=shakespeare_lm_dataset(8))
-    with pytest.raises(ValueError, match=r"sam_ascent='momentum' needs the optimizer's first moment.*optim="):
-        trainer.train()
-    try:
-        trainer.train()
-    except ValueError as e:
-        assert why.split()[0] in str(e)
+    with pytest.raises(ValueError, match=r"sam_ascent='momentum' needs the optimizer's first moment, but the "
+                                         r"optimizer is torch\.optim\.") as info:
+        LWSAMTrainer(model=model, args=sgd_args(sam_ascent="momentum", optim="adamw_torch", max_steps=2),
+                     train_dataset=shakespeare_lm_dataset(8), optimizers=(make(model.parameters()), None)).train()
+    assert why in str(info.value)
     assert all(torch.equal(start[n], p) for n, p in model.named_parameters())  # nothing stepped
 
 

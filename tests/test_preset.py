@@ -50,8 +50,9 @@ def test_a_conflicting_or_unknown_preset_is_refused_by_name(given, message, tmp_
 
 def test_a_preset_agrees_with_the_same_value_given_and_keeps_the_other_options(tmp_path):
     args = LWSAMConfig(output_dir=str(tmp_path), use_cpu=True, sam_preset="fast", sam_start=0.8, sam_rho=0.1,
-                       sam_interval=2)
-    assert (args.sam_selection, args.sam_start, args.sam_rho, args.sam_interval) == ("all", 0.8, 0.1, 2)
+                       sam_interval=1, sam_adaptive=True)
+    assert (args.sam_selection, args.sam_start, args.sam_rho, args.sam_interval, args.sam_adaptive) == (
+        "all", 0.8, 0.1, 1, True)
     assert set(SAM_PRESETS) == {"exact", "fast", "free"}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from ..config import LWSAMConfig, given_options
+from ..config import LWSAMConfig
 
 TASKS = ("classification", "causal_lm")
 TASK_ALIASES = {
@@ -276,8 +276,7 @@ def parse_args(
     namespace, _ = parser.parse_known_args(argv)  # argparse errors here; unknown flags are reported below
     validate_args(namespace, namespace, namespace, given)  # before the dataclasses' own, terser checks
     try:
-        with given_options(given):  # a preset refuses a conflicting option the user set, even at its default
-            model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # option validation in __post_init__ (e.g. LWSAMConfig), unused arguments
         raise parsing_error(e, parser.prog) from None
     if model_args.task is not None:

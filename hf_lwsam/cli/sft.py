@@ -29,7 +29,6 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ..config import given_options
 from ..model_card import ModelCardInfo
 from .args import (
     OFFLINE_DEFAULTS,
@@ -147,8 +146,7 @@ def parse_args(argv: list[str] | None = None):
     try:
         with warnings.catch_warnings():  # transformers' deprecation notes on TRL's own defaults are not the user's
             warnings.simplefilter("ignore", FutureWarning)
-            with given_options(given):  # a preset refuses a conflicting option the user set, even at its default
-                script_args, training_args, model_args, run_args = parser.parse_args_and_config(argv)
+            script_args, training_args, model_args, run_args = parser.parse_args_and_config(argv)
     except ValueError as e:  # a config's own validation (SFTConfig, the sam_* options), unknown flags
         if "support bf16" in str(e):  # SFTConfig turns bf16 on by default; TrainingArguments' hint names use_cpu only
             raise UsageError("--bf16 is on (SFTConfig's default) and this machine has no bf16 accelerator: pass "
