@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import typing
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -104,21 +105,38 @@ class LWSAMMixin:
         from .loss_kwargs import fix_loss_kwargs  # a loss that ignores num_items_in_batch is averaged, not multiplied
 
         fix_loss_kwargs(self)
-        self._sam_layers = self._select_sam_layers()  # validates the patterns now, not at the first step
-        self._sam_params: list[tuple[str, nn.Parameter]] | None = None
-        self._reuse_plan: tuple[nn.ModuleList, int] | None = None
-        self.reuse_disabled_reason: str | None = None  # why pass 2 recomputes everything (None: reuse active)
-        self._sam_window: dict[str, Any] = {}
-        self._sam_last_log_step = 0
-        self._buffer_guard = BufferGuard(self.model)
+        self._layer_probe: LayerProbe | None = None
+        self._start_model_state()  # validates the layer patterns now, not at the first step
+        if self.optimizer is not None:  # `optimizers=(optimizer, scheduler)`: refused now, not at the first step
+            self._ascent.check_optimizer(self.optimizer)
+
+    # ------------------------------------------------------------------------------------------ per-model state
+    def _start_model_state(self) -> None:
+        """Build, for `self.model`, everything that holds its modules or tensors or was decided on it: the selection and
+        its parameters, the reuse plan, the random ascent's targets, the buffer guard, the default selection's trace,
+        the probe, the schedule and its kept vector (and the ascent, from the current options)."""
+        self._state_model = weakref.ref(self.model)
         self._schedule = AscentSchedule(self.args.sam_interval, self.args.sam_ascent, self.args.sam_start,
                                         self.args.sam_interval_reuse)
         self._ascent = ASCENTS[self.args.sam_ascent]()
+        self._sam_window: dict[str, Any] = {}
+        self._buffer_guard = BufferGuard(self.model)
         self._noise_targets: tuple[list[str], list[tuple[torch.Tensor, Any, int]]] | None = None
+        if self._layer_probe is not None:  # probed on the previous model: a new probe, as a new callback
+            self.remove_callback(self._layer_probe)
+            self._layer_probe = None
+        self._set_sam_layers(self._select_sam_layers())
         # The default selection ("after the trunk") is re-decided by execution order on the first batch.
         self._default_selection_untraced = (
             self.args.sam_selection == "pattern" and self.args.sam_target_layers is None
         )
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        """Called by `train()` after `model_init` built the model to train (and `hyperparameter_search` set the trial's
+        options): a new model gets a new per-model state, none of it kept from the previous model."""
+        super()._hp_search_setup(trial)
+        if self._state_model() is not self.model:
+            self._start_model_state()
 
     # ----------------------------------------------------------------------------------------------- selection
     def _select_sam_layers(self) -> list[str] | None:
@@ -127,7 +145,7 @@ class LWSAMMixin:
         if self.args.sam_selection == "all":
             return None
         if self.args.sam_selection == "probe":
-            if getattr(self, "_layer_probe", None) is None:
+            if self._layer_probe is None:
                 self._layer_probe = LayerProbe(self)  # validates the candidates and k now
                 self.add_callback(self._layer_probe)  # restores the probed selection on resume
             return self._layer_probe.selected_layers()

@@ -1,0 +1,76 @@
+"""What the trainer must follow or honour so that it trains what it is asked to: the model `model_init` builds for each
+`train()`, a schedule-free optimizer's training weights after an evaluation, `sam_exclude_layers` under
+`sam_selection="all"`, a model compiled before it is given to the trainer, and an optimizer given at construction that
+the momentum ascent cannot read. Each update is checked against a fresh run or an independent computation of the
+formula (`test_update_math.reference_update`, `test_momentum.reference_run`, `test_schedule.sam_window`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+from transformers import Trainer
+
+from conftest import shakespeare_lm_dataset, tiny_gpt2
+from hf_lwsam import LWSAMTrainer
+from test_momentum import reference_run, rel
+from test_schedule import sam_window, weights
+from test_update_math import _batches, _rel, reference_update
+
+STEPS = 3
+ADAMW = dict(optim="adamw_torch", learning_rate=1e-2)
+MODES = {  # each ascent, and the probe, whose state holds the model's tensors
+    "exact": {},
+    "momentum": dict(sam_ascent="momentum", **ADAMW),
+    "random": dict(sam_ascent="random"),
+    "stale": dict(sam_ascent="stale"),
+    "probe": dict(sam_selection="probe", sam_probe_interval=1, sam_top_k=2),
+}
+SAM_STEPS = {"momentum": [0.0, 1.0, 1.0], "stale": [0.0, 1.0, 1.0]}  # the first step has no moment / kept gradient
+
+
+def sam_logs(trainer) -> list[dict[str, float]]:
+    return [{k: v for k, v in e.items() if k.startswith("sam/") or k == "loss"} for e in trainer.state.log_history
+            if "sam/sam_steps" in e]
+
+
+# ------------------------------------------------------------------------------------------------- model_init
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_second_train_with_model_init_trains_the_new_model_as_a_fresh_trainer(mode, sgd_args):
+    """`train()` rebuilds the model with `model_init` (so does every trial of `hyperparameter_search`): the selection,
+    the optimizer state the momentum ascent reads, the random ascent's targets, the probe and the kept vector follow
+    the new model. A second `train()` makes the SAM steps of the first and ends on the weights of a fresh trainer."""
+    data = shakespeare_lm_dataset(4 * STEPS)
+    args = dict(dict(max_steps=STEPS, learning_rate=0.1), **MODES[mode])
+    trainer = LWSAMTrainer(model_init=lambda: tiny_gpt2(), args=sgd_args(**args), train_dataset=data)
+    trainer.train()
+    first, first_logs = weights(trainer.model), sam_logs(trainer)
+    trainer.train()
+    fresh = LWSAMTrainer(model_init=lambda: tiny_gpt2(), args=sgd_args(**args), train_dataset=data)
+    fresh.train()
+    assert [e["sam/sam_steps"] for e in sam_logs(trainer)] == SAM_STEPS.get(mode, [1.0] * STEPS)
+    assert sam_logs(trainer) == first_logs == sam_logs(fresh)
+    assert weights(trainer.model).keys() == first.keys()
+    assert all(torch.equal(p, first[n]) and torch.equal(p, weights(fresh.model)[n])
+               for n, p in weights(trainer.model).items())
+    assert trainer.perturbed_parameter_names() == fresh.perturbed_parameter_names()
+    assert not all(torch.equal(p, q) for p, q in zip(first.values(), weights(tiny_gpt2()).values()))  # it trained
+
+
+# ---------------------------------------------------------------------------------- optimizers=(optimizer, ...)
+def test_an_optimizer_given_at_construction_that_the_momentum_ascent_cannot_read_is_refused_there(sgd_args, tmp_path):
+    """`optimizers=(optimizer, None)` with `sam_ascent="momentum"`: an optimizer without a first moment (SGD without
+    momentum) is a `ValueError` at construction, not at the first step; AdamW is accepted and takes SAM steps."""
+    data, model = shakespeare_lm_dataset(4 * STEPS), tiny_gpt2()
+    # optim names the optimizer the Trainer would build; the one given replaces it
+    args = sgd_args(sam_ascent="momentum", max_steps=STEPS, output_dir=str(tmp_path / "refused"), **ADAMW)
+    with pytest.raises(ValueError, match="sam_ascent='momentum'.*SGD without momentum"):
+        LWSAMTrainer(model=model, args=args, train_dataset=data,
+                     optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    trainer = LWSAMTrainer(model=model, args=sgd_args(sam_ascent="momentum", max_steps=STEPS, **ADAMW),
+                           train_dataset=data,
+                           optimizers=(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0), None))
+    trainer.train()
+    assert [e["sam/sam_steps"] for e in sam_logs(trainer)] == [0.0, 1.0, 1.0]
