@@ -301,9 +301,13 @@ class LWSAMMixin:
         base step normalises it (`hf_lwsam.ascent`).
         """
         inputs = self._prepare_inputs(inputs)  # once per micro-batch: TRL's can be stateful
+        # The stock step's prologue, once, before either pass: an optimizer with train()/eval() (schedule-free) moves
+        # the weights back from their evaluation point here, so S is perturbed and restored at the training point.
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
         if self._default_selection_untraced:
             self._trace_default_selection(model, copy.copy(inputs))
-        model.train()
         if not self._schedule.is_sam_step(self.state.global_step, self.state.max_steps):
             with self._inputs_already_prepared():
                 loss = super().training_step(model, inputs, num_items_in_batch)  # the stock step, bit for bit

@@ -59,6 +59,55 @@ def test_a_second_train_with_model_init_trains_the_new_model_as_a_fresh_trainer(
     assert not all(torch.equal(p, q) for p, q in zip(first.values(), weights(tiny_gpt2()).values()))  # it trained
 
 
+# ----------------------------------------------------------------------------------------- schedule-free
+def schedule_free_reference(data, selected: list[str], rho: float, lr: float, steps: int) -> dict[str, torch.Tensor]:
+    """SAM with `schedulefree.AdamWScheduleFree` by hand (as `optim="schedule_free_adamw"` builds it): in train mode
+    throughout, each window's gradient is the sum over its micro-batches of the gradient at w_S + e_S of the
+    micro-batch (`sam_window`), and the optimizer steps; the training weights (y) after `steps` steps."""
+    import schedulefree
+
+    model = tiny_gpt2()
+    optimizer = schedulefree.AdamWScheduleFree(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                               weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0)
+    optimizer.train()
+    batches = _batches(data)
+    for step in range(steps):
+        grads, _ = sam_window(model, batches[2 * step: 2 * step + 2], selected, rho)
+        for name, p in model.named_parameters():
+            p.grad = grads[name]
+        optimizer.step()
+        optimizer.zero_grad()
+    return weights(model)
+
+
+@pytest.mark.parametrize("selection", ["all", "default-reuse"])
+@pytest.mark.parametrize("evaluate", [True, False])
+def test_schedule_free_optimizer_evaluated_every_step_takes_the_sam_steps_of_the_formula(selection, evaluate,
+                                                                                          sgd_args):
+    """An optimizer with `train()`/`eval()` moves the weights between its training point y and its evaluation point x.
+    The SAM step runs the stock step's `optimizer.train()` before it perturbs, so with an evaluation after every step
+    S is perturbed and restored at y, and the run ends on the steps of SAM by hand (the layer-wise default, with
+    activation reuse, no longer fails with an in-place modification)."""
+    pytest.importorskip("schedulefree")
+    data, rho, lr, steps = shakespeare_lm_dataset(4 * 4), 0.5, 1e-2, 4
+    sam = dict(sam_selection="all") if selection == "all" else {}
+    model = tiny_gpt2()
+    every_step = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2) if evaluate else {}
+    trainer = LWSAMTrainer(model=model, args=sgd_args(optim="schedule_free_adamw", learning_rate=lr, sam_rho=rho,
+                                                      max_steps=steps, **every_step, **sam),
+                           train_dataset=data, eval_dataset=shakespeare_lm_dataset(4, start=20000))
+    trainer.train()
+    trainer.optimizer.train()  # the last evaluation left the evaluation point x in the model
+    assert sum(e["sam/sam_steps"] for e in sam_logs(trainer)) == steps
+    assert sum("eval_loss" in e for e in trainer.state.log_history) == (steps if evaluate else 0)
+    selected = trainer.perturbed_parameter_names()
+    assert len(selected) == (len(list(model.parameters())) if selection == "all" else 14)  # h.2 and ln_f
+    expected = schedule_free_reference(data, selected, rho, lr, steps)
+    assert _rel(weights(model), expected, weights(tiny_gpt2())) <= 1e-4
+    plain = schedule_free_reference(data, selected, 0.0, lr, steps)  # the check separates SAM from plain steps
+    assert _rel(plain, expected, weights(tiny_gpt2())) > 1e-2
+
+
 # ---------------------------------------------------------------------------------- optimizers=(optimizer, ...)
 def test_an_optimizer_given_at_construction_that_the_momentum_ascent_cannot_read_is_refused_there(sgd_args, tmp_path):
     """`optimizers=(optimizer, None)` with `sam_ascent="momentum"`: an optimizer without a first moment (SGD without
