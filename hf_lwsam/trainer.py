@@ -23,7 +23,7 @@ from .reuse import ActivationReuse, capture_rng, is_compiled, plan_reuse, restor
 from .running_stats import BufferGuard
 from .sam import Perturbation, ascent_direction, global_norm, looksam_add_, looksam_component
 from .schedule import AscentSchedule
-from .selection import layer_parameters, select_layers, trace_execution_order
+from .selection import Pattern, layer_parameters, name_matches, select_layers, trace_execution_order
 from .sharding import (
     all_reduce_mean,
     all_reduce_sum,
@@ -35,6 +35,25 @@ from .sharding import (
 )
 
 logger = logging.get_logger(__name__)
+
+
+def excluded_parameters(model: nn.Module, exclude: Pattern) -> set[int]:
+    """`sam_selection="all"` with `sam_exclude_layers`: the ids of the parameters that the modules `exclude` matches,
+    and the modules under them, own (matched as `select_layers` matches). A parameter tied to one of them (GPT-2's
+    `lm_head.weight` is `wte.weight`) is excluded too: it is the same tensor.
+
+    Raises:
+        ValueError: `exclude` matches no module.
+    """
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    roots = [name for name, _ in modules if name_matches(name, exclude)]
+    if not roots:
+        shown = [name for name, module in modules if list(module.parameters(recurse=False))][:6]
+        raise ValueError(f"sam_exclude_layers={exclude!r} matches no module of {type(model).__name__}. Real layer "
+                         f"names look like {shown}; a string is a regex matched with re.fullmatch against the whole "
+                         "name, a list matches exact names or dotted suffixes.")
+    return {id(p) for name, module in modules if any(name == r or name.startswith(r + ".") for r in roots)
+            for p in module.parameters(recurse=False)}
 
 
 # Trainers whose step does not compose with two passes over one prepared batch.
@@ -140,10 +159,20 @@ class LWSAMMixin:
 
     # ----------------------------------------------------------------------------------------------- selection
     def _select_sam_layers(self) -> list[str] | None:
-        """Layer names for `"pattern"`, `None` for `"all"` (every trainable parameter); for `"probe"` the probe's
-        current selection (before the first probe: the `k` output-most candidates)."""
+        """Layer names for `"pattern"`; for `"all"`, `None` (every trainable parameter), or with `sam_exclude_layers`
+        the layers owning a trainable parameter that no excluded module owns (`""`: the model itself); for `"probe"` the
+        probe's current selection (before the first probe: the `k` output-most candidates)."""
         if self.args.sam_selection == "all":
-            return None
+            if self.args.sam_exclude_layers is None:
+                return None
+            excluded = excluded_parameters(self.model, self.args.sam_exclude_layers)
+            layers = [name for name, module in self.model.named_modules()
+                      if any(p.requires_grad and id(p) not in excluded for p in module.parameters(recurse=False))]
+            if not layers:
+                raise ValueError(f"sam_exclude_layers={self.args.sam_exclude_layers!r} leaves sam_selection='all' no "
+                                 "trainable parameter to perturb: the excluded modules own all of them. Exclude fewer "
+                                 "modules.")
+            return layers
         if self.args.sam_selection == "probe":
             if self._layer_probe is None:
                 self._layer_probe = LayerProbe(self)  # validates the candidates and k now
@@ -192,9 +221,12 @@ class LWSAMMixin:
 
     def _sam_parameters(self) -> list[tuple[str, nn.Parameter]]:
         if self._sam_params is None:
-            if self._sam_layers is None:
-                self._sam_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-                layers = "all trainable parameters"
+            if self.args.sam_selection == "all":  # by identity, now: FSDP2 replaced the parameters since __init__
+                exclude = self.args.sam_exclude_layers
+                excluded = set() if exclude is None else excluded_parameters(self.model, exclude)
+                self._sam_params = [(n, p) for n, p in self.model.named_parameters()
+                                    if p.requires_grad and id(p) not in excluded]
+                layers = "all trainable parameters" + ("" if exclude is None else f" but sam_exclude_layers={exclude!r}")
             else:
                 self._sam_params = layer_parameters(self.model, self._sam_layers)
                 layers = ", ".join(self._sam_layers)
@@ -211,7 +243,7 @@ class LWSAMMixin:
         if not self.args.sam_reuse_activations or self.reuse_disabled_reason is not None:
             return None
         if self._reuse_plan is None:
-            if self._sam_layers is None:
+            if self.args.sam_selection == "all":
                 plan = ("sam_selection='all' perturbs every layer, so there is nothing below the perturbed layers to "
                         "reuse")
             elif is_compiled(self.model_wrapped) or is_compiled(self.model):
@@ -232,7 +264,7 @@ class LWSAMMixin:
 
     def _disable_reuse(self, reason: str) -> None:
         self.reuse_disabled_reason = reason
-        log = logger.info if self._sam_layers is None else logger.warning
+        log = logger.info if self.args.sam_selection == "all" else logger.warning
         log(f"LW-SAM activation reuse is off, pass 2 recomputes the whole model: {reason}.")
 
     def perturbed_parameter_names(self) -> list[str]:

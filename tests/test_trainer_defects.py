@@ -108,6 +108,52 @@ def test_schedule_free_optimizer_evaluated_every_step_takes_the_sam_steps_of_the
     assert _rel(plain, expected, weights(tiny_gpt2())) > 1e-2
 
 
+# ------------------------------------------------------------------------------- sam_selection="all", exclusions
+NOT_EMBEDDINGS = [n for n, _ in tiny_gpt2().named_parameters() if not n.startswith(("transformer.wte.",
+                                                                                     "transformer.wpe."))]
+
+
+def test_all_with_exclude_layers_leaves_the_excluded_modules_and_their_tied_head_unperturbed(sgd_args):
+    """`sam_preset="free"` (every trainable parameter, the momentum ascent) with `sam_exclude_layers=["wte", "wpe"]`:
+    the embeddings are not perturbed, nor the output head tied to `wte` (the same tensor), and the steps are those of
+    Momentum-SAM on the rest by hand."""
+    data, rho = shakespeare_lm_dataset(4 * STEPS), 0.3
+    model = tiny_gpt2()
+    trainer = LWSAMTrainer(model=model, args=sgd_args(sam_preset="free", sam_exclude_layers=["wte", "wpe"],
+                                                      sam_rho=rho, max_steps=STEPS, **ADAMW), train_dataset=data)
+    assert trainer.perturbed_parameter_names() == NOT_EMBEDDINGS
+    assert trainer.num_perturbed_layers == len({n.rpartition(".")[0] for n in NOT_EMBEDDINGS})
+    trainer.train()
+    adamw, start = (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.0)), weights(tiny_gpt2())
+    expected = reference_run(*adamw, rho, tuple(NOT_EMBEDDINGS), data, steps=STEPS)
+    assert rel(weights(model), expected, start) <= 1e-5
+    assert rel(reference_run(*adamw, rho, None, data, steps=STEPS), expected, start) > 1e-3  # the embeddings count
+
+
+def test_all_with_exclude_layers_exact_sam_step_equals_the_formula(sgd_args):
+    """Full SAM (two passes) without the embeddings: one SGD step equals SAM by hand on the rest."""
+    data = shakespeare_lm_dataset(4)
+    model = tiny_gpt2()
+    trainer = LWSAMTrainer(model=model, args=sgd_args(sam_selection="all", sam_exclude_layers=["wte", "wpe"],
+                                                      sam_rho=0.5), train_dataset=data)
+    trainer.train()
+    expected = reference_update(tiny_gpt2(), _batches(data), NOT_EMBEDDINGS, 0.5, causal=True)
+    assert trainer.perturbed_parameter_names() == NOT_EMBEDDINGS
+    assert _rel(weights(model), expected, weights(tiny_gpt2())) <= 1e-5
+
+
+@pytest.mark.parametrize("exclude, message", [
+    (["nonexistent", "missing"], "sam_exclude_layers=['nonexistent', 'missing'] matches no module of GPT2LMHeadModel"),
+    ("transformer", "sam_exclude_layers='transformer' leaves sam_selection='all' no trainable parameter"),
+])
+def test_all_with_exclude_layers_that_match_nothing_or_everything_is_refused(exclude, message, sgd_args):
+    """A pattern that matches no module, and one that leaves nothing to perturb (`transformer` holds every parameter,
+    the head is tied to its `wte`): a `ValueError` at construction naming the option."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LWSAMTrainer(model=tiny_gpt2(), args=sgd_args(sam_selection="all", sam_exclude_layers=exclude),
+                     train_dataset=shakespeare_lm_dataset(4))
+
+
 # ---------------------------------------------------------------------------------- optimizers=(optimizer, ...)
 def test_an_optimizer_given_at_construction_that_the_momentum_ascent_cannot_read_is_refused_there(sgd_args, tmp_path):
     """`optimizers=(optimizer, None)` with `sam_ascent="momentum"`: an optimizer without a first moment (SGD without
