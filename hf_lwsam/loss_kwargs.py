@@ -70,7 +70,9 @@ def fix_loss_kwargs(trainer: Trainer) -> bool:
     """
     if not trainer.model_accepts_loss_kwargs or _computes_own_loss(trainer):
         return False
-    model: Any = unwrap_peft_model(trainer.accelerator.unwrap_model(trainer.model))
+    # The module whose forward computes the loss: a model compiled before it was given to the trainer is the
+    # compile wrapper, whose own forward(*args, **kwargs) says nothing about the loss.
+    model: Any = unwrap_peft_model(trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False))
     if hasattr(model, "accepts_loss_kwargs") or forward_uses_num_items_in_batch(model) is not False:
         return False
     trainer.model_accepts_loss_kwargs = False

@@ -195,6 +195,10 @@ class LWSAMMixin:
             eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
             with self.compute_loss_context_manager(), eager:  # torch < 2.6 has no set_stance
                 order = trace_execution_order(unwrapped, lambda: unwrapped(**inputs))
+            # Under this model's own names: a model compiled before it was given to the trainer holds the traced
+            # module as `_orig_mod`.
+            prefix = next((name for name, module in self.model.named_modules() if module is unwrapped), "")
+            order = ({".".join(filter(None, (prefix, name))): entry for name, entry in order[0].items()}, order[1])
             # Never drop modules silently: the hooks must have seen the trunk run, under this model's own names.
             if order[1] < 0 or not set(order[0]) <= {name for name, _ in self.model.named_modules()}:
                 raise RuntimeError("the module hooks did not see the trunk run under the model's own module names")

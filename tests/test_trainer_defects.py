@@ -154,6 +154,48 @@ def test_all_with_exclude_layers_that_match_nothing_or_everything_is_refused(exc
                      train_dataset=shakespeare_lm_dataset(4))
 
 
+# ------------------------------------------------------------------------------------- a pre-compiled model
+def uneven_tokens(n: int):
+    """Real text whose micro-batches predict different numbers of tokens (labels -100 after position 5 in every other
+    pair of rows), so the token average over the window differs from the mean of the micro-batch means."""
+    data = shakespeare_lm_dataset(n)
+    return data.map(lambda row, i: {"labels": [t if i % 4 > 1 or j < 5 else -100 for j, t in enumerate(row["labels"])]},
+                    with_indices=True)
+
+
+@pytest.fixture
+def dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_model_compiled_before_the_trainer_keeps_the_token_average(backend, sgd_args, dynamo, caplog):
+    """`torch.compile(model)` given to the trainer: its loss uses `num_items_in_batch` as the uncompiled model's does,
+    so the token average over the window is kept as the stock Trainer keeps it (the first logged loss equals the stock
+    one), the default selection is traced under the model's own names, and every step equals LW-SAM on the uncompiled
+    model."""
+    data = uneven_tokens(4 * STEPS)
+    args = dict(max_steps=STEPS, learning_rate=0.1, remove_unused_columns=False)  # a compiled forward has no signature
+    stock = Trainer(model=tiny_gpt2(), args=sgd_args(**args), train_dataset=data)
+    stock.train()
+    plain = LWSAMTrainer(model=tiny_gpt2(), args=sgd_args(**args), train_dataset=data)
+    plain.train()
+    compiled = torch.compile(tiny_gpt2(), backend=backend)
+    with caplog.at_level(logging.WARNING, logger="hf_lwsam"):
+        trainer = LWSAMTrainer(model=compiled, args=sgd_args(**args), train_dataset=data)
+        trainer.train()
+    assert trainer.model_accepts_loss_kwargs and stock.model_accepts_loss_kwargs
+    assert not any("could not trace" in r.getMessage() for r in caplog.records)
+    assert trainer.perturbed_parameter_names() == ["_orig_mod." + n for n in plain.perturbed_parameter_names()]
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (stock, plain, trainer)]
+    assert losses[2][0] == pytest.approx(losses[0][0], rel=1e-6)  # the first step's clean loss: the stock one
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)
+    got = {n.removeprefix("_orig_mod."): p for n, p in weights(compiled).items()}
+    assert _rel(got, weights(plain.model), weights(tiny_gpt2())) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------- optimizers=(optimizer, ...)
 def test_an_optimizer_given_at_construction_that_the_momentum_ascent_cannot_read_is_refused_there(sgd_args, tmp_path):
     """`optimizers=(optimizer, None)` with `sam_ascent="momentum"`: an optimizer without a first moment (SGD without
