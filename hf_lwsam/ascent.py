@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .reuse import capture_rng, restore_rng
-from .sam import global_norm, momentum_direction, noise_seed, random_direction
+from .sam import momentum_direction, noise_seed, random_direction
 from .sharding import all_reduce_sum, is_sharded, local
 
 if TYPE_CHECKING:
@@ -346,9 +346,9 @@ class MomentumAscent(Ascent):
         moments = [torch.zeros_like(t) if m is None else m for m, t in zip(local(state), shards)]
         steps, norm, finite = momentum_direction(moments, trainer.args.sam_rho,
                                                  sum_across=all_reduce_sum if is_sharded(params) else None)
-        e_norm = global_norm(steps)
         loss = trainer._pass_at(shards, steps, model, inputs, num_items_in_batch)
-        trainer._record_sam_step(None, loss, norm, finite, e_norm=e_norm)
+        # ||e_S|| is rho by construction (0 where m is unusable), over the whole of S: no norm of this process's shards
+        trainer._record_sam_step(None, loss, norm, finite, e_norm=finite * trainer.args.sam_rho)
         return loss
 
 

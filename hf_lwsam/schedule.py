@@ -20,19 +20,21 @@ The first stale SAM step of a run (or of the late phase), and the first one afte
 no stale gradient of S: it is a plain step, whose gradient is recorded for the next SAM step. The kept vector (the
 stale gradient of S, or LookSAM's g_v) is saved with every checkpoint (`lwsam_ascent.pt`) so that a resumed run
 perturbs and reuses exactly as an uninterrupted one. Under FSDP2 each process keeps only its shard of the vector, so
-each process saves its own (`lwsam_ascent_rank{N}.pt`); a resume checks the names, shapes and the number of processes
-and refuses a mismatch.
+each process saves its own (`lwsam_ascent_rank{N}.pt`) with the layout of its tensors (device mesh and placements); a
+resume checks the names, shapes, the number of processes and the layout, and refuses a mismatch.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from .ascent import ASCENTS
+from .sharding import layout
 
 STATE_FILE = "lwsam_ascent.pt"
 RANK_STATE_FILE = "lwsam_ascent_rank{}.pt"  # one per process: the kept vector is sharded (FSDP2)
@@ -128,21 +130,26 @@ class AscentSchedule:
         return clean
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def save(self, checkpoint_dir: str, process_index: int = 0, num_processes: int = 1) -> None:
-        """Write the kept vector: one file for the run, or with `per_process` one per process."""
+    def save(self, checkpoint_dir: str, process_index: int = 0, num_processes: int = 1,
+             params: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write the kept vector: one file for the run, or with `per_process` one per process, with the layout of the
+        model's parameters `params` (by name) it was kept for (`sharding.layout`)."""
         if self._grads is None:
             return
         name = RANK_STATE_FILE.format(process_index) if self._per_process else STATE_FILE
         torch.save({"names": self._names, "grads": [g.cpu() for g in self._grads], "kind": self._kind(),
                     "per_process": self._per_process, "num_processes": num_processes,
-                    "process_index": process_index},
+                    "process_index": process_index, "layout": _layout_of(self._names, params)},
                    os.path.join(checkpoint_dir, name))
 
-    def load(self, checkpoint_dir: str, device: Any, process_index: int = 0, num_processes: int = 1) -> None:
-        """Read the kept vector this process saved (or the run's one).
+    def load(self, checkpoint_dir: str, device: Any, process_index: int = 0, num_processes: int = 1,
+             params: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Read the kept vector this process saved (or the run's one); `params`: the model's parameters by name, whose
+        layout a per-process vector must have been saved with.
 
         Raises:
-            ValueError: the checkpoint holds per-process vectors written by another number of processes.
+            ValueError: the checkpoint holds per-process vectors written by another number of processes, or with
+                another layout of the parameters (device mesh, placements).
         """
         path = os.path.join(checkpoint_dir, RANK_STATE_FILE.format(process_index))
         if not os.path.isfile(path):
@@ -152,7 +159,9 @@ class AscentSchedule:
                 raise ValueError(f"{checkpoint_dir} holds per-process ascent vectors ({', '.join(sorted(ranked))}) "
                                  f"but none for process {process_index}: resume with the number of processes that "
                                  "wrote the checkpoint.")
-        state = torch.load(path, map_location=device, weights_only=True) if os.path.isfile(path) else None
+        # Read onto the CPU, then moved: torch.load cannot map onto an indexed CPU device ("cpu:0", as a model sharded
+        # by transformers at load time on the CPU makes the Trainer's device).
+        state = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
         if state is not None and state.get("per_process") and state.get("num_processes") != num_processes:
             raise ValueError(f"{path} was written by {state.get('num_processes')} processes, each keeping its shard of "
                              f"the ascent vector; this run has {num_processes}. Resume with "
@@ -160,13 +169,35 @@ class AscentSchedule:
         if state is not None and state.get("per_process") and state.get("process_index", process_index) != process_index:
             raise ValueError(f"{path} holds the ascent vector of process {state.get('process_index')}, not of process "
                              f"{process_index}: each process must read the file it wrote.")
+        if state is not None and state.get("per_process") and state.get("layout") is not None and params is not None:
+            here = _layout_of(state["names"], params)
+            for name, saved, now in zip(state["names"], state["layout"], here):
+                if name in params and saved != now:
+                    raise ValueError(f"{path} holds this process's shard of the ascent vector for another layout of "
+                                     f"the parameters: {name} was laid out as {_describe(saved)} there, but is "
+                                     f"{_describe(now)} here. Resume with the device mesh and sharding of the run "
+                                     "that wrote the checkpoint (the same FSDP sizes, e.g. fsdp_config or "
+                                     "DistributedConfig(fsdp_size=..., dp_replicate_size=...)).")
         # A checkpoint of a run without a kept vector, or with another kind of one (stale gradient vs g_v): the next
         # SAM step starts over (a plain stale step; LookSAM reuses nothing until the next SAM step).
         if state is not None and state.get("kind", "stale") == self._kind():
-            self._names, self._grads = state["names"], state["grads"]
+            self._names, self._grads = state["names"], [g.to(device) for g in state["grads"]]
             self._per_process, self._source = bool(state.get("per_process", False)), path
         else:
             self._names, self._grads, self._per_process = [], None, False
 
     def _kind(self) -> str:
         return "looksam" if self.looksam else "stale"
+
+
+def _layout_of(names: list[str], params: Mapping[str, torch.Tensor] | None) -> list[list[str] | None] | None:
+    """`sharding.layout` of the parameters `names` (a name `params` lacks: `None`); `None` without `params`."""
+    return None if params is None else layout([params.get(name) for name in names])
+
+
+def _describe(entry: list[str] | None) -> str:
+    """A `sharding.layout` entry in words."""
+    if entry is None:
+        return "a whole (unsharded) tensor"
+    mesh, dim_names, placements = entry
+    return f"placements {placements} on the device mesh of ranks {mesh} (dimensions {dim_names})"

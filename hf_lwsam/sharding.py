@@ -28,6 +28,27 @@ def is_sharded(params: list[torch.Tensor]) -> bool:
     return bool(DTensor) and any(isinstance(p, DTensor) for p in params)
 
 
+def layout(tensors: list[torch.Tensor]) -> list[list[str] | None]:
+    """How each tensor is laid out over the processes: its device mesh (the process ranks, as laid out in the mesh), the
+    mesh's dimension names and the tensor's placements on it (e.g. `Shard(dim=0)`), as strings; `None` for a whole
+    tensor. Two runs whose layouts differ hold different pieces of a tensor on a process, even with equal shapes."""
+    return [[str(t.device_mesh.mesh.tolist()), str(t.device_mesh.mesh_dim_names), str(t.placements)]
+            if isinstance(t, DTensor) else None for t in tensors]
+
+
+def reshard(model: nn.Module) -> None:
+    """Every FSDP2 module of `model` back on its sharded parameters. A forward without a backward (an evaluation, the
+    default selection's trace) leaves the root module holding its unsharded ones, which are not the parameters the
+    optimizer steps."""
+    if not DTensor:
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def local(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """Each tensor's local shard (for a parameter, the storage FSDP2 all-gathers from); plain tensors and `None` as
     they are."""

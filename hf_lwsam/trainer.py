@@ -31,6 +31,7 @@ from .sharding import (
     gradient_of,
     is_sharded,
     local,
+    reshard,
     shards_of,
 )
 
@@ -195,6 +196,9 @@ class LWSAMMixin:
             eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
             with self.compute_loss_context_manager(), eager:  # torch < 2.6 has no set_stance
                 order = trace_execution_order(unwrapped, lambda: unwrapped(**inputs))
+            # FSDP2's root module keeps its parameters unsharded after a forward without backward, as separate tensors
+            # (a tied head no longer shares the embedding's): select on the sharded ones.
+            reshard(unwrapped)
             # Under this model's own names: a model compiled before it was given to the trainer holds the traced
             # module as `_orig_mod`.
             prefix = next((name for name, module in self.model.named_modules() if module is unwrapped), "")
@@ -225,6 +229,7 @@ class LWSAMMixin:
 
     def _sam_parameters(self) -> list[tuple[str, nn.Parameter]]:
         if self._sam_params is None:
+            reshard(self.model)  # under FSDP2 S is the sharded parameters, even after a forward without backward
             if self.args.sam_selection == "all":  # by identity, now: FSDP2 replaced the parameters since __init__
                 exclude = self.args.sam_exclude_layers
                 excluded = set() if exclude is None else excluded_parameters(self.model, exclude)
@@ -471,15 +476,23 @@ class LWSAMMixin:
         probe's sums (both written before `trainer_state.json`, which marks a checkpoint complete)."""
         super()._save_rng_state(output_dir)
         if self._schedule.keeps_state and (self.args.should_save or self._schedule.per_process):
-            # the stale gradient or LookSAM's g_v; FSDP2's shards of it: every process writes its own
-            self._schedule.save(output_dir, self.args.process_index, self.args.world_size)
+            # the stale gradient or LookSAM's g_v; FSDP2's shards of it: every process writes its own, with the layout
+            self._schedule.save(output_dir, self.args.process_index, self.args.world_size, self._named_parameters())
+            if self._schedule.per_process:  # every process's file is written before process 0 marks the checkpoint
+                self.accelerator.wait_for_everyone()  # complete (trainer_state.json, after this method returns)
         if self.args.sam_selection == "probe":  # a running probe's sums, read from the device at checkpoint time
             self._layer_probe._publish(self)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         if checkpoint is not None and self._schedule.keeps_state:
-            self._schedule.load(checkpoint, self.args.device, self.args.process_index, self.args.world_size)
+            self._schedule.load(checkpoint, self.args.device, self.args.process_index, self.args.world_size,
+                                self._named_parameters())
+
+    def _named_parameters(self) -> dict[str, nn.Parameter]:
+        """The model's parameters by name, the sharded ones under FSDP2 (`sharding.reshard`)."""
+        reshard(self.model)
+        return dict(self.model.named_parameters())
 
     @contextmanager
     def _inputs_already_prepared(self) -> Iterator[None]:

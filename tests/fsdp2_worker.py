@@ -5,13 +5,19 @@ fails, which must leave the shards exactly as they were. Rank 0 saves `<out>/<mo
 The one-pass ascents, as `hf_lwsam.ascent` takes them under FSDP2 (accelerate sets FSDP up only for GPU-like devices:
 on the CPU it gives the Trainer DDP, so the Trainer is not driven here): `sam_ascent="stale"` for 3 steps,
 uninterrupted and resumed after 2 from the model's shards and each process's `lwsam_ascent_rank{N}.pt`
-(`<out>/stale_rank<r>.pt`), and `sam_ascent="momentum"` with AdamW for 3 steps (`<out>/momentum_rank<r>.pt`)."""
+(`<out>/stale_rank<r>.pt`), and `sam_ascent="momentum"` with AdamW for 3 steps (`<out>/momentum_rank<r>.pt`).
+
+`LWSAMTrainer` itself under FSDP2 (`<out>/trainer_rank<r>.pt`): on a model that transformers shards at load time
+(`from_pretrained(distributed_config=DistributedConfig(fsdp_size=2))`, gloo on the CPU), whose parameters the Trainer
+neither wraps nor re-shards: the momentum ascent's steps and logs, and the stale ascent's checkpoint files (written by
+every process before `_save_rng_state` returns, with the layout of the parameters; refused under another layout)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 import torch
@@ -241,6 +247,72 @@ def momentum_steps(out: str, rank: int, mesh) -> None:
                os.path.join(out, f"momentum_rank{rank}.pt"))
 
 
+# ----------------------------------------------------------------------------------------- LWSAMTrainer itself
+def distributed_gpt2(directory: str, **sizes: int) -> torch.nn.Module:
+    """The tiny GPT-2 saved in `directory`, sharded by transformers as it loads (`DistributedConfig(**sizes)`)."""
+    from transformers import GPT2LMHeadModel
+    from transformers.distributed import DistributedConfig
+
+    model = GPT2LMHeadModel.from_pretrained(directory, distributed_config=DistributedConfig(**sizes))
+    model.loss_type = "ForCausalLM"  # as tiny_gpt2 names it
+    return model
+
+
+def trainer_runs(out: str, rank: int) -> None:
+    """`LWSAMTrainer` on 2 processes, each with 2 rows of every global batch of 4 (accumulation 1).
+
+    Momentum: AdamW for `STEPS` steps; the whole weights after, the logs, S's names. Stale: `STEPS` SGD steps, then
+    `_save_rng_state` (the checkpoint's last write of every process before process 0 writes `trainer_state.json`)
+    with process 1 arriving 2 s late: which files process 0 sees when its call returns; the layout saved; a fresh
+    trainer on the same layout loading it; and one on another layout of the 2 processes
+    (`DistributedConfig(dp_replicate_size=2, fsdp_size=1)`: every tensor whole on each process) refused."""
+    from hf_lwsam import LWSAMConfig, LWSAMTrainer
+
+    directory, checkpoint = os.path.join(out, "gpt2"), os.path.join(out, "trainer_checkpoint")
+    if rank == 0:
+        tiny_gpt2().save_pretrained(directory)
+        os.makedirs(checkpoint)
+    dist.barrier()
+
+    def config(**overrides: Any) -> LWSAMConfig:
+        return LWSAMConfig(output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=ROWS_PER_RANK,
+                           max_steps=STEPS, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                           warmup_steps=0, train_sampling_strategy="sequential", report_to="none", use_cpu=True,
+                           save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, **overrides)
+
+    data = shakespeare_lm_dataset(4 * STEPS)
+    momentum = LWSAMTrainer(model=distributed_gpt2(directory, fsdp_size=2), train_dataset=data,
+                            args=config(optim="adamw_torch", learning_rate=MOMENTUM_LR, sam_ascent="momentum",
+                                        sam_rho=MOMENTUM_RHO))
+    momentum.train()
+    logs = [{k: v for k, v in e.items() if k.startswith("sam/")} for e in momentum.state.log_history
+            if "sam/sam_steps" in e]
+    stepped = {n: p.full_tensor().clone() for n, p in momentum.model.named_parameters()}
+
+    stale = LWSAMTrainer(model=distributed_gpt2(directory, fsdp_size=2), train_dataset=data,
+                         args=config(optim="sgd", learning_rate=STALE_LR, sam_ascent="stale", sam_rho=RHO))
+    stale.train()
+    if rank == 1:
+        time.sleep(2.0)  # this process's file is written 2 s after process 0's
+    stale._save_rng_state(checkpoint)
+    seen = sorted(f for f in os.listdir(checkpoint) if f.startswith("lwsam_ascent"))  # when process 0 may mark it
+    saved = torch.load(os.path.join(checkpoint, f"lwsam_ascent_rank{rank}.pt"), weights_only=True)
+    dist.barrier()
+
+    same = LWSAMTrainer(model=distributed_gpt2(directory, fsdp_size=2), train_dataset=data,
+                        args=config(optim="sgd", learning_rate=STALE_LR, sam_ascent="stale", sam_rho=RHO))
+    same._load_rng_state(checkpoint)
+    names, params = saved["names"], same._named_parameters()
+    loaded = same._schedule.direction(names, like=local([params[n] for n in names]))
+    other = LWSAMTrainer(model=distributed_gpt2(directory, dp_replicate_size=2, fsdp_size=1), train_dataset=data,
+                         args=config(optim="sgd", learning_rate=STALE_LR, sam_ascent="stale", sam_rho=RHO))
+    torch.save({"logs": logs, "stepped": stepped, "selected": momentum.perturbed_parameter_names(), "stale": names,
+                "sharded": type(momentum._sam_parameters()[0][1]).__name__, "seen": seen, "saved": saved,
+                "loaded_equal": loaded is not None and all(torch.equal(a, b) for a, b in zip(loaded, saved["grads"])),
+                "other_layout": refusal(lambda: other._load_rng_state(checkpoint))},
+               os.path.join(out, f"trainer_rank{rank}.pt"))
+
+
 def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo")
@@ -250,6 +322,7 @@ def main() -> None:
         run(name, out, rank, mesh)
     stale_resume(out, rank, mesh)
     momentum_steps(out, rank, mesh)
+    trainer_runs(out, rank)
     dist.barrier()
     dist.destroy_process_group()
     # `fully_shard` keeps the process group referenced past `destroy_process_group` (gloo's threads stay up), and

@@ -150,3 +150,49 @@ def test_fsdp2_momentum_steps_equal_the_single_process_formula(results):
     start = {n: p.detach() for n, p in tiny_gpt2().named_parameters()}
     assert rel(got, expected, start) <= 1e-5
     assert rel(reference_run(*adamw, 0.0, SELECTED, data, steps=STEPS), expected, start) > 1e-2  # SAM changed it
+
+
+# ------------------------------------------------------------------------------------------ LWSAMTrainer itself
+def trainer_results(results: Path) -> list[dict]:
+    return [torch.load(results / f"trainer_rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_fsdp2_trainer_momentum_logs_the_global_e_norm_and_takes_the_formula_steps(results):
+    """`LWSAMTrainer` with `sam_ascent="momentum"` on a model sharded at load: S is the sharded parameters (the default
+    selection's trace leaves the root module unsharded until it is resharded), so every step after the first is a SAM
+    step; the logged `sam/e_norm` is ||e_S|| over the whole of S, rho (not the norm of one process's shards, about
+    rho / sqrt(2)); and the weights are those of Momentum-SAM by hand on the global batches."""
+    from test_momentum import SELECTED, rel, reference_run
+
+    ranks = trainer_results(results)
+    got = ranks[0]["stepped"]
+    assert ranks[0]["sharded"] == "DTensor" and all(torch.equal(p, ranks[1]["stepped"][n]) for n, p in got.items())
+    assert ranks[0]["selected"] == [n for n in got if n.startswith(SELECTED)]
+    for r, logged in enumerate(ranks):
+        assert [e["sam/sam_steps"] for e in logged["logs"]] == [0.0] + [1.0] * (STEPS - 1), f"rank {r}"
+        assert [e["sam/e_norm"] for e in logged["logs"][1:]] == pytest.approx([MOMENTUM_RHO] * (STEPS - 1), abs=1e-6)
+    data, adamw = shakespeare_lm_dataset(4 * STEPS), (torch.optim.AdamW, dict(lr=MOMENTUM_LR, weight_decay=0.0))
+    start = {n: p.detach() for n, p in tiny_gpt2().named_parameters()}
+    assert rel(got, reference_run(*adamw, MOMENTUM_RHO, SELECTED, data, steps=STEPS), start) <= 1e-5
+
+
+def test_fsdp2_trainer_writes_every_process_ascent_file_before_the_checkpoint_is_marked_complete(results):
+    """The stale ascent's checkpoint: when `_save_rng_state` returns on process 0 (which then writes
+    `trainer_state.json`, marking the checkpoint complete), process 1's file is written, although process 1 came 2 s
+    late; each file records the layout of its shards (device mesh, dimension names, placements)."""
+    for r, got in enumerate(trainer_results(results)):
+        assert got["seen"] == ["lwsam_ascent_rank0.pt", "lwsam_ascent_rank1.pt"], f"rank {r}"
+        saved = got["saved"]
+        assert saved["per_process"] and saved["process_index"] == r and len(saved["layout"]) == len(saved["names"])
+        assert all(entry == ["[0, 1]", "('fsdp',)", "(Shard(dim=0),)"] for entry in saved["layout"]), saved["layout"]
+
+
+def test_fsdp2_trainer_resume_with_another_mesh_layout_is_refused(results):
+    """The same 2 processes with another layout (`dp_replicate_size=2, fsdp_size=1`: whole tensors replicated): a
+    `ValueError` naming the layouts and the fix; the same layout loads each process's own vector."""
+    for r, got in enumerate(trainer_results(results)):
+        assert got["loaded_equal"], f"rank {r}"
+        refused = got["other_layout"]
+        assert refused is not None and "for another layout of the parameters" in refused
+        assert "(Shard(dim=0),) on the device mesh of ranks [0, 1] (dimensions ('fsdp',))" in refused
+        assert "('dp_replicate', 'fsdp')" in refused and "Resume with the device mesh and sharding" in refused
