@@ -89,8 +89,10 @@ class LWSAMMixin:
     scheduler, clipping and checkpointing are the base class's.
 
     The micro-batch's inputs are prepared once (`_prepare_inputs`) and both passes use them. What the base class's
-    `compute_loss` records as a side effect (TRL's `_metrics` lists and `_total_train_tokens`) is kept from pass 1 only,
-    the clean pass whose loss `training_step` returns, so metrics and token counts are those of plain training.
+    `compute_loss` records as a side effect (TRL's `_metrics` lists and `_total_train_tokens`) is kept once per
+    micro-batch, from the pass whose loss `training_step` returns: with the exact ascent pass 1, the clean pass, so
+    metrics and token counts are those of plain training; with a one-pass ascent its only pass, at w + e_S, so the
+    metrics are those of the perturbed model.
 
     Args:
         args (`TrainingArguments`, *optional*):

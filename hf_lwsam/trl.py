@@ -9,7 +9,8 @@ Each is built by the two factories, [`lwsam_trainer`] and [`lwsam_config`], so i
     SFTLWSAMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
 
 TRL's metrics (`num_tokens`, `entropy`, `mean_token_accuracy`, DPO's `rewards/*`, `logps/*`, `logits/*`) are recorded
-once per micro-batch, from the clean pass 1. `GRPOTrainer` and `RLOOTrainer` are refused (see `LWSAMMixin`).
+once per micro-batch, from the pass whose loss is logged: the clean pass 1 with the exact ascent, the perturbed pass
+with a one-pass ascent. `GRPOTrainer` and `RLOOTrainer` are refused (see `LWSAMMixin`).
 """
 
 from __future__ import annotations
