@@ -256,3 +256,24 @@ def test_the_adapter_of_a_hub_model_loaded_from_a_local_copy_names_the_hub_id(tm
                                *FAST])
     assert code == 0, stderr
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
+
+
+def test_the_example_card_is_what_the_template_writes_for_its_own_options():
+    """`model_cards/example-hf-lwsam-sft.md` has the template's sections and one row per `sam_*` option, and names
+    the mode its own option table gives (`sam_mode`), as a card written now would."""
+    import re
+
+    from hf_lwsam.modes import preset_options
+
+    text = (REPO / "model_cards" / "example-hf-lwsam-sft.md").read_text(encoding="utf-8")
+    template = TEMPLATE_PATH.read_text(encoding="utf-8")
+    sections = [line.split(":")[0] for line in template.splitlines() if line.startswith("## ")]
+    assert [line.split(":")[0] for line in text.splitlines() if line.startswith("## ")] == sections
+    rows = dict(line.strip("| ").replace("`", "").split(" | ")
+                for line in text.splitlines() if line.startswith("| `sam_"))
+    assert list(rows) == [option["name"] for option in sam_option_docs()]
+    given = {"sam_ascent": rows["sam_ascent"], "sam_selection": rows["sam_selection"],
+             "sam_start": float(rows["sam_start"]), "sam_interval": int(rows["sam_interval"])}
+    mode = sam_mode(preset_options(None if rows["sam_preset"] == "None" else rows["sam_preset"], **given))
+    assert f"## Sharpness-aware minimization: {mode}\n" in text and f"minimization, {mode}" in text
+    assert "packed" not in text  # the offline default SFT does not pack
