@@ -193,7 +193,7 @@ def test_lora_classification_saves_an_adapter(assets, tmp_path):
     out = tmp_path / "lora"
     code, stdout, stderr = run_cli(["--model_name_or_path", assets["bert"], "--train_file", assets["train_csv"],
                                     "--validation_file", assets["validation_csv"], "--label_column", "sentiment",
-                                    "--use_lora", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules",
+                                    "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules",
                                     "query", "value", "--max_train_samples", "32", "--max_length", "32",
                                     "--output_dir", out, *FAST])
     assert code == 0, stderr
@@ -228,10 +228,10 @@ def test_embedded_default_full_run_learns(tmp_path):
 def test_yaml_config_with_flags_overriding(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"model_name_or_path": "some/dir", "train_file": "t.csv", "learning_rate": 1e-3,
-                                      "sam_rho": 0.1, "sam_target_layers": ["classifier"], "use_lora": True}))
+                                      "sam_rho": 0.1, "sam_target_layers": ["classifier"], "use_peft": True}))
     model_args, data_args, args, embedded = parse_args([str(config), "--learning_rate", "2e-3", "--task", "clm"])
     assert not embedded and model_args.model_name_or_path == "some/dir" and data_args.train_file == "t.csv"
-    assert args.learning_rate == 2e-3 and args.sam_rho == 0.1 and model_args.use_lora
+    assert args.learning_rate == 2e-3 and args.sam_rho == 0.1 and model_args.use_peft
     assert args.sam_target_layers == "classifier"  # one name: a regex, as on the command line
     assert model_args.task == "causal_lm" and args.per_device_train_batch_size == 8  # stock default, not embedded
     json_config = tmp_path / "run.json"
@@ -314,3 +314,28 @@ def test_script_wrapper_exits_2_with_one_line(tmp_path):
         "hf-lwsam-train: error: --task 'nope' is unknown: pass --task classification or --task causal_lm (or leave "
         "it out to infer it)."]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_dependencys_deprecation_warning_is_not_printed_above_the_one_line_error():
+    """TRL and PEFT read transformers' deprecated `is_gradient_checkpointing`: that FutureWarning is filtered in the
+    commands' entry point; other warnings are still shown."""
+    script = """
+import sys, warnings
+from transformers import GPT2Config, GPT2LMHeadModel
+from hf_lwsam.cli.args import UsageError
+from hf_lwsam.cli.lifecycle import console_main
+
+model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8, bos_token_id=0,
+                                   eos_token_id=0))
+
+def run(argv):
+    model.is_gradient_checkpointing  # as TRL and PEFT read it
+    warnings.warn("another notice", FutureWarning)
+    raise UsageError("bad input: pass a good one.")
+
+sys.exit(console_main("hf-lwsam-train", run, []))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == "hf-lwsam-train: error: bad input: pass a good one."
+    assert "is_gradient_checkpointing" not in proc.stderr and "FutureWarning: another notice" in proc.stderr

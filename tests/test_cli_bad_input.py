@@ -47,6 +47,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         "train.xlsx": b"not really a spreadsheet",
         "train.jsonl": b'{"text": "good", "sentiment": "positive"}\n',
         "int_labels.csv": b"text,sentiment\ngood day,0\nbad day,1\nok day,2\nfine,0\n",
+        "int_labels_gaps.csv": b"text,sentiment\ngood day,0\nbad day,\nok day,2\nmeh,\nfine,1\n",
         "glue_test.csv": b"text,sentiment\ngood day,-1\nbad day,-1\nok day,-1\n",
         "short.txt": b"Too short.\n",
         "plays.txt": b"To be, or not to be, that is the question.\n",
@@ -144,11 +145,12 @@ def _cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "model path is a file": (["--model_name_or_path", root / "a_file"], "is a file"),
         "model dir without config": (["--model_name_or_path", root / "not_a_model"], "not a model directory"),
         "hub model offline": (["--model_name_or_path", "hf-lwsam-test/not-cached"], "offline"),
-        "lora_r 0": (["--use_lora", "--lora_r", "0"], "--lora_r 0"),
-        "lora_alpha 0": (["--use_lora", "--lora_alpha", "0"], "--lora_alpha 0"),
-        "lora_dropout 1": (["--use_lora", "--lora_dropout", "1"], "--lora_dropout 1"),
-        "lora_target_modules without use_lora": (["--lora_target_modules", "query"], "without --use_lora"),
-        "lora_r without use_lora": (["--lora_r", "4"], "without --use_lora"),
+        "lora_r 0": (["--use_peft", "--lora_r", "0"], "--lora_r 0"),
+        "lora_alpha 0": (["--use_peft", "--lora_alpha", "0"], "--lora_alpha 0"),
+        "lora_dropout 1": (["--use_peft", "--lora_dropout", "1"], "--lora_dropout 1"),
+        "lora_target_modules without use_peft": (["--lora_target_modules", "query"], "without --use_peft"),
+        "lora_r without use_peft": (["--lora_r", "4"], "without --use_peft"),
+        "use_lora (the former name) is use_peft": (["--use_lora", "--lora_r", "-2"], "--lora_r -2"),
         # data options
         "max_length 1": (["--max_length", "1"], "--max_length 1"),
         "max_length above the positions": (["--max_length", "1000000"], "positions"),
@@ -182,9 +184,12 @@ def _cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "ragged csv": (train("ragged.csv"), "Expected 2 fields"),
         "tab-separated csv": (train("tabs.csv"), "tab-separated"),
         "broken jsonl": (["--train_file", d / "broken.jsonl", "--validation_file", None], "could not read"),
-        "missing and NaN labels": (train("nan_labels.csv"), "have no 'sentiment' label"),
+        "missing and NaN labels": (train("nan_labels.csv"), "has no 'sentiment' label in 1 of 4 rows (data row 2 "),
+        "empty cells in a training file of int labels, text labels in validation": (
+            train("int_labels_gaps.csv"),
+            "int_labels_gaps.csv' has an empty 'sentiment' cell in 2 of 5 rows (data rows 2, 4 "),
         "numeric text column": (both("numeric_text.csv"), "not text"),
-        "numeric text in train, words in validation": (train("numeric_text.csv"), "column 'text' holds"),
+        "numeric text in train, words in validation": (train("numeric_text.csv"), "every 'text' cell is a number"),
         "GLUE-style -1 validation labels": (["--train_file", d / "int_labels.csv", "--validation_file",
                                              d / "glue_test.csv"], "3 with the label -1"),
         "GLUE-style -1 test labels with do_predict": (["--train_file", d / "int_labels.csv", "--validation_file",
@@ -317,7 +322,8 @@ def test_config_values_are_typed_like_flags(tmp_path):
     model_args, _, args, _ = parse_args([str(path)])
     # YAML reads `1e-3` as a string: it is converted as the flag would be, not passed on as text.
     assert args.learning_rate == 1e-3 and isinstance(args.learning_rate, float)
-    assert model_args.use_lora is True and model_args.lora_target_modules == ["query", "value"]
+    # `use_lora`, the former name of `use_peft`, is still read
+    assert model_args.use_peft is True and model_args.lora_target_modules == ["query", "value"]
     assert args.max_steps == 3 and json.loads(json.dumps(args.max_steps)) == 3
 
 
@@ -547,3 +553,36 @@ def test_sft_real_process_stderr_is_exactly_one_line(sft_assets, tmp_path, case)
     assert len(lines) == 1 and lines[0].startswith("hf-lwsam-sft: error: ") and expected in lines[0], \
         proc.stderr[-3000:]
     assert proc.stdout == "" and not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_complete_line(tmp_path):
+    """A Hub model id that is not cached, with no connection to the Hub (a real refused connection): one request,
+    no retries, and the whole message on one line (nothing cut inside a URL)."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf-home"),
+           "PYTHONPATH": str(REPO)}
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "hf_lwsam.cli.train", "--model_name_or_path",
+                           "hf-lwsam-test/not-cached", "--dataset_name", "hf-lwsam-test/no-data", "--output_dir",
+                           tmp_path / "out"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr[-3000:]
+    assert proc.stderr == ("hf-lwsam-train: error: --model_name_or_path 'hf-lwsam-test/not-cached' is not a local "
+                           "directory nor in the Hub cache, and the Hub cannot be reached (ConnectError: [Errno 111] "
+                           "Connection refused): check the network, or pass a local model directory (HF_HUB_OFFLINE=1 "
+                           "uses cached models only).\n")
+
+
+def test_long_library_messages_are_shortened_at_a_word_not_inside_a_url():
+    from hf_lwsam.cli.args import brief
+
+    message = ("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached "
+               "files.\nCheck your internet connection or see how to run the library in offline mode at "
+               "'https://huggingface.co/docs/transformers/installation#offline-mode'.")
+    assert brief(message, 500) == " ".join(message.split())
+    short = brief(message, 200)
+    assert short == ("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the "
+                     "cached files.")
+    assert brief(message, 60) == "We couldn't connect to 'https://huggingface.co' to load the ..."
+    assert brief(message, 240) == " ".join(message.split()[:-1]) + " ..."  # the offline-mode URL: whole or not at all
+    url = "https://example.org/" + "a" * 300
+    assert brief(url, 50) == url and brief(f"{url} and more words", 50) == f"{url} ..."

@@ -155,3 +155,96 @@ def test_overwrite_removes_only_recorded_entries_inside_output_dir(tmp_path):
     apply_plan(plan)
     assert outside.read_text() == "not ours" and (out / "notes.txt").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def _state(root: Path) -> dict[str, tuple]:
+    """Every entry under `root`: its bytes (files), inode and modification time."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None, p.stat().st_ino,
+                                             p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("refused, named", [(["--sam_rho", "-1"], "sam_rho=-1"),
+                                            (["--sam_preset", "free", "--optim", "adafactor"], "adafactor")])
+def test_a_refused_option_after_a_finished_run_is_one_line_and_touches_nothing(command, tmp_path, refused, named):
+    """The full config is built, and refused, before the output directory is touched: with --overwrite_output_dir
+    the finished run stays byte for byte."""
+    out = tmp_path / "out"
+    assert _run(command, out)[0] == 0
+    before = _state(out)
+    code, _, stderr = run_cli([*command, "--output_dir", out, "--overwrite_output_dir", *refused])
+    assert code == 2 and len(stderr.splitlines()) == 1 and named in stderr, stderr[-3000:]
+    assert stderr.startswith("hf-lwsam-train: error: ")
+    assert _state(out) == before
+
+
+def _reuse_inode(out: Path, name: str, foreign: Path) -> None:
+    """As a file system does: `name`, recorded by the run, is removed, and `foreign` put in its place gets the
+    removed entry's inode (here the record is pointed at the new entry's inode, which is what reuse amounts to)."""
+    record = json.loads((out / MANIFEST_NAME).read_text())
+    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    shutil.move(foreign, out / name)
+    stat = (out / name).lstat()
+    record["written"][name] = [[stat.st_dev, stat.st_ino, *identity[2:]] for identity in record["written"][name]]
+    (out / MANIFEST_NAME).write_text(json.dumps(record))
+
+
+def test_a_foreign_entry_at_a_reused_inode_is_not_removed(command, tmp_path):
+    """Device and inode are reused once an entry is removed: a foreign checkpoint or file that gets a recorded
+    entry's inode and name is still not the run's (no random id, another size or modification time), so
+    --overwrite_output_dir keeps it."""
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import tiny_bert, tweet_bytes_dataset
+
+    out = tmp_path / "out"
+    assert _run(command, out)[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    Trainer(model=tiny_bert(), train_dataset=tweet_bytes_dataset(8), args=TrainingArguments(
+        output_dir=str(elsewhere), max_steps=2, save_strategy="steps", save_steps=2, report_to="none", use_cpu=True,
+        per_device_train_batch_size=8, disable_tqdm=True)).train()
+    _reuse_inode(out, "checkpoint-2", elsewhere / "checkpoint-2")
+    (tmp_path / "config.json").write_text('{"mine": true}')
+    _reuse_inode(out, "config.json", tmp_path / "config.json")
+    with pytest.raises(Exception, match="holds checkpoint-2, which hf_lwsam did not write"):
+        plan_output_dir(out, overwrite=True, resume_from_checkpoint=None)
+    shutil.move(out / "checkpoint-2", tmp_path / "moved")
+    plan = plan_output_dir(out, overwrite=True, resume_from_checkpoint=None)
+    assert "config.json" not in {p.name for p in plan.remove} and (out / "checkpoint-4") in plan.remove
+    apply_plan(plan)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"] and "mine" in (out / "config.json").read_text()
+
+
+def test_an_entry_replaced_after_the_plan_is_checked_again_and_kept(command, tmp_path):
+    """Each entry is checked against the record right before it is removed, not only when the plan was made."""
+    out = tmp_path / "out"
+    assert _run(command, out)[0] == 0
+    plan = plan_output_dir(out, overwrite=True, resume_from_checkpoint=None)
+    assert out / "checkpoint-2" in plan.remove and out / "trainer_state.json" in plan.remove
+    shutil.rmtree(out / "checkpoint-2")
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-2")  # a copy: no id of its own recorded
+    (out / "trainer_state.json").write_text("{}")  # rewritten since: another size and modification time
+    with _capture() as records:
+        apply_plan(plan)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "trainer_state.json"]
+    assert "checkpoint-2, trainer_state.json changed since the run wrote it and is kept" in records[0].getMessage()
+
+
+def test_a_readme_the_run_did_not_write_is_kept_and_the_card_goes_beside_it(command, tmp_path):
+    """A README.md the user wrote or edited is reported as kept and is kept: the new run's card is
+    _hf-lwsam-card.md (never uploaded), as the log and the summary say."""
+    out = tmp_path / "out"
+    assert _run(command, out)[0] == 0
+    assert "hf-lwsam" in (out / "README.md").read_text()
+    (out / "README.md").write_text("# My model\n\nMy own words.\n")
+    with _capture() as records:
+        code, stdout, stderr = run_cli([*command, "--output_dir", out, "--overwrite_output_dir", "--save_strategy",
+                                        "no"])
+    log = "\n".join(r.getMessage() for r in records)
+    assert code == 0, stderr[-3000:]
+    assert "(keeping README.md)" in log and "README.md was not written by hf_lwsam and is kept" in log
+    assert (out / "README.md").read_text() == "# My model\n\nMy own words.\n"
+    assert "hf-lwsam" in (out / "_hf-lwsam-card.md").read_text()
+    assert f"output             : {out} (model card: _hf-lwsam-card.md)" in stdout
+    # the card beside it is the run's: the next --overwrite_output_dir removes it, and keeps the user's README.md
+    plan = plan_output_dir(out, overwrite=True, resume_from_checkpoint=None)
+    assert out / "_hf-lwsam-card.md" in plan.remove and out / "README.md" not in plan.remove

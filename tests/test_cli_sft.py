@@ -282,3 +282,102 @@ def test_help_renders_every_help_string(command, capsys):
     head, options = text.split("LW-SAM options (--sam_*):", 1)
     assert "layer-wise sharpness-aware minimization" in head and "examples:" in head and len(head.splitlines()) < 25
     assert options.index("--sam_start") < options.index("--learning_rate") < options.index("--seed")
+
+
+@pytest.mark.parametrize("command", ["hf_lwsam.cli.train", "hf_lwsam.cli.sft"])
+def test_help_states_each_presets_radius_and_recommends_hf_auth_login(command, capsys):
+    """`--sam_rho`'s default under each preset, `hf auth login` instead of `--hub_token`, one LoRA flag name
+    (`--use_peft`, as TRL's) and one `--overwrite_output_dir` help in both commands."""
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(command).main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    rho = text.split("--sam_rho SAM_RHO", 1)[1].split("--sam_selection", 1)[0]
+    assert "0.05" in rho and ("0.2 with --sam_preset free" in rho or "0.2 under sam_preset='free'" in rho), rho
+    assert "(default: None)" not in rho
+    assert "Prefer hf auth login (or HF_TOKEN in the environment)" in text and "/proc/PID/cmdline" in text
+    assert "--use_peft" in text and "--use_lora " not in text
+    assert "files it did not write are never touched" in text
+
+
+def test_a_local_jsonl_file_as_dataset_name_trains_as_the_help_shows(local_model, tmp_path, capsys):
+    """The help's `--dataset_name ./my-chats.jsonl`: one local data file is the train split; the summary counts the
+    examples trained on (after the empty rows are dropped)."""
+    import os
+
+    from conftest import shakespeare_paragraphs
+
+    rows = [{"text": t} for t in shakespeare_paragraphs(20)] + [{"text": " "}, {"text": ""}]
+    (tmp_path / "my-chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert "--dataset_name ./my-chats.jsonl" in importlib_help("hf_lwsam.cli.sft", capsys)
+    out = tmp_path / "run"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code = main(["--model_name_or_path", str(local_model), "--dataset_name", "./my-chats.jsonl", "--bf16",
+                     "false", "--output_dir", str(out), *TINY])
+    finally:
+        os.chdir(cwd)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "  train examples     : 20 examples (2 steps)" in captured.out
+    assert "a local data file (`my-chats.jsonl`)" in (out / "README.md").read_text()
+
+
+def importlib_help(command: str, capsys) -> str:
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(command).main(["--help"])
+    return capsys.readouterr().out
+
+
+def test_a_trainer_check_naming_an_option_is_one_line_and_other_value_errors_are_not_hidden(local, tmp_path, capsys):
+    """A ValueError of SFTTrainer's own checks that names the option at fault is one line, exit 2, nothing written;
+    a ValueError naming no option is a bug, not the user's input: it is not turned into one line."""
+    from hf_lwsam.cli.args import option_error
+
+    out = tmp_path / "run"
+    assert main(["--output_dir", str(out), *local, *TINY, "--eos_token", "<nope>"]) == 2
+    stderr = capsys.readouterr().err  # after the weights' load report: SFTTrainer checks this once it has them
+    err = [line for line in stderr.splitlines() if line.startswith("hf-lwsam-sft:")]
+    assert "Traceback" not in stderr and len(err) == 1, err
+    assert err[0].startswith("hf-lwsam-sft: error: The specified `eos_token` ('<nope>') is not found in the vocabulary")
+    assert not out.exists()
+    options = {"eos_token", "padding_free", "max_length", "seed"}
+    for message in ("not enough values to unpack (expected 2, got 1)", "invalid literal for int() with base 10: 'x'",
+                    "Expected a 1D tensor, got 2D"):
+        assert option_error(ValueError(message), options) is None
+    named = option_error(ValueError("When `padding_free=True` without packing, `max_length` is not enforced."), options)
+    assert str(named) == "When `padding_free=True` without packing, `max_length` is not enforced."
+
+
+def test_a_refused_option_after_a_finished_run_is_one_line_and_touches_nothing(local, tmp_path, capsys):
+    """The full config is built, and refused, before --overwrite_output_dir touches the finished run."""
+    out = tmp_path / "run"
+    assert main(["--output_dir", str(out), *local, *TINY]) == 0
+    before = {p: (p.read_bytes() if p.is_file() else None, p.stat().st_ino, p.stat().st_mtime_ns)
+              for p in sorted(out.rglob("*"))}
+    capsys.readouterr()
+    for refused, named in ((["--sam_rho", "-1"], "sam_rho=-1"), (["--sam_preset", "free", "--optim", "adafactor"],
+                                                                  "adafactor")):
+        assert main(["--output_dir", str(out), *local, *TINY, "--overwrite_output_dir", *refused]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("hf-lwsam-sft: error:") and named in err[0], err
+        assert {p: (p.read_bytes() if p.is_file() else None, p.stat().st_ino, p.stat().st_mtime_ns)
+                for p in sorted(out.rglob("*"))} == before
+
+
+@pytest.mark.parametrize("form", [["--use_peft"], ["--use_lora"], ["--use_lora=true"]])
+def test_one_lora_flag_in_both_commands_with_the_former_name_accepted(form, tmp_path):
+    """`--use_peft` (TRL's name) switches LoRA on in both commands; `--use_lora`, hf-lwsam-train's former name, is
+    read as it."""
+    from hf_lwsam.cli.args import parse_args as train_args
+    from hf_lwsam.cli.sft import parse_args
+
+    model_args, _, _, _ = train_args(["--model_name_or_path", "m", "--train_file", "t.csv", *form, "--lora_r", "4"])
+    assert model_args.use_peft is True and model_args.lora_r == 4
+    _, _, model_args, _, _ = parse_args(["--model_name_or_path", "m", "--dataset_name", "d", "--bf16", "false",
+                                         "--output_dir", str(tmp_path), *form, "--lora_r", "4"])
+    assert model_args.use_peft is True and model_args.lora_r == 4

@@ -246,3 +246,88 @@ def test_no_network_when_sft_creates_the_repo_is_one_line_and_writes_nothing(tmp
     errors = _error_lines(err.getvalue(), "hf-lwsam-sft")
     assert code == 2 and len(errors) == 1 and "could not create the Hub repo 'someone/x' (ConnectError" in errors[0]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- the final push
+def _files_state(root: Path) -> dict[str, tuple]:
+    """Each file directly in `root`: its inode, modification time and bytes."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in root.iterdir() if p.is_file()}
+
+
+def test_the_final_push_uploads_the_saved_files_without_rewriting_them(tmp_path, hub, monkeypatch, tweets):
+    """The final save writes the model whole (renamed into place, all_results.json last); the push only reads it:
+    no file is written again before or during the upload."""
+    import json
+
+    fake = HfApi.upload_folder
+    at_upload: dict[str, tuple] = {}
+
+    def upload_folder(self, **kwargs):
+        at_upload.update(_files_state(Path(kwargs["folder_path"])))
+        return fake(self, **kwargs)
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "run"
+    code, _, stderr = run_cli([*tweets, "--output_dir", out, "--push_to_hub", "--hub_model_id", "someone/as-saved"])
+    assert code == 0, stderr[-3000:]
+    after = _files_state(out)
+    assert at_upload == after
+    finished = (out / "all_results.json").stat().st_mtime_ns  # the final save writes it last
+    final = set(json.loads((out / MANIFEST_NAME).read_text())["written"]) & set(after)
+    assert {"model.safetensors", "config.json", "README.md", "training_args.bin"} <= final
+    rewritten = sorted(name for name in final if after[name][1] > finished)
+    assert rewritten == [], f"written after the final save: {rewritten}"
+    pushed = hub["upload_folder"][0]["files"]
+    assert {name: after[name][2] for name in pushed} == pushed
+
+
+def test_a_file_error_during_the_upload_is_reported_as_one_and_the_saved_files_are_untouched(tmp_path, hub,
+                                                                                             monkeypatch, tweets):
+    """An OSError of the upload that is not the network's (a file it cannot read) is named as such, and the saved
+    model it reports is the one the final save wrote."""
+    at_upload: dict[str, tuple] = {}
+
+    def upload_folder(self, *, folder_path, **kwargs):
+        at_upload.update(_files_state(Path(folder_path)))
+        raise PermissionError(13, "Permission denied", str(Path(folder_path) / "model.safetensors"))
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "run"
+    code, _, stderr = run_cli([*tweets, "--output_dir", out, "--push_to_hub", "--hub_model_id", "someone/unreadable"])
+    errors = _error_lines(stderr, "hf-lwsam-train")
+    assert code == 2 and len(errors) == 1, stderr[-2000:]
+    assert "could not upload to the Hub repo 'someone/unreadable' (PermissionError: [Errno 13] Permission denied" \
+        in errors[0]
+    assert f"a file in {out} could not be read for the upload; the trained model is saved there as the run wrote it" \
+        in errors[0] and "check the network" not in errors[0]
+    assert at_upload and _files_state(out) == at_upload
+    finished = (out / "all_results.json").stat().st_mtime_ns
+    assert all(mtime <= finished for name, (_, mtime, _) in at_upload.items() if name != MANIFEST_NAME)
+
+
+@pytest.mark.parametrize("form", ["--hub_token TOKEN", "--hub_token=TOKEN"])
+def test_the_hub_token_leaves_sys_argv_before_any_hub_call(tmp_path, hub, monkeypatch, tweets, form):
+    """Integrations record `sys.argv`: the token is moved into HF_TOKEN and dropped from it, in both flag forms,
+    before the Hub repo is created; the other arguments stay as given."""
+    import sys
+
+    from hf_lwsam.cli.train import main
+
+    argv_seen: list[list[str]] = []
+    fake = HfApi.create_repo
+
+    def create_repo(self, repo_id, **kwargs):
+        argv_seen.append(list(sys.argv))
+        return fake(self, repo_id, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    token_args = ["--hub_token", TOKEN] if form == "--hub_token TOKEN" else [f"--hub_token={TOKEN}"]
+    args = [str(a) for a in [*tweets, "--output_dir", tmp_path / "run", "--push_to_hub", "--hub_model_id",
+                             "someone/argv"]]
+    monkeypatch.setattr(sys, "argv", ["hf-lwsam-train", *args[:4], *token_args, *args[4:]])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main()
+    assert code == 0, err.getvalue()[-3000:]
+    assert hub["create_repo"][0]["token"] == TOKEN and hub["upload_folder"][0]["token"] == TOKEN
+    assert argv_seen == [["hf-lwsam-train", *args]] and sys.argv == ["hf-lwsam-train", *args]

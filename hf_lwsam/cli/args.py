@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from ..config import LWSAMConfig
+from ..config import SAM_PRESET_DEFAULTS, LWSAMConfig
 
 TASKS = ("classification", "causal_lm")
 TASK_ALIASES = {
@@ -26,6 +26,7 @@ TASK_ALIASES = {
 }
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 SOURCE_KEYS = ("model_name_or_path", "dataset_name", "train_file", "validation_file", "test_file")
+FLAG_ALIASES = {"use_lora": "use_peft"}  # former names, accepted as flags and config keys: former -> current
 
 # Each command's offline default (no model and no data given), keyed by command.
 # hf-lwsam-train: the shipped MiniLM on the shipped tweets, sized to ~2 minutes on 2 CPU cores.
@@ -54,6 +55,20 @@ class UsageError(Exception):
     """Bad command-line input: reported as one line on stderr with exit code 2."""
 
 
+def brief(text: str, limit: int = 250) -> str:
+    """`text` on one line (each run of whitespace one space), at most about `limit` characters: a longer text ends at
+    its last sentence or word that fits, with " ..." (a URL or a path is never cut)."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    head = text[: limit + 1]
+    if " " not in head:  # one long word: kept whole
+        return text.split(" ", 1)[0] + (" ..." if " " in text else "")
+    head = head.rsplit(" ", 1)[0]
+    sentence = head.rfind(". ")
+    return head[: sentence + 1] if sentence >= limit // 2 else head.rstrip(",;:") + " ..."
+
+
 @dataclass
 class ModelArguments:
     """Which model to fine-tune, for which task, and optionally through a LoRA adapter."""
@@ -74,7 +89,11 @@ class ModelArguments:
         metadata={"help": "The model's Hub revision (branch, tag or commit id) for its config, tokenizer, weights and, "
                           "with --trust_remote_code, its code. Default: main."},
     )
-    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights."})
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights, as TRL's --use_peft (also accepted as "
+                          "--use_lora, its former name here)."},
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
@@ -89,7 +108,11 @@ class ModelArguments:
 class DataArguments:
     """Where the data comes from and how it is tokenized."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (datasets.load_dataset)."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id (datasets.load_dataset), a local folder of data files, or one local csv, "
+                          "json, jsonl or txt file (its rows are the training split)."},
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     train_file: str | None = field(default=None, metadata={"help": "Training file: csv, json, jsonl or txt."})
     validation_file: str | None = field(default=None, metadata={"help": "Validation file (same format)."})
@@ -115,16 +138,21 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
 
-@dataclass
-class TrainArguments(LWSAMConfig):
-    """[`LWSAMConfig`] plus the two options the script adds."""
-
-    overwrite_output_dir: bool = field(
+def overwrite_output_dir_field() -> Any:
+    """The `--overwrite_output_dir` option both commands add (a dataclass field)."""
+    return field(
         default=False,
         metadata={"help": "Start over: remove a previous run's checkpoints, logs and final files from --output_dir "
                           "(files it did not write are never touched). Default: a rerun resumes from the last "
                           "checkpoint there."},
     )
+
+
+@dataclass
+class TrainArguments(LWSAMConfig):
+    """[`LWSAMConfig`] plus the two options the script adds."""
+
+    overwrite_output_dir: bool = overwrite_output_dir_field()
     measure_plain_steps: int = field(
         default=4,
         metadata={"help": "Time this many micro-batches of SAM steps, spread over the run's SAM steps, with both the "
@@ -156,7 +184,11 @@ The --sam_* options come first below, then the model and data flags, then every 
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` keeps the description's lines (its examples) and shows each flag's default."""
+    """`--help` keeps the description's lines (its examples) and shows each flag's default (unless its help states
+    it, `explain_options`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if getattr(action, "states_default", False) else super()._get_help_string(action)
 
 
 def sam_options_first(parser: argparse.ArgumentParser, groups: dict[str, set[str]]) -> argparse.ArgumentParser:
@@ -177,6 +209,37 @@ def sam_options_first(parser: argparse.ArgumentParser, groups: dict[str, set[str
     return parser
 
 
+HUB_TOKEN_HELP = ("The token to push to the Hub with. Prefer hf auth login (or HF_TOKEN in the environment): the "
+                  "command moves --hub_token into HF_TOKEN and drops it from sys.argv, but the process's command line "
+                  "(ps, /proc/PID/cmdline) shows it while the command runs.")
+
+
+def explain_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Help texts of both commands that the config classes do not give: `--sam_rho`'s default under each preset, and
+    `hf auth login` instead of `--hub_token`."""
+    for action in parser._actions:
+        if action.dest == "sam_rho":
+            if "sam_preset" in (action.help or ""):  # the option's own help states each preset's default
+                action.states_default = True
+            else:
+                presets = "; ".join(f"{d['sam_rho']} with --sam_preset {p}" for p, d in SAM_PRESET_DEFAULTS.items()
+                                    if "sam_rho" in d)
+                action.help = f"{action.help} Default: %(default)s" + (f"; {presets}" if presets else "") + "."
+        elif action.dest == "hub_token":
+            action.help = HUB_TOKEN_HELP
+    return parser
+
+
+def with_aliases(argv: list[str]) -> list[str]:
+    """`argv` with each former flag name of `FLAG_ALIASES` (`--use_lora`, `--use_lora=true`) as its current name."""
+    renamed = []
+    for arg in argv:
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        current = FLAG_ALIASES.get(name.replace("-", "_"))
+        renamed.append(f"--{current}{eq}{value}" if current else arg)
+    return renamed
+
+
 def make_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), prog="hf-lwsam-train",
                               allow_abbrev=False,  # a typo such as --sam_rh must not become --sam_rho
@@ -185,9 +248,9 @@ def make_parser() -> HfArgumentParser:
     parser.error = _one_line_error  # argparse errors become one-line UsageErrors
     own = {f.name for f in fields(TrainArguments)} - {f.name for f in fields(LWSAMConfig)}
     parser._optionals.title = "Trainer options (transformers TrainingArguments)"
-    return sam_options_first(parser, {"model (ModelArguments)": {f.name for f in fields(ModelArguments)},
-                                      "data (DataArguments)": {f.name for f in fields(DataArguments)},
-                                      "hf-lwsam-train": own})
+    return explain_options(sam_options_first(parser, {
+        "model (ModelArguments)": {f.name for f in fields(ModelArguments)},
+        "data (DataArguments)": {f.name for f in fields(DataArguments)}, "hf-lwsam-train": own}))
 
 
 def read_config_file(path: str, parser: HfArgumentParser, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -205,6 +268,7 @@ def read_config_file(path: str, parser: HfArgumentParser, extra_keys: tuple[str,
     if not isinstance(values, dict):
         raise UsageError(f"config file {path!r} holds a {type(values).__name__}: pass a mapping of option: value "
                          "lines.")
+    values = {FLAG_ALIASES.get(key, key): value for key, value in values.items()}
     known = {f.name for dtype in parser.dataclass_types for f in fields(dtype)} | set(extra_keys)
     unknown = sorted(set(values) - known)
     if unknown:
@@ -265,7 +329,7 @@ def parse_args(
 
     Returns the three dataclasses and whether the embedded offline default (no model or data given) runs.
     """
-    config_file, argv = split_config(list(sys.argv[1:] if argv is None else argv))
+    config_file, argv = split_config(with_aliases(list(sys.argv[1:] if argv is None else argv)))
     parser = make_parser()
     config = {} if config_file is None else read_config_file(config_file, parser)
     given = given_flags(argv) | set(config)
@@ -295,6 +359,16 @@ def parsing_error(error: ValueError, prog: str) -> UsageError:
     return UsageError(message)
 
 
+def option_error(error: ValueError, options: set[str]) -> UsageError | None:
+    """`error`, raised by a library's check while the trainer is built, as a one-line `UsageError` when its message
+    names one of `options` the way TRL, transformers and hf_lwsam name the option at fault (`` `name` ``,
+    ``name=value``, ``--name``); `None` for any other `ValueError`, which is a bug to report with its traceback."""
+    message = " ".join(str(error).split())
+    named = set(re.findall(r"`([A-Za-z_]\w*)", message)) | set(re.findall(r"--([A-Za-z_]\w*)", message)) | set(
+        re.findall(r"\b([A-Za-z_]\w*)=", message))
+    return UsageError(message) if named & options else None
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -313,7 +387,7 @@ def validate_args(model_args: Any, data_args: Any, args: Any, given: set[str]) -
     a, d, m = args, data_args, model_args
     validate_training_args(a)
     _require(a.measure_plain_steps >= 0, "measure_plain_steps", a.measure_plain_steps, "an integer >= 0 (0: off)")
-    validate_lora_args(m, given, enabled=m.use_lora, switch="--use_lora")
+    validate_lora_args(m, given, enabled=m.use_peft, switch="--use_peft")
 
     _require(d.max_length is None or d.max_length >= 2, "max_length", d.max_length, "at least 2 (e.g. 128)")
     for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):

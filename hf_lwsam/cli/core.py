@@ -14,9 +14,16 @@ import datasets.utils as datasets_progress
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from ..model_card import ModelCardInfo, name_adapter_base_model, perturbed_layers, write_model_card
+from ..model_card import (
+    ModelCardInfo,
+    build_model_card,
+    name_adapter_base_model,
+    perturbed_layers,
+    write_model_card,
+)
 from ..selection import select_layers
-from .args import UsageError, looks_like_path
+from .args import UsageError, brief, looks_like_path
+from .output import card_name, write_card
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
@@ -44,6 +51,8 @@ def load_model_config(name: str | None, trust_remote_code: bool = False,
     if not is_local and (looks_like_path(name) or os.path.exists(name)):
         raise UsageError(f"--model_name_or_path {name!r} does not exist: pass an existing model directory or a "
                          "Hub model id such as 'bert-base-uncased'.")
+    if not is_local:
+        check_hub_model(name, revision)
     try:
         config = AutoConfig.from_pretrained(name, **hub_kwargs(trust_remote_code, revision))
     except (OSError, ValueError) as e:
@@ -51,15 +60,73 @@ def load_model_config(name: str | None, trust_remote_code: bool = False,
 
         if is_local:
             raise UsageError(f"--model_name_or_path {name!r} is not a model directory (no usable config.json: "
-                             f"{' '.join(str(e).split())[:200]}): pass a directory written by "
-                             "save_pretrained.") from None
+                             f"{brief(str(e), 200)}): pass a directory written by save_pretrained.") from None
         if constants.HF_HUB_OFFLINE:
             raise UsageError(f"--model_name_or_path {name!r} is not a local directory and the Hub is offline "
                              "(HF_HUB_OFFLINE=1) with no cached copy: pass a local model directory, or unset "
                              "HF_HUB_OFFLINE.") from None
-        raise UsageError(f"--model_name_or_path {name!r} could not be loaded from the Hub: "
-                         f"{' '.join(str(e).split())[:200]}; check the id or pass a local directory.") from None
+        raise UsageError(f"--model_name_or_path {name!r} could not be loaded from the Hub ({brief(str(e), 200)}): "
+                         "check the id, or pass a local model directory.") from None
     return name, config, not is_local
+
+
+# Where the errors of a Hub call come from when the Hub cannot be reached: huggingface_hub's HTTP client (httpx or its
+# successor), which it lets through, or the socket (`ConnectionError`, `TimeoutError`).
+_NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "aiohttp")
+
+
+def network_error(error: BaseException) -> bool:
+    """Whether `error` says the Hub could not be reached (no connection, DNS failure, timeout)."""
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(error).__mro__)
+
+
+def check_hub_model(name: str, revision: str | None = None) -> None:
+    """One request for the Hub model's `config.json`, before transformers downloads it (which retries a failed
+    connection for about 30 s): no connection, a repo or revision that does not exist, or a gated repo is one
+    `UsageError` line at once. Nothing is asked when the Hub is offline (`HF_HUB_OFFLINE`: transformers reads the
+    cache) or the file is cached (transformers uses it when the Hub cannot be reached)."""
+    from huggingface_hub import (
+        constants,
+        get_hf_file_metadata,
+        hf_hub_url,
+        try_to_load_from_cache,
+    )
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    flag = f"--model_name_or_path {name!r}"
+    try:
+        if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+            return
+        get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision))
+    except HFValidationError:
+        return  # not a valid repo id: transformers says why
+    except OfflineModeIsEnabled:
+        return
+    except GatedRepoError:
+        raise UsageError(f"{flag} is a gated Hub model: accept its terms at https://huggingface.co/{name} and log in "
+                         "(hf auth login), or pass a local model directory.") from None
+    except RevisionNotFoundError:
+        raise UsageError(f"--model_revision {revision!r} does not exist in the Hub model {name!r}: pass one of its "
+                         "branches, tags or commit ids.") from None
+    except RepositoryNotFoundError:
+        raise UsageError(f"{flag} is not a model on the Hub (or a private one this login cannot see): check the id, "
+                         "log in with hf auth login for a private model, or pass a local model directory.") from None
+    except HfHubHTTPError:
+        return  # any other answer of the Hub (no config.json, a server error): transformers reports it
+    except Exception as e:
+        if not network_error(e):
+            raise
+        raise UsageError(f"{flag} is not a local directory nor in the Hub cache, and the Hub cannot be reached "
+                         f"({type(e).__name__}: {brief(str(e), 150)}): check the network, or pass a local model "
+                         "directory (HF_HUB_OFFLINE=1 uses cached models only).") from None
 
 
 def weightless_model(auto: Any, config: Any, trust_remote_code: bool = False, revision: str | None = None) -> Any:
@@ -81,8 +148,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | N
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(trust_remote_code, revision))
     except (OSError, ValueError) as e:
-        raise UsageError(f"no tokenizer could be loaded from {name!r} ({' '.join(str(e).split())[:200]}): save one "
-                         "next to the model with tokenizer.save_pretrained.") from None
+        raise UsageError(f"no tokenizer could be loaded from {name!r} ({brief(str(e), 200)}): save one next to the "
+                         "model with tokenizer.save_pretrained.") from None
     if len(tokenizer) <= len(tokenizer.all_special_tokens):  # a folder without tokenizer files gives an empty one
         raise UsageError(f"{name!r} has no tokenizer files (the tokenizer built from it has {len(tokenizer)} "
                          "token(s)): save the model's tokenizer next to it with tokenizer.save_pretrained.")
@@ -98,8 +165,8 @@ def add_peft_adapter(model: Any, peft_config: Any) -> Any:
     try:
         return get_peft_model(model, peft_config)
     except ValueError as e:
-        raise UsageError(f"LoRA could not be added: {' '.join(str(e).split())[:250]}; pass --lora_target_modules "
-                         "with module names of this model (or 'all-linear').") from None
+        raise UsageError(f"LoRA could not be added: {brief(str(e))}; pass --lora_target_modules with module names "
+                         "of this model (or 'all-linear').") from None
 
 
 def check_model_config(config: Any, name: str, task: str | None = None, max_length: int | None = None) -> None:
@@ -144,8 +211,9 @@ def quiet_datasets() -> Iterator[None]:
 
 class ModelCardMixin:
     """Trainer mixin of both commands: the LW-SAM model card (`write_model_card`) is written next to the weights
-    whenever the model is saved, and before a Hub push through the stock `create_model_card` hook (which TRL's
-    trainers also call at each checkpoint), instead of the stock draft.
+    whenever the model is saved, and into `output_dir` through the stock `create_model_card` hook (which TRL's
+    trainers call at each checkpoint), instead of the stock draft: there it is written whole and recorded as the
+    run's (`output.write_card`), and a `README.md` the run did not write is kept (the card goes beside it).
 
     Args:
         card_info ([`ModelCardInfo`]): what the card says about the run beyond the trainer's own state.
@@ -158,16 +226,21 @@ class ModelCardMixin:
         self.card_info, self.card_name = card_info, card_name
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """The LW-SAM card in `output_dir` instead of the stock draft (called by `push_to_hub`)."""
+        """The LW-SAM card in `output_dir` instead of the stock draft (TRL calls it at each checkpoint)."""
         if self.is_world_process_zero():
-            write_model_card(self, self.card_info, self.args.output_dir, self.card_name)
+            write_card(Path(self.args.output_dir),
+                       lambda path: build_model_card(self, self.card_info, self.card_name).save(path))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as the stock `Trainer` does, then write the card next to the weights."""
         super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save:
-            name_adapter_base_model(self.model, output_dir or self.args.output_dir, self.card_info)
-            write_model_card(self, self.card_info, output_dir or self.args.output_dir, self.card_name)
+        if not self.args.should_save:
+            return
+        name_adapter_base_model(self.model, output_dir or self.args.output_dir, self.card_info)
+        if Path(output_dir or self.args.output_dir).resolve() == Path(self.args.output_dir).resolve():
+            self.create_model_card()  # output_dir itself: a README.md there that the run did not write is kept
+        else:
+            write_model_card(self, self.card_info, output_dir, self.card_name)
 
 
 def summary(prog: str, trainer: Any, rows: dict[str, str], output_dir: Path) -> str:
@@ -176,7 +249,7 @@ def summary(prog: str, trainer: Any, rows: dict[str, str], output_dir: Path) -> 
     layers, num_params = perturbed_layers(trainer)
     shown = ", ".join(layers[:6]) + (f", ... (+{len(layers) - 6})" if len(layers) > 6 else "")
     rows = {**rows, "perturbed layers": f"{len(layers)} ({num_params:,} parameters): {shown}",
-            "output": f"{output_dir} (model card: README.md)"}
+            "output": f"{output_dir} (model card: {card_name(output_dir)})"}
     if trainer.args.push_to_hub:
         rows["pushed to"] = f"https://huggingface.co/{trainer.hub_model_id}"
     return "\n".join(["", f"***** {prog} summary *****", *(f"  {label:<19}: {value}" for label, value in rows.items())])

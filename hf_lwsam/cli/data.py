@@ -16,7 +16,7 @@ from typing import Any
 from datasets import ClassLabel, DatasetDict, Value, load_dataset
 from transformers.utils import logging
 
-from .args import DataArguments, UsageError, hub_offline, looks_like_path
+from .args import DataArguments, UsageError, brief, hub_offline, looks_like_path
 
 FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text", "text": "text"}
 TEXT_COLUMN_CANDIDATES = ("text", "sentence", "content", "review", "document")
@@ -39,6 +39,8 @@ class RawData:
     splits: DatasetDict
     description: str
     dataset_ids: list[str] = field(default_factory=list)
+    files: dict[str, tuple[str, str]] = field(default_factory=dict)  # split -> (flag, path) of a local data file
+    loaded: dict[str, Any] = field(default_factory=dict)  # split -> its rows as read from that file, in file order
 
 
 def _check_file(flag: str, path: str) -> str:
@@ -50,7 +52,8 @@ def _check_file(flag: str, path: str) -> str:
         raise UsageError(f"{flag} {path!r} does not exist: pass the path of a csv, json, jsonl or txt file.")
     ext = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
     if ext not in FILE_BUILDERS:
-        raise UsageError(f"{flag} {path!r} has an unsupported extension {ext!r}: use .csv, .json, .jsonl or .txt.")
+        raise UsageError(f"{flag} {path!r} is a file with an unsupported extension {ext!r}: use .csv, .json, .jsonl "
+                         "or .txt.")
     if os.path.getsize(path) == 0:
         raise UsageError(f"{flag} {path!r} is empty (0 bytes): pass a file with data rows.")
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -79,7 +82,7 @@ def _root_cause(error: BaseException) -> str:
     """The innermost message of an exception chain (datasets wraps the parser's error)."""
     while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
         error = error.__cause__ or error.__context__
-    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    return brief(f"{type(error).__name__}: {error}", 300)
 
 
 @contextlib.contextmanager
@@ -109,7 +112,7 @@ def datasets_errors() -> Iterator[list[std_logging.LogRecord]]:
 def _load_cause(error: BaseException, records: list[std_logging.LogRecord]) -> str:
     """The most telling one-line cause: the parser's message as `datasets` logged it, else the exception's."""
     if records:
-        return " ".join(re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", records[0].getMessage()).split())[:300]
+        return brief(re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", records[0].getMessage()), 300)
     return _root_cause(error)
 
 
@@ -124,26 +127,68 @@ def _load_files(data_args: DataArguments) -> DatasetDict:
     if len(builders) > 1:
         raise UsageError(f"the data files mix formats ({', '.join(sorted(builders))}): pass files of one format.")
     builder = builders.pop()
-    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
-    splits = {}
-    for split, path in files.items():  # one file at a time, so a file that cannot be read is named
-        flag = f"--{split}_file {path!r}"
-        try:
-            with datasets_errors() as errors:
-                splits[split] = load_dataset(builder, data_files={"train": path}, split="train", **kwargs)
-        except Exception as e:  # unreadable files: datasets wraps the parser's error (pandas, pyarrow, json)
-            cause = _load_cause(e, errors)
-            if "EmptyDataError" in cause or "corresponds to no data" in cause:
-                raise UsageError(f"{flag} has no rows: pass a file with data rows below the header.") from None
-            raise UsageError(f"could not read {flag} as {builder} ({cause}): fix the file ({FIX_HINTS[builder]})."
-                             ) from None
-        if len(splits[split]) == 0:
-            raise UsageError(f"{flag} has no data rows: pass a file with rows below the header.")
+    splits = {split: _read_file(f"--{split}_file {path!r}", path, builder) for split, path in files.items()}
     for split, rows in splits.items():
         if split != "train":
             splits[split] = _like_training_file(rows, splits["train"], f"--{split}_file {files[split]!r}",
                                                 files["train"])
     return DatasetDict(splits)
+
+
+def _read_file(flag: str, path: str, builder: str) -> Any:
+    """One data file as a `Dataset` (`load_dataset(builder, data_files=path)`); a file that cannot be read, or has no
+    rows, is one `UsageError` line naming it (`flag` says which option gave it)."""
+    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        with datasets_errors() as errors:
+            rows = load_dataset(builder, data_files={"train": path}, split="train", **kwargs)
+    except Exception as e:  # unreadable files: datasets wraps the parser's error (pandas, pyarrow, json)
+        cause = _load_cause(e, errors)
+        if "EmptyDataError" in cause or "corresponds to no data" in cause:
+            raise UsageError(f"{flag} has no rows: pass a file with data rows below the header.") from None
+        raise UsageError(f"could not read {flag} as {builder} ({cause}): fix the file ({FIX_HINTS[builder]}).") \
+            from None
+    if len(rows) == 0:
+        raise UsageError(f"{flag} has no data rows: pass a file with rows below the header.")
+    return rows
+
+
+def _row_numbers(rows: list[int], builder: str) -> str:
+    """Row indices as the data rows a user finds in the file: counted from 1, below a csv file's header."""
+    shown = ", ".join(str(i + 1) for i in rows[:8]) + (f" and {len(rows) - 8} more" if len(rows) > 8 else "")
+    return f"data row{'s' if len(rows) > 1 else ''} {shown}" + (" (counted from 1 below the header)"
+                                                                if builder == "csv" else " (counted from 1)")
+
+
+def _empty_cells(rows: Any, column: str) -> list[int]:
+    """Indices of the rows whose `column` is empty: missing, null, NaN or blank."""
+    return [i for i, value in enumerate(rows[column]) if _is_missing(value)]
+
+
+def _is_number(feature: Any) -> bool:
+    return isinstance(feature, Value) and (feature.dtype.startswith(("int", "uint", "float")) or feature.dtype ==
+                                           "double")
+
+
+def _training_file_problem(rows: Any, train: Any, column: str, flag: str, train_path: str) -> UsageError | None:
+    """What about the training file's `column` makes another file's values unreadable as its type: empty cells (a
+    column of numbers with gaps is read as floats, one of only gaps as nulls), or text read as numbers."""
+    where = f"--train_file {train_path!r}"
+    builder = FILE_BUILDERS.get(train_path.rsplit(".", 1)[-1].lower(), "csv")
+    empty = _empty_cells(train, column)
+    if empty:
+        return UsageError(f"{where} has an empty {column!r} cell in {len(empty)} of {len(train)} rows "
+                          f"({_row_numbers(empty, builder)}), so the column is read as "
+                          f"{getattr(train.features[column], 'dtype', 'nulls')} and {flag} cannot match it: fill in "
+                          "those cells, or drop those rows.")
+    other = rows.features[column]
+    if _is_number(train.features[column]) and isinstance(other, Value) and other.dtype in ("string", "large_string"):
+        example = next((v for v in rows[column] if isinstance(v, str) and v.strip()), "")
+        return UsageError(f"{where}: every {column!r} cell is a number, so the column is read as numbers "
+                          f"({train.features[column].dtype}), while {flag} holds text there (e.g. {example[:40]!r}): "
+                          f"if {column!r} is the text column, pass a training file with texts in it, or --text_column "
+                          "with the column of texts; else pass files with the same kind of values in it.")
+    return None
 
 
 def _like_training_file(rows: Any, train: Any, flag: str, train_path: str) -> Any:
@@ -156,10 +201,13 @@ def _like_training_file(rows: Any, train: Any, flag: str, train_path: str) -> An
         try:
             rows = rows.cast_column(column, train.features[column])
         except (ValueError, TypeError, ArithmeticError, NotImplementedError) as e:  # pyarrow cast errors
+            problem = _training_file_problem(rows, train, column, flag, train_path)
+            if problem is not None:  # the training file's own problem, not the other file's
+                raise problem from None
             want = getattr(train.features[column], "dtype", type(train.features[column]).__name__)
             have = getattr(rows.features[column], "dtype", type(rows.features[column]).__name__)
             raise UsageError(f"{flag}: column {column!r} holds {have} values that cannot be read as the {want} values "
-                             f"of --train_file {train_path!r} ({' '.join(str(e).split())[:150]}): pass files whose "
+                             f"of --train_file {train_path!r} ({brief(str(e), 150)}): pass files whose "
                              f"{column!r} columns hold the same kind of values (a column of only numbers is read as "
                              "numbers).") \
                 from None
@@ -167,13 +215,18 @@ def _like_training_file(rows: Any, train: Any, flag: str, train_path: str) -> An
 
 
 def load_named_dataset(name: str, config_name: str | None, config_flag: str, local_hint: str) -> DatasetDict:
-    """`load_dataset(name, config_name)` for `--dataset_name`: a Hub dataset id or a local folder of data files.
+    """`load_dataset(name, config_name)` for `--dataset_name`: a Hub dataset id, a local folder of data files, or one
+    local csv, json, jsonl or txt file (its rows are the `train` split, as `load_dataset("json", data_files=name)`).
     Every failure is one `UsageError` line naming the cause: a path that does not exist, a 0-byte data file in the
     folder, a file the parser cannot read (with the row), a Hub id while offline (`local_hint` says what to pass
     instead)."""
     flag = f"--dataset_name {name!r}"
-    if os.path.isfile(name):
-        raise UsageError(f"{flag} is a file: pass the folder that holds the data files, or a Hub dataset id.")
+    if os.path.isfile(name):  # one local data file: its rows are the train split
+        builder = _check_file("--dataset_name", name)
+        if config_name:
+            raise UsageError(f"{config_flag} {config_name!r} names a configuration of a Hub dataset and {flag} is a "
+                             f"local file: drop {config_flag}.")
+        return DatasetDict(train=_read_file(flag, name, builder))
     is_local = os.path.isdir(name)
     if not is_local and looks_like_path(name):
         raise UsageError(f"{flag} does not exist: pass an existing folder of data files, or a Hub dataset id.")
@@ -194,7 +247,7 @@ def load_named_dataset(name: str, config_name: str | None, config_flag: str, loc
                              f"and it is not cached; {local_hint}.") from None
         cause = _load_cause(e, errors)
         if "column names don't match" in cause:  # datasets casts every split to the first file's columns
-            raise UsageError(f"could not load {flag}: its data files have different columns ({cause[:200]}): pass "
+            raise UsageError(f"could not load {flag}: its data files have different columns ({brief(cause, 200)}): pass "
                              "data files with the same columns in every split (one format).") from None
         fix = ("fix that file (csv: " + FIX_HINTS["csv"] + "; jsonl: " + FIX_HINTS["json"] + ")") if is_local else \
             f"check the id and {config_flag}"
@@ -209,6 +262,8 @@ def describe_dataset(name: str, config_name: str | None = None) -> tuple[str, li
     is linked and listed, a local folder is named by its folder name only (no path)."""
     if os.path.isdir(name):
         return f"local data files (folder `{os.path.basename(os.path.normpath(name))}`)", []
+    if os.path.isfile(name):
+        return f"a local data file (`{os.path.basename(name)}`)", []
     shown = name + (f" ({config_name})" if config_name else "")
     return f"the [{shown}](https://huggingface.co/datasets/{name}) dataset", [name]
 
@@ -230,6 +285,8 @@ def load_raw_data(data_args: DataArguments, embedded: bool, seed: int) -> RawDat
         splits = load_named_dataset(data_args.dataset_name, data_args.dataset_config_name, "--dataset_config_name",
                                     "pass local files with --train_file/--validation_file instead")
         raw = RawData(splits, *describe_dataset(data_args.dataset_name, data_args.dataset_config_name))
+        if os.path.isfile(data_args.dataset_name):
+            raw.files, raw.loaded = {"train": ("--dataset_name", data_args.dataset_name)}, dict(splits)
     else:
         if not (data_args.train_file or data_args.validation_file or data_args.test_file):
             raise UsageError("no training data: pass --train_file PATH (csv, json, jsonl or txt) or --dataset_name "
@@ -237,6 +294,8 @@ def load_raw_data(data_args: DataArguments, embedded: bool, seed: int) -> RawDat
         splits = _load_files(data_args)
         raw = RawData(splits, "local files (" + ", ".join(
             os.path.basename(p) for p in (data_args.train_file, data_args.validation_file) if p) + ")")
+        raw.files = {split: (f"--{split}_file", getattr(data_args, f"{split}_file")) for split in splits}
+        raw.loaded = dict(splits)
     if len(raw.splits["train"]) == 0:
         raise UsageError("the training data is empty (0 rows): pass a --train_file or --dataset_name with rows.")
     if "validation" not in raw.splits:
@@ -281,6 +340,21 @@ def resolve_columns(
             raise UsageError(f"a split lacks the column(s) {missing} that the training data has: pass files with the "
                              "same columns.")
     return text_column, label_column
+
+
+def check_label_cells(raw: RawData, label_column: str) -> None:
+    """Every row of a local data file needs a label: rows with an empty `label_column` cell (missing, NaN, blank) are
+    one `UsageError` line naming the file and the rows by number, the training file first."""
+    for split, (flag, path) in raw.files.items():
+        rows = raw.loaded.get(split)
+        if rows is None or label_column not in rows.column_names:
+            continue
+        empty = _empty_cells(rows, label_column)
+        if empty:
+            builder = FILE_BUILDERS.get(path.rsplit(".", 1)[-1].lower(), "csv")
+            raise UsageError(f"{flag} {path!r} has no {label_column!r} label in {len(empty)} of {len(rows)} rows "
+                             f"({_row_numbers(empty, builder)}): fill in those labels or drop those rows, or pass "
+                             "another --label_column.")
 
 
 def prepare_labels(splits: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..preemption import PreemptionCallback
-from .args import UsageError
+from .args import UsageError, brief
+from .core import network_error
 from .output import (
     FINAL_TMP_NAME,
+    UPLOAD_IGNORE,
     OutputPlan,
     OutputRecorder,
     apply_plan,
@@ -36,36 +39,54 @@ class Preempted(Exception):
     """Training stopped on a termination signal after saving a checkpoint; running the command again resumes."""
 
 
+HUB_TOKEN_FLAGS = ("--hub_token", "--hub-token")
+
+
+def without_hub_token(argv: list[str]) -> list[str]:
+    """`argv` without its `--hub_token TOKEN` and `--hub_token=TOKEN` arguments."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in HUB_TOKEN_FLAGS:
+            skip = True  # and its value, the next argument
+        elif not arg.startswith(tuple(f"{flag}=" for flag in HUB_TOKEN_FLAGS)):
+            kept.append(arg)
+    return kept
+
+
 def hub_token_to_environment(args: Any) -> None:
     """Move `--hub_token` into `HF_TOKEN`, where `huggingface_hub` reads it for every Hub call, and clear it from
-    `args`: the Trainer pickles its arguments into the `training_args.bin` of every checkpoint and of the final
-    folder, which `--push_to_hub` uploads."""
+    `args` and from `sys.argv`: the Trainer pickles its arguments into the `training_args.bin` of every checkpoint and
+    of the final folder, which `--push_to_hub` uploads, and integrations record `sys.argv` (the process's command line
+    in `/proc/PID/cmdline` keeps it: `hf auth login` keeps the token off the command line)."""
     if args.hub_token:
         os.environ["HF_TOKEN"] = args.hub_token
     args.hub_token = None
+    sys.argv[:] = without_hub_token(sys.argv)
 
 
-# Where the errors of a Hub call come from: huggingface_hub, and the HTTP client under it, whose connection errors it
-# lets through (httpx or its successor, requests, urllib3, aiohttp; socket errors are `OSError`s).
-_HUB_MODULES = ("huggingface_hub", "httpx", "httpx2", "httpcore", "requests", "urllib3", "aiohttp")
+def _from_network(error: BaseException) -> bool:
+    """An error of the Hub (huggingface_hub's own errors) or of the connection to it, not of the local disk."""
+    return network_error(error) or any(cls.__module__.split(".")[0] == "huggingface_hub" for cls in type(error).__mro__)
 
 
 def _is_hub_failure(error: BaseException) -> bool:
-    return isinstance(error, OSError) or any(cls.__module__.split(".")[0] in _HUB_MODULES
-                                             for cls in type(error).__mro__)
+    return isinstance(error, OSError) or _from_network(error)
 
 
 @contextlib.contextmanager
-def hub_failures(action: str, fix: str, enabled: bool = True) -> Iterator[None]:
-    """A failure of the Hub or of the network inside (with `enabled`) becomes one `UsageError` line:
-    `--push_to_hub could not {action} ({error}): {fix}`."""
+def hub_failures(action: str, fix: str | Callable[[BaseException], str], enabled: bool = True) -> Iterator[None]:
+    """A failure of the Hub, of the network or of a file read for the upload inside (with `enabled`) becomes one
+    `UsageError` line: `--push_to_hub could not {action} ({error}): {fix}` (`fix` may depend on the error)."""
     try:
         yield
     except Exception as e:
         if not enabled or not _is_hub_failure(e):
             raise
-        raise UsageError(f"--push_to_hub could not {action} ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
-                         f"{fix}") from None
+        advice = fix(e) if callable(fix) else fix
+        raise UsageError(f"--push_to_hub could not {action} ({type(e).__name__}: {brief(str(e), 200)}): "
+                         f"{advice}") from None
 
 
 def create_repo_failures(args: Any) -> contextlib.AbstractContextManager:
@@ -75,11 +96,36 @@ def create_repo_failures(args: Any) -> contextlib.AbstractContextManager:
 
 
 def push_failures(trainer: Any, output_dir: Path) -> contextlib.AbstractContextManager:
-    """`hub_failures` around the final push: the message says where the saved model is and how to upload it."""
+    """`hub_failures` around the final push ([`push_final`], which only reads `output_dir`): the message says what
+    failed, where the saved model is and how to upload it."""
     repo = trainer.hub_model_id or trainer.args.hub_model_id
-    return hub_failures(f"upload to the Hub repo {repo!r}", f"check the network and the token; nothing is lost, the "
-                        f"trained model is saved in {output_dir}: upload it with hf upload {repo} {output_dir} "
-                        "--exclude 'checkpoint-*' '_*'.")
+    upload = f"upload it with hf upload {repo} {output_dir} --exclude 'checkpoint-*' '_*'."
+
+    def fix(error: BaseException) -> str:
+        if _from_network(error):
+            return f"check the network and the token; nothing is lost, the trained model is saved in {output_dir}: " \
+                   + upload
+        return (f"a file in {output_dir} could not be read for the upload; the trained model is saved there as the "
+                f"run wrote it (the upload only reads it): fix the cause, then {upload}")
+
+    return hub_failures(f"upload to the Hub repo {repo!r}", fix)
+
+
+def push_final(trainer: Any, output_dir: Path) -> None:
+    """Upload the saved `output_dir` to the run's Hub repo as `Trainer.push_to_hub` uploads it (after any checkpoint
+    push in progress, the same ignore patterns plus the directories' ids), without saving into it again: the final
+    save wrote it whole, the upload only reads it."""
+    from huggingface_hub import HfApi
+
+    args = trainer.args
+    trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
+    if not trainer.is_world_process_zero():
+        return
+    if trainer.hub_model_id is None:
+        trainer.init_hf_repo()
+    trainer._finish_current_push()
+    HfApi().upload_folder(repo_id=trainer.hub_model_id, folder_path=str(output_dir), commit_message="End of training",
+                          token=args.hub_token, ignore_patterns=UPLOAD_IGNORE, revision=args.hub_revision)
 
 
 def point_at_output_dir(args: Any, plan: OutputPlan) -> None:
@@ -185,7 +231,11 @@ def save_final(trainer: Any, output_dir: Path, metrics: dict[str, Any]) -> None:
 def console_main(prog: str, run: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run `run(argv)`: 0 on success, 2 on bad input and 143 when preempted, each failure as one line on stderr."""
     try:
-        run(argv)
+        with warnings.catch_warnings():
+            # TRL and PEFT read this deprecated transformers property: its FutureWarning is not the user's to act on
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            run(argv)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -5,10 +5,14 @@ A run writes `checkpoint-N/` folders (and the Trainer's `runs/` logs) straight i
 example scripts do. The final weights, tokenizer, model card and `trainer_state.json` are written to
 `.hf-lwsam-final.tmp/`, then renamed into place; `all_results.json` is written last, so it marks a finished run.
 
-Everything a run writes there is recorded in `_hf-lwsam-train.json` when it is written, with the identity (device and
-inode) it has on disk: `--overwrite_output_dir` removes only entries that are still the ones recorded, so a
-checkpoint of another tool, a file replaced since, or a record copied in from elsewhere never makes it delete
-anything. The leading `_` keeps the record out of `push_to_hub` uploads (the Trainer skips `_*`).
+Everything a run writes there is recorded in `_hf-lwsam-train.json` when it is written, with an identity no other
+entry has by accident: its device and inode (which a file system reuses once the entry is removed) plus, for a
+directory, a random id written inside it (`.hf-lwsam-id`), for a file, its size and modification time in nanoseconds
+(a new file at a reused inode is written at another time). `--overwrite_output_dir` removes only entries that are
+still the ones recorded, checked again right before each removal, so a checkpoint of another tool, a file replaced or
+edited since, or a record copied in from elsewhere never makes it delete anything. A `README.md` the run did not
+write is kept: the run's model card then goes to `_hf-lwsam-card.md`. The leading `_` keeps the record and that card
+out of Hub uploads (the Trainer skips `_*`).
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,10 @@ RESULTS_NAME = "all_results.json"  # written last: its presence marks a finished
 MANIFEST_NAME = "_hf-lwsam-train.json"  # what a run wrote in output_dir, recorded as it writes it; never pushed
 FINAL_TMP_NAME = ".hf-lwsam-final.tmp"
 LOGS_NAME = "runs"  # the Trainer's default logging_dir
+ID_NAME = ".hf-lwsam-id"  # inside each directory a run records: a random id no other directory has
+CARD_NAME = "README.md"
+CARD_ASIDE_NAME = "_hf-lwsam-card.md"  # the run's card when output_dir holds a README.md the run did not write
+UPLOAD_IGNORE = ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", f"*{ID_NAME}"]  # the Trainer's push patterns, plus the ids
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
 
 
@@ -47,10 +58,22 @@ class OutputPlan:
     remove: list[Path] = field(default_factory=list)
 
 
-def _identity(path: Path) -> list[int]:
-    """What tells the entry at `path` from another one later put under the same name."""
-    stat = path.lstat()
-    return [stat.st_dev, stat.st_ino]
+def _identity(path: Path, create: bool = False) -> list[Any]:
+    """What tells the entry at `path` from any other one later put under the same name: its device and inode (reused by
+    the file system once the entry is removed), plus a directory's random id (read from its `.hf-lwsam-id`, written
+    first with `create`) or a file's size and modification time in nanoseconds (its bytes cannot hold an id)."""
+    info = path.lstat()
+    if stat.S_ISDIR(info.st_mode):
+        marker = path / ID_NAME
+        if create and not marker.is_file():
+            marker.write_text(secrets.token_hex(16), encoding="utf-8")
+        try:
+            stamp = "id:" + marker.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            stamp = None  # no id: never one a run recorded
+    else:
+        stamp = f"{info.st_size}:{info.st_mtime_ns}"
+    return [info.st_dev, info.st_ino, stamp]
 
 
 def _plain_name(name: Any) -> bool:
@@ -58,34 +81,70 @@ def _plain_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
-def _recorded(output_dir: Path) -> dict[str, list[list[int]]]:
-    """The record's entries that are still on disk as recorded: name -> the identities recorded for it."""
+def _read_record(output_dir: Path) -> dict[str, Any]:
+    """The record's `written` table as stored (name -> the identities recorded for it); empty when unreadable."""
     try:
         written = json.loads((output_dir / MANIFEST_NAME).read_text(encoding="utf-8")).get("written")
     except (OSError, ValueError, AttributeError):
         return {}
-    current: dict[str, list[list[int]]] = {}
-    for name, identities in (written.items() if isinstance(written, dict) else ()):
-        try:
-            if _plain_name(name) and _identity(output_dir / name) in identities:
-                current[name] = [_identity(output_dir / name)]
-        except (OSError, TypeError):
-            pass
-    return current
+    return written if isinstance(written, dict) else {}
+
+
+def _still_recorded(output_dir: Path, name: Any, record: dict[str, Any]) -> bool:
+    """Whether the entry `name` in `output_dir` is, right now, one that `record` holds."""
+    try:
+        return _plain_name(name) and _identity(output_dir / name) in record.get(name, [])
+    except (OSError, TypeError):
+        return False
+
+
+def _recorded(output_dir: Path) -> dict[str, list[list[Any]]]:
+    """The record's entries that are still on disk as recorded: name -> the identity recorded for it."""
+    record = _read_record(output_dir)
+    return {name: [_identity(output_dir / name)] for name in record if _still_recorded(output_dir, name, record)}
 
 
 def record_written(output_dir: Path, entries: dict[str, Path]) -> None:
     """Record that the run wrote `entries` (name in `output_dir` -> the path that has, or will be renamed to have,
-    that name), keeping the recorded entries still on disk as they were written."""
+    that name; a directory gets its random id first), keeping the recorded entries still on disk as they were
+    written."""
     record = _recorded(output_dir)
     for name, path in entries.items():
-        record.setdefault(name, []).append(_identity(path))
+        identity = _identity(path, create=True)
+        if identity not in record.setdefault(name, []):
+            record[name].append(identity)
     _write_json_atomically(output_dir / MANIFEST_NAME, {"written": dict(sorted(record.items()))})
+
+
+def _reserved(output_dir: Path) -> set[str]:
+    """The names only a run of this CLI uses, present in `output_dir`: its record and its final save's folder."""
+    return {n for n in (MANIFEST_NAME, FINAL_TMP_NAME) if (output_dir / n).exists()}
 
 
 def _written_by_cli(output_dir: Path) -> set[str]:
     """Names in `output_dir` that a run of this CLI wrote, as recorded when it wrote them."""
-    return set(_recorded(output_dir)) | {n for n in (MANIFEST_NAME, FINAL_TMP_NAME) if (output_dir / n).exists()}
+    return set(_recorded(output_dir)) | _reserved(output_dir)
+
+
+def card_name(output_dir: Path) -> str:
+    """The name of the run's model card in `output_dir`: `README.md`, unless a `README.md` the run did not write is
+    there (the user's own card, or one edited since): that one is kept and the run's card is `_hf-lwsam-card.md`."""
+    readme = output_dir / CARD_NAME
+    if (readme.exists() or readme.is_symlink()) and CARD_NAME not in _recorded(output_dir):
+        return CARD_ASIDE_NAME
+    return CARD_NAME
+
+
+def write_card(output_dir: Path, save: Callable[[Path], Any]) -> Path:
+    """Write the run's model card into `output_dir` whole (`save(path)` writes it) under `card_name`, recorded as
+    written by this run; returns its path."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / card_name(output_dir)
+    partial = path.with_name(path.name + ".partial")
+    save(partial)
+    record_written(output_dir, {path.name: partial})
+    os.replace(partial, path)
+    return path
 
 
 class OutputRecorder(TrainerCallback):
@@ -210,10 +269,16 @@ def plan_output_dir(output_dir: Path, overwrite: bool, resume_from_checkpoint: s
 def apply_plan(plan: OutputPlan) -> None:
     """Remove what `--overwrite_output_dir` replaces (main process only), and log what the run resumes from."""
     if plan.remove:
-        kept = sorted(p.name for p in plan.output_dir.iterdir() if p not in plan.remove)
-        logger.warning(f"--overwrite_output_dir: removing the previous run's {', '.join(p.name for p in plan.remove)} "
-                       f"from {plan.output_dir}" + (f" (keeping {', '.join(kept)})" if kept else ""))
-        for path in plan.remove:
+        # Each entry is checked against the record again right before it is removed (time passed since the plan:
+        # the model loaded); the record itself goes last.
+        record, reserved = _read_record(plan.output_dir), _reserved(plan.output_dir)
+        remove = [p for p in plan.remove if p.name in reserved or _still_recorded(plan.output_dir, p.name, record)]
+        changed = sorted(p.name for p in plan.remove if p not in remove and (p.exists() or p.is_symlink()))
+        kept = sorted(p.name for p in plan.output_dir.iterdir() if p not in remove)
+        logger.warning(f"--overwrite_output_dir: removing the previous run's {', '.join(p.name for p in remove)} "
+                       f"from {plan.output_dir}" + (f" (keeping {', '.join(kept)})" if kept else "")
+                       + (f"; {', '.join(changed)} changed since the run wrote it and is kept" if changed else ""))
+        for path in sorted(remove, key=lambda p: p.name == MANIFEST_NAME):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     if plan.checkpoint is not None:
         state = json.loads(Path(plan.checkpoint, TRAINER_STATE_NAME).read_text(encoding="utf-8"))
@@ -245,12 +310,16 @@ def finish_final_save(output_dir: Path, tmp: Path, results: dict) -> None:
     """Record the artefacts in `tmp` as written by this run, rename them into `output_dir`, and write
     `all_results.json` last. Interrupted anywhere, the directory lacks `all_results.json` and a rerun resumes."""
     (output_dir / RESULTS_NAME).unlink(missing_ok=True)
-    names = sorted(p.name for p in tmp.iterdir())
-    record_written(output_dir, {name: tmp / name for name in names})  # renaming keeps what `_identity` reads
-    for name in names:
-        target = output_dir / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(tmp / name, target)
+    targets = {name: name for name in sorted(p.name for p in tmp.iterdir())}
+    if CARD_NAME in targets and card_name(output_dir) != CARD_NAME:
+        targets[CARD_NAME] = CARD_ASIDE_NAME
+        logger.warning(f"{output_dir / CARD_NAME} was not written by hf_lwsam and is kept (it is what a Hub upload of "
+                       f"the folder sends); the run's model card is {output_dir / CARD_ASIDE_NAME}")
+    # renaming keeps what `_identity` reads (a directory's id, a file's inode, size and modification time)
+    record_written(output_dir, {target: tmp / name for name, target in targets.items()})
+    for name, target in targets.items():
+        if (output_dir / target).is_dir() and not (output_dir / target).is_symlink():
+            shutil.rmtree(output_dir / target)
+        os.replace(tmp / name, output_dir / target)
     tmp.rmdir()
     _write_json_atomically(output_dir / RESULTS_NAME, results, record=True)

@@ -23,7 +23,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,19 @@ from .args import (
     OFFLINE_DEFAULTS,
     HelpFormatter,
     UsageError,
+    brief,
+    explain_options,
     given_flags,
     looks_like_path,
+    option_error,
+    overwrite_output_dir_field,
     parsing_error,
     read_config_file,
     sam_options_first,
     split_config,
     validate_lora_args,
     validate_training_args,
+    with_aliases,
 )
 from .core import (
     ModelCardMixin,
@@ -62,6 +67,7 @@ from .lifecycle import (
     point_at_output_dir,
     preemptible_finish,
     push_failures,
+    push_final,
     save_final,
     take_output_dir,
     train_resumably,
@@ -92,9 +98,7 @@ The --sam_* options come first below, then the script's, TRL's script and model 
 class RunArguments:
     """What the script adds to TRL's flags."""
 
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start over: remove a previous run's checkpoints and results (only those)."}
-    )
+    overwrite_output_dir: bool = overwrite_output_dir_field()
 
 
 def make_parser():
@@ -112,15 +116,16 @@ def make_parser():
 
     parser.error = one_line_error
     parser._optionals.title = "SFT and Trainer options (TRL SFTConfig, transformers TrainingArguments)"
-    return sam_options_first(parser, {"hf-lwsam-sft": {f.name for f in fields(RunArguments)},
-                                      "TRL script (ScriptArguments)": {f.name for f in fields(ScriptArguments)},
-                                      "TRL model (ModelConfig)": {f.name for f in fields(ModelConfig)}})
+    return explain_options(sam_options_first(parser, {
+        "hf-lwsam-sft": {f.name for f in fields(RunArguments)},
+        "TRL script (ScriptArguments)": {f.name for f in fields(ScriptArguments)},
+        "TRL model (ModelConfig)": {f.name for f in fields(ModelConfig)}}))
 
 
 def parse_args(argv: list[str] | None = None):
     """`(script_args, training_args, model_args, run_args, embedded)`; `embedded` when no model and no dataset were
     given. Every option is checked here, before anything is loaded."""
-    config_file, argv = split_config(list(sys.argv[1:] if argv is None else argv))
+    config_file, argv = split_config(with_aliases(list(sys.argv[1:] if argv is None else argv)))
     if config_file is not None:  # a leading CONFIG.yaml or --config=CONFIG.yaml: TRL's parser reads --config CONFIG.yaml
         argv = ["--config", config_file, *argv]
     parser = make_parser()
@@ -198,7 +203,7 @@ def skeleton_model(name: str, config: Any, peft_config: Any, trust_remote_code: 
         model = weightless_model(AutoModelForCausalLM, config, trust_remote_code, revision)
     except ValueError as e:  # no causal-LM class for this config
         raise UsageError(f"--model_name_or_path {name!r} is not a causal language model "
-                         f"({' '.join(str(e).split())[:200]}): pass one, e.g. openai-community/gpt2.") from None
+                         f"({brief(str(e), 200)}): pass one, e.g. openai-community/gpt2.") from None
     if peft_config is None:
         return model
     with warnings.catch_warnings():  # PEFT's notes on this copy are shown again when the trainer wraps the real model
@@ -224,7 +229,7 @@ def load_causal_lm(name: str, args: Any, model_args: Any) -> Any:
     try:
         return create_model_from_path(name, architecture=AutoModelForCausalLM, **kwargs)
     except OSError as e:  # e.g. no weights at this revision
-        raise UsageError(f"{name!r} cannot be loaded: {' '.join(str(e).split())[:250]}") from None
+        raise UsageError(f"{name!r} cannot be loaded: {brief(str(e))}") from None
 
 
 def load_data(script_args: Any) -> Any:
@@ -323,14 +328,19 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             trainer = sft_trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=test,
                                           processing_class=tokenizer, peft_config=peft_config, card_info=card_info,
                                           card_name=output_dir.name)
-    except ValueError as e:  # a check of TRL's or the trainer's that the ones above do not make
-        raise UsageError(" ".join(str(e).split())) from None
+    except ValueError as e:  # a check of TRL's or the trainer's that the ones above do not make, naming the option
+        options = {f.name for parsed in (script_args, args, model_args, run_args) for f in fields(parsed)}
+        error = option_error(e, options)
+        if error is None:
+            raise  # not about an option: a bug, reported with its traceback
+        raise error from None
     for split, rows, kept in (("train", train, trainer.train_dataset), ("eval", test, trainer.eval_dataset)):
         if rows is not None and len(kept) == 0:  # TRL drops an example cut inside its prompt (no token to learn)
             shortest = shortest_example_tokens(rows, trainer.processing_class, args.dataset_text_field)
             raise UsageError(f"--max_length {args.max_length} leaves no {split} example with a token to learn from "
                              f"(TRL drops an example cut inside its prompt; the shortest example is {shortest} "
                              f"tokens): pass --max_length {shortest} or more.")
+    card_info.num_train_examples = len(trainer.train_dataset)  # what is trained: after TRL's own filtering (packing)
     take_output_dir(args, plan)
     if embedded:  # the task metric of the model as it starts (adapters at their zero init)
         before = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
@@ -348,9 +358,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         save_final(trainer, output_dir, metrics)
     if args.push_to_hub:
         with push_failures(trainer, output_dir):
-            trainer.push_to_hub(commit_message="End of training")
+            push_final(trainer, output_dir)  # uploads what save_final wrote, without saving again
     if trainer.is_world_process_zero():
-        rows = {"train loss": f"{metrics.get('train_loss', float('nan')):.4f}"}
+        trained = "packed sequences" if args.packing else "examples"
+        rows = {"train loss": f"{metrics.get('train_loss', float('nan')):.4f}",
+                "train examples": f"{card_info.num_train_examples:,} {trained} ({trainer.state.global_step} steps)"}
         if "eval_loss" in metrics:
             rows["eval loss"] = f"{metrics['eval_loss']:.4f}"
         if embedded:

@@ -34,7 +34,7 @@ from transformers.utils import logging
 from ..model_card import ModelCardInfo, sam_mode
 from ..reuse import capture_rng, restore_rng
 from ..trainer import LWSAMTrainer
-from .args import DataArguments, ModelArguments, UsageError, parse_args
+from .args import DataArguments, ModelArguments, UsageError, brief, parse_args
 from .core import (
     CAUSAL_SUFFIXES,
     ModelCardMixin,
@@ -49,6 +49,7 @@ from .core import (
     weightless_model,
 )
 from .data import (
+    check_label_cells,
     check_texts,
     load_raw_data,
     pack_for_causal_lm,
@@ -56,7 +57,6 @@ from .data import (
     resolve_columns,
     tokenize_for_classification,
 )
-from .metrics import causal_lm_metrics, classification_metrics, describe_metrics
 from .lifecycle import (
     console_main,
     create_repo_failures,
@@ -64,10 +64,12 @@ from .lifecycle import (
     point_at_output_dir,
     preemptible_finish,
     push_failures,
+    push_final,
     save_final,
     take_output_dir,
     train_resumably,
 )
+from .metrics import causal_lm_metrics, classification_metrics, describe_metrics
 from .output import plan_output_dir
 
 logger = logging.get_logger("hf_lwsam.cli.train")
@@ -209,10 +211,10 @@ def load_model(name: str, config: Any, task: str, model_args: ModelArguments, la
             model = auto.from_pretrained(name, **hub_kwargs(model_args.trust_remote_code, model_args.model_revision),
                                          **label_kwargs)
     except (OSError, ValueError) as e:
-        raise UsageError(f"{name!r} cannot be loaded for {task}: {' '.join(str(e).split())[:250]}") from None
+        raise UsageError(f"{name!r} cannot be loaded for {task}: {brief(str(e))}") from None
     if task == "classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if model_args.use_lora:
+    if model_args.use_peft:
         with warnings.catch_warnings():  # PEFT's notes are shown once, for the real model, not for its copy
             if skeleton:
                 warnings.simplefilter("ignore")
@@ -274,6 +276,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if task == "classification" and label_column is None:
             raise UsageError(f"--task classification needs labels and the data has none of the default label "
                              f"columns: pass --label_column with one of {raw.splits['train'].column_names}.")
+        if task == "classification":
+            check_label_cells(raw, label_column)  # a data file's rows without a label, by row number
         if task == "causal_lm":
             check_model_config(config, name, task, data_args.max_length)
         splits = raw.splits
@@ -316,7 +320,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         num_train_examples=len(splits["train"]), num_eval_examples=len(splits["validation"]), labels=labels,
         max_length=max_length, metric_source=describe_metrics(metric_names),
         lora={"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
-              "target_modules": model_args.lora_target_modules} if model_args.use_lora else None,
+              "target_modules": model_args.lora_target_modules} if model_args.use_peft else None,
         repo_id=args.hub_model_id or output_dir.name,
     )
     point_at_output_dir(args, plan)
@@ -338,7 +342,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         save_final(trainer, output_dir, metrics)
     if args.push_to_hub:
         with push_failures(trainer, output_dir):
-            trainer.push_to_hub(commit_message="End of training", model_name=output_dir.name)
+            push_final(trainer, output_dir)  # uploads what save_final wrote, without saving again
     if trainer.is_world_process_zero():
         print(summary("hf-lwsam-train", trainer, summary_rows(trainer, metrics, task, card_info), output_dir))
     return metrics
