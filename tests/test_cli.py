@@ -201,6 +201,7 @@ def test_lora_classification_saves_an_adapter(assets, tmp_path):
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and set(adapter["target_modules"]) == {"query", "value"}
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
     assert "lora_" in stdout  # the perturbed layers of the last block are its adapters
+    assert "(32 examples, " in stdout  # what was trained: --max_train_samples of the 64 rows
 
 
 def test_embedded_default_runs_offline(tmp_path):
