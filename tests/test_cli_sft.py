@@ -301,24 +301,18 @@ def test_help_states_each_presets_radius_and_recommends_hf_auth_login(command, c
     assert "files it did not write are never touched" in text
 
 
-def test_a_local_jsonl_file_as_dataset_name_trains_as_the_help_shows(local_model, tmp_path, capsys):
+def test_a_local_jsonl_file_as_dataset_name_trains_as_the_help_shows(local_model, tmp_path, capsys, monkeypatch):
     """The help's `--dataset_name ./my-chats.jsonl`: one local data file is the train split; the summary counts the
     examples trained on (after the empty rows are dropped)."""
-    import os
-
     from conftest import shakespeare_paragraphs
 
     rows = [{"text": t} for t in shakespeare_paragraphs(20)] + [{"text": " "}, {"text": ""}]
     (tmp_path / "my-chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     assert "--dataset_name ./my-chats.jsonl" in importlib_help("hf_lwsam.cli.sft", capsys)
     out = tmp_path / "run"
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        code = main(["--model_name_or_path", str(local_model), "--dataset_name", "./my-chats.jsonl", "--bf16",
-                     "false", "--output_dir", str(out), *TINY])
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)
+    code = main(["--model_name_or_path", str(local_model), "--dataset_name", "./my-chats.jsonl", "--bf16", "false",
+                 "--output_dir", str(out), *TINY])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     assert "  train examples     : 20 examples (2 steps)" in captured.out
