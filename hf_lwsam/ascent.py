@@ -29,7 +29,7 @@ import torch
 
 from .reuse import capture_rng, restore_rng
 from .sam import momentum_direction, noise_seed, random_direction
-from .sharding import all_reduce_sum, is_sharded, local
+from .sharding import is_sharded, local, sum_over_shards
 
 if TYPE_CHECKING:
     from torch import nn
@@ -345,7 +345,7 @@ class MomentumAscent(Ascent):
         shards = local(params)
         moments = [torch.zeros_like(t) if m is None else m for m, t in zip(local(state), shards)]
         steps, norm, finite = momentum_direction(moments, trainer.args.sam_rho,
-                                                 sum_across=all_reduce_sum if is_sharded(params) else None)
+                                                 sum_across=sum_over_shards(params))
         loss = trainer._pass_at(shards, steps, model, inputs, num_items_in_batch)
         # ||e_S|| is rho by construction (0 where m is unusable), over the whole of S: no norm of this process's shards
         trainer._record_sam_step(None, loss, norm, finite, e_norm=finite * trainer.args.sam_rho)

@@ -11,7 +11,8 @@ its own shard of e_S to its local shard; the perturbation and its bit-exact undo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -111,6 +112,29 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.clone()
     dist.all_reduce(total)
     return total
+
+
+def sum_over_shards(params: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For FSDP2-sharded `params`, the function that turns a sum over this process's shards (a squared norm) into the
+    sum over the whole tensors: the sum over the processes, divided by how many of them hold each shard (HSDP
+    replicates every shard over its `Replicate()` mesh dimensions, and a whole tensor is on every process); `None` when
+    nothing is sharded.
+
+    Raises:
+        ValueError: the tensors are held by different numbers of processes each, so one division cannot undo it.
+    """
+    if not is_sharded(params):
+        return None
+    import torch.distributed as dist
+
+    replicas = {math.prod(p.device_mesh.size(i) for i, placement in enumerate(p.placements) if placement.is_replicate())
+                if isinstance(p, DTensor) else dist.get_world_size() for p in params}
+    if len(replicas) > 1:
+        raise ValueError(f"The selected parameters are held by {sorted(replicas)} processes each (FSDP2 shards mixed "
+                         "with replicated or whole tensors), so the norm of e_S cannot be summed over the processes: "
+                         "select layers that are sharded alike (sam_target_layers), or shard them all the same way.")
+    (count,) = replicas
+    return all_reduce_sum if count == 1 else lambda tensor: all_reduce_sum(tensor) / count
 
 
 def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -26,13 +26,13 @@ from .schedule import AscentSchedule
 from .selection import Pattern, layer_parameters, name_matches, select_layers, trace_execution_order
 from .sharding import (
     all_reduce_mean,
-    all_reduce_sum,
     capture_unsharded,
     gradient_of,
     is_sharded,
     local,
     reshard,
     shards_of,
+    sum_over_shards,
 )
 
 logger = logging.get_logger(__name__)
@@ -237,7 +237,7 @@ class LWSAMMixin:
                 excluded = set() if exclude is None else excluded_parameters(self.model, exclude)
                 self._sam_params = [(n, p) for n, p in self.model.named_parameters()
                                     if p.requires_grad and id(p) not in excluded]
-                layers = "all trainable parameters" + ("" if exclude is None else f" but sam_exclude_layers={exclude!r}")
+                layers = "all trainable parameters" + (f" but sam_exclude_layers={exclude!r}" if exclude else "")
             else:
                 self._sam_params = layer_parameters(self.model, self._sam_layers)
                 layers = ", ".join(self._sam_layers)
@@ -366,9 +366,9 @@ class LWSAMMixin:
 
     def _ascent_step(self, params: list[nn.Parameter], shards: list[torch.Tensor], grads: list[torch.Tensor]):
         """e_S on this process's `shards` of S from their gradients (under FSDP2 the norm is summed over the
-        processes' shards); see `sam.ascent_direction`."""
+        processes' shards, each shard once under HSDP: `sharding.sum_over_shards`); see `sam.ascent_direction`."""
         return ascent_direction(shards, grads, self.args.sam_rho, self.args.sam_adaptive,
-                                sum_across=all_reduce_sum if is_sharded(params) else None)
+                                sum_across=sum_over_shards(params))
 
     # ------------------------------------------------------------------------------------------------- LookSAM
     def _keep_looksam_component(self, named: list[tuple[str, nn.Parameter]]) -> None:

@@ -261,11 +261,11 @@ def distributed_gpt2(directory: str, **sizes: int) -> torch.nn.Module:
 def trainer_runs(out: str, rank: int) -> None:
     """`LWSAMTrainer` on 2 processes, each with 2 rows of every global batch of 4 (accumulation 1).
 
-    Momentum: AdamW for `STEPS` steps; the whole weights after, the logs, S's names. Stale: `STEPS` SGD steps, then
-    `_save_rng_state` (the checkpoint's last write of every process before process 0 writes `trainer_state.json`)
-    with process 1 arriving 2 s late: which files process 0 sees when its call returns; the layout saved; a fresh
-    trainer on the same layout loading it; and one on another layout of the 2 processes
-    (`DistributedConfig(dp_replicate_size=2, fsdp_size=1)`: every tensor whole on each process) refused."""
+    Momentum: AdamW for `STEPS` steps; the whole weights after, the logs, S's names; the same under HSDP
+    (`DistributedConfig(dp_replicate_size=2, fsdp_size=1)`: every tensor whole on each process), and one exact SGD
+    step (lr 1) there. Stale: `STEPS` SGD steps, then `_save_rng_state` (the checkpoint's last write of every process
+    before process 0 writes `trainer_state.json`) with process 1 arriving 2 s late: which files process 0 sees when its
+    call returns; the layout saved; a fresh trainer on the same layout loading it; and one on HSDP refused."""
     from hf_lwsam import LWSAMConfig, LWSAMTrainer
 
     directory, checkpoint = os.path.join(out, "gpt2"), os.path.join(out, "trainer_checkpoint")
@@ -275,19 +275,27 @@ def trainer_runs(out: str, rank: int) -> None:
     dist.barrier()
 
     def config(**overrides: Any) -> LWSAMConfig:
+        overrides = {"max_steps": STEPS, **overrides}
         return LWSAMConfig(output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=ROWS_PER_RANK,
-                           max_steps=STEPS, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                           lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
                            warmup_steps=0, train_sampling_strategy="sequential", report_to="none", use_cpu=True,
                            save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, **overrides)
 
     data = shakespeare_lm_dataset(4 * STEPS)
-    momentum = LWSAMTrainer(model=distributed_gpt2(directory, fsdp_size=2), train_dataset=data,
-                            args=config(optim="adamw_torch", learning_rate=MOMENTUM_LR, sam_ascent="momentum",
-                                        sam_rho=MOMENTUM_RHO))
-    momentum.train()
+
+    def trained(sizes: dict[str, int], **options: Any) -> tuple[LWSAMTrainer, dict[str, torch.Tensor]]:
+        trainer = LWSAMTrainer(model=distributed_gpt2(directory, **sizes), train_dataset=data, args=config(**options))
+        trainer.train()
+        return trainer, {n: p.full_tensor().clone() for n, p in trainer.model.named_parameters()}
+
+    adamw = dict(optim="adamw_torch", learning_rate=MOMENTUM_LR, sam_ascent="momentum", sam_rho=MOMENTUM_RHO)
+    momentum, stepped = trained({"fsdp_size": 2}, **adamw)
     logs = [{k: v for k, v in e.items() if k.startswith("sam/")} for e in momentum.state.log_history
             if "sam/sam_steps" in e]
-    stepped = {n: p.full_tensor().clone() for n, p in momentum.model.named_parameters()}
+    # HSDP: every shard on both processes (replicated over dp_replicate), so the norms count each shard once
+    hsdp = {"dp_replicate_size": 2, "fsdp_size": 1}
+    hsdp_trainer, hsdp_momentum = trained(hsdp, **adamw)
+    _, hsdp_exact = trained(hsdp, optim="sgd", learning_rate=1.0, max_steps=1, sam_rho=RHO)
 
     stale = LWSAMTrainer(model=distributed_gpt2(directory, fsdp_size=2), train_dataset=data,
                          args=config(optim="sgd", learning_rate=STALE_LR, sam_ascent="stale", sam_rho=RHO))
@@ -304,10 +312,12 @@ def trainer_runs(out: str, rank: int) -> None:
     same._load_rng_state(checkpoint)
     names, params = saved["names"], same._named_parameters()
     loaded = same._schedule.direction(names, like=local([params[n] for n in names]))
-    other = LWSAMTrainer(model=distributed_gpt2(directory, dp_replicate_size=2, fsdp_size=1), train_dataset=data,
+    other = LWSAMTrainer(model=distributed_gpt2(directory, **hsdp), train_dataset=data,
                          args=config(optim="sgd", learning_rate=STALE_LR, sam_ascent="stale", sam_rho=RHO))
-    torch.save({"logs": logs, "stepped": stepped, "selected": momentum.perturbed_parameter_names(), "stale": names,
+    torch.save({"logs": logs, "stepped": stepped, "selected": momentum.perturbed_parameter_names(),
                 "sharded": type(momentum._sam_parameters()[0][1]).__name__, "seen": seen, "saved": saved,
+                "hsdp_momentum": hsdp_momentum, "hsdp_exact": hsdp_exact,
+                "hsdp_placements": str(hsdp_trainer._sam_parameters()[0][1].placements),
                 "loaded_equal": loaded is not None and all(torch.equal(a, b) for a, b in zip(loaded, saved["grads"])),
                 "other_layout": refusal(lambda: other._load_rng_state(checkpoint))},
                os.path.join(out, f"trainer_rank{rank}.pt"))

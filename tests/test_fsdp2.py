@@ -196,3 +196,18 @@ def test_fsdp2_trainer_resume_with_another_mesh_layout_is_refused(results):
         assert refused is not None and "for another layout of the parameters" in refused
         assert "(Shard(dim=0),) on the device mesh of ranks [0, 1] (dimensions ('fsdp',))" in refused
         assert "('dp_replicate', 'fsdp')" in refused and "Resume with the device mesh and sharding" in refused
+
+
+def test_fsdp2_trainer_under_hsdp_counts_each_shard_once_in_the_norm(results):
+    """HSDP (`dp_replicate_size=2, fsdp_size=1`: each shard on both processes): the norm of g_S or m_S sums each shard
+    once, not once per replica, so e_S has length rho and the steps are those of one process on the global batch: the
+    momentum ascent's as Momentum-SAM by hand, the exact ascent's one SGD step as LW-SAM by hand."""
+    from test_momentum import SELECTED, rel, reference_run
+
+    got = trainer_results(results)[0]
+    assert got["hsdp_placements"] == "(Replicate(), Shard(dim=0))"
+    data, adamw = shakespeare_lm_dataset(4 * STEPS), (torch.optim.AdamW, dict(lr=MOMENTUM_LR, weight_decay=0.0))
+    start = {n: p.detach() for n, p in tiny_gpt2().named_parameters()}
+    assert rel(got["hsdp_momentum"], reference_run(*adamw, MOMENTUM_RHO, SELECTED, data, steps=STEPS), start) <= 1e-5
+    expected, _ = single_process_step(tiny_gpt2)
+    assert rel(got["hsdp_exact"], expected, start) <= 1e-5
