@@ -325,15 +325,16 @@ def on_reference(task: Task, methods: list[Method], a, ctx: dict, own_lr: dict[s
             tests.setdefault((j.method.name, j.lr), []).append(r["test"]["accuracy"])
     complete = {k: v for k, v in scores.items() if len(v) == len(seeds)}
     kept = [m for m in methods if not m.on_reference]
-    if not complete:
-        log(f"{name}: no plain configuration run on every selection seed {seeds}: the rows on the reference wait")
+    info = ctx.setdefault("baselines", {})[name] = dict(scores=scores, tests=tests, reference=None, seeds=seeds,
+                                                        not_applicable={}, configurations=len(jobs) // len(seeds))
+    if len(complete) < len(jobs) // len(seeds):  # the reference is the best of the whole grid, not of a part
+        log(f"{name}: {len(complete)} of {len(jobs) // len(seeds)} plain configurations run on every selection seed "
+            f"{seeds}: the reference and the rows on it wait")
         return kept
-    ref_name, ref_lr = choose_reference(complete)
+    ref_name, ref_lr = info["reference"] = choose_reference(complete)
     ref = next(m for m in grid if m.name == ref_name)
     log(f"{name}: reference {ref_name} lr={ref_lr} (mean validation accuracy "
         f"{statistics.fmean(complete[(ref_name, ref_lr)]):.4f} over seeds {seeds}, {len(complete)} configurations)")
-    ctx.setdefault("baselines", {})[name] = dict(scores=complete, tests=tests, reference=(ref_name, ref_lr),
-                                                 seeds=seeds, not_applicable={})
     own_lr[ref_name] = ref_lr
     out = [kept[0], ref, *kept[1:]]  # AdamW first (the pairing base), the reference beside it
     for m in methods:
@@ -342,7 +343,7 @@ def on_reference(task: Task, methods: list[Method], a, ctx: dict, own_lr: dict[s
         ascent = m.sam.get("sam_ascent") or SAM_PRESETS.get(m.sam.get("sam_preset"), {}).get("sam_ascent")
         why = momentum_refusal(ref.args) if ascent == "momentum" else None
         if why is not None:  # the library's own refusal of that optimizer (Adafactor keeps no first moment)
-            ctx["baselines"][name]["not_applicable"][m.name] = why
+            info["not_applicable"][m.name] = why
             log(f"{name} {m.name}: not applicable ({why})")
             continue
         out.append(replace(m, args={**ref.args, **m.args}))
@@ -369,7 +370,9 @@ def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[flo
     if getattr(a, "baselines", False):  # the grid and its reference, also with no row on it (`--methods adamw`)
         methods = on_reference(task, methods, a, ctx, own_lr)
     sweeps_lr = [m for m in methods[1:] if m.sam is None and m.lrs and m.name not in own_lr]
-    validate = bool(task.lr_grid) or bool(sweeps_lr) or any(len(m.grid(rhos)) > 1 for m in methods if m.sam)
+    # --quick: one rho per row, the middle of its own grid (a smoke run, no sweep)
+    grid_of = (lambda m: m.grid(rhos)[len(m.grid(rhos)) // 2:][:1]) if a.quick else (lambda m: m.grid(rhos))
+    validate = bool(task.lr_grid) or bool(sweeps_lr) or any(len(grid_of(m)) > 1 for m in methods if m.sam)
     if sweeps_lr:  # a second plain optimizer (Adafactor): its own learning rate, chosen on validation (seed 0)
         grid = [(m, x) for m in sweeps_lr for x in (m.lrs[:1] if a.quick else m.lrs)]
         runs = execute([Job(name, m, 0.0, 0, x, True, wd) for m, x in grid], ctx)
@@ -388,12 +391,12 @@ def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[flo
         for m in [m for m in todo if m.rho_from in chosen]:
             chosen[m.name] = chosen[m.rho_from]  # the same layers and e_S, applied on a schedule
         todo = [m for m in todo if m.name not in chosen]
-        for m in [m for m in todo if len(m.grid(rhos)) == 1]:
-            chosen[m.name] = m.grid(rhos)[0]  # one rho: no sweep
-        sweeps = [(m, rho) for m in todo if len(m.grid(rhos)) > 1 for rho in m.grid(rhos)]
+        for m in [m for m in todo if len(grid_of(m)) == 1]:
+            chosen[m.name] = grid_of(m)[0]  # one rho: no sweep
+        sweeps = [(m, rho) for m in todo if len(grid_of(m)) > 1 for rho in grid_of(m)]
         first = [job(methods[0], 0.0, 0)] if 0 in seeds and not dependent else []  # AdamW's seed 0 beside them
         runs = execute(first + [job(m, rho, 0) for m, rho in sweeps], ctx)[len(first):]
-        for m in [m for m in todo if len(m.grid(rhos)) > 1]:
+        for m in [m for m in todo if len(grid_of(m)) > 1]:
             sweep = {rho: r["validation"][metric] for (n, rho), r in zip(sweeps, runs) if n is m and r is not None}
             if not sweep:
                 log(f"{name} {m.name}: no seed-0 run of its rho sweep: left out")
@@ -700,13 +703,18 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
         info = ctx.get("baselines", {}).get(task.name)
         if info is None:
             continue
-        ref_name, ref_lr = info["reference"]
+        ref_name, ref_lr = info["reference"] or (None, None)
         args = {m.name: m.args for m in baseline_grid()}
-        for (row, lr), vals in sorted(info["scores"].items(), key=lambda kv: -statistics.fmean(kv[1])):
+        # the configurations run on every selection seed first (best first), then the partly run ones
+        order = lambda kv: (len(kv[1]) < len(info["seeds"]), -statistics.fmean(kv[1]))  # noqa: E731
+        for (row, lr), vals in sorted(info["scores"].items(), key=order):
             mark = " **reference**" if (row, lr) == (ref_name, ref_lr) else ""
             opts = ", ".join(f"{k}={v}" for k, v in args[row].items())
-            grid_lines.append(f"| {task.name} | {row}{mark} | {opts} | {lr:g} | {mean_std(vals)} | "
+            grid_lines.append(f"| {task.name} | {row}{mark} | {opts} | {lr:g} | {len(vals)} | {mean_std(vals)} | "
                               f"{mean_std(info['tests'][(row, lr)])} |")
+        if ref_name is None:
+            lines.append(f"| {task.name} | (no reference yet: {len(info['scores'])} of {info['configurations']} "
+                         f"configurations run, not every one on seeds {info['seeds']}) | - | - | - | - | - |")
         base = {r["seed"]: r for r in finals["adamw"]}
         ref = {r["seed"]: r for r in finals.get(ref_name, [])}
         for name, runs in finals.items():
@@ -724,8 +732,8 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
         for name, why in info["not_applicable"].items():
             lines.append(f"| {task.name} | {name} | - | 0 | not applicable: {why.split('. ')[0]} | - | - |")
     grid = ", ".join(f"{opt} lr {list(lrs)} {args or ''}".strip() for opt, (args, lrs) in PLAIN_OPTIMIZERS.items())
-    header = ("| task | plain configuration | TrainingArguments | lr | validation acc. (mean ± std) | "
-              "test acc. (mean ± std) |\n|---|---|---|---|---|---|\n" + "\n".join(grid_lines) + "\n\n"
+    header = ("| task | plain configuration | TrainingArguments | lr | seeds | validation acc. (mean ± std) | "
+              "test acc. (mean ± std) |\n|---|---|---|---|---|---|---|\n" + "\n".join(grid_lines) + "\n\n"
               "| task | method | rho | seeds | test acc. at the end | Δ vs reference, pt [95% CI] (wins) | "
               "Δ vs AdamW, pt [95% CI] (wins) |\n|---|---|---|---|---|---|---|")
     note = (f"Plain-baseline grid: {grid}, each with weight decay {list(WEIGHT_DECAYS)} and label smoothing "

@@ -62,6 +62,9 @@ LLAMA_NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)|m
 def methods(n_layer: int, ks: list[int], trunk: str = "transformer.h", norm: str = "transformer.ln_f",
             head: list[str] | None = None, norms: str | None = GPT2_NORMS) -> list[Method]:
     out = [Method("adamw", None), Method("full SAM", dict(sam_selection="all"))]
+    # The other plain optimizers of the accuracy studies' baseline grid (`study_methods.PLAIN_OPTIMIZERS`)
+    out += [Method("adafactor", None, args=dict(optim="adafactor")),
+            Method("sgd momentum 0.9", None, args=dict(optim="sgd", optim_args="momentum=0.9"))]
     for reuse in (False, True):
         for k in ks:
             # The last k blocks and the final norm (GPT-2's lm_head is tied to the input embedding: recomputed only).

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The SmolLM2 chat study on one GPU in at most TOTAL seconds (default 530): `scripts/benchmark_accuracy.py --device
 # cuda` with WORKERS runs at a time on the one GPU (SmolLM2-135M LoRA leaves it mostly idle), by default chat-noise40
-# with AdamW, full SAM, sam_preset="fast" and the layer-wise default, 8 paired seeds, rho 0.05 (more flags after the
-# script's name are passed on and win: `--methods ...`, `--rhos ...`, `--tasks chat-small`). The runs are cached as
+# with the chat methods table (AdamW's learning rate and weight decay and Adafactor's learning rate chosen on
+# validation, each SAM row's rho from its own grid), 8 paired seeds (more flags after the script's name are passed on
+# and win: `--methods ...`, `--seeds ...`, `--tasks chat-noise40-full`). The runs are cached as
 # benchmarks/accuracy/runs/*__cuda.json, apart from the CPU's runs of the same tasks, and each records its machine;
 # then the report benchmarks/accuracy/accuracy_smollm2_cuda.md. No run starts when less than RUN_S seconds (the
 # longest a run may take, default 90) are left; the runs left resume on the next call, which reads the cached runs
@@ -46,7 +47,7 @@ if [ "$train" = 1 ] && [ "$budget" -lt 30 ]; then
   exit 1
 fi
 timeout $((TOTAL - SECONDS - 10)) python3 scripts/benchmark_accuracy.py --tasks chat-noise40 --device cuda \
-  --workers "$WORKERS" --threads "$THREADS" --time_budget "$budget" --seeds 0 1 2 3 4 5 6 7 --rhos 0.05 "$@" \
+  --workers "$WORKERS" --threads "$THREADS" --time_budget "$budget" --seeds 0 1 2 3 4 5 6 7 "$@" \
   2>&1 | tee "$OUT/gpu_study.log"
 rc=${PIPESTATUS[0]}
 written=$({ find benchmarks/accuracy -maxdepth 1 -type f -newer "$marker"

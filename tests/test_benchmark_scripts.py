@@ -28,7 +28,7 @@ def test_throughput_benchmark_runs_every_method_and_writes_json(tmp_path):
                   "--steps", "1", "--warmup", "1", "--json", str(out), timeout=300)
     result = json.loads(out.read_text())
     names = [r["method"] for r in result["results"]]
-    assert names == ["adamw", "full SAM", "LW-SAM k=1 truncated", "LW-SAM k=1 reuse", "LW-SAM k=1 stale",
+    assert names == ["adamw", "full SAM", "adafactor", "sgd momentum 0.9", "LW-SAM k=1 truncated", "LW-SAM k=1 reuse", "LW-SAM k=1 stale",
                      "LW-SAM k=1 reuse interval=4", "full SAM stale", "full SAM LookSAM interval=5",
                      "full SAM late from 70%", "LW-SAM k=1 reuse LookSAM interval=5", "LW-SAM k=1 reuse late from 70%",
                      "full SAM late from 80%", "full SAM late from 90%", "full SAM late from 95%", "full random",
