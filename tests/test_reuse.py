@@ -128,8 +128,12 @@ def test_unsafe_reuse_falls_back_with_a_logged_reason(case, sgd_args, caplog):
     hf_logging.enable_propagation()
     with caplog.at_level(logging.INFO, logger="hf_lwsam"):
         with_reuse, trainer, _ = _one_step(make, shakespeare_lm_dataset(4), sgd_args, reuse=True, **overrides)
-    without, _, _ = _one_step(make, shakespeare_lm_dataset(4), sgd_args, reuse=False, **overrides)
     assert reason in trainer.reuse_disabled_reason
     messages = [r.getMessage() for r in caplog.records if "activation reuse is off" in r.getMessage()]
     assert len(messages) == 1 and reason in messages[0]  # logged once, not per micro-batch
+    if overrides.get("sam_selection") == "all":  # nothing is ever reused there, so turning reuse off is refused
+        with pytest.raises(ValueError, match="sam_reuse_activations"):
+            _one_step(make, shakespeare_lm_dataset(4), sgd_args, reuse=False, **overrides)
+        return
+    without, _, _ = _one_step(make, shakespeare_lm_dataset(4), sgd_args, reuse=False, **overrides)
     assert _rel(with_reuse, without) <= 1e-5  # never silently wrong
