@@ -8,9 +8,10 @@ validation tweets by answer accuracy and answer NLL (`study_tasks.answer_scores`
 
   --measure_cost   seconds per optimizer step of each variant (float32 / CPU bf16 autocast, padded / padding-free
                    batches, LoRA / every weight), interleaved; seconds to score the validation prompts in float32 and
-                   bf16 (and whether their answers agree); the prompt's tokens with the task's system turn and with
-                   the chat template's default one; the loss of one batch padded and padding-free (they must match).
-                   Writes `<out>/chat_sizing_cost.json`.
+                   bf16, and their scores; the prompt's tokens with the task's system turn, with the chat template's
+                   default one and with the instruction in the user turn; the loss of the same chats padded and
+                   padding-free (they must match). Writes `<out>/chat_sizing_cost.json`.
+  --padding_free_check   only the last check, added to an existing `<out>/chat_sizing_cost.json`.
   (default)        one AdamW run of `--steps` steps scored every `--every` steps (and before the first):
                    `<out>/chat_learning_curve_<method>[_bf16][_padding_free].json`.
 
@@ -94,6 +95,25 @@ def scorer(tokenizer, chats, bf16: bool):
     return score
 
 
+def padding_free_check(budget: Budget, chats, out: Path, n: int = 8) -> dict[str, float]:
+    """The untrained model's loss on the first `n` training chats (as the trainer tokenized them), collated padded
+    and padding-free (one packed row, `position_ids` restarting at each chat): equal if the packed attention keeps
+    every chat to itself."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    hp = run_config(TASK, replace(budget, chat_padding_free=True, chat_bf16=False))
+    trainer, _ = trainer_for(hp, chats, 0, out, 1)
+    examples = [trainer.train_dataset[i] for i in range(n)]
+    losses = {}
+    for padding_free in (False, True):
+        batch = DataCollatorForLanguageModeling(trainer.processing_class.pad_token_id, padding_free=padding_free)(
+            examples)
+        keep = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        with torch.no_grad():
+            losses["padding-free" if padding_free else "padded"] = trainer.model(**keep).loss.item()
+    return losses
+
+
 def measure_cost(a, budget: Budget, out: Path) -> dict:
     """Seconds per optimizer step of each variant (one warm-up step, then `a.timed_steps`, interleaved over
     `a.rounds` rounds), scoring seconds, prompt lengths and the padding-free loss check."""
@@ -107,17 +127,12 @@ def measure_cost(a, budget: Budget, out: Path) -> dict:
                 "float32 padding-free": (False, True, False), "bf16 padding-free": (True, True, False),
                 "full float32 padded": (False, False, True), "full bf16 padded": (True, False, True)}
     times: dict[str, list[float]] = {name: [] for name in variants}
-    first_loss: dict[str, float] = {}
     for _ in range(a.rounds):
         for name, (bf16, padding_free, full) in variants.items():
             b = replace(budget, chat_bf16=bf16, chat_padding_free=padding_free)
             hp = run_config(f"{TASK}-full" if full else TASK, b)
             timer = StepTimer("cpu")
             trainer, _ = trainer_for(hp, chats, 0, out, 1 + a.timed_steps, callbacks=[timer])
-            if name not in first_loss and not full:  # the same first batch padded and padding-free
-                batch = next(iter(trainer.get_train_dataloader()))
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    first_loss[name] = trainer.compute_loss(trainer.model, batch).item()
             trainer.train()
             times[name] += timer.times[1:]
             print(f"{name}: {statistics.mean(timer.times[1:]):.2f} s a step", flush=True)
@@ -141,7 +156,7 @@ def measure_cost(a, budget: Budget, out: Path) -> dict:
     padded = [8 * max(own[i : i + 8]) for i in range(0, len(own), 8)]
     return dict(machine=MACHINE, threads=torch.get_num_threads(), rounds=a.rounds, timed_steps=a.timed_steps,
                 step_s={name: statistics.mean(t) for name, t in times.items()},
-                step_s_all=times, first_batch_loss=first_loss, scoring=scoring,
+                step_s_all=times, padding_free_loss=padding_free_check(budget, chats, out), scoring=scoring,
                 tokens_per_chat=dict(task_system_turn=statistics.mean(own), template_default_system=statistics.mean(
                     default), instruction_in_user_turn=statistics.mean(bare_instruction)),
                 padding_share=1 - sum(own) / sum(padded))
@@ -150,6 +165,7 @@ def measure_cost(a, budget: Budget, out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--measure_cost", action="store_true", help="time the variants (see above) instead of a curve")
+    p.add_argument("--padding_free_check", action="store_true", help="only the padding-free loss check (see above)")
     p.add_argument("--method", choices=list(METHODS), default="adamw")
     p.add_argument("--steps", type=int, default=64, help="optimizer steps of 8 chats (one epoch over steps x 8)")
     p.add_argument("--every", type=int, default=32, help="score the validation chats every this many steps")
@@ -172,7 +188,12 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = TASKS[TASK].budget(a.quick)
-    if a.measure_cost:
+    if a.padding_free_check:
+        path = out / "chat_sizing_cost.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        result.pop("first_batch_loss", None)  # an earlier check's: the first batches of two runs, not the same chats
+        result["padding_free_loss"] = padding_free_check(base, chat_splits(TASK, base), out)
+    elif a.measure_cost:
         result = measure_cost(a, base, out)
         path = out / "chat_sizing_cost.json"
     else:

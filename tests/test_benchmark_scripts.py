@@ -466,3 +466,11 @@ def test_answer_scores_match_a_forward_per_prompt_by_hand():
         logits = model(input_ids=blocks).logits[:, :-1]
     by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
     assert tasks.text_nll(model, blocks, batch_size=2) == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+@pytest.mark.slow  # the real SmolLM2-135M, one forward each way
+def test_padding_free_batches_give_the_padded_loss(tmp_path):
+    """The study trains padding-free: one packed row per batch must keep each chat's attention to itself."""
+    _run("scripts/chat_learning_curve.py", "--padding_free_check", "--quick", "--out", str(tmp_path), timeout=600)
+    losses = json.loads((tmp_path / "chat_sizing_cost.json").read_text())["padding_free_loss"]
+    assert losses["padding-free"] == pytest.approx(losses["padded"], rel=1e-5) and losses["padded"] > 0
