@@ -87,8 +87,8 @@ class Budget:
     chat_val: int = 500  # validation tweets (the learning rate's and rho's choice)
     chat_test: int = 1000  # test tweets
     # CPU bf16 autocast for training and scoring, and TRL's padding-free batches (one packed row per batch, the same
-    # loss as padded to the bit on the same chats): 0.64x float32-padded's step time, 0.50x its scoring time
-    # (benchmarks/accuracy/chat_sizing_cost.json)
+    # loss as padded on the same chats): 0.53x float32-padded's LoRA step time, bf16 0.50x its scoring time (one
+    # thread, the other core busy: benchmarks/accuracy/chat_sizing_cost.json)
     chat_bf16: bool = True
     chat_padding_free: bool = True
     # forgetting: the NLL of a held-out Shakespeare play (`LM_TEST_PLAY`), before and after fine-tuning
