@@ -22,15 +22,36 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import sqrt
+from typing import ClassVar
 
 import torch
 
+_NORM_CHUNK = 2**20  # elements: the CPU widens one bf16/fp16 piece at a time to float32 (4 MiB), never a tensor
+
+
+def _norm_pieces(t: torch.Tensor) -> list[torch.Tensor]:
+    """`t` as the pieces whose norms make up its norm: a contiguous bf16/fp16 tensor in chunks (views, no copy), a
+    float64 one narrowed to float32 as before, anything else as it is."""
+    if t.dtype in (torch.bfloat16, torch.float16) and t.is_contiguous():
+        return list(t.view(-1).split(_NORM_CHUNK))
+    return [t.float()] if t.dtype == torch.float64 else [t]
+
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """||concat(tensors)||_2 in float32, without concatenating (the norm of the per-tensor norms)."""
+    """||concat(tensors)||_2 in float32, without concatenating (the norm of the per-tensor norms).
+
+    float32 tensors: the norm of their `torch._foreach_norm`s, bit for bit. bf16/fp16 tensors are read in their
+    own dtype and summed in float32 (`dtype=torch.float32`): no float32 copy of them at once (the CPU kernel widens
+    one chunk of `_NORM_CHUNK` elements at a time), equal to the norm of their float32 copies within float32
+    rounding (the summation order differs)."""
     if not tensors:  # e.g. a process whose shards of S are empty
         return torch.zeros((), device=torch.get_default_device())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.float() for t in tensors])))
+    pieces = [piece for t in tensors for piece in _norm_pieces(t)]
+    if all(piece.dtype == torch.float32 for piece in pieces):
+        norms = torch._foreach_norm(pieces)
+    else:
+        norms = torch._foreach_norm(pieces, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 @torch.no_grad()
@@ -162,16 +183,29 @@ class Perturbation:
     """An ascent step applied in place, with the saved values that undo it bit-exactly (w + e - e != w in floats).
 
     Use `Perturbation.apply(params, e)`, then `restore()` (idempotent) in a `finally`.
+
+    On the CPU the backup's storage is kept after `restore()` and reused by the next `apply()` on tensors of the same
+    shapes, dtypes and devices (the selection S, every micro-batch): a fresh copy is memory that glibc's allocator may
+    have given back to the system (always for a block of 32 MiB or more), whose pages then fault in again at every
+    micro-batch. One backup, of the last S perturbed, is kept (S's size, also after training); a perturbation
+    applied while another is active, or on another selection, allocates its own. CUDA tensors are cloned: the
+    caching allocator already reuses the block, and a kept one would hold S's size of GPU memory between steps.
     """
 
     params: list[torch.Tensor]
     backup: list[torch.Tensor] = field(default_factory=list)
 
+    _spare: ClassVar[dict[tuple, list[torch.Tensor]]] = {}  # at most one entry: layout of S -> its kept backup
+
     @classmethod
     @torch.no_grad()
     def apply(cls, params: list[torch.Tensor], steps: list[torch.Tensor]) -> Perturbation:
         """Add `steps` to `params` in place."""
-        backup = [p.detach().clone() for p in params]
+        backup = cls._spare.pop(_layout(params), None) if _kept_on_restore(params) else None
+        if backup is None:
+            backup = [p.detach().clone() for p in params]
+        else:
+            torch._foreach_copy_(backup, params)
         if params:  # nothing to perturb (e.g. a step before any moment): the pass runs at w
             torch._foreach_add_(params, steps)
         return cls(params=params, backup=backup)
@@ -181,4 +215,17 @@ class Perturbation:
         """Copy the saved values back; a no-op the second time."""
         if self.backup:
             torch._foreach_copy_(self.params, self.backup)
+            if _kept_on_restore(self.params):
+                Perturbation._spare.clear()  # a backup of an earlier selection is freed
+                Perturbation._spare[_layout(self.params)] = self.backup
             self.backup = []
+
+
+def _kept_on_restore(params: list[torch.Tensor]) -> bool:
+    """Whether the backup of `params` is kept for the next perturbation: a non-empty S on the CPU."""
+    return bool(params) and all(p.device.type == "cpu" for p in params)
+
+
+def _layout(params: list[torch.Tensor]) -> tuple:
+    """What a kept backup must match to be reused: every tensor's shape, dtype and device."""
+    return tuple((tuple(p.shape), p.dtype, p.device) for p in params)
