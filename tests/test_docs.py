@@ -1,7 +1,7 @@
 """The docs are tested: every Python block of README.md and docs/ runs, every `hf-lwsam-*` command shown is accepted
 by the real parser, every relative link and repository path exists, the generated reference pages are current and
 byte-stable, the API reference names every public object, and `mkdocs build --strict` fails on a broken link, a
-missing anchor and a missing page."""
+missing anchor and a missing page; the API page renders HF-style docstrings (links, optional arguments)."""
 
 from __future__ import annotations
 
@@ -400,16 +400,77 @@ def test_strict_build_fails_on_a_broken_link_anchor_or_page(breakage, expected, 
         assert result.returncode != 0 and expected in result.stderr, result.stderr[-3000:]
 
 
-@pytest.mark.slow  # the whole site, with the API pages imported by mkdocstrings
-def test_the_real_site_builds_and_one_broken_link_fails_it(tmp_path):
+@pytest.fixture(scope="module")
+def real_site(tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the docs built once with the real mkdocs.yml (the API page imported by mkdocstrings, its docstrings
+    read by docs/hooks/hf_docstrings.py), and the built API page's HTML."""
     pytest.importorskip("mkdocstrings")
-    copy = tmp_path / "repo"
+    copy = tmp_path_factory.mktemp("site") / "repo"
     copy.mkdir()
     shutil.copy(REPO / "mkdocs.yml", copy / "mkdocs.yml")
     shutil.copytree(DOCS, copy / "docs", symlinks=True)
     (copy / "benchmarks").symlink_to(REPO / "benchmarks")
-    assert _mkdocs(copy).returncode == 0
-    page = copy / "docs" / "guides" / "trl.md"
-    page.write_text(page.read_text() + "\n[broken](no-such-page.md)\n", encoding="utf-8")
     result = _mkdocs(copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return copy, (copy / "site" / "reference" / "api" / "index.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow  # the whole site, with the API pages imported by mkdocstrings
+def test_the_real_site_builds_and_one_broken_link_fails_it(real_site):
+    copy, _ = real_site
+    page = copy / "docs" / "guides" / "trl.md"
+    text = page.read_text(encoding="utf-8")
+    page.write_text(text + "\n[broken](no-such-page.md)\n", encoding="utf-8")
+    try:
+        result = _mkdocs(copy)
+    finally:
+        page.write_text(text, encoding="utf-8")
     assert result.returncode != 0 and "no-such-page.md" in result.stderr
+
+
+RAW_CROSS_REF = re.compile(r"\[(?:<code>|`)~?[A-Za-z_][\w.]*(?:</code>|`)\]")  # [`~transformers.Trainer`], rendered
+
+
+def _parameter_rows(page: str) -> list[tuple[str, str]]:
+    """(name, default cell) of every row of the page's Name | Type | Description | Default tables."""
+    from html import unescape
+
+    rows = []
+    for row in re.findall(r'<tr class="doc-section-item">(.*?)</tr>', page, re.S):
+        cells = [" ".join(unescape(re.sub(r"<[^>]+>", " ", cell)).split())
+                 for cell in re.findall(r"<td>(.*?)</td>", row, re.S)]
+        if len(cells) == 4:
+            rows.append((cells[0], cells[3]))
+    return rows
+
+
+def _optional_parameters() -> set[str]:
+    """The names our docstrings always document HF-style as `*optional*` (never without it)."""
+    from hf_lwsam import LWSAMConfig
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((REPO / "hf_lwsam").rglob("*.py"))] + [LWSAMConfig.__doc__]
+    entries = [m for t in texts for m in re.findall(r"^ +(\w+) \((.*)\):$", t, re.M)]
+    return {n for n, kind in entries if "*optional*" in kind} - {n for n, kind in entries if "*optional*" not in kind}
+
+
+@pytest.mark.slow  # uses the real site's build
+def test_api_page_renders_hf_cross_references_as_links_and_optional_arguments_with_defaults(real_site):
+    _, page = real_site
+    article = page[page.index("<article"):page.index("</article>")]
+    assert not RAW_CROSS_REF.findall(article), RAW_CROSS_REF.findall(article)[:5]
+    links = set(re.findall(r'href="([^"]+)"', article))
+    hf_docs = "https://huggingface.co/docs/transformers/main/en/main_classes/"
+    assert {f"{hf_docs}trainer#transformers.Trainer", f"{hf_docs}callback#transformers.TrainerCallback"} <= links
+    assert {"#hf_lwsam.LWSAMConfig", "#hf_lwsam.lwsam_config", "#hf_lwsam.lwsam_trainer"} <= links
+    rows = _parameter_rows(article)
+    # LWSAMConfig's default is the docstring's "defaults to" (the field itself is None until a preset resolves it);
+    # LWSAMTrainer's and LWSAMMixin's args are *optional* without one: None, as in Trainer
+    assert ("sam_rho", "0.05") in rows and ("sam_selection", '"pattern"') in rows and ("sam_preset", "None") in rows
+    assert rows.count(("args", "None")) == 2
+    assert ("config_cls", "required") in rows and ("trainer_cls", "required") in rows  # truly required: still so
+    optional = _optional_parameters()
+    assert {"sam_rho", "args"} <= optional
+    shown_required = [name for name, default in rows if name in optional and default == "required"]
+    assert not shown_required, f"*optional* arguments shown as required: {shown_required}"
+    assert all(re.fullmatch(r"\*{0,2}\w+", name) for name, _ in rows), rows  # "*other arguments*" is a sentence
+    assert "Other arguments: as for" in " ".join(re.sub(r"<[^>]+>", " ", article).split())
