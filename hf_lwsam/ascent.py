@@ -85,6 +85,12 @@ class Ascent:
     def check_optimizer(self, optimizer: Any) -> None:
         """Refuse, before the first step, an optimizer this ascent cannot work with (`ValueError`)."""
 
+    def prepare(self, trainer: Any, optimizer: Any = None) -> None:
+        """At the trainer's `__init__` (`optimizer`: the one passed, if any) and when it creates its optimizer: check
+        `optimizer` (and attach to it what the ascent needs)."""
+        if optimizer is not None:
+            self.check_optimizer(optimizer)
+
     def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
         """One micro-batch of a SAM step on `trainer` (an `LWSAMMixin`); returns the loss the step logs."""
         raise NotImplementedError
@@ -215,7 +221,12 @@ FIRST_MOMENTS: dict[type, str] = {
 _READ = "hf_lwsam reads exp_avg of torch.optim Adam, AdamW, NAdam, RAdam and Adamax, and momentum_buffer of SGD"
 MOMENTUM_FIX = ("Use optim='adamw_torch' (or 'adamw_torch_fused', or SGD with momentum > 0: optim='sgd', "
                 "optim_args='momentum=0.9'), or an ascent that reads no optimizer state: sam_preset='exact' or "
-                "'fast' (or sam_ascent='exact')")
+                "'fast' (or sam_ascent='exact'), or set sam_momentum='own' (an average of the gradients kept by "
+                "hf_lwsam, for any optimizer)")
+# `sam_momentum`: where Momentum-SAM's m comes from. Unset: "optimizer", or under sam_preset='free' whichever the
+# optimizer allows (`momentum_source`).
+MOMENTUM_SOURCES = ("optimizer", "own")
+DEFAULT_MOMENTUM_BETA = 0.9
 
 
 def _qualname(cls: type) -> str:
@@ -275,12 +286,24 @@ def check_optim(config: Any) -> None:
     """Refuse, when the config is built, an `optim` whose optimizer keeps no first moment Momentum-SAM can read: the
     class and hyperparameters are the ones the Trainer will use (`Trainer.get_optimizer_cls_and_kwargs`: `optim`,
     `adam_beta1`, `optim_args`), judged as [`first_moments`] judges a live optimizer."""
+    why = optim_unreadable(config)
+    if why is not None:
+        raise ValueError(why)
+
+
+def optim_unreadable(config: Any) -> str | None:
+    """Why the optimizer that `optim` builds keeps no first moment Momentum-SAM can read (the refusal's message), or
+    `None` when it keeps one.
+
+    Raises:
+        ValueError: `optim_args` cannot be read.
+    """
     from transformers import Trainer
 
     optim = getattr(config.optim, "value", config.optim)
     if optim not in _TORCH_OPTIMS:
-        raise ValueError(f"sam_ascent='momentum' needs the optimizer's first moment, but optim={optim!r} keeps none "
-                         f"that can be read ({_READ}). {MOMENTUM_FIX}.")
+        return (f"sam_ascent='momentum' needs the optimizer's first moment, but optim={optim!r} keeps none that can be "
+                f"read ({_READ}). {MOMENTUM_FIX}.")
     try:
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(config)
     except ValueError as e:  # transformers' own reading of optim_args ("key=value,...")
@@ -288,9 +311,25 @@ def check_optim(config: Any) -> None:
                          "separated by commas, e.g. 'momentum=0.9'.") from None
     defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
     why = unreadable_moment(cls, [{**defaults, **kwargs}])
-    if why is not None:
-        raise ValueError(f"sam_ascent='momentum' needs the optimizer's first moment, but optim={optim!r} builds "
-                         f"{_qualname(cls)} with {_shown(kwargs)}: {why[0]}. {why[1]}.")
+    if why is None:
+        return None
+    return (f"sam_ascent='momentum' needs the optimizer's first moment, but optim={optim!r} builds {_qualname(cls)} "
+            f"with {_shown(kwargs)}: {why[0]}. {why[1]}.")
+
+
+def momentum_source(config: Any, optimizer: Any = None) -> str | None:
+    """Where Momentum-SAM's m comes from under `config` (`sam_ascent="momentum"`): `"optimizer"` (its first moment)
+    or `"own"` (an average kept by hf_lwsam). `sam_momentum` when set; unset, `"optimizer"`, except under
+    `sam_preset="free"`: `"optimizer"` when the optimizer keeps a readable first moment, else `"own"`, judged on
+    `optimizer` when given (a live one, e.g. passed as `optimizers=(optimizer, None)`), else on `optim`."""
+    if config.sam_momentum is not None:
+        return config.sam_momentum
+    if config.sam_preset != "free":
+        return "optimizer"
+    if optimizer is not None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+        return "optimizer" if unreadable_moment(type(inner), inner.param_groups) is None else "own"
+    return "optimizer" if optim_unreadable(config) is None else "own"
 
 
 def _shown(kwargs: dict[str, Any]) -> str:
@@ -299,24 +338,37 @@ def _shown(kwargs: dict[str, Any]) -> str:
 
 @register_ascent
 class MomentumAscent(Ascent):
-    """Momentum-SAM: e_S = -rho m_S / ||m_S|| from the optimizer's first moment m after the previous optimizer step
-    (`exp_avg` of Adam/AdamW, `momentum_buffer` of SGD): one forward and one backward at w + e_S per micro-batch, S
-    restored bit-exactly, and the stock optimizer steps at w (Becker et al., arXiv 2401.12033; the reference code,
-    MarlonBecker/MSAM `adamW_msam.py`, keeps w perturbed between steps and subtracts
-    `rho / ||exp_avg|| * exp_avg` after each optimizer step, the same point). m is identical on every process (DDP
-    steps identical optimizers), so no communication; under FSDP2 each process holds a shard of m and the norm is
-    one all-reduce. Nothing is kept: m is in the optimizer's checkpoint, so a resume is exact.
+    """Momentum-SAM: e_S = -rho m_S / ||m_S||, m an average of the gradients after the previous optimizer step: one
+    forward and one backward at w + e_S per micro-batch, S restored bit-exactly, and the stock optimizer steps at w
+    (Becker et al., arXiv 2401.12033; the reference code, MarlonBecker/MSAM `adamW_msam.py`, keeps w perturbed between
+    steps and subtracts `rho / ||exp_avg|| * exp_avg` after each optimizer step, the same point).
 
-    A SAM step before the optimizer has a moment for any parameter of S (the first step) is a plain step; a parameter
-    of S without a moment yet is not perturbed. Its radius is much larger than SAM's in the paper (rho = 3 for ViT on
-    ImageNet); sweep it, small models collapse there."""
+    m is, by `sam_momentum` (`momentum_source`), the optimizer's first moment (`"optimizer"`: `exp_avg` of
+    Adam/AdamW, `momentum_buffer` of SGD; in the optimizer's checkpoint) or an average kept here (`"own"`, any
+    optimizer): m <- beta m + (1 - beta) g from m = 0, g the gradient of S the optimizer steps with (accumulated,
+    all-reduced, clipped, unscaled), updated by an optimizer step pre-hook, so a step the fp16 GradScaler skips leaves
+    it as it was (and a non-finite g, stepped anyway without a scaler, leaves it too). It is one float32 copy of S,
+    saved with every checkpoint (`AscentSchedule`, per process under FSDP2); it starts over when the selection
+    changes (a probe). With AdamW and beta = beta1 both give the same updates. m is identical on every process (DDP
+    all-reduces g), so no communication; under FSDP2 each process holds a shard of m and the norm is one all-reduce.
+
+    e_S is computed once per optimizer step, on the window's first micro-batch, and freed after its last (m only
+    changes at the optimizer step). A SAM step before any m (the first step) is a plain step; a parameter of S without
+    a moment yet is not perturbed. Its radius is much larger than SAM's in the paper (rho = 3 for ViT on ImageNet);
+    sweep it, small models collapse there."""
 
     name = "momentum"
     help = ("Momentum-SAM: -sam_rho * m / ||m||, m the optimizer's first moment (Adam/AdamW exp_avg, SGD "
-            "momentum_buffer) after the previous step; one pass at w + e_S, no ascent gradient; the logged loss "
-            "is the perturbed one")
+            "momentum_buffer) or an average of the gradients kept by hf_lwsam (sam_momentum) after the previous "
+            "step; one pass at w + e_S, no ascent gradient; the logged loss is the perturbed one")
     supports_adaptive = False
     _no_adaptive = "the adaptive (ASAM) form of the momentum ascent is not implemented"
+
+    def __init__(self) -> None:
+        self.source: str | None = None  # "optimizer" or "own", once decided (`prepare`)
+        self._hooked: tuple[Any, Any] | None = None  # (weakref to the hooked torch optimizer, the hook's handle)
+        self._trainer: Any = None  # weakref to the trainer whose S the hook averages
+        self._cached: tuple[Any, list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None  # this window's e_S
 
     @classmethod
     def validate(cls, config: Any) -> None:
@@ -326,30 +378,118 @@ class MomentumAscent(Ascent):
         if deepspeed_stage(config) is not None:
             raise ValueError(f"sam_ascent='momentum' with DeepSpeed ({launch_source(config, 'deepspeed')}) is not "
                              "supported: DeepSpeed keeps the optimizer's moments inside its engine. Use DDP or FSDP2.")
-        check_optim(config)
+        if config.sam_momentum is not None and config.sam_momentum not in MOMENTUM_SOURCES:
+            raise ValueError(f"sam_momentum={config.sam_momentum!r} is unknown: use 'optimizer' (the optimizer's "
+                             "first moment) or 'own' (an average of the gradients kept by hf_lwsam).")
+        beta = config.sam_momentum_beta
+        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1):
+            raise ValueError(f"sam_momentum_beta={beta!r} is invalid: use a decay in [0, 1) (e.g. 0.9, Adam's "
+                             "beta1).")
+        source = momentum_source(config)
+        if source == "optimizer" and beta is not None:
+            raise ValueError(f"sam_momentum_beta={beta!r} does nothing with sam_momentum='optimizer' (the optimizer's "
+                             "first moment decays with the optimizer's own beta): set sam_momentum='own', or drop "
+                             "sam_momentum_beta.")
+        if config.sam_momentum == "optimizer" or (config.sam_momentum is None and config.sam_preset != "free"):
+            check_optim(config)
 
     def check_optimizer(self, optimizer: Any) -> None:
-        first_moments(optimizer)
+        """Refuse an optimizer without a readable first moment, unless m is the ascent's own average (it is decided
+        on this optimizer under `sam_preset="free"` with `sam_momentum` unset)."""
+        if self.source != "own":
+            first_moments(optimizer)
 
-    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
-        """One pass at w + e_S; returns the perturbed loss. The same e_S for every micro-batch of the window (m only
-        changes at the optimizer step)."""
+    def prepare(self, trainer: Any, optimizer: Any = None) -> None:
+        """Decide where m comes from (`momentum_source`, logged when decided or changed): at `__init__` from `optim`,
+        then again on the optimizer the trainer will step (created, or passed at `__init__`). On that optimizer,
+        refuse it without a readable moment for `"optimizer"`, and for `"own"` register the pre-hook that averages the
+        gradient of S on the torch optimizer (accelerate's wrapper removed), once per optimizer."""
+        import weakref
+
+        from transformers.utils import logging
+
+        source = momentum_source(trainer.args, optimizer)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if source != self.source:
+            self.source = source
+            which = f"optim={getattr(trainer.args.optim, 'value', trainer.args.optim)!r}" if inner is None else (
+                _qualname(type(inner)))
+            why = ("sam_momentum='own'" if trainer.args.sam_momentum == "own" else
+                   f"{which} keeps no first moment it reads" if source == "own" else f"the first moment of {which}")
+            logging.get_logger(__name__).info(
+                f"LW-SAM Momentum-SAM takes m from {why}" if source == "optimizer" else
+                f"LW-SAM Momentum-SAM keeps its own average of the gradients of S (beta={momentum_beta(trainer.args)}, "
+                f"one float32 copy of S): {why}")
+        trainer._schedule.own_moment = source == "own"  # the average is saved with every checkpoint
+        if inner is None:
+            return
+        self.check_optimizer(optimizer)
+        if source != "own" or (self._hooked is not None and self._hooked[0]() is inner):
+            return  # `create_optimizer` runs again on every `train()`: one hook per optimizer
+        if self._hooked is not None:
+            self._hooked[1].remove()
+        self._trainer = weakref.ref(trainer)
+        self._hooked = (weakref.ref(inner), inner.register_step_pre_hook(self._average))
+
+    @torch.no_grad()
+    def _average(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """The optimizer step pre-hook: m_S <- beta m_S + (1 - beta) g_S, g_S the `.grad` of S the optimizer is about
+        to step with. Not called on a step the GradScaler skips; a non-finite g_S (no scaler) leaves m as it was."""
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is None:
+            return
         named = trainer._sam_parameters()
         params = [p for _, p in named]
+        trainer._schedule.average([n for n, _ in named], local([p.grad for p in params]), local(params),
+                                  momentum_beta(trainer.args), per_process=is_sharded(params))
+
+    def _moments(self, trainer: Any, named: list[tuple[str, Any]], shards: list[torch.Tensor]
+                 ) -> list[torch.Tensor] | None:
+        """m of this process's `shards` of S (zeros where a parameter has none yet), `None` before any m."""
+        if self.source == "own":
+            return trainer._schedule.direction([n for n, _ in named], like=shards)
         key, optimizer = first_moments(trainer.optimizer)
-        state = [optimizer.state.get(p, {}).get(key) for p in params]
-        if all(m is None for m in state):  # no optimizer step yet: a plain step
+        state = [optimizer.state.get(p, {}).get(key) for _, p in named]
+        if all(m is None for m in state):
+            return None
+        return [torch.zeros_like(t) if m is None else m for m, t in zip(local(state), shards)]
+
+    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """One pass at w + e_S; returns the perturbed loss. e_S is computed on the window's first micro-batch and
+        reused by the others (m only changes at the optimizer step), then freed after the window's last one."""
+        if self.source is None:  # an optimizer set on the trainer after __init__, not through create_optimizer
+            self.prepare(trainer, trainer.optimizer)
+        named = trainer._sam_parameters()
+        params = [p for _, p in named]
+        shards = local(params)
+        key = (trainer.state.global_step, [n for n, _ in named])
+        if self._cached is None or self._cached[0] != key:
+            moments = self._moments(trainer, named, shards)
+            if moments is None:
+                self._cached = (key, None, None, None)
+            else:
+                steps, norm, finite = momentum_direction(moments, trainer.args.sam_rho,
+                                                         sum_across=sum_over_shards(params))
+                self._cached = (key, [e.to(t.dtype) for e, t in zip(steps, shards)], norm, finite)  # own m: float32
+        _, cached, norm, finite = self._cached
+        last = trainer.accelerator.sync_gradients  # the window's last micro-batch: e_S is not needed after its pass
+        if last:
+            self._cached = None
+        if cached is None:  # no m yet (no optimizer step): a plain step
             loss = trainer._pass_at([], [], model, inputs, num_items_in_batch)
             trainer._record_plain_step()
             return loss
-        shards = local(params)
-        moments = [torch.zeros_like(t) if m is None else m for m, t in zip(local(state), shards)]
-        steps, norm, finite = momentum_direction(moments, trainer.args.sam_rho,
-                                                 sum_across=sum_over_shards(params))
+        steps = cached if last else list(cached)  # _pass_at clears the list it gets: on the last pass, e_S is freed
+        del cached
         loss = trainer._pass_at(shards, steps, model, inputs, num_items_in_batch)
         # ||e_S|| is rho by construction (0 where m is unusable), over the whole of S: no norm of this process's shards
         trainer._record_sam_step(None, loss, norm, finite, e_norm=finite * trainer.args.sam_rho)
         return loss
+
+
+def momentum_beta(config: Any) -> float:
+    """The decay of the own average: `sam_momentum_beta`, 0.9 when unset."""
+    return DEFAULT_MOMENTUM_BETA if config.sam_momentum_beta is None else float(config.sam_momentum_beta)
 
 
 def ascent_help() -> str:

@@ -225,6 +225,22 @@ class LWSAMConfigMixin:
         metadata={"help": ascent_help() + " Default 'exact'; 'momentum' under sam_preset='free'.",
                   "choices": list(ASCENT_MODES)},
     )
+    sam_momentum: str | None = field(
+        default=None,
+        metadata={
+            "help": "sam_ascent='momentum': where m comes from, 'optimizer' (its first moment: torch's Adam/AdamW "
+            "exp_avg, SGD's momentum_buffer; other optimizers are refused) or 'own' (an average of the gradients of S "
+            "kept by hf_lwsam for any optimizer, m <- beta m + (1 - beta) g at each optimizer step from m = 0: one "
+            "float32 copy of S, saved with the checkpoints). Default 'optimizer'; under sam_preset='free', "
+            "'optimizer' where the optimizer keeps a readable first moment and 'own' otherwise.",
+            "choices": ["optimizer", "own"],
+        },
+    )
+    sam_momentum_beta: float | None = field(
+        default=None,
+        metadata={"help": "sam_momentum='own': the decay beta in [0, 1) of the average (0.9, Adam's beta1, when "
+                          "unset). Refused with sam_momentum='optimizer'."},
+    )
     sam_interval_reuse: str = field(
         default="none",
         metadata={
@@ -334,6 +350,8 @@ class LWSAMConfigMixin:
                  for name in ("sam_top_k", "sam_top_ratio", "sam_probe_interval", "sam_probe_batches",
                               "sam_probe_metric", "sam_probe_granularity")}
         needs["sam_looksam_alpha"] = ("sam_interval_reuse='looksam'", self.sam_interval_reuse == "looksam")
+        for name in ("sam_momentum", "sam_momentum_beta"):
+            needs[name] = ("sam_ascent='momentum' (sam_preset='free')", self.sam_ascent == "momentum")
         needs["sam_sync_perturbation"] = ("sam_ascent='exact' (the only ascent with an ascent gradient to average)",
                                           ASCENTS[self.sam_ascent].clean_gradient)
         for name, (mode, on) in needs.items():

@@ -344,7 +344,7 @@ def build_model_card(trainer: Any, info: ModelCardInfo, model_name: str) -> Mode
                     for o in sam_option_docs()],
         "mode": sam_mode(args),
         "preset": getattr(args, "sam_preset", None),
-        "description": mode_description(args),
+        "description": mode_description(args, getattr(getattr(trainer, "_ascent", None), "source", None)),
         "rho": args.sam_rho,
         "groups": groups[:MAX_LAYER_GROUPS],
         "more_groups": len(groups[MAX_LAYER_GROUPS:]),

@@ -71,11 +71,18 @@ def preset_mode(preset: str) -> str:
     return sam_mode(preset_options(preset))
 
 
-def _perturbation(args: Any) -> str:
+def _perturbation(args: Any, moment: str | None = None) -> str:
     if args.sam_ascent == "momentum":
-        return ("e_S = -rho * m_S / ||m_S||, m the optimizer's first moment after the previous step (Momentum-SAM; the "
-                "first step, with no moment yet, is a plain step): one forward and one backward per micro-batch, at "
-                "w + e_S")
+        given = getattr(args, "sam_momentum", None)
+        if (moment or given) == "own":
+            beta = getattr(args, "sam_momentum_beta", None)
+            beta = 0.9 if beta is None else beta
+            m = (f"an average of the gradients of S kept by hf_lwsam, m <- {beta:g} m + {1 - beta:g} g at each "
+                 "optimizer step" + ("" if given else " (the optimizer keeps no first moment it reads)"))
+        else:
+            m = "the optimizer's first moment"
+        return (f"e_S = -rho * m_S / ||m_S||, m {m} after the previous step (Momentum-SAM; the first step, with no "
+                "moment yet, is a plain step): one forward and one backward per micro-batch, at w + e_S")
     if args.sam_ascent == "random":
         return ("e_S is Gaussian noise scaled per weight row by the row's norm, radius rho: one forward and one "
                 "backward per micro-batch, at w + e_S, no ascent gradient")
@@ -103,9 +110,10 @@ def _steps(args: Any) -> str:
     return f"SAM steps are {steps}; the others are {other}"
 
 
-def mode_description(args: Any) -> str:
+def mode_description(args: Any, moment: str | None = None) -> str:
     """What a run with `args` did, in two sentences (Markdown): the parameters S it perturbs, where the perturbation
-    e_S comes from, what a step costs and which steps are SAM steps."""
+    e_S comes from, what a step costs and which steps are SAM steps. `moment`: where the momentum ascent's m came from
+    (`"optimizer"` or `"own"`, as the trainer decided it; default: `sam_momentum`)."""
     if args.sam_selection == "all":
         who = "every trainable parameter"
     elif args.sam_selection == "probe":
@@ -114,5 +122,5 @@ def mode_description(args: Any) -> str:
         who = "only the output-side layers (the default selection, listed below)"
     else:
         who = "only the selected layers (`sam_target_layers` / `sam_exclude_layers`, listed below)"
-    return (f"S is {who}; {_perturbation(args)}. S is then restored bit-exactly and the stock optimizer steps at w "
-            f"with the gradient taken at w + e_S. {_steps(args)}.")
+    return (f"S is {who}; {_perturbation(args, moment)}. S is then restored bit-exactly and the stock optimizer "
+            f"steps at w with the gradient taken at w + e_S. {_steps(args)}.")

@@ -15,11 +15,13 @@ Where e_S comes from:
   copy (DDP all-reduces `.grad` before the copy), so every process perturbs with the same e_S.
 - `"random"`: Gaussian e (`sam.random_direction`), seeded by (seed, optimizer step, parameter index): one forward and
   one backward at w + e, the same noise on every process and after a resume, nothing kept.
+- `"momentum"`: e_S from a first moment m of S; with `sam_momentum="own"` m is kept here (`average`, one float32 copy
+  of S updated at each optimizer step) and checkpointed as the kept vector.
 
 The first stale SAM step of a run (or of the late phase), and the first one after the selection changed (a probe), has
 no stale gradient of S: it is a plain step, whose gradient is recorded for the next SAM step. The kept vector (the
-stale gradient of S, or LookSAM's g_v) is saved with every checkpoint (`lwsam_ascent.pt`) so that a resumed run
-perturbs and reuses exactly as an uninterrupted one. Under FSDP2 each process keeps only its shard of the vector, so
+stale gradient of S, LookSAM's g_v, or the momentum ascent's own m) is saved with every checkpoint
+(`lwsam_ascent.pt`) so that a resumed run perturbs and reuses exactly as an uninterrupted one. Under FSDP2 each process keeps only its shard of the vector, so
 each process saves its own (`lwsam_ascent_rank{N}.pt`) with the layout of its tensors (device mesh and placements); a
 resume checks the names, shapes, the number of processes and the layout, and refuses a mismatch.
 """
@@ -58,6 +60,7 @@ class AscentSchedule:
         self._per_process = False  # the kept vector is this process's shard of it (FSDP2)
         self._source = ""  # the checkpoint file it was loaded from, for error messages
         self._clean: list[torch.Tensor] | None = None  # LookSAM: the SAM window's clean gradient of S, summed
+        self.own_moment = False  # the kept vector is the momentum ascent's own average of the gradients of S
 
     def start_step(self, max_steps: int | None = None) -> int:
         """The first step of the SAM phase: `start` itself, or for a fraction the first step `s >= start * max_steps`
@@ -81,7 +84,7 @@ class AscentSchedule:
     @property
     def keeps_state(self) -> bool:
         """Whether a checkpoint must carry the kept vector for an exact resume."""
-        return ASCENTS[self.ascent].keeps_vector or self.looksam
+        return ASCENTS[self.ascent].keeps_vector or self.looksam or self.own_moment
 
     @property
     def per_process(self) -> bool:
@@ -113,6 +116,24 @@ class AscentSchedule:
         self._names = list(names)
         self._grads = [torch.zeros_like(t) if g is None else g.detach().clone() for g, t in zip(grads, like)]
         self._per_process, self._source = per_process, ""
+
+    @torch.no_grad()
+    def average(self, names: list[str], grads: list[torch.Tensor | None], like: list[torch.Tensor], beta: float,
+                per_process: bool = False) -> None:
+        """The momentum ascent's own average, kept as the vector of S: m <- beta m + (1 - beta) g in float32, from
+        m = 0 (as Adam's `exp_avg`; started over for another selection `names`). A parameter without a gradient keeps
+        its m (as Adam skips it); a non-finite g (any entry) keeps the whole m, decided on the device.
+        `per_process`: m is this process's shard (FSDP2)."""
+        if self._grads is None or names != self._names:
+            self._names, self._grads = list(names), [torch.zeros_like(t, dtype=torch.float32) for t in like]
+            self._per_process, self._source = per_process, ""
+        pairs = [(m, g.float()) for m, g in zip(self._grads, grads) if g is not None]
+        if not pairs:
+            return
+        moments, new = [m for m, _ in pairs], [g for _, g in pairs]
+        finite = torch.stack([torch.isfinite(g).all() for g in new]).all()
+        new = [torch.where(finite, g, m) for m, g in pairs]  # lerp(m, m, w) = m: a non-finite step changes nothing
+        torch._foreach_lerp_(moments, new, 1 - beta)  # m + (1 - beta) (g - m): Adam's exp_avg.lerp_(grad, 1 - beta1)
 
     # -- LookSAM: the SAM window's clean gradient of S -----------------------------------------------------------
     @torch.no_grad()
@@ -187,7 +208,7 @@ class AscentSchedule:
             self._names, self._grads, self._per_process = [], None, False
 
     def _kind(self) -> str:
-        return "looksam" if self.looksam else "stale"
+        return "looksam" if self.looksam else "momentum" if self.own_moment else "stale"
 
 
 def _layout_of(names: list[str], params: Mapping[str, torch.Tensor] | None) -> list[list[str] | None] | None:

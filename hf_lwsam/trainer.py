@@ -129,8 +129,8 @@ class LWSAMMixin:
         fix_loss_kwargs(self)
         self._layer_probe: LayerProbe | None = None
         self._start_model_state()  # validates the layer patterns now, not at the first step
-        if self.optimizer is not None:  # `optimizers=(optimizer, scheduler)`: refused now, not at the first step
-            self._ascent.check_optimizer(self.optimizer)
+        # `optimizers=(optimizer, scheduler)`: refused now, not at the first step (else decided from `optim`)
+        self._ascent.prepare(self, self.optimizer)
 
     # ------------------------------------------------------------------------------------------ per-model state
     def _start_model_state(self) -> None:
@@ -468,9 +468,9 @@ class LWSAMMixin:
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """The base class's optimizer, checked by the ascent before the first step (the momentum ascent reads its
-        first moment)."""
+        first moment, or hooks its own average of the gradients to the optimizer's step)."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        self._ascent.check_optimizer(self.optimizer)
+        self._ascent.prepare(self, self.optimizer)
         return optimizer
 
     def _save_rng_state(self, output_dir: str) -> None:
@@ -478,7 +478,7 @@ class LWSAMMixin:
         probe's sums (both written before `trainer_state.json`, which marks a checkpoint complete)."""
         super()._save_rng_state(output_dir)
         if self._schedule.keeps_state and (self.args.should_save or self._schedule.per_process):
-            # the stale gradient or LookSAM's g_v; FSDP2's shards of it: every process writes its own, with the layout
+            # the stale gradient, LookSAM's g_v or Momentum-SAM's own m; FSDP2's shards: each process writes its own
             self._schedule.save(output_dir, self.args.process_index, self.args.world_size, self._named_parameters())
             if self._schedule.per_process:  # every process's file is written before process 0 marks the checkpoint
                 self.accelerator.wait_for_everyone()  # complete (trainer_state.json, after this method returns)

@@ -164,7 +164,8 @@ def _state(root: Path) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("refused, named", [(["--sam_rho", "-1"], "sam_rho=-1"),
-                                            (["--sam_preset", "free", "--optim", "adafactor"], "adafactor")])
+                                            (["--sam_preset", "free", "--sam_momentum", "optimizer",
+                                              "--optim", "adafactor"], "adafactor")])
 def test_a_refused_option_after_a_finished_run_is_one_line_and_touches_nothing(command, tmp_path, refused, named):
     """The full config is built, and refused, before the output directory is touched: with --overwrite_output_dir
     the finished run stays byte for byte."""

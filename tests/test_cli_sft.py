@@ -354,7 +354,8 @@ def test_a_refused_option_after_a_finished_run_is_one_line_and_touches_nothing(l
     before = {p: (p.read_bytes() if p.is_file() else None, p.stat().st_ino, p.stat().st_mtime_ns)
               for p in sorted(out.rglob("*"))}
     capsys.readouterr()
-    for refused, named in ((["--sam_rho", "-1"], "sam_rho=-1"), (["--sam_preset", "free", "--optim", "adafactor"],
+    for refused, named in ((["--sam_rho", "-1"], "sam_rho=-1"), (["--sam_preset", "free", "--sam_momentum",
+                                                                   "optimizer", "--optim", "adafactor"],
                                                                   "adafactor")):
         assert main(["--output_dir", str(out), *local, *TINY, "--overwrite_output_dir", *refused]) == 2
         err = capsys.readouterr().err.strip().splitlines()

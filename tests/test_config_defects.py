@@ -254,8 +254,8 @@ def test_an_optimizer_without_a_usable_first_moment_is_refused_by_name(make, why
 def test_adam_beta1_zero_is_refused_when_the_config_is_built(optim, tmp_path):
     with pytest.raises(ValueError, match=rf"optim='{optim}' builds torch\.optim\.adamw\.AdamW with .*betas=\(0\.0, "
                                          r"0\.999\).*its beta1 is 0.*Set adam_beta1 \(betas\[0\]\) > 0"):
-        _config(tmp_path, sam_preset="free", optim=optim, adam_beta1=0.0)
-    assert _config(tmp_path, sam_preset="free", optim=optim, adam_beta1=0.5).adam_beta1 == 0.5
+        _config(tmp_path, sam_ascent="momentum", optim=optim, adam_beta1=0.0)
+    assert _config(tmp_path, sam_ascent="momentum", optim=optim, adam_beta1=0.5).adam_beta1 == 0.5
 
 
 @pytest.mark.parametrize("optim, optim_args", [
@@ -266,18 +266,18 @@ def test_adam_beta1_zero_is_refused_when_the_config_is_built(optim, tmp_path):
 def test_an_optim_without_a_readable_moment_is_refused_with_the_fix(optim, optim_args, tmp_path):
     with pytest.raises(ValueError, match=rf"needs the optimizer's first moment, but optim='{optim}'.*Use "
                                          r"optim='adamw_torch'.* sam_preset='exact' or 'fast'"):
-        _config(tmp_path, sam_preset="free", optim=optim, optim_args=optim_args)
+        _config(tmp_path, sam_ascent="momentum", optim=optim, optim_args=optim_args)
 
 
 def test_sgd_with_momentum_in_optim_args_is_accepted_and_bad_optim_args_are_named(tmp_path):
-    assert _config(tmp_path, sam_preset="free", optim="sgd", optim_args="momentum=0.9").optim == "sgd"
+    assert _config(tmp_path, sam_ascent="momentum", optim="sgd", optim_args="momentum=0.9").optim == "sgd"
     with pytest.raises(ValueError, match=r"optim_args='momentum0\.9' cannot be read .*'momentum=0\.9'"):
-        _config(tmp_path, sam_preset="free", optim="sgd", optim_args="momentum0.9")
+        _config(tmp_path, sam_ascent="momentum", optim="sgd", optim_args="momentum0.9")
 
 
 def test_the_command_line_refuses_the_optimizer_before_touching_a_finished_run(tmp_path):
-    """`--sam_preset free --optim adafactor --overwrite_output_dir` on a finished run: exit 2, one line, every file of
-    the run left as it was."""
+    """`--sam_preset free --sam_momentum optimizer --optim adafactor --overwrite_output_dir` on a finished run: exit
+    2, one line, every file of the run left as it was."""
     from hf_lwsam.cli.train import main
 
     out = tmp_path / "finished"
@@ -286,8 +286,8 @@ def test_the_command_line_refuses_the_optimizer_before_touching_a_finished_run(t
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(["--output_dir", str(out), "--sam_preset", "free", "--optim", "adafactor",
-                     "--overwrite_output_dir"])
+        code = main(["--output_dir", str(out), "--sam_preset", "free", "--sam_momentum", "optimizer", "--optim",
+                     "adafactor", "--overwrite_output_dir"])
     assert code == 2
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and "optim='adafactor' keeps none that can be read" in lines[0], err.getvalue()
