@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import time
 import typing
 import weakref
 from collections.abc import Iterator
@@ -59,10 +60,9 @@ def excluded_parameters(model: nn.Module, exclude: Pattern) -> set[int]:
 
 # Trainers whose step does not compose with two passes over one prepared batch.
 _REFUSED_TRAINERS = {
-    "GRPOTrainer": "it generates completions inside the step on its own schedule and weighs the loss by importance "
-    "ratios against that generation",
-    "RLOOTrainer": "it generates completions inside the step on its own schedule and weighs the loss by importance "
-    "ratios against that generation",
+    "RLOOTrainer": "its loss always weighs a completion by the sequence-level ratio exp(sum of log pi - log pi_old) "
+    "against the log-probabilities recorded at generation, left unclipped for a negative advantage, so at w + e_S "
+    "the ratio, and the perturbed gradient, grow exponentially with the completion's length",
 }
 
 
@@ -107,9 +107,9 @@ class LWSAMMixin:
         base = next(c for c in type(self).__mro__ if issubclass(c, Trainer) and not issubclass(c, LWSAMMixin))
         for name in (c.__name__ for c in base.__mro__):
             if name in _REFUSED_TRAINERS:
-                raise ValueError(f"{name} is not supported by hf_lwsam: {_REFUSED_TRAINERS[name]}, so the two passes "
-                                 "of LW-SAM would not see the same batch and loss. Use SFTLWSAMTrainer or "
-                                 "DPOLWSAMTrainer (hf_lwsam.trl), or LWSAMTrainer.")
+                raise ValueError(f"{name} is not supported by hf_lwsam: {_REFUSED_TRAINERS[name]}. Use "
+                                 "GRPOLWSAMTrainer (hf_lwsam.trl), whose ratio is per token, SFTLWSAMTrainer or "
+                                 "DPOLWSAMTrainer, or LWSAMTrainer.")
         signature = inspect.signature(base.__init__)
         bound = signature.bind(None, *args, **kwargs).arguments  # None stands for self
         bound.pop(next(iter(signature.parameters)))
@@ -197,7 +197,7 @@ class LWSAMMixin:
             unwrapped.eval()
             eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
             with self.compute_loss_context_manager(), eager:  # torch < 2.6 has no set_stance
-                order = trace_execution_order(unwrapped, lambda: unwrapped(**inputs))
+                order = trace_execution_order(unwrapped, lambda: unwrapped(**self._model_inputs(inputs)))
             # FSDP2's root module keeps its parameters unsharded after a forward without backward, as separate tensors
             # (a tied head no longer shares the embedding's): select on the sharded ones.
             reshard(unwrapped)
@@ -343,16 +343,20 @@ class LWSAMMixin:
         one with the one-pass ascents (`"stale"`, `"random"`, `"momentum"`: there is no clean pass), normalised as the
         base step normalises it (`hf_lwsam.ascent`).
         """
-        inputs = self._prepare_inputs(inputs)  # once per micro-batch: TRL's can be stateful
-        # The stock step's prologue, once, before either pass: an optimizer with train()/eval() (schedule-free) moves
-        # the weights back from their evaluation point here, so S is perturbed and restored at the training point.
+        self._micro_batch_started = time.perf_counter()
+        # The stock step's prologue, once, before either pass and, as in the stock step, before `_prepare_inputs`
+        # (GRPO generates there, in training mode only): an optimizer with train()/eval() (schedule-free) moves the
+        # weights back from their evaluation point here, so S is perturbed and restored at the training point.
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
+        # Once per micro-batch, at w: TRL's can be stateful (GRPO generates, scores and buffers completions here).
+        inputs = self._prepare_inputs(inputs)
         if self._default_selection_untraced:
             self._trace_default_selection(model, copy.copy(inputs))
         if not self._schedule.is_sam_step(self.state.global_step, self.state.max_steps):
             with self._inputs_already_prepared():
+                self._time_before_base_step()
                 loss = super().training_step(model, inputs, num_items_in_batch)  # the stock step, bit for bit
             if self._schedule.is_looksam_step(self.state.global_step, self.state.max_steps):
                 self._add_looksam_component()
@@ -427,6 +431,7 @@ class LWSAMMixin:
         steps.clear()  # the caller's list: free e before the pass
         try:
             with self._inputs_already_prepared(), self._records_from_pass_one() if after_pass_one else nullcontext():
+                self._time_before_base_step()
                 return super().training_step(model, inputs, num_items_in_batch)
         finally:
             perturbation.restore()
@@ -505,10 +510,40 @@ class LWSAMMixin:
         finally:
             del self._prepare_inputs
 
+    def _time_before_base_step(self) -> None:
+        """TRL's GRPO times its own `training_step` into `step_time`: add what this micro-batch spent before it
+        (generation in `_prepare_inputs`, the exact ascent's pass 1), so `step_time` is the whole step's, as in GRPO."""
+        if isinstance(getattr(self, "_current_train_step_time", None), float):
+            self._current_train_step_time += time.perf_counter() - self._micro_batch_started
+
+    def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The model's keyword arguments in a prepared batch (for the default selection's traced forward). TRL's GRPO
+        batches hold prompt and completion apart (`prompt_ids`, `completion_ids` and their masks): joined, as its loss
+        joins them."""
+        if "prompt_ids" in inputs and "completion_ids" in inputs and "input_ids" not in inputs:
+            return {"input_ids": torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+                    "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)}
+        return inputs
+
     @contextmanager
     def _records_from_pass_one(self) -> Iterator[None]:
         """Undo what pass 2's `compute_loss` records as a side effect (TRL: `_metrics` lists, `_total_train_tokens`):
-        metrics and token counts come from the clean pass 1 only, as in plain training."""
+        metrics and token counts come from the clean pass 1 only, as in plain training. What the base `training_step`
+        records outside `compute_loss` (GRPO's `step_time`) is kept."""
+        compute_loss = self.compute_loss
+
+        def undone(*args: Any, **kwargs: Any) -> Any:
+            with self._compute_loss_records_undone():
+                return compute_loss(*args, **kwargs)
+
+        self.compute_loss = undone
+        try:
+            yield
+        finally:
+            del self.compute_loss
+
+    @contextmanager
+    def _compute_loss_records_undone(self) -> Iterator[None]:
         metrics = getattr(self, "_metrics", None)
         saved = {mode: {k: list(v) for k, v in m.items()} for mode, m in metrics.items()} if isinstance(
             metrics, dict) else None

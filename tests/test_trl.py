@@ -100,9 +100,9 @@ def test_a_plain_sft_config_is_converted_keeping_every_value(tmp_path):
         assert getattr(trainer.args, name) == getattr(args, name), name
 
 
-def test_grpo_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="GRPOTrainer is not supported by hf_lwsam: it generates completions"):
-        lwsam_trainer(trl.GRPOTrainer)(model=tiny_lm(), reward_funcs=[lambda **kw: [0.0]], args=None)
+def test_rloo_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="RLOOTrainer is not supported by hf_lwsam: its loss always weighs"):
+        lwsam_trainer(trl.RLOOTrainer)(model=tiny_lm(), reward_funcs=[lambda **kw: [0.0]], args=None)
 
 
 def test_importing_hf_lwsam_trl_without_trl_says_how_to_install():
