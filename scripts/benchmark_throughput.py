@@ -9,9 +9,15 @@ training), and the table reports the median over rounds and ratios measured side
 The methods are a table (`methods`) of `study_methods.Method` rows, the type `benchmark_accuracy.py` trains: a new
 method is one row, its `sam_*` options in `sam` and any other TrainingArguments in `args`.
 
+Peak memory beside it, both ÷ AdamW: on CUDA `torch.cuda.max_memory_allocated` over each run (model, optimizer
+state, activations, SAM's backup); on the CPU, with `--memory`, every method once more in a fresh process of its
+own (this process's heap keeps what earlier methods freed), its peak resident set during training (the kernel's
+high-water mark VmHWM, reset when training starts) minus its resident set before the model was built.
+
     python scripts/benchmark_throughput.py                                    # CPU default: 6 layers, d=256, T=128
     python scripts/benchmark_throughput.py --device cuda --bf16 --preset gpt2-350m --json benchmarks/gpu.json
     python scripts/benchmark_throughput.py --preset smollm2-135m --lora        # the real SmolLM2, LoRA (CPU)
+    python scripts/benchmark_throughput.py --rounds 5 --steps 40 --methods '^adamw$' '^free preset$' --memory
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -89,6 +96,7 @@ def methods(n_layer: int, ks: list[int], trunk: str = "transformer.h", norm: str
                           cycle=cycle))
     out.append(Method("full random", dict(sam_selection="all", sam_ascent="random")))
     out.append(Method("full momentum", dict(sam_selection="all", sam_ascent="momentum")))  # one pass, Momentum-SAM
+    out.append(Method("free preset", dict(sam_preset="free")))  # the recommended mode as it is defined today
     out.append(Method("LW-SAM k=1 random", dict(sam_target_layers=last, sam_ascent="random")))
     out.append(Method("LW-SAM k=1 momentum", dict(sam_target_layers=last, sam_ascent="momentum")))
     if norms is not None:  # the normalization layers only: in every block, so the ascent runs the full depth
@@ -119,17 +127,23 @@ class RandomTokens(torch.utils.data.Dataset):
 def reset_peak_memory(device: str) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the process's peak RSS (VmHWM)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the process's peak RSS (VmHWM) to its RSS now
             f.write("5")
+    except OSError:  # a kernel that refuses it: the peak since the process started (a fresh one: the model's build)
+        pass
 
 
-def peak_memory_gib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set (`VmRSS`) or its high-water mark (`VmHWM`), from /proc/self/status."""
     with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
-    return kib / 2**20
+        return 1024 * next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_memory_bytes(device: str) -> int:
+    """The peak since `reset_peak_memory`: allocated CUDA memory, or the CPU process's resident set."""
+    return torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes("VmHWM")
 
 
 def trainer_classes(a) -> tuple[type, type, type, type]:
@@ -142,7 +156,7 @@ def trainer_classes(a) -> tuple[type, type, type, type]:
     return Trainer, LWSAMConfig, LWSAMTrainer, LWSAMConfig
 
 
-def run(method: Method, model, data, a, steps: int) -> tuple[list[float], float]:
+def run(method: Method, model, data, a, steps: int) -> tuple[list[float], int]:
     sam = dict(method.sam or {})
     if isinstance(sam.get("sam_start"), float):  # late phase: the fraction of the timed steps, after the warm-up
         sam["sam_start"] = a.warmup + round(sam["sam_start"] * (steps - a.warmup))
@@ -170,10 +184,33 @@ def run(method: Method, model, data, a, steps: int) -> tuple[list[float], float]
         torch.cuda.empty_cache()
     reset_peak_memory(a.device)
     trainer.train()
-    peak = peak_memory_gib(a.device)
+    peak = peak_memory_bytes(a.device)
     model.zero_grad(set_to_none=True)
     del trainer
     return timer.times[a.warmup :], peak
+
+
+def memory_measure(a) -> str | None:
+    """What the peak memory column measures, for the JSON file."""
+    if a.device == "cuda":
+        return "cuda max_memory_allocated during training, the highest over the rounds"
+    if a.memory:
+        return ("peak RSS during training (VmHWM) minus the RSS before the model was built, each method in a fresh "
+                "process")
+    return None
+
+
+def memory_in_fresh_process(a, preset: str, name: str) -> int:
+    """Method `name` trained once (warm-up and one round's steps) in a fresh process of this script: its peak resident
+    set during training minus its resident set before the model was built, in bytes."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--preset", preset, "--device", a.device,
+            "--k", *map(str, a.k), "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch),
+            "--seq_len", str(a.seq_len), "--trainer", a.trainer, "--sft_checkpointing", str(a.sft_checkpointing),
+            *(["--bf16"] if a.bf16 else []), *(["--lora"] if a.lora else []), "--memory_of", name]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the memory run of {name!r} failed:\n{done.stderr[-3000:]}")
+    return int(next(line.split("=")[1] for line in done.stdout.splitlines() if line.startswith("peak_bytes=")))
 
 
 def main() -> None:
@@ -199,12 +236,18 @@ def main() -> None:
                    help="the bare Trainer (default), or TRL's SFTTrainer against SFTLWSAMTrainer (needs trl)")
     p.add_argument("--sft_checkpointing", type=int, choices=[0, 1], default=1,
                    help="--trainer sft: activation checkpointing (SFTConfig's default is on)")
+    p.add_argument("--memory", action="store_true",
+                   help="CPU: also measure every method's peak memory, each in a fresh process of its own after the "
+                        "timed rounds (its peak resident set minus its resident set before the model is built). CUDA "
+                        "always reports max_memory_allocated from the timed runs")
+    p.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)  # the fresh process of one method
     a = p.parse_args()
     preset = a.preset or ("gpt2-124m" if a.device == "cuda" else "cpu")
     n_layer, d, heads, seq_len, batch, vocab = PRESETS[preset]
     a.seq_len, a.batch = a.seq_len or seq_len, a.batch or batch
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
+    before_model = resident_bytes()
 
     if preset == "smollm2-135m":
         from transformers import AutoModelForCausalLM
@@ -245,9 +288,14 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else cpu
     print(f"{a.trainer} {preset}: {n_layer} layers, d={d}, T={a.seq_len}, batch={a.batch}, vocab={vocab}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, device={device_name}, bf16={a.bf16}")
+    if a.memory_of is not None:  # one method in this fresh process: its memory only
+        method = next(m for m in todo_methods if m.name == a.memory_of)
+        _, peak = run(method, model, data, a, a.warmup + timed_steps(method, a.steps))
+        print(f"peak_bytes={peak - before_model}")
+        return
 
     times: dict[str, list[float]] = {m.name: [] for m in todo}
-    peaks: dict[str, float] = {m.name: 0.0 for m in todo}
+    peaks: dict[str, int] = {m.name: 0 for m in todo}
     for r in range(a.rounds):
         order = todo if r % 2 == 0 else todo[::-1]  # alternate the order so drift hits every method alike
         for m in order:
@@ -255,28 +303,36 @@ def main() -> None:
             times[m.name].append(statistics.mean(t))  # a round's mean step time: with sam_interval, whole cycles
             peaks[m.name] = max(peaks[m.name], peak)
             print(f"  round {r + 1}/{a.rounds} {m.name:28s} mean {statistics.mean(t) * 1e3:8.1f} ms/step", flush=True)
+    if a.device == "cpu":  # this process's resident set also holds what earlier methods freed: a fresh one each
+        peaks = {}
+        for m in todo if a.memory else []:
+            peaks[m.name] = memory_in_fresh_process(a, preset, m.name)
+            print(f"  memory {m.name:28s} peak {peaks[m.name] / 2**30:.3f} GiB above the resident set before the "
+                  "model", flush=True)
 
     tokens = a.batch * a.seq_len
     base = statistics.median(times["adamw"]) if "adamw" in times else None
     rows = []
     for m in todo:
         ms = statistics.median(times[m.name])
+        peak = peaks.get(m.name)
         rows.append(dict(method=m.name, ms_per_step=ms * 1e3, tokens_per_s=tokens / ms,
-                         ratio_to_adamw=(base / ms) if base else None, peak_gib=peaks[m.name],
-                         peak_ratio=(peaks[m.name] / peaks["adamw"]) if "adamw" in peaks else None))
+                         ratio_to_adamw=(base / ms) if base else None,
+                         peak_gib=peak / 2**30 if peak is not None else None,
+                         peak_ratio=peak / peaks["adamw"] if peak is not None and "adamw" in peaks else None))
     print("\n| method | ms/step | tokens/s | ÷ AdamW | peak GiB | peak ÷ AdamW |\n|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['ratio_to_adamw']:.3f}" if r["ratio_to_adamw"] else "-"
-        peak_ratio = f"{r['peak_ratio']:.3f}" if r["peak_ratio"] else "-"
-        print(f"| {r['method']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_gib']:.2f} "
-              f"| {peak_ratio} |")
+        peak = f"{r['peak_gib']:.3f}" if r["peak_gib"] is not None else "-"
+        peak_ratio = f"{r['peak_ratio']:.3f}" if r["peak_ratio"] is not None else "-"
+        print(f"| {r['method']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {peak} | {peak_ratio} |")
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         with open(a.json, "w") as f:
             json.dump(dict(trainer=a.trainer, preset=preset, device=device_name, bf16=a.bf16, batch=a.batch,
                            seq_len=a.seq_len,
-                           rounds=a.rounds, steps=a.steps, peak_memory="cuda max_memory_allocated" if
-                           a.device == "cuda" else "process peak RSS (VmHWM)", results=rows), f, indent=2)
+                           rounds=a.rounds, steps=a.steps, peak_memory=memory_measure(a), results=rows), f,
+                      indent=2)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU session (H100/H200) in at most TOTAL seconds (default 530): environment; the FSDP2 Trainer check on one
 # GPU (world size 1: the sharded code path, DTensor parameters, its update against the formula); the GPU works-with
-# matrix; the fp16/bf16 training check; the GPU tests; the throughput of the headline methods on the GPT-2 350M shape.
+# matrix; the fp16/bf16 training check; the GPU tests; the throughput and peak memory of the headline methods (the
+# free preset among them) on the GPT-2 350M shape.
 # Each step has its own time limit and none runs past TOTAL: a step the budget no longer covers is skipped and counted
 # as a failure. Logs (and the throughput JSON) go to $OUT, one file per step.
 # Usage on the device machine, from the repo root: OUT=/some/dir bash scripts/device_check.sh
@@ -55,10 +56,11 @@ else
   echo "datasets not importable here: GPU pytest skipped"
 fi
 # The headline methods only (all of them take about 150 s a preset): AdamW, full SAM, the layer-wise default (k=1
-# with reuse), its stale ascent, and full SAM over the last 20% of the run (sam_preset="fast").
+# with reuse), its stale ascent, full SAM over the last 20% of the run (sam_preset="fast") and the recommended
+# sam_preset="free" (Momentum-SAM on every parameter, one pass); peak memory (max_memory_allocated) beside each.
 step throughput_gpt2-350m 120 python3 scripts/benchmark_throughput.py --device cuda --bf16 --preset gpt2-350m \
   --rounds 3 --steps 10 --k 1 --methods '^adamw$' '^full SAM$' '^LW-SAM k=1 reuse$' '^LW-SAM k=1 stale$' \
-  '^full SAM late from 80%$' --json "$OUT/throughput_gpt2-350m.json"
+  '^full SAM late from 80%$' '^free preset$' --json "$OUT/throughput_gpt2-350m.json"
 if [ "$PLAN" = 1 ]; then
   echo "total: at most ${planned}s of TOTAL=${TOTAL}s"
   [ "$planned" -le "$TOTAL" ] || exit 1
