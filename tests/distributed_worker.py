@@ -41,7 +41,7 @@ TARGET = ["h.2", "ln_f"]  # layer-wise: the last block and the final norm of tin
 # the multi-step ones for rank agreement.
 ONE_STEP_SGD = dict(max_steps=1, learning_rate=1.0, optim="sgd", sam_rho=RHO, sam_target_layers=TARGET)
 SCHEDULE_SGD = dict(gradient_accumulation_steps=2, learning_rate=0.2, optim="sgd", sam_rho=RHO)
-SINGLE_PASS = ("looksam_sync", "looksam_local", "random_late", "momentum")  # scenarios whose steps may take one pass
+SINGLE_PASS = ("looksam_sync", "looksam_local", "random_late", "momentum", "momentum_own")  # may take one pass
 SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     "sync_ga1": (dict(ONE_STEP_SGD, gradient_accumulation_steps=1, sam_sync_perturbation=True), 4),
     "local_ga1": (dict(ONE_STEP_SGD, gradient_accumulation_steps=1), 4),
@@ -62,6 +62,9 @@ SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     # Momentum-SAM with AdamW: e_S from the optimizer's first moment, which DDP keeps identical on every process.
     "momentum": (dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=1e-2, optim="adamw_torch",
                       sam_rho=0.3, sam_ascent="momentum", sam_target_layers=TARGET), 32),
+    # ... with its own average of the all-reduced gradients, under plain SGD (which keeps no moment).
+    "momentum_own": (dict(SCHEDULE_SGD, max_steps=4, sam_ascent="momentum", sam_momentum="own",
+                          sam_target_layers=TARGET), 32),
     "probe": (dict(max_steps=3, gradient_accumulation_steps=1, learning_rate=3e-3, optim="adamw_torch",
                    sam_rho=0.05, sam_selection="probe", sam_top_k=2, sam_probe_interval=1, sam_probe_batches=1), 12),
 }

@@ -240,12 +240,13 @@ def test_gradient_accumulation_syncs_once_per_optimizer_step(fp32_run, scenario)
         assert counted == [s * per_step for s in range(steps) for _ in range(2 * accumulation)]
 
 
-@pytest.mark.parametrize("scenario", ["looksam_sync", "random_late", "momentum"])
+@pytest.mark.parametrize("scenario", ["looksam_sync", "random_late", "momentum", "momentum_own"])
 def test_schedules_equal_single_process_on_the_global_batch(fp32_run, scenario, tmp_path):
     """LookSAM with a synchronised ascent (g_v from all-reduced gradients, added after the all-reduce), random
     perturbation from step 1 (noise seeded by step and parameter, not by rank) and Momentum-SAM with AdamW (e_S from
-    the optimizer's first moment, identical on every process without any communication of its own): two processes
-    take the single-process trainer's steps on the global batches."""
+    the optimizer's first moment, identical on every process without any communication of its own; with plain SGD,
+    its own average of the all-reduced gradient): two processes take the single-process trainer's steps on the global
+    batches."""
     ranks = load(fp32_run, scenario)
     model = start_model(ranks)
     args, n_examples = make_args(scenario, str(tmp_path / "single"), per_device_train_batch_size=WORLD * BATCH)
@@ -255,11 +256,11 @@ def test_schedules_equal_single_process_on_the_global_batch(fp32_run, scenario, 
     assert all(torch.equal(got[n], ranks[1]["end"][n]) for n in got)
     assert _rel(got, dict(single.model.named_parameters()), start) <= 1e-5
     steps = [e["sam/sam_steps"] for e in ranks[0]["log_history"] if "sam/sam_steps" in e]
-    if scenario in ("random_late", "momentum"):
+    if scenario in ("random_late", "momentum", "momentum_own"):
         assert steps == ([0.0, 1.0, 1.0] if scenario == "random_late" else [0.0, 1.0, 1.0, 1.0])
         for a, b in zip(*(r["passes"] for r in ranks)):  # every process perturbed with the same noise / moment
             assert all(torch.equal(a["at"][n], b["at"][n]) for n in a["at"])
-        if scenario == "momentum":  # ... and really perturbed: ||e_S|| = rho on the SAM steps (step 0 has no moment)
+        if scenario != "random_late":  # ... and really perturbed: ||e_S|| = rho on the SAM steps (step 0 has no moment)
             e_norms = [e["sam/e_norm"] for e in ranks[0]["log_history"] if "sam/e_norm" in e]
             assert len(e_norms) == 3 and all(abs(x - args.sam_rho) < 1e-5 for x in e_norms)
     else:
