@@ -209,3 +209,34 @@ def test_an_explicit_optimizer_source_refuses_an_optimizer_passed_to_the_trainer
                      train_dataset=shakespeare_lm_dataset(8),
                      optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
     assert all(torch.equal(start[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_skipped_or_non_finite_step_leaves_the_average_unchanged(precision, sgd_args):
+    """An infinite gradient of S at step 1 (set before the optimizer step): under fp16 the GradScaler skips the step
+    and never calls the optimizer, so the pre-hook does not run; without a scaler the hook sees it and keeps m."""
+    from transformers import TrainerCallback
+
+    if precision == "fp16" and not torch.cuda.is_available():
+        pytest.skip("fp16 mixed precision needs a GPU (the CPU has no fp16 GradScaler path in the Trainer)")
+    device = dict(fp16=True, use_cpu=False) if precision == "fp16" else {}
+    trainer = LWSAMTrainer(model=tiny_gpt2(), args=sgd_args(sam_rho=RHO, max_steps=3, sam_ascent="momentum",
+                                                            sam_momentum="own", learning_rate=0.1, **device),
+                           train_dataset=shakespeare_lm_dataset(12))
+    kept = []
+
+    class Inject(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                first = trainer._sam_parameters()[0][1]
+                first.grad.view(-1)[0] = float("inf")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            kept.append([m.clone() for m in trainer._schedule.direction(trainer.perturbed_parameter_names())])
+
+    trainer.add_callback(Inject())
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(kept[0], kept[1]))  # step 1 left m as step 0 made it
+    assert all(torch.isfinite(m).all() for m in kept[1])
+    if precision == "fp16":  # the scaler skipped only step 1: step 2 updated m again
+        assert not all(torch.equal(a, b) for a, b in zip(kept[1], kept[2]))
