@@ -9,14 +9,14 @@ import logging
 
 import pytest
 import torch
-from transformers import Trainer
-
 from conftest import shakespeare_lm_dataset, tiny_gpt2, tiny_llama
-from hf_lwsam import LWSAMConfig, LWSAMTrainer
-from hf_lwsam.modes import mode_description
 from test_momentum import rel
 from test_schedule import assert_resume_is_exact, weights, window_gradient
 from test_update_math import _batches
+from transformers import Trainer
+
+from hf_lwsam import LWSAMConfig, LWSAMTrainer
+from hf_lwsam.modes import mode_description
 
 STEPS, RHO, BETA = 3, 0.3, 0.9
 
@@ -75,7 +75,8 @@ def test_own_average_gives_the_updates_of_adamws_moment(sgd_args):
 def test_own_average_with_plain_sgd_equals_the_formula(sgd_args):
     """SGD without momentum keeps nothing: step 1 is plain, then the gradient at w - rho m / ||m||, m the own average."""
     data = shakespeare_lm_dataset(4 * STEPS)
-    trainer = trained(sgd_args, data, sam_selection="all", sam_ascent="momentum", sam_momentum="own", learning_rate=0.1)
+    trainer = trained(sgd_args, data, sam_selection="all", sam_ascent="momentum", sam_momentum="own",
+                      learning_rate=0.1)
     expected = own_reference(lambda p: torch.optim.SGD(p, lr=0.1), data)
     assert rel(weights(trainer.model), expected, weights(tiny_gpt2())) <= 1e-5
     logs = sam_logs(trainer)
