@@ -626,4 +626,7 @@ def as_lwsam_config(args: TrainingArguments | None, native_cls: type[TrainingArg
     names = {f.name for f in fields(target) if f.init}
     values = {f.name: getattr(args, f.name) for f in fields(args)
               if f.init and f.name in names and hasattr(args, f.name)}
+    if values.get("generation_batch_size") is not None and values.get("steps_per_generation") is not None:
+        # TRL's GRPOConfig derives either from the other and refuses both: the pair is rebuilt from one
+        values["generation_batch_size"] = None
     return target(**values)

@@ -80,6 +80,26 @@ def rel(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], start: 
     return float(torch.sqrt(num / den))
 
 
+# ------------------------------------------------------------------------------------------------ config, classes
+def test_the_factories_give_grpolwsam_and_keep_grpos_defaults(tmp_path):
+    from hf_lwsam import LWSAMConfigMixin, lwsam_config, lwsam_trainer
+
+    assert lwsam_trainer(trl.GRPOTrainer) is GRPOLWSAMTrainer and lwsam_config(trl.GRPOConfig) is GRPOLWSAMConfig
+    ours, theirs = GRPOLWSAMConfig(output_dir="x", use_cpu=True), trl.GRPOConfig(output_dir="x", use_cpu=True)
+    for name in ("loss_type", "num_generations", "beta", "epsilon", "steps_per_generation", "learning_rate", "bf16"):
+        assert getattr(ours, name) == getattr(theirs, name), name  # TRL's own defaults survive
+    assert isinstance(ours, trl.GRPOConfig) and isinstance(ours, LWSAMConfigMixin) and ours.sam_rho == 0.05
+    # A plain GRPOConfig is copied, every value kept: the generation batch it derived from generation_batch_size too
+    # (GRPOConfig refuses generation_batch_size and steps_per_generation both given).
+    plain = trl.GRPOConfig(output_dir=str(tmp_path / "x"), **COMMON, generation_batch_size=8)
+    trainer = GRPOLWSAMTrainer(model=tiny_policy(), reward_funcs=low_id_tokens, args=plain, train_dataset=prompts(),
+                               processing_class=smollm2_tokenizer())
+    assert type(trainer.args) is GRPOLWSAMConfig
+    for name in ("max_completion_length", "generation_batch_size", "steps_per_generation", "num_generations"):
+        assert getattr(trainer.args, name) == getattr(plain, name), name
+    assert (trainer.args.generation_batch_size, trainer.args.steps_per_generation) == (8, 4)
+
+
 # ------------------------------------------------------------------------------------------------ plain training
 @pytest.mark.parametrize("sam", [dict(sam_rho=0.0), dict(sam_start=10)], ids=["rho0", "sam_start_past_the_run"])
 def test_grpo_without_sam_equals_grpotrainer_bit_for_bit_with_buffering_and_evaluation(sam, tmp_path):
@@ -133,6 +153,7 @@ def test_the_exact_ascent_equals_sam_by_hand_on_grpos_loss(accumulation, tmp_pat
     # The default selection was traced on GRPO's prepared batch (prompt and completion joined), not left as is.
     assert not any("could not trace" in r.getMessage() for r in caplog.records)
     assert trainer.perturbed_parameter_names() == [n for n in weights(trainer.model) if n.startswith(TRUNK_END)]
+    assert trainer.reuse_disabled_reason is None  # pass 2 replayed the first block's outputs from pass 1
     assert logged(trainer, "reward") == logged(expected, "reward")  # the same completions were sampled
     # GRPO's gradient sums advantage-weighted terms that nearly cancel (the advantages of a group sum to zero), which
     # magnifies float32 rounding: two orderings of this same formula (norm in float64 or float32) differ by 3e-5.
