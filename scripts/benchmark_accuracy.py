@@ -15,14 +15,16 @@ Suites (`--suite`, or the suite of the `--tasks` given), each with its methods t
     cls-lora  the same under PEFT LoRA (r=8 on query/value; the classifier head trained)
     lm        a small GPT-2 pretrained from scratch on most Shakespeare plays (cached), fine-tuned on a held-out group
               of plays; perplexity on a further held-out play
-  chat (`chat_methods`: AdamW, full SAM, `sam_preset="fast"`, the layer-wise default, `sam_preset="free"`)
-    chat, chat-small, chat-noise40
-              the shipped pretrained SmolLM2-135M-Instruct, LoRA SFT (TRL's SFTTrainer, r=16 on every linear layer)
-              on tweet sentiment as a chat in its chat template (`hf-lwsam-sft`'s offline task): 512 clean training
-              tweets, 1 epoch; 128 clean tweets, 4 epochs; 512 tweets with 40% noisy labels, 1 epoch (64 steps of 8
-              each: AdamW answers mostly one label up to ~24 steps). Metric: accuracy of the most likely answer among
-              negative/neutral/positive on held-out tweets. ~8 min a run on one CPU core (full SAM ~16); seconds on a
-              GPU (`--device cuda`)
+  chat (`chat_methods`: AdamW and Adafactor with learning rates chosen on validation, full SAM
+      (`sam_preset="exact"`), `sam_preset="fast"`, `sam_preset="free"`, the layer-wise default)
+    chat-noise40, chat-noise40-full (also chat, chat-small)
+              the shipped pretrained SmolLM2-135M-Instruct, SFT (TRL's SFTTrainer; LoRA r=16 on every linear layer,
+              every weight for `-full`) on tweet sentiment as a chat in its chat template (`hf-lwsam-sft`'s offline
+              task): 1024 tweets with 40% noisy answers, 1 epoch of 128 steps of 8 (AdamW answers the majority label
+              up to 64 steps), CPU bf16 autocast, padding-free batches. Scores on 1000 test tweets (500 validation):
+              the accuracy of the most likely answer among negative/neutral/positive, the answer NLL, and the NLL of
+              a held-out play before and after (forgetting). ~25 min an AdamW run on one busy CPU core; a GPU's
+              study (`--device cuda`, scripts/gpu_study.sh)
   robustness (`robust_methods`): the regimes where the literature reports SAM's largest gains. AdamW, full SAM, LW-SAM
       default, LW-SAM probe, the stale ascent and SAM every 4th step (these two take LW-SAM default's rho), LW-SAM
       over the output half of the trunk; SAM over one part of the model at a time (`LOCATIONS`: embeddings, input
