@@ -490,3 +490,21 @@ def test_padding_free_batches_give_the_padded_loss(tmp_path):
     _run("scripts/chat_learning_curve.py", "--padding_free_check", "--quick", "--out", str(tmp_path), timeout=600)
     losses = json.loads((tmp_path / "chat_sizing_cost.json").read_text())["padding_free_loss"]
     assert losses["padding-free"] == pytest.approx(losses["padded"], rel=1e-5) and losses["padded"] > 0
+
+
+@pytest.mark.slow  # 12 + 6 tiny-ViT runs of 3 epochs
+def test_baselines_pick_a_reference_and_train_sam_on_its_optimizer(tmp_path):
+    _run("scripts/benchmark_accuracy.py", "--suite", "robustness", "--quick", "--tasks", "digits-noise40",
+         "--baselines", "--seeds", "0", "--methods", "full SAM on reference", "fast on reference", "free on reference",
+         "--out", str(tmp_path), timeout=1800)
+    report = (tmp_path / "quick" / "baselines.md").read_text()
+    reference = next(line for line in report.splitlines() if "**reference**" in line).split(" | ")[1]
+    name = reference.replace(" **reference**", "")
+    runs = tmp_path / "quick" / "runs"
+    full = json.loads(next(runs.glob("digits-noise40__full_SAM_on_reference__*.json")).read_text())
+    key = f"digits-noise40__{name.replace(' ', '_')}__rho0.0__seed0__lr*.json"
+    grid_row = json.loads(next(runs.glob(key)).read_text())
+    assert full["config"]["args"] == grid_row["config"]["args"] and full["config"]["lr"] == grid_row["config"]["lr"]
+    assert f"| digits-noise40 | {name} (reference, lr" in report and "| digits-noise40 | fast on reference |" in report
+    free = "not applicable" if "adafactor" in name else "| digits-noise40 | free on reference |"
+    assert free in report
