@@ -218,6 +218,19 @@ def test_the_free_preset_equals_momentum_sam_by_hand_on_grpos_loss(accumulation,
     assert rel(weights(plain.model), weights(expected.model), start) > 1e-3  # the perturbation changed the update
 
 
+def test_resuming_a_grpo_run_from_its_checkpoint_is_bit_exact(tmp_path):
+    """sam_preset="free" (the moment is in the optimizer's checkpoint): checkpoint-1 resumed gives step 2 to the bit."""
+    whole = grpo(GRPOLWSAMTrainer, GRPOLWSAMConfig, tmp_path, **ADAMW, sam_preset="free", save_strategy="steps",
+                 save_steps=1)
+    args = GRPOLWSAMConfig(output_dir=str(tmp_path / "resumed"), **{**COMMON, **ADAMW}, sam_preset="free")
+    resumed = GRPOLWSAMTrainer(model=tiny_policy(), reward_funcs=low_id_tokens, args=args, train_dataset=prompts(),
+                               processing_class=smollm2_tokenizer())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "GRPOLWSAMTrainer" / "checkpoint-1"))
+    a, b = weights(whole.model), weights(resumed.model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert logged(resumed, "reward") == logged(whole, "reward")  # step 1 from the checkpoint's log history
+
+
 # ------------------------------------------------------------------------------------------------------ DDP
 @pytest.mark.slow  # two processes, two trainers each
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is not available")
