@@ -519,10 +519,13 @@ class LWSAMMixin:
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The model's keyword arguments in a prepared batch (for the default selection's traced forward). TRL's GRPO
         batches hold prompt and completion apart (`prompt_ids`, `completion_ids` and their masks): joined, as its loss
-        joins them."""
+        joins them, with the image inputs its loss passes for the whole batch."""
         if "prompt_ids" in inputs and "completion_ids" in inputs and "input_ids" not in inputs:
-            return {"input_ids": torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
-                    "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)}
+            joined = {"input_ids": torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+                      "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)}
+            images = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                      "token_type_ids", "mm_token_type_ids", "image_position_ids")
+            return {**joined, **{k: inputs[k] for k in images if inputs.get(k) is not None}}
         return inputs
 
     @contextmanager
