@@ -346,9 +346,9 @@ class LWSAMConfigMixin:
         """An option that does nothing in the chosen mode is refused by name: one of a mode that is off, set off its
         default; layer patterns under sam_selection='all'; sam_reuse_activations=False where nothing is reused."""
         defaults = _sam_defaults()
-        needs = {name: ("sam_selection='probe'", self.sam_selection == "probe")
-                 for name in ("sam_top_k", "sam_top_ratio", "sam_probe_interval", "sam_probe_batches",
-                              "sam_probe_metric", "sam_probe_granularity")}
+        probe_options = ("sam_top_k", "sam_top_ratio", "sam_probe_interval", "sam_probe_batches", "sam_probe_metric",
+                         "sam_probe_granularity")
+        needs = dict.fromkeys(probe_options, ("sam_selection='probe'", self.sam_selection == "probe"))
         needs["sam_looksam_alpha"] = ("sam_interval_reuse='looksam'", self.sam_interval_reuse == "looksam")
         for name in ("sam_momentum", "sam_momentum_beta"):
             needs[name] = ("sam_ascent='momentum' (sam_preset='free')", self.sam_ascent == "momentum")

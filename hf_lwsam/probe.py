@@ -80,7 +80,7 @@ def candidate_layers(model: nn.Module, target_layers: Pattern = None, exclude_la
     if target_layers is not None:
         names = select_layers(model, target_layers, exclude_layers)
     else:
-        names = [n for n in owned_parameters(model)]
+        names = list(owned_parameters(model))
         if exclude_layers is not None:
             excluded = [n for n, _ in model.named_modules() if n and name_matches(n, exclude_layers)]
             if not excluded:

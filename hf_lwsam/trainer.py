@@ -30,7 +30,6 @@ from .sharding import (
     capture_unsharded,
     gradient_of,
     is_sharded,
-    local,
     reshard,
     shards_of,
     sum_over_shards,

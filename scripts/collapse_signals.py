@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_tasks import tiny_vit  # noqa: E402
-
 from hf_lwsam import select_layers  # noqa: E402
 from hf_lwsam.selection import layer_parameters  # noqa: E402
+from study_tasks import tiny_vit  # noqa: E402
 
 RUNS = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy" / "runs"
 ROWS = {"full momentum": "all", "LW-SAM momentum": "pattern"}

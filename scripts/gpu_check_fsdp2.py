@@ -116,7 +116,7 @@ def throughput() -> None:
                "LW-SAM k=1 stale": dict(sam_target_layers=["transformer.h.23", "transformer.ln_f"],
                                         sam_ascent="stale")}
     times: dict[str, list[float]] = {m: [] for m in methods}
-    peaks: dict[str, float] = {m: 0.0 for m in methods}
+    peaks: dict[str, float] = dict.fromkeys(methods, 0.0)
     for r in range(2):
         for name in (methods if r % 2 == 0 else list(methods)[::-1]):
             model = gpt2(n_layer, d, heads, seq, vocab)

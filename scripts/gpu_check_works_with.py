@@ -144,10 +144,10 @@ def flash_varlen(out: str) -> str:
     need("trl")
     if importlib.util.find_spec("flash_attn") is None and importlib.util.find_spec("kernels") is None:
         raise Skip("flash_attn not installed")
+    from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from conftest import shakespeare_paragraphs, tiny_tokenizer
-    from datasets import Dataset
     from hf_lwsam.trl import SFTLWSAMConfig, SFTLWSAMTrainer
 
     def run(attention: str):

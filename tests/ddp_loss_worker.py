@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import shakespeare_lm_dataset, tiny_bert, tiny_gpt2, tweet_bytes_dataset  # noqa: E402
-
 from hf_lwsam import LWSAMConfig, LWSAMTrainer  # noqa: E402
 
 # name -> (model factory, train set, eval set). Exact SAM with the ascent averaged over the processes

@@ -31,7 +31,6 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import shakespeare_lm_dataset, tiny_gpt2  # noqa: E402
-
 from hf_lwsam import LWSAMConfig, LWSAMTrainer  # noqa: E402
 
 RHO = 0.5  # large, so that SAM's update is far from plain SGD's

@@ -31,8 +31,15 @@ from hf_lwsam.probe import candidate_layers, grad_squared_norms, owned_parameter
 from hf_lwsam.sam import Perturbation, ascent_direction, global_norm, momentum_direction
 from hf_lwsam.schedule import AscentSchedule
 from hf_lwsam.selection import layer_parameters, select_layers
-from hf_lwsam.sharding import (all_reduce_mean, all_reduce_sum, capture_unsharded, gradient_of, is_sharded, local,
-                               shards_of)
+from hf_lwsam.sharding import (
+    all_reduce_mean,
+    all_reduce_sum,
+    capture_unsharded,
+    gradient_of,
+    is_sharded,
+    local,
+    shards_of,
+)
 
 RHO, ROWS_PER_RANK = 0.5, 2
 STEPS, STALE_LR = 3, 0.2  # the one-pass ascents' runs: optimizer steps, SGD's learning rate for the stale ascent

@@ -174,8 +174,9 @@ def test_causal_lm_is_inferred_packs_blocks_and_reports_perplexity(assets, tmp_p
     assert 0.0 < results["eval_accuracy"] < 1.0  # next-token accuracy
     # Packing: every block is --max_length tokens, so one epoch is ceil(blocks / batch) steps.
     tokenizer = AutoTokenizer.from_pretrained(assets["gpt2"])
-    from hf_lwsam.cli.data import pack_for_causal_lm
     from datasets import DatasetDict, load_dataset
+
+    from hf_lwsam.cli.data import pack_for_causal_lm
 
     raw = load_dataset("text", data_files={"train": str(assets["train_txt"])}, sample_by="paragraph")
     packed = pack_for_causal_lm(DatasetDict(raw), tokenizer, "text", 32, None)["train"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from test_cli import make_tiny_bert_dir, make_tiny_gpt2_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_cli import FAST, make_tiny_bert_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 
 from hf_lwsam.cli.output import (
     FINAL_TMP_NAME,
@@ -21,6 +20,7 @@ from hf_lwsam.cli.output import (
     plan_output_dir,
     record_written,
 )
+from test_cli import FAST, make_tiny_bert_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
 from test_cli import make_tiny_bert_dir, write_tweet_csvs
 
 REPO = Path(__file__).resolve().parent.parent

@@ -128,8 +128,9 @@ FULL = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length"
 @pytest.fixture(scope="module")
 def local_model(tmp_path_factory):
     """A saved tiny GPT-2 with its own byte-level BPE (and a chat template), as a user's local model folder."""
-    from test_cli import make_tiny_gpt2_dir
     from transformers import AutoTokenizer
+
+    from test_cli import make_tiny_gpt2_dir
 
     path = make_tiny_gpt2_dir(tmp_path_factory.mktemp("sft_local") / "tiny-gpt2")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -147,9 +148,9 @@ def _write_jsonl(folder, rows):
 def _assert_full_parameter_run(out, model_dir):
     """Every weight was trained and saved as a full model (no adapter); the card names the local base model by its
     folder name, and its metadata lists no local path."""
-    from test_model_card import assert_hub_accepts_the_metadata
-
     from safetensors.torch import load_file
+
+    from test_model_card import assert_hub_accepts_the_metadata
 
     assert not (out / "adapter_config.json").exists()
     before, after = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+
 from ddp_loss_worker import CLI_TASKS, TRAINER_RUNS, cli_argv, run_trainer
 from test_cli import make_tiny_bert_dir, make_tiny_gpt2_dir, run_cli, write_play_texts, write_tweet_csvs
 from test_distributed import CPU_CONFIG, ROOT, _free_port

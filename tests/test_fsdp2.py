@@ -138,7 +138,7 @@ def test_fsdp2_stale_resume_with_other_processes_or_sharding_is_refused(results)
 def test_fsdp2_momentum_steps_equal_the_single_process_formula(results):
     """AdamW with `sam_ascent="momentum"` on 2 processes: e_S from the shards of the first moment with the norm summed
     over them (||e_S|| = rho, not rho per process) takes the steps of Momentum-SAM by hand on the global batches."""
-    from test_momentum import SELECTED, rel, reference_run
+    from test_momentum import SELECTED, reference_run, rel
 
     ranks = [torch.load(results / f"momentum_rank{r}.pt", weights_only=False) for r in range(2)]
     got = ranks[0]["stepped"]
@@ -162,7 +162,7 @@ def test_fsdp2_trainer_momentum_logs_the_global_e_norm_and_takes_the_formula_ste
     selection's trace leaves the root module unsharded until it is resharded), so every step after the first is a SAM
     step; the logged `sam/e_norm` is ||e_S|| over the whole of S, rho (not the norm of one process's shards, about
     rho / sqrt(2)); and the weights are those of Momentum-SAM by hand on the global batches."""
-    from test_momentum import SELECTED, rel, reference_run
+    from test_momentum import SELECTED, reference_run, rel
 
     ranks = trainer_results(results)
     got = ranks[0]["stepped"]
@@ -202,7 +202,7 @@ def test_fsdp2_trainer_under_hsdp_counts_each_shard_once_in_the_norm(results):
     """HSDP (`dp_replicate_size=2, fsdp_size=1`: each shard on both processes): the norm of g_S or m_S sums each shard
     once, not once per replica, so e_S has length rho and the steps are those of one process on the global batch: the
     momentum ascent's as Momentum-SAM by hand, the exact ascent's one SGD step as LW-SAM by hand."""
-    from test_momentum import SELECTED, rel, reference_run
+    from test_momentum import SELECTED, reference_run, rel
 
     got = trainer_results(results)[0]
     assert got["hsdp_placements"] == "(Replicate(), Shard(dim=0))"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 from huggingface_hub import CommitInfo, HfApi, RepoUrl, get_token
-from test_cli import FAST, make_tiny_bert_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 
 from hf_lwsam.cli.output import MANIFEST_NAME
+from test_cli import FAST, make_tiny_bert_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 
 TOKEN = "hf_FAKEwriteTokenThatMustNeverBeWritten0123"
 
@@ -133,9 +133,9 @@ def local(tmp_path_factory) -> list[str]:
     """A tiny local GPT-2 and Shakespeare paragraphs in a local folder, as `hf-lwsam-sft` flags."""
     pytest.importorskip("trl")
     from datasets import Dataset
-    from test_cli import make_tiny_gpt2_dir
 
     from conftest import shakespeare_paragraphs
+    from test_cli import make_tiny_gpt2_dir
 
     root = tmp_path_factory.mktemp("hub_sft")
     model = make_tiny_gpt2_dir(root / "tiny-gpt2")

@@ -11,13 +11,13 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
-from test_cli import FAST, make_tiny_bert_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 from transformers import AutoModelForSequenceClassification
 
 from hf_lwsam import select_layers
 from hf_lwsam.config import sam_option_docs
 from hf_lwsam.model_card import TEMPLATE_PATH, ModelCardInfo, build_model_card, layer_groups, perturbed_layers
 from hf_lwsam.modes import sam_mode
+from test_cli import FAST, make_tiny_bert_dir, one_torch_thread, run_cli, write_tweet_csvs  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,7 +194,7 @@ def test_a_card_of_many_perturbed_modules_counts_them_by_name_pattern(sgd_args):
 def test_layer_groups_keep_lone_names_and_count_the_rest():
     names = ["h.0.attn", "h.1.attn", "h.2.attn", "h.5.attn", "h.0.mlp", "h.3.mlp", "h.4.mlp", "h.9.mlp", "h.11.mlp",
              "ln_f", "head"]
-    groups = layer_groups(names, {name: 2 for name in names})
+    groups = layer_groups(names, dict.fromkeys(names, 2))
     assert [(g["pattern"], g["count"], g["parameters"]) for g in groups] == [
         ("h.[0,1,2,5].attn", 4, "8"), ("h.*.mlp", 5, "10"), ("ln_f", 1, "2"), ("head", 1, "2")]
     assert layer_groups(["h.3.mlp", "h.4.mlp"]) == [{"pattern": "h.[3-4].mlp", "count": 2, "parameters": "0"}]
@@ -261,8 +261,6 @@ def test_the_adapter_of_a_hub_model_loaded_from_a_local_copy_names_the_hub_id(tm
 def test_the_example_card_is_what_the_template_writes_for_its_own_options():
     """`model_cards/example-hf-lwsam-sft.md` has the template's sections and one row per `sam_*` option, and names
     the mode its own option table gives (`sam_mode`), as a card written now would."""
-    import re
-
     from hf_lwsam.modes import preset_options
 
     text = (REPO / "model_cards" / "example-hf-lwsam-sft.md").read_text(encoding="utf-8")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from test_cli import FAST, make_tiny_gpt2_dir, one_torch_thread, run_cli, write_play_texts  # noqa: F401
 
 MAIN, PINNED = "a" * 40, "b" * 40  # commit ids: only `main` is a ref, the pinned one is reached by its id

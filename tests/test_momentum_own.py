@@ -9,14 +9,14 @@ import logging
 
 import pytest
 import torch
+from transformers import Trainer
+
 from conftest import shakespeare_lm_dataset, tiny_gpt2, tiny_llama
+from hf_lwsam import LWSAMConfig, LWSAMTrainer
+from hf_lwsam.modes import mode_description
 from test_momentum import rel
 from test_schedule import assert_resume_is_exact, weights, window_gradient
 from test_update_math import _batches
-from transformers import Trainer
-
-from hf_lwsam import LWSAMConfig, LWSAMTrainer
-from hf_lwsam.modes import mode_description
 
 STEPS, RHO, BETA = 3, 0.3, 0.9
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shakespeare_lm_dataset, tiny_gpt2
 from transformers import HfArgumentParser
 
+from conftest import shakespeare_lm_dataset, tiny_gpt2
 from hf_lwsam import LWSAMConfig, LWSAMTrainer
 from hf_lwsam.config import SAM_PRESETS
 

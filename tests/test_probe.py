@@ -13,7 +13,6 @@ from conftest import shakespeare_lm_dataset, tiny_bert, tiny_gpt2, tiny_llama_lo
 from hf_lwsam import LWSAMTrainer, probe_layer_grad_norms
 from hf_lwsam.probe import candidate_layers
 
-
 # The paper's ranking, the subject of this file: every layer a candidate, scored by its gradient norm.
 LAYER_NORMS = dict(sam_probe_granularity="layer", sam_probe_metric="grad_norm")
 

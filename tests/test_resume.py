@@ -9,11 +9,11 @@ import signal
 
 import pytest
 import torch
-from conftest import tweet_bytes_dataset
-from test_cli import one_torch_thread  # noqa: F401
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
 
+from conftest import tweet_bytes_dataset
 from hf_lwsam import LWSAMConfig, LWSAMTrainer, PreemptionCallback
+from test_cli import one_torch_thread  # noqa: F401
 
 MAX_STEPS = 6
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shakespeare_lm_dataset, tiny_gpt2
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
+from conftest import shakespeare_lm_dataset, tiny_gpt2
 from hf_lwsam import LWSAMTrainer
 from hf_lwsam.sam import Perturbation, global_norm, momentum_direction
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from conftest import shakespeare_lm_dataset, tiny_gpt2
-
 from hf_lwsam import LWSAMTrainer
 from hf_lwsam.step_timer import StepTimer
 

@@ -379,9 +379,8 @@ def sft_llama(seed: int = 0):
                          ids=["packing", "padding_free"])
 def test_sft_packing_and_padding_free_equal_the_formula_with_reuse_on(switch, tmp_path):
     pytest.importorskip("trl")
-    from test_trl import SGD, _sft_reference_step, sft
-
     from hf_lwsam.trl import SFTLWSAMConfig, SFTLWSAMTrainer
+    from test_trl import SGD, _sft_reference_step, sft
 
     options = dict(switch)
     runs = [sft(SFTLWSAMTrainer, SFTLWSAMConfig, tmp_path, model=sft_llama(), **SGD, **options, max_steps=1,
@@ -408,10 +407,9 @@ def test_sft_packing_and_padding_free_equal_the_formula_with_reuse_on(switch, tm
 
 def test_sft_neftune_both_passes_see_the_same_noise_and_reuse_equals_recompute(tmp_path):
     pytest.importorskip("trl")
-    from test_trl import COMMON, SGD, sft_data
-
     from conftest import tiny_tokenizer
     from hf_lwsam.trl import SFTLWSAMConfig, SFTLWSAMTrainer
+    from test_trl import COMMON, SGD, sft_data
 
     results = []
     for reuse in (True, False):
