@@ -82,7 +82,8 @@ def _deepspeed_zero_stage(deepspeed: dict | str | None) -> int:
 
 
 def _fsdp_version(fsdp_config: dict | str | None) -> int:
-    """The FSDP version of a Trainer `fsdp_config` (a dict, a JSON string or a JSON file); transformers' default is 2."""
+    """The FSDP version of a Trainer `fsdp_config` (a dict, a JSON string or a JSON file); transformers' default is
+    2."""
     config: Any = fsdp_config or {}
     if isinstance(config, str):
         try:
@@ -296,8 +297,8 @@ class LWSAMConfigMixin:
     sam_probe_granularity: str = field(
         default="block",
         metadata={
-            "help": "sam_selection='probe': what a candidate is, 'block' (each transformer block as one candidate, plus "
-            "each layer after the trunk; embeddings left out unless named by sam_target_layers) or 'layer' (every "
+            "help": "sam_selection='probe': what a candidate is, 'block' (each transformer block as one candidate, "
+            "plus each layer after the trunk; embeddings left out unless named by sam_target_layers) or 'layer' (every "
             "module owning trainable parameters).",
             "choices": list(PROBE_GRANULARITIES),
         },
@@ -457,7 +458,8 @@ class LWSAMConfigMixin:
             )
         if not is_int(self.sam_probe_batches) or self.sam_probe_batches < 1:
             raise ValueError(
-                f"sam_probe_batches={self.sam_probe_batches!r} is invalid: use an integer >= 1 (micro-batches per probe)."
+                f"sam_probe_batches={self.sam_probe_batches!r} is invalid: use an integer >= 1 (micro-batches per "
+                "probe)."
             )
         if self.sam_probe_granularity not in PROBE_GRANULARITIES:
             raise ValueError(
@@ -466,7 +468,8 @@ class LWSAMConfigMixin:
             )
         if self.sam_probe_metric not in PROBE_METRICS:
             raise ValueError(
-                f"sam_probe_metric={self.sam_probe_metric!r} is unknown: use one of {', '.join(map(repr, PROBE_METRICS))}."
+                f"sam_probe_metric={self.sam_probe_metric!r} is unknown: use one of "
+                f"{', '.join(map(repr, PROBE_METRICS))}."
             )
         accumulation = max(int(self.gradient_accumulation_steps), 1)
         windows = -(-self.sam_probe_batches // accumulation)  # ceil: optimizer steps a probe spans

@@ -50,7 +50,8 @@ def forward_uses_num_items_in_batch(model: nn.Module) -> bool | None:
 
 def _computes_own_loss(trainer: Trainer) -> bool:
     """The trainer (a subclass) computes or scales the loss itself: the stock loss path does not decide it."""
-    overridden = any("compute_loss" in vars(cls) for cls in type(trainer).__mro__[: type(trainer).__mro__.index(Trainer)])
+    mro = type(trainer).__mro__
+    overridden = any("compute_loss" in vars(cls) for cls in mro[: mro.index(Trainer)])
     return (overridden or trainer.compute_loss_func is not None or trainer.label_smoother is not None
             or getattr(trainer, "loss_is_scaled_for_ga", None) is not None)
 

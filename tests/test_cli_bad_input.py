@@ -299,7 +299,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(assets, tmp_path, case):
     # datasets logs these parsers' errors itself before raising: the one line carries them instead
     pytest.param(["--train_file", "broken.jsonl", "--validation_file", None], "hf-lwsam-train: error: could not "
                  "read --train_file", marks=pytest.mark.slow),
-    pytest.param(["--train_file", "ragged.csv"], "hf-lwsam-train: error: could not read --train_file", marks=pytest.mark.slow),
+    pytest.param(["--train_file", "ragged.csv"], "hf-lwsam-train: error: could not read --train_file",
+                 marks=pytest.mark.slow),
 ])
 def test_real_process_stderr_is_exactly_one_line(assets, tmp_path, case, expected):
     """Through a real interpreter, so logging handlers, progress bars and load reports would all show."""
@@ -461,7 +462,8 @@ def _sft_cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "prompt text, completion messages": (data("prompt_text_completion_messages"), "one text and one list"),
         "train and test in different formats": (data("text_train_messages_test"), "different columns"),
         "messages without a chat template": (data("messages"), "no chat template"),
-        "assistant_only_loss on text": (["--assistant_only_loss", "true"], "--assistant_only_loss needs conversational"),
+        "assistant_only_loss on text": (["--assistant_only_loss", "true"],
+                                        "--assistant_only_loss needs conversational"),
         # output directory and config files
         "output_dir holds other files": (["--output_dir", root / "text"], "did not write"),
         "resume_from_checkpoint missing": (["--resume_from_checkpoint", "/nonexistent"], "does not exist"),
@@ -576,8 +578,8 @@ def test_an_unreachable_hub_fails_at_once_with_one_complete_line(tmp_path):
 def test_long_library_messages_are_shortened_at_a_word_not_inside_a_url():
     from hf_lwsam.cli.args import brief
 
-    message = ("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached "
-               "files.\nCheck your internet connection or see how to run the library in offline mode at "
+    message = ("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the "
+               "cached files.\nCheck your internet connection or see how to run the library in offline mode at "
                "'https://huggingface.co/docs/transformers/installation#offline-mode'.")
     assert brief(message, 500) == " ".join(message.split())
     short = brief(message, 200)

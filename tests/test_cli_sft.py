@@ -43,7 +43,8 @@ def test_a_run_trains_saves_and_refuses_a_second_run(local, tmp_path, capsys):
     logged = [e for e in state["log_history"] if "sam/sharpness" in e]
     assert logged and "num_tokens" in logged[0]
     stdout = capsys.readouterr().out  # the summary, laid out as hf-lwsam-train's
-    assert "***** hf-lwsam-sft summary *****" in stdout and f"  train loss         : {results['train_loss']:.4f}" in stdout
+    assert "***** hf-lwsam-sft summary *****" in stdout
+    assert f"  train loss         : {results['train_loss']:.4f}" in stdout
     assert "  perturbed layers   : " in stdout and f"  output             : {out.resolve()} (model card" in stdout
     assert main(["--output_dir", str(out), *local, *TINY]) == 2  # a finished run is not overwritten silently
     err = capsys.readouterr().err.strip().splitlines()
@@ -243,7 +244,8 @@ def test_a_max_length_inside_every_prompt_is_one_line_naming_the_shortest_exampl
 
     from conftest import shakespeare_paragraphs
 
-    rows = [{"prompt": [{"role": "user", "content": t[:30]}], "completion": [{"role": "assistant", "content": t[30:60]}]}
+    rows = [{"prompt": [{"role": "user", "content": t[:30]}],
+             "completion": [{"role": "assistant", "content": t[30:60]}]}
             for t in shakespeare_paragraphs(16, min_chars=60)]
     data = _write_jsonl(tmp_path / "ds_prompt_completion", rows)
     out = tmp_path / "run"
@@ -264,7 +266,8 @@ def test_offline_default_with_a_max_length_inside_the_prompts_is_one_line(tmp_pa
     assert main(["--output_dir", str(out), "--max_length", "32"]) == 2
     stderr = capsys.readouterr().err
     err = [line for line in stderr.splitlines() if line.startswith("hf-lwsam-sft:")]
-    assert len(err) == 1 and "Traceback" not in stderr and err[0].startswith("hf-lwsam-sft: error: --max_length 32 leaves no train example"), err
+    assert len(err) == 1 and "Traceback" not in stderr, err
+    assert err[0].startswith("hf-lwsam-sft: error: --max_length 32 leaves no train example"), err
     assert "the shortest example is" in err[0] and not any(out.iterdir())
 
 

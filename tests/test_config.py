@@ -64,7 +64,7 @@ def test_deepspeed_zero_stage_from_a_json_file(tmp_path):
 @pytest.mark.parametrize(
     "deepspeed, message",
     [
-        ("file:{\"zero_optimization\": {\"stage\": 1},", r"deepspeed='.*ds\.json' is not a valid JSON file \(.* line 1"),
+        ('file:{"zero_optimization": {"stage": 1},', r"deepspeed='.*ds\.json' is not a valid JSON file \(.* line 1"),
         ("file:[1, 2]", r"deepspeed='.*ds\.json' holds a list, not a JSON object"),
         ({"zero_optimization": 2}, r"zero_optimization is 2 \(int\), not a mapping: write it as"),
         ('{"zero_optimization": [1]}', r"zero_optimization is \[1\] \(list\), not a mapping"),

@@ -1,4 +1,5 @@
-"""Two real processes on the CPU (gloo), started with `accelerate launch` and `scripts/accelerate_configs/cpu_2proc.yaml`.
+"""Two real processes on the CPU (gloo), started with `accelerate launch` and
+`scripts/accelerate_configs/cpu_2proc.yaml`.
 
 One launch runs every scenario of `tests/distributed_worker.py`; each rank saves what it saw and did, and the tests
 below compare the ranks with each other and with an independent computation of the SAM update

@@ -31,7 +31,8 @@ def step_vs_reference(precision: str, device: str = "cuda") -> tuple[float, floa
     run = train(precision, device, 1, size="tiny", seq_len=SEQ, batch=BATCH, accumulation=ACCUMULATION, lr=1.0,
                 optim="sgd", rho=RHO)
     dataset = ByteLMDataset(text_bytes()[0], BATCH * ACCUMULATION, SEQ)
-    batches = [{k: torch.stack([dataset[i][k] for i in range(b * BATCH, (b + 1) * BATCH)]) for k in ("input_ids", "labels")}
+    batches = [{k: torch.stack([dataset[i][k] for i in range(b * BATCH, (b + 1) * BATCH)])
+                for k in ("input_ids", "labels")}
                for b in range(ACCUMULATION)]
     model = make_model("tiny", SEQ)  # the same seeded start as the run's
     expected = reference_update(copy.deepcopy(model), batches, run.trainer.perturbed_parameter_names(), RHO,

@@ -213,7 +213,8 @@ def test_no_network_for_the_final_push_is_one_line_and_the_model_is_saved(tmp_pa
     errors = _error_lines(stderr, "hf-lwsam-train")
     assert code == 2 and len(errors) == 1, stderr[-2000:]
     assert f"could not upload to the Hub repo 'someone/offline' ({error}:" in errors[0]
-    assert f"nothing is lost, the trained model is saved in {out}: upload it with hf upload someone/offline" in errors[0]
+    assert (f"nothing is lost, the trained model is saved in {out}: upload it with hf upload someone/offline"
+            in errors[0])
     assert {"model.safetensors", "README.md", "all_results.json"} <= {p.name for p in out.iterdir()}
 
 

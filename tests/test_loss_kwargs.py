@@ -51,7 +51,8 @@ def test_the_trainer_passes_num_items_in_batch_only_to_losses_that_use_it(sgd_ar
 
 
 def test_a_trainer_that_computes_its_own_loss_is_left_as_it_is(sgd_args):
-    """`compute_loss` overridden (as TRL's trainers do), `compute_loss_func` or label smoothing: the stock flag stays."""
+    """`compute_loss` overridden (as TRL's trainers do), `compute_loss_func` or label smoothing: the stock flag
+    stays."""
 
     class OwnLoss(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

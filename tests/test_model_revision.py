@@ -18,7 +18,8 @@ import pytest
 from test_cli import FAST, make_tiny_gpt2_dir, one_torch_thread, run_cli, write_play_texts  # noqa: F401
 
 MAIN, PINNED = "a" * 40, "b" * 40  # commit ids: only `main` is a ref, the pinned one is reached by its id
-AUTO_MAP = {"AutoConfig": "configuration_pinned.PinnedConfig", "AutoModelForCausalLM": "modeling_pinned.PinnedForCausalLM"}
+AUTO_MAP = {"AutoConfig": "configuration_pinned.PinnedConfig",
+            "AutoModelForCausalLM": "modeling_pinned.PinnedForCausalLM"}
 PINNED_CODE = {
     "configuration_pinned.py": "from transformers import GPT2Config\n\n\nclass PinnedConfig(GPT2Config):\n"
                                "    model_type = 'pinned-gpt2'\n",

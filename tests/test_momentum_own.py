@@ -73,7 +73,8 @@ def test_own_average_gives_the_updates_of_adamws_moment(sgd_args):
 
 
 def test_own_average_with_plain_sgd_equals_the_formula(sgd_args):
-    """SGD without momentum keeps nothing: step 1 is plain, then the gradient at w - rho m / ||m||, m the own average."""
+    """SGD without momentum keeps nothing: step 1 is plain, then the gradient at w - rho m / ||m||, m the own
+    average."""
     data = shakespeare_lm_dataset(4 * STEPS)
     trainer = trained(sgd_args, data, sam_selection="all", sam_ascent="momentum", sam_momentum="own",
                       learning_rate=0.1)

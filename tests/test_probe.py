@@ -18,7 +18,8 @@ LAYER_NORMS = dict(sam_probe_granularity="layer", sam_probe_metric="grad_norm")
 
 
 def _batches(dataset, size: int = 4):
-    return [{k: torch.tensor(dataset[i : i + size][k]) for k in dataset.column_names} for i in range(0, len(dataset), size)]
+    return [{k: torch.tensor(dataset[i : i + size][k]) for k in dataset.column_names}
+            for i in range(0, len(dataset), size)]
 
 
 def reference_layer_norms(model, batches) -> dict[str, tuple[float, int]]:

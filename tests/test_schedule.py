@@ -469,7 +469,8 @@ def test_sam_start_keeps_steps_as_int_and_fractions_as_float():
 
 
 def test_cli_flags_parse_the_new_options(tmp_path):
-    """`hf-lwsam-train` and `hf-lwsam-sft` take the options as flags; `--sam_start 100` is step 100, `0.7` a fraction."""
+    """`hf-lwsam-train` and `hf-lwsam-sft` take the options as flags; `--sam_start 100` is step 100, `0.7` a
+    fraction."""
     from hf_lwsam.cli import sft
     from hf_lwsam.cli.args import UsageError, make_parser, parse_args
 

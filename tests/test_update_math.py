@@ -71,7 +71,8 @@ def reference_update(model, batches, selected: list[str] | None, rho: float, cau
 
 
 def _batches(dataset, size: int = 2):
-    return [{k: torch.tensor(dataset[i : i + size][k]) for k in dataset.column_names} for i in range(0, len(dataset), size)]
+    return [{k: torch.tensor(dataset[i : i + size][k]) for k in dataset.column_names}
+            for i in range(0, len(dataset), size)]
 
 
 def _rel(a: dict, b: dict, ref: dict) -> float:
@@ -145,7 +146,8 @@ def test_lora_default_perturbs_last_block_adapters_only(sgd_args):
 def test_zero_learning_rate_leaves_weights_bit_identical(sgd_args):
     model = tiny_gpt2()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    LWSAMTrainer(model=model, args=sgd_args(learning_rate=0.0, sam_rho=0.5), train_dataset=shakespeare_lm_dataset(4)).train()
+    args = sgd_args(learning_rate=0.0, sam_rho=0.5)
+    LWSAMTrainer(model=model, args=args, train_dataset=shakespeare_lm_dataset(4)).train()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 

@@ -91,7 +91,8 @@ def test_torch_compile_keeps_the_selection_is_exact_and_compiles_once(sgd_args, 
     names = trainer.perturbed_parameter_names()
     assert "lm_head.weight" in names and "model.norm.weight" in names and len(names) == 11
     assert selections(trainer) == selections(plain)
-    assert "torch_compile=True" in trainer.reuse_disabled_reason and "torch_compile=False" in trainer.reuse_disabled_reason
+    reason = trainer.reuse_disabled_reason
+    assert "torch_compile=True" in reason and "torch_compile=False" in reason
     assert any("torch_compile=True" in r.getMessage() for r in caplog.records)  # logged, once
     assert plain.reuse_disabled_reason is None
 
@@ -271,7 +272,8 @@ class MemoryBoundLlama(torch.nn.Module):
 
     def __init__(self, max_batch: int, fail_at: int):
         super().__init__()
-        self.inner, self.max_batch, self.fail_at, self.big_forwards, self.failures = tiny_llama(), max_batch, fail_at, 0, 0
+        self.inner, self.max_batch, self.fail_at = tiny_llama(), max_batch, fail_at
+        self.big_forwards, self.failures = 0, 0
         self.config = self.inner.config
 
     def forward(self, input_ids, labels=None, **kwargs):
@@ -283,7 +285,8 @@ class MemoryBoundLlama(torch.nn.Module):
         return self.inner(input_ids=input_ids, labels=labels, **kwargs)
 
 
-@pytest.mark.parametrize("fail_at", [pytest.param(1, marks=pytest.mark.slow), 3], ids=["oom-in-the-trace", "oom-in-pass-2"])
+@pytest.mark.parametrize("fail_at", [pytest.param(1, marks=pytest.mark.slow), 3],
+                         ids=["oom-in-the-trace", "oom-in-pass-2"])
 def test_auto_find_batch_size_retries_from_unperturbed_weights(fail_at, sgd_args):
     data = shakespeare_lm_dataset(8)
     model = MemoryBoundLlama(max_batch=2, fail_at=fail_at)

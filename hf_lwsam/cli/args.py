@@ -243,7 +243,8 @@ def with_aliases(argv: list[str]) -> list[str]:
 def make_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), prog="hf-lwsam-train",
                               allow_abbrev=False,  # a typo such as --sam_rh must not become --sam_rho
-                              usage="hf-lwsam-train [CONFIG.yaml | --config CONFIG.yaml] [--flag VALUE ...]", description=TRAIN_DESCRIPTION,
+                              usage="hf-lwsam-train [CONFIG.yaml | --config CONFIG.yaml] [--flag VALUE ...]",
+                              description=TRAIN_DESCRIPTION,
                               formatter_class=HelpFormatter)
     parser.error = _one_line_error  # argparse errors become one-line UsageErrors
     own = {f.name for f in fields(TrainArguments)} - {f.name for f in fields(LWSAMConfig)}
@@ -294,8 +295,9 @@ def _typed_config_value(parser: HfArgumentParser, path: str, key: str, value: An
             item = action.type(str(item)) if callable(action.type) else item
         except (TypeError, ValueError, argparse.ArgumentTypeError):
             kind = getattr(action.type, "__name__", "value")
-            raise UsageError(f"config file {path!r}: {key}: {item!r} is not a valid {kind}: pass a "
-                             f"{'number' if kind in ('int', 'float') else 'value'} like the flag --{key} takes.") from None
+            what = "number" if kind in ("int", "float") else "value"
+            raise UsageError(f"config file {path!r}: {key}: {item!r} is not a valid {kind}: pass a {what} like the "
+                             f"flag --{key} takes.") from None
         if action.choices is not None and item not in action.choices:
             raise UsageError(f"config file {path!r}: {key}: {item!r} is not one of {list(action.choices)}: pass one "
                              "of them.")

@@ -176,7 +176,8 @@ def check_model_config(config: Any, name: str, task: str | None = None, max_leng
         raise UsageError(f"--task causal_lm needs a causal language model and {name!r} is a "
                          f"{', '.join(architectures)}: pass a causal LM (e.g. --model_name_or_path "
                          "openai-community/gpt2), or --task classification.")
-    positions = [v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)]
+    positions = [v for k in ("max_position_embeddings", "n_positions")
+                 if isinstance(v := getattr(config, k, None), int)]
     if max_length is not None and positions and max_length > min(positions):
         raise UsageError(f"--max_length {max_length} is longer than the {min(positions)} positions "
                          f"{name!r} supports: pass --max_length {min(positions)} or less.")

@@ -247,8 +247,8 @@ def load_named_dataset(name: str, config_name: str | None, config_flag: str, loc
                              f"and it is not cached; {local_hint}.") from None
         cause = _load_cause(e, errors)
         if "column names don't match" in cause:  # datasets casts every split to the first file's columns
-            raise UsageError(f"could not load {flag}: its data files have different columns ({brief(cause, 200)}): pass "
-                             "data files with the same columns in every split (one format).") from None
+            raise UsageError(f"could not load {flag}: its data files have different columns ({brief(cause, 200)}): "
+                             "pass data files with the same columns in every split (one format).") from None
         fix = ("fix that file (csv: " + FIX_HINTS["csv"] + "; jsonl: " + FIX_HINTS["json"] + ")") if is_local else \
             f"check the id and {config_flag}"
         raise UsageError(f"could not load {flag} ({cause}): {fix}.") from None

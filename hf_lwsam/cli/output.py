@@ -214,7 +214,8 @@ def _check_writable(output_dir: Path) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"--output_dir {str(output_dir)!r} is under the file {str(existing)!r}: pass a directory path.")
+        raise UsageError(f"--output_dir {str(output_dir)!r} is under the file {str(existing)!r}: pass a directory "
+                         "path.")
     writable = os.access(existing, os.W_OK | os.X_OK)
     if writable:  # os.access is True for root where mkdir still fails (/proc): create and remove a probe folder
         try:

@@ -126,7 +126,8 @@ def parse_args(argv: list[str] | None = None):
     """`(script_args, training_args, model_args, run_args, embedded)`; `embedded` when no model and no dataset were
     given. Every option is checked here, before anything is loaded."""
     config_file, argv = split_config(with_aliases(list(sys.argv[1:] if argv is None else argv)))
-    if config_file is not None:  # a leading CONFIG.yaml or --config=CONFIG.yaml: TRL's parser reads --config CONFIG.yaml
+    # a leading CONFIG.yaml or --config=CONFIG.yaml: TRL's parser reads --config CONFIG.yaml
+    if config_file is not None:
         argv = ["--config", config_file, *argv]
     parser = make_parser()
     given = given_flags(argv)
@@ -180,7 +181,8 @@ def validate_sft_args(a: Any, given: set[str]) -> None:
     if not a.dataset_text_field:
         raise UsageError("--dataset_text_field is empty: pass the name of the text column (default: text).")
     template = a.chat_template_path
-    if template and not os.path.isfile(template) and (template.endswith((".jinja", ".j2")) or looks_like_path(template)):
+    if template and not os.path.isfile(template) and (template.endswith((".jinja", ".j2"))
+                                                      or looks_like_path(template)):
         raise UsageError(f"--chat_template_path {template!r} does not exist: pass a .jinja file, or the id of a model "
                          "whose chat template to copy.")
     if a.dataset_streaming:

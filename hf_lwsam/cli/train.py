@@ -307,8 +307,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     for split, rows in splits.items():
         if len(rows) == 0:
             raise UsageError(f"the {split} split has no rows left after dropping empty texts: pass data with "
-                             "non-empty texts, a larger --max_train_samples/--max_eval_samples, or for causal LM a smaller "
-                             "--max_length.")
+                             "non-empty texts, a larger --max_train_samples/--max_eval_samples, or for causal LM a "
+                             "smaller --max_length.")
     # The LoRA and LW-SAM layer names are checked on a weightless copy, so a bad name fails before the weights load.
     check_sam_layers(load_model(name, config, task, model_args, labels, tokenizer, skeleton=True), args)
     model = load_model(name, config, task, model_args, labels, tokenizer)
