@@ -194,8 +194,7 @@ class LWSAMMixin:
         rng = capture_rng()
         try:
             unwrapped.eval()
-            eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
-            with self.compute_loss_context_manager(), eager:  # torch < 2.6 has no set_stance
+            with self.compute_loss_context_manager(), torch.compiler.set_stance("force_eager"):
                 order = trace_execution_order(unwrapped, lambda: unwrapped(**self._model_inputs(inputs)))
             # FSDP2's root module keeps its parameters unsharded after a forward without backward, as separate tensors
             # (a tied head no longer shares the embedding's): select on the sharded ones.
