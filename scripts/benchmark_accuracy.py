@@ -88,11 +88,22 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_lwsam.step_timer import StepTimer  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this file, also when
-from study_harness import MACHINE, cached, machine, make_trainer, mean_std, quiet  # noqa: E402  # loaded by path
-from study_methods import (LABEL_SMOOTHINGS, PLAIN_OPTIMIZERS, WEIGHT_DECAYS, Method, baseline_grid,  # noqa: E402
-                           chat_methods, main_methods, momentum_refusal, reference_methods, robust_methods)
 from hf_lwsam.config import SAM_PRESETS  # noqa: E402
+from study_harness import MACHINE, cached, machine, make_trainer, mean_std, quiet  # noqa: E402  # loaded by path
+from study_methods import (  # noqa: E402
+    LABEL_SMOOTHINGS,
+    PLAIN_OPTIMIZERS,
+    WEIGHT_DECAYS,
+    Method,
+    baseline_grid,
+    chat_methods,
+    main_methods,
+    momentum_refusal,
+    reference_methods,
+    robust_methods,
+)
 from study_stats import gain_fraction, paired_difference  # noqa: E402
 from study_tasks import ROBUST_LR_GRID, TASKS, Budget, RobustBudget, Task, run_config  # noqa: E402
 
@@ -708,7 +719,11 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
         ref_name, ref_lr = info["reference"] or (None, None)
         args = {m.name: m.args for m in baseline_grid()}
         # the configurations run on every selection seed first (best first), then the partly run ones
-        order = lambda kv: (len(kv[1]) < len(info["seeds"]), -statistics.fmean(kv[1]))  # noqa: E731
+        selection_seeds = len(info["seeds"])
+
+        def order(kv, selection_seeds=selection_seeds):
+            return len(kv[1]) < selection_seeds, -statistics.fmean(kv[1])
+
         for (row, lr), vals in sorted(info["scores"].items(), key=order):
             mark = " **reference**" if (row, lr) == (ref_name, ref_lr) else ""
             opts = ", ".join(f"{k}={v}" for k, v in args[row].items())

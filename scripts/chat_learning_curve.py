@@ -41,10 +41,9 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study's modules, beside this file
+from hf_lwsam.step_timer import StepTimer  # noqa: E402
 from study_harness import MACHINE, make_trainer, quiet  # noqa: E402
 from study_tasks import TASKS, Budget, answer_scores, chat_splits, run_config  # noqa: E402
-
-from hf_lwsam.step_timer import StepTimer  # noqa: E402
 
 METHODS = {"adamw": None, "full SAM": dict(sam_preset="exact"), "free preset": dict(sam_preset="free")}
 TASK = "chat-noise40"

@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--task", required=True)
     p.add_argument("--pairs", nargs="+", required=True, help="'A:B' row names; prints B - A")
     a = p.parse_args()
-    print(f"| task | B | A | seeds | B - A, pt [95% CI] | B ahead |")
+    print("| task | B | A | seeds | B - A, pt [95% CI] | B ahead |")
     print("|---|---|---|---|---|---|")
     for pair in a.pairs:
         first, second = pair.split(":")

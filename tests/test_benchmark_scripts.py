@@ -28,7 +28,8 @@ def test_throughput_benchmark_runs_every_method_and_writes_json(tmp_path):
                   "--steps", "1", "--warmup", "1", "--json", str(out), timeout=300)
     result = json.loads(out.read_text())
     names = [r["method"] for r in result["results"]]
-    assert names == ["adamw", "full SAM", "adafactor", "sgd momentum 0.9", "LW-SAM k=1 truncated", "LW-SAM k=1 reuse", "LW-SAM k=1 stale",
+    assert names == ["adamw", "full SAM", "adafactor", "sgd momentum 0.9", "LW-SAM k=1 truncated", "LW-SAM k=1 reuse",
+                     "LW-SAM k=1 stale",
                      "LW-SAM k=1 reuse interval=4", "full SAM stale", "full SAM LookSAM interval=5",
                      "full SAM late from 70%", "LW-SAM k=1 reuse LookSAM interval=5", "LW-SAM k=1 reuse late from 70%",
                      "full SAM late from 80%", "full SAM late from 90%", "full SAM late from 95%", "full random",
@@ -261,7 +262,8 @@ def test_chat_task_on_the_gpu_is_cached_apart(tmp_path):
     _run("scripts/benchmark_accuracy.py", "--quick", "--tasks", "chat-noise40", "--device", "cuda", "--seeds", "0",
          "--methods", "full SAM", "--workers", "2", "--out", str(tmp_path), timeout=1800)
     runs = sorted(p.name for p in (tmp_path / "quick" / "runs").glob("*.json"))
-    assert runs == ["chat-noise40__adamw__rho0.0__seed0__cuda.json", "chat-noise40__full_SAM__rho0.05__seed0__cuda.json"]
+    assert runs == ["chat-noise40__adamw__rho0.0__seed0__cuda.json",
+                    "chat-noise40__full_SAM__rho0.05__seed0__cuda.json"]
     run = json.loads((tmp_path / "quick" / "runs" / runs[1]).read_text())
     assert run["config"]["device"] == "cuda" and torch.cuda.get_device_name() in run["machine"]
     assert torch.cuda.get_device_name() in (tmp_path / "quick" / "accuracy_smollm2_cuda.md").read_text()
@@ -283,7 +285,8 @@ def test_device_check_plan_fits_one_call_and_runs_the_fsdp2_check():
 
 def test_gpu_study_dry_run_passes_its_flags_on(tmp_path):
     done = subprocess.run(["bash", "scripts/gpu_study.sh", "--dry_run", "--seeds", "0", "--methods", "full SAM"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OUT=str(tmp_path)))
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OUT=str(tmp_path)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert [line.split("] ")[1] for line in done.stdout.splitlines() if line.endswith(": to run")] == [
         f"chat-noise40__adamw__rho0.0__seed0__lr{lr}{wd}__cuda: to run" for lr in (0.001, 0.002, 0.004)
