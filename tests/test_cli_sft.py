@@ -7,6 +7,7 @@ The fast tests run a tiny GPT-2 saved to a local folder with a local dataset (`-
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -46,6 +47,14 @@ def test_a_run_trains_saves_and_refuses_a_second_run(local, tmp_path, capsys):
     assert "***** hf-lwsam-sft summary *****" in stdout
     assert f"  train loss         : {results['train_loss']:.4f}" in stdout
     assert "  perturbed layers   : " in stdout and f"  output             : {out.resolve()} (model card" in stdout
+    # the speed rows of hf-lwsam-train (the same function renders them), with positive values
+    seconds = re.search(r"^  train time         : (\d+\.\d) s \(\d+ examples, 2 steps\)$", stdout, re.M)
+    tokens = re.search(r"^  tokens/s           : ([\d,]+)$", stdout, re.M)
+    ratio = re.search(r"^  .+ vs plain: (\d+\.\d\d)x step time \(median over 1 of the run's 2 SAM steps, of 2 steps "
+                      r"in all; each also timed as a plain step\)$", stdout, re.M)
+    assert seconds and tokens and ratio, stdout
+    assert float(seconds[1]) > 0 and int(tokens[1].replace(",", "")) > 0 and float(ratio[1]) > 0
+    assert "tokens/s" in card
     assert main(["--output_dir", str(out), *local, *TINY]) == 2  # a finished run is not overwritten silently
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite_output_dir" in err[0]
@@ -319,7 +328,7 @@ def test_a_local_jsonl_file_as_dataset_name_trains_as_the_help_shows(local_model
                  "--output_dir", str(out), *TINY])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
-    assert "  train examples     : 20 examples (2 steps)" in captured.out
+    assert re.search(r"^  train time         : \d+\.\d s \(20 examples, 2 steps\)$", captured.out, re.M)
     assert "a local data file (`my-chats.jsonl`)" in (out / "README.md").read_text()
 
 

@@ -148,18 +148,23 @@ def overwrite_output_dir_field() -> Any:
     )
 
 
-@dataclass
-class TrainArguments(LWSAMConfig):
-    """[`LWSAMConfig`] plus the two options the script adds."""
-
-    overwrite_output_dir: bool = overwrite_output_dir_field()
-    measure_plain_steps: int = field(
+def measure_plain_steps_field() -> Any:
+    """The `--measure_plain_steps` option both commands add (a dataclass field)."""
+    return field(
         default=4,
         metadata={"help": "Time this many micro-batches of SAM steps, spread over the run's SAM steps, with both the "
                           "SAM step and a plain (non-SAM) step, to report the SAM step's cost in the mode that runs "
                           "(single process only; 0 disables). The plain step's gradients are discarded, so the "
                           "weights are trained as without it."},
     )
+
+
+@dataclass
+class TrainArguments(LWSAMConfig):
+    """[`LWSAMConfig`] plus the two options the script adds."""
+
+    overwrite_output_dir: bool = overwrite_output_dir_field()
+    measure_plain_steps: int = measure_plain_steps_field()
 
 
 def _one_line_error(message: str) -> None:
@@ -388,7 +393,7 @@ def validate_args(model_args: Any, data_args: Any, args: Any, given: set[str]) -
     """
     a, d, m = args, data_args, model_args
     validate_training_args(a)
-    _require(a.measure_plain_steps >= 0, "measure_plain_steps", a.measure_plain_steps, "an integer >= 0 (0: off)")
+    validate_measure_plain_steps(a)
     validate_lora_args(m, given, enabled=m.use_peft, switch="--use_peft")
 
     _require(d.max_length is None or d.max_length >= 2, "max_length", d.max_length, "at least 2 (e.g. 128)")
@@ -408,6 +413,11 @@ def validate_args(model_args: Any, data_args: Any, args: Any, given: set[str]) -
         raise UsageError(f"--text_column and --label_column are both {d.text_column!r}: pass two different columns.")
     if d.label_column is not None and TASK_ALIASES.get(m.task) == "causal_lm":
         raise UsageError("--label_column is not used by --task causal_lm: drop it, or pass --task classification.")
+
+
+def validate_measure_plain_steps(a: Any) -> None:
+    """`--measure_plain_steps`, which both commands add, on the parsed config or the parser's namespace."""
+    _require(a.measure_plain_steps >= 0, "measure_plain_steps", a.measure_plain_steps, "an integer >= 0 (0: off)")
 
 
 def validate_training_args(a: Any) -> None:

@@ -38,6 +38,7 @@ from .args import (
     explain_options,
     given_flags,
     looks_like_path,
+    measure_plain_steps_field,
     option_error,
     overwrite_output_dir_field,
     parsing_error,
@@ -45,6 +46,7 @@ from .args import (
     sam_options_first,
     split_config,
     validate_lora_args,
+    validate_measure_plain_steps,
     validate_training_args,
     with_aliases,
 )
@@ -74,6 +76,7 @@ from .lifecycle import (
 )
 from .output import plan_output_dir
 from .sft_data import CONVERSATIONAL, sft_format, shortest_example_tokens
+from .speed import ThroughputMixin, speed_rows
 
 logger = logging.get_logger("hf_lwsam.cli.sft")
 
@@ -99,6 +102,7 @@ class RunArguments:
     """What the script adds to TRL's flags."""
 
     overwrite_output_dir: bool = overwrite_output_dir_field()
+    measure_plain_steps: int = measure_plain_steps_field()
 
 
 def make_parser():
@@ -174,6 +178,7 @@ def validate_sft_args(a: Any, given: set[str]) -> None:
     """The checks of `hf-lwsam-train` for the shared training and LoRA options, and SFT's own lengths, on the parsed
     namespace; `given` holds the options set as flags or in the config file."""
     validate_training_args(a)
+    validate_measure_plain_steps(a)
     validate_lora_args(a, given, enabled=a.use_peft, switch="--use_peft")
     if a.max_length is not None and a.max_length < 2:
         raise UsageError(f"--max_length {a.max_length} is invalid: pass at least 2 tokens (e.g. 512), or none to "
@@ -267,11 +272,11 @@ def sft_splits(data: Any, script_args: Any, args: Any) -> tuple[Any, Any, str]:
 
 
 def sft_trainer_class() -> type:
-    """`SFTLWSAMTrainer` writing the LW-SAM model card as `hf-lwsam-train`'s trainer does ([`ModelCardMixin`]);
-    built on first use, TRL being optional."""
+    """`SFTLWSAMTrainer` writing the LW-SAM model card and timing the run as `hf-lwsam-train`'s trainer does
+    ([`ModelCardMixin`], [`ThroughputMixin`]); built on first use, TRL being optional."""
     from ..trl import SFTLWSAMTrainer
 
-    return type("CLISFTTrainer", (ModelCardMixin, SFTLWSAMTrainer), {"__module__": __name__})
+    return type("CLISFTTrainer", (ModelCardMixin, ThroughputMixin, SFTLWSAMTrainer), {"__module__": __name__})
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -329,7 +334,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 model = load_causal_lm(name, args, model_args)
             trainer = sft_trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=test,
                                           processing_class=tokenizer, peft_config=peft_config, card_info=card_info,
-                                          card_name=output_dir.name)
+                                          card_name=output_dir.name, measure_plain_steps=run_args.measure_plain_steps)
     except ValueError as e:  # a check of TRL's or the trainer's that the ones above do not make, naming the option
         options = {f.name for parsed in (script_args, args, model_args, run_args) for f in fields(parsed)}
         error = option_error(e, options)
@@ -347,6 +352,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if embedded:  # the task metric of the model as it starts (adapters at their zero init)
         before = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
     metrics = train_resumably(trainer, plan.checkpoint, output_dir)
+    card_info.throughput = trainer.throughput(metrics["train_runtime"])
     card_info.train_loss = metrics.get("train_loss")
     with preemptible_finish(trainer, output_dir):
         if test is not None:
@@ -364,7 +370,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         trained = "packed sequences" if args.packing else "examples"
         rows = {"train loss": f"{metrics.get('train_loss', float('nan')):.4f}",
-                "train examples": f"{card_info.num_train_examples:,} {trained} ({trainer.state.global_step} steps)"}
+                **speed_rows(trainer, card_info, trained)}
         if "eval_loss" in metrics:
             rows["eval loss"] = f"{metrics['eval_loss']:.4f}"
         if embedded:

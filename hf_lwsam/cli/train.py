@@ -12,27 +12,22 @@ or data flags it fine-tunes the shipped all-MiniLM-L6-v2 on the shipped tweets, 
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
-    Trainer,
     default_data_collator,
     set_seed,
 )
 from transformers.utils import logging
 
-from ..model_card import ModelCardInfo, sam_mode
-from ..reuse import capture_rng, restore_rng
+from ..model_card import ModelCardInfo
 from ..trainer import LWSAMTrainer
 from .args import DataArguments, ModelArguments, UsageError, brief, parse_args
 from .core import (
@@ -71,30 +66,23 @@ from .lifecycle import (
 )
 from .metrics import causal_lm_metrics, classification_metrics, describe_metrics
 from .output import plan_output_dir
+from .speed import ThroughputMixin, speed_rows
 
 logger = logging.get_logger("hf_lwsam.cli.train")
 
 EMBEDDED_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-class CLITrainer(ModelCardMixin, LWSAMTrainer):
+class CLITrainer(ModelCardMixin, ThroughputMixin, LWSAMTrainer):
     r"""
     [`LWSAMTrainer`] for the script: writes the LW-SAM model card ([`ModelCardMixin`]), adds `perplexity` to causal-LM
-    evaluations, and counts the tokens it trains on. On a few SAM steps, spread over the run's SAM steps, it also times
-    a plain (non-SAM) step on the same batch and discards its gradients: the SAM step's cost, in the mode that runs.
+    evaluations, and counts the tokens it trains on and times a few SAM steps against plain ones ([`ThroughputMixin`]).
 
     Args:
         card_info ([`ModelCardInfo`]): what the card says about the run beyond the trainer's own state.
         card_name (`str`): the card's title.
-        *other arguments*: as for [`LWSAMTrainer`].
+        *other arguments*: as for [`ThroughputMixin`] and [`LWSAMTrainer`].
     """
-
-    def __init__(self, *a: Any, card_info: ModelCardInfo, card_name: str, **kw: Any):
-        super().__init__(*a, card_info=card_info, card_name=card_name, **kw)
-        self.sam_step_times: list[float] = []
-        self.plain_step_times: list[float] = []
-        self.tokens_seen = 0
-        self._sam_micro_batches = 0  # SAM steps' micro-batches trained so far
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.card_info.task == "causal_lm":
@@ -103,81 +91,6 @@ class CLITrainer(ModelCardMixin, LWSAMTrainer):
             for key in [k for k in logs if k.endswith("_loss") and k != "loss"]:
                 add_perplexity(logs, prefix=key[: -len("_loss")])
         super().log(logs, start_time)
-
-    # ----------------------------------------------------------------------------------------------- timing
-    def _sync(self) -> None:
-        if self.args.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def sam_steps_in_run(self) -> int:
-        """How many of the run's optimizer steps are SAM steps (`sam_start`, `sam_interval`)."""
-        schedule, max_steps = self._schedule, self.state.max_steps
-        return len(range(schedule.start_step(max_steps), max_steps, schedule.interval))
-
-    def _may_time_plain_step(self) -> bool:
-        """On SAM steps only, every `stride`-th of their micro-batches after the first, so the timed pairs spread over
-        the run's SAM steps."""
-        n = self.args.measure_plain_steps
-        if n <= 0 or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self._sam_micro_batches <= 1:
-            return False
-        if not self._schedule.is_sam_step(self.state.global_step, self.state.max_steps):
-            return False
-        stride = max(self.sam_steps_in_run() * self.args.gradient_accumulation_steps // (n + 1), 1)
-        return (self._sam_micro_batches - 1) % stride == 0 and len(self.plain_step_times) < n
-
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
-        mask = inputs.get("attention_mask")
-        self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        self._sam_micro_batches += self._schedule.is_sam_step(self.state.global_step, self.state.max_steps)
-        if not self._may_time_plain_step():
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        else:
-            # The stock step on the same batch, for the overhead figure. It leaves no trace: its gradients and the
-            # RNG draws it consumed are put back, so a measured run trains exactly like an unmeasured one. The order
-            # alternates between pairs so that neither step always runs on warm caches.
-            params = [p for p in model.parameters() if p.requires_grad]
-
-            def plain_step() -> float:
-                """Time the stock step, then put back `.grad` and the RNG state it found."""
-                grads = [None if p.grad is None else p.grad.clone() for p in params]
-                rng = capture_rng()
-                self._sync()
-                begin = time.perf_counter()
-                Trainer.training_step(self, model, inputs, num_items_in_batch)
-                self._sync()
-                elapsed = time.perf_counter() - begin
-                for p, g in zip(params, grads):
-                    p.grad = g
-                restore_rng(rng)
-                return elapsed
-
-            plain_first = len(self.plain_step_times) % 2 == 0
-            plain = plain_step() if plain_first else 0.0
-            self._sync()
-            start = time.perf_counter()
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            self._sync()
-            sam = time.perf_counter() - start
-            if not plain_first:
-                plain = plain_step()
-            self.plain_step_times.append(plain)
-            self.sam_step_times.append(sam)
-        return loss
-
-    def throughput(self, train_runtime: float) -> dict[str, Any]:
-        """Train time, tokens/s (without the timed plain steps) and the SAM step / plain step time ratio."""
-        measured = sum(self.plain_step_times)
-        seconds = max(train_runtime - measured, 1e-9)
-        result: dict[str, Any] = {
-            "train_runtime": round(train_runtime, 1),
-            "tokens_per_second": round(self.tokens_seen * self.accelerator.num_processes / seconds, 1),
-            "device": f"{self.accelerator.num_processes} x {self.args.device.type}",
-        }
-        if self.plain_step_times and self.sam_step_times:
-            ratio = statistics.median(sam / plain for sam, plain in zip(self.sam_step_times, self.plain_step_times))
-            result.update(sam_overhead=round(ratio, 2), plain_steps=len(self.plain_step_times),
-                          sam_steps=self.sam_steps_in_run(), max_steps=self.state.max_steps)
-        return result
 
 
 # ------------------------------------------------------------------------------------------------ model loading
@@ -329,6 +242,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
             processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
             preprocess_logits_for_metrics=preprocess, card_info=card_info, card_name=output_dir.name,
+            measure_plain_steps=args.measure_plain_steps,
         )
     take_output_dir(args, plan)
     metrics = train_resumably(trainer, plan.checkpoint, output_dir)
@@ -350,20 +264,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def summary_rows(trainer: CLITrainer, metrics: dict[str, Any], task: str, info: ModelCardInfo) -> dict[str, str]:
     """The end-of-run report's rows of this command: the task metrics, train time, tokens/s and the step-time ratio."""
-    t, nan = info.throughput, float("nan")
+    nan = float("nan")
     if task == "classification":
         rows = {"eval accuracy": f"{metrics.get('eval_accuracy', nan):.4f}",
                 "eval macro-F1": f"{metrics.get('eval_f1', nan):.4f}"}
     else:
         rows = {"eval perplexity": f"{metrics.get('eval_perplexity', nan):.2f}",
                 "eval token accuracy": f"{metrics.get('eval_accuracy', nan):.4f}"}
-    rows["train time"] = (f"{t['train_runtime']:.1f} s ({info.num_train_examples:,} "
-                          f"{'examples' if task == 'classification' else 'blocks'}, {trainer.state.global_step} steps)")
-    rows["tokens/s"] = f"{t['tokens_per_second']:,.0f}"
-    rows[sam_mode(trainer.args) + " vs plain"] = (
-        f"{t['sam_overhead']:.2f}x step time (median over {t['plain_steps']} of the run's {t['sam_steps']} SAM steps, "
-        f"of {t['max_steps']} steps in all; each also timed as a plain step)" if t.get("sam_overhead") else
-        "not measured (--measure_plain_steps 0, multi-process, or too few SAM steps)")
+    rows.update(speed_rows(trainer, info, "examples" if task == "classification" else "blocks"))
     rows["metrics"] = info.metric_source
     return rows
 
