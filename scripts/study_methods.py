@@ -176,11 +176,19 @@ WSD = dict(lr_scheduler_type="warmup_stable_decay", lr_scheduler_kwargs=dict(num
 
 def momentum_methods(family: str) -> list[Method]:
     """The one-pass momentum ascent (`sam_ascent="momentum"`) on every parameter and on the layer-wise default, on
-    the last 20% of the run, and the late phases aligned to a fresh learning-rate decay (digits only: the decay is
+    the last 20% of the run, with its own gradient average (beside AdamW's moment, and with Adafactor beside Adafactor
+    alone), and the late phases aligned to a fresh learning-rate decay (digits only: the decay is
     sized in its steps), beside AdamW on the same schedule."""
     rows = [Method("full momentum", dict(FULL, **MOMENTUM), rhos=MOMENTUM_RHOS),
             Method("LW-SAM momentum", dict(PATTERN, **MOMENTUM), rhos=MOMENTUM_RHOS),
             Method("full momentum late 80%", dict(FULL, **MOMENTUM, sam_start=0.8), rho_from="full momentum")]
+    # The momentum ascent's own gradient average (`sam_momentum="own"`): with AdamW (beta 0.9 = adam_beta1) it is
+    # expected to equal the optimizer's moment; with Adafactor, which keeps no first moment, against Adafactor alone.
+    adafactor = dict(optim="adafactor")
+    rows += [Method("full momentum own", dict(FULL, **MOMENTUM, sam_momentum="own"), rho_from="full momentum"),
+             Method("adafactor", None, args=adafactor),
+             Method("full momentum own adafactor", dict(FULL, **MOMENTUM, sam_momentum="own"), args=adafactor,
+                    rhos=MOMENTUM_RHOS)]
     if family == "digits":
         rows += [Method("adamw WSD", None, args=WSD),
                  Method("full SAM late 80% WSD", dict(FULL, sam_start=0.8), args=WSD, rho_from="full SAM"),
