@@ -90,7 +90,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from hf_lwsam.step_timer import StepTimer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this file, also when
-from hf_lwsam.config import SAM_PRESETS  # noqa: E402
 from study_harness import MACHINE, cached, machine, make_trainer, mean_std, quiet  # noqa: E402  # loaded by path
 from study_methods import (  # noqa: E402
     LABEL_SMOOTHINGS,
@@ -100,9 +99,9 @@ from study_methods import (  # noqa: E402
     baseline_grid,
     chat_methods,
     main_methods,
-    momentum_refusal,
     reference_methods,
     robust_methods,
+    sam_refusal,
 )
 from study_stats import gain_fraction, paired_difference  # noqa: E402
 from study_tasks import ROBUST_LR_GRID, TASKS, Budget, RobustBudget, Task, run_config  # noqa: E402
@@ -353,9 +352,8 @@ def on_reference(task: Task, methods: list[Method], a, ctx: dict, own_lr: dict[s
     for m in methods:
         if not m.on_reference:
             continue
-        ascent = m.sam.get("sam_ascent") or SAM_PRESETS.get(m.sam.get("sam_preset"), {}).get("sam_ascent")
-        why = momentum_refusal(ref.args) if ascent == "momentum" else None
-        if why is not None:  # the library's own refusal of that optimizer (Adafactor keeps no first moment)
+        why = sam_refusal(m.sam, ref.args)
+        if why is not None:  # the library's own refusal of the row's options with that optimizer
             info["not_applicable"][m.name] = why
             log(f"{name} {m.name}: not applicable ({why})")
             continue

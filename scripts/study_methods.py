@@ -229,27 +229,24 @@ def reference_methods() -> list[Method]:
             Method("free on reference", dict(sam_preset="free"), rhos=MOMENTUM_RHOS, on_reference=True)]
 
 
-def momentum_refusal(args: dict[str, Any]) -> str | None:
-    """Why the momentum ascent (`sam_preset="free"`) cannot run on the optimizer the `TrainingArguments` `args` set
-    (`optim`, `optim_args`, ...): `hf_lwsam.ascent.first_moments`'s refusal of that optimizer, built as the Trainer
-    builds it; `None` when it keeps a first moment the ascent reads (AdamW's `exp_avg`, SGD's `momentum_buffer`).
+def sam_refusal(sam: dict[str, Any], args: dict[str, Any]) -> str | None:
+    """Why `LWSAMConfig` refuses the `sam_*` options `sam` with the `TrainingArguments` `args` (its `ValueError`'s
+    message), `None` when it accepts them: the library decides, e.g. `sam_preset="free"` on Adafactor keeps its own
+    gradient average, an explicit `sam_momentum="optimizer"` there is refused.
 
-        >>> momentum_refusal({}) is None, momentum_refusal(dict(optim="sgd", optim_args="momentum=0.9")) is None
-        (True, True)
-        >>> "keeps no first moment" in momentum_refusal(dict(optim="adafactor"))
+        >>> sam_refusal(dict(sam_preset="free"), dict(optim="adafactor")) is None
+        True
+        >>> "first moment" in sam_refusal(dict(sam_selection="all", sam_ascent="momentum", sam_momentum="optimizer"),
+        ...                               dict(optim="adafactor"))
         True
     """
     import tempfile
 
-    import torch
-    from transformers import Trainer, TrainingArguments
-
-    from hf_lwsam.ascent import first_moments
+    from hf_lwsam import LWSAMConfig
 
     with tempfile.TemporaryDirectory() as tmp:
-        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=tmp, use_cpu=True, **args))
-    try:
-        first_moments(cls([torch.nn.Parameter(torch.zeros(2))], **kwargs))
-    except ValueError as e:
-        return str(e)
+        try:
+            LWSAMConfig(output_dir=tmp, use_cpu=True, report_to="none", **args, **sam)
+        except ValueError as e:
+            return str(e)
     return None
