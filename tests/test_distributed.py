@@ -61,17 +61,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, scenarios: list[str], *launcher_args: str) -> None:
-    """`accelerate launch` the worker on two CPU processes; fail with the log's tail if a rank fails."""
+def launch_script(script: Path, args: list[str], *launcher_args: str, timeout: int = LAUNCH_TIMEOUT_S) -> None:
+    """`accelerate launch` `script args` on two CPU processes, offline, one thread each, with the repository and
+    `tests/` importable; fail with the log's tail if a rank fails."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-           "--main_process_port", str(_free_port()), *launcher_args,
-           str(WORKER), "--out", str(out), "--scenarios", *scenarios]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+           "--main_process_port", str(_free_port()), *launcher_args, str(script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"accelerate launch failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+
+
+def launch(out: Path, scenarios: list[str], *launcher_args: str) -> None:
+    """`accelerate launch` the worker's `scenarios` on two CPU processes (`launch_script`)."""
+    launch_script(WORKER, ["--out", str(out), "--scenarios", *scenarios], *launcher_args)
 
 
 def load(out: Path, scenario: str) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@ real text (a Shakespeare play; tweets with their sentiment as preference pairs).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -240,14 +239,9 @@ def test_dpo_with_peft_reference_by_disabled_adapters_reuse_is_exact(tmp_path):
 # ------------------------------------------------------------------------------------------ two processes
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is not available")
 def test_sft_under_accelerate_launch_two_processes_are_bit_identical(tmp_path):
-    from test_distributed import CPU_CONFIG, _free_port
+    from test_distributed import launch_script
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), "--main_process_port",
-           str(_free_port()), str(ROOT / "tests" / "trl_sft_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launch_script(ROOT / "tests" / "trl_sft_worker.py", [str(tmp_path)], timeout=240)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["world_size"] == 2 and ranks[0]["reuse_disabled_reason"] is None
     assert all(torch.equal(ranks[0]["end"][n], ranks[1]["end"][n]) for n in ranks[0]["end"])

@@ -237,20 +237,11 @@ def test_resuming_a_grpo_run_from_its_checkpoint_is_bit_exact(tmp_path):
 def test_the_free_preset_under_ddp_equals_momentum_sam_by_hand(tmp_path):
     """2 CPU processes: each generates its own completions (so a run is compared with the formula by hand on the same
     processes, not with one process, whose sampling differs); the ranks stay bit-identical."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from test_distributed import CPU_CONFIG, _free_port
+    from test_distributed import launch_script
 
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), "--main_process_port",
-           str(_free_port()), str(root / "tests" / "trl_grpo_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launch_script(Path(__file__).resolve().parent / "trl_grpo_worker.py", [str(tmp_path)], timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["world_size"] == 2 and ranks[0]["sam_steps"] == [0.0, 1.0]
     assert ranks[0]["rewards"][0] == ranks[0]["rewards"][1]  # the same completions were sampled
