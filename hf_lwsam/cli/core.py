@@ -21,7 +21,7 @@ from ..model_card import (
     perturbed_layers,
     write_model_card,
 )
-from ..selection import select_layers
+from ..selection_rules import SELECTION_RULES
 from .args import UsageError, brief, looks_like_path
 from .output import card_name, write_card
 
@@ -169,6 +169,15 @@ def add_peft_adapter(model: Any, peft_config: Any) -> Any:
                          "of this model (or 'all-linear').") from None
 
 
+def lora_card(model_args: Any) -> dict[str, Any] | None:
+    """The LoRA settings the model card lists, `None` without `--use_peft` (`model_args`: `hf-lwsam-train`'s
+    `ModelArguments` or TRL's `ModelConfig`, which name them alike)."""
+    if not model_args.use_peft:
+        return None
+    return {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
+            "target_modules": model_args.lora_target_modules}
+
+
 def check_model_config(config: Any, name: str, task: str | None = None, max_length: int | None = None) -> None:
     """Checks against the model's config, before any data or weights are loaded."""
     architectures = list(getattr(config, "architectures", None) or [])
@@ -185,12 +194,8 @@ def check_model_config(config: Any, name: str, task: str | None = None, max_leng
 
 def check_sam_layers(model: Any, args: Any) -> None:
     """The `sam_target_layers` / `sam_exclude_layers` patterns must match this model (as the trainer would check)."""
-    if args.sam_selection == "all" or (args.sam_selection == "probe" and args.sam_target_layers is None
-                                       and args.sam_exclude_layers is None):
-        return
-    target = args.sam_target_layers if args.sam_target_layers is not None or args.sam_selection == "pattern" else ".+"
     try:
-        select_layers(model, target, args.sam_exclude_layers)
+        SELECTION_RULES[args.sam_selection].check_layers(model, args)  # the rule's own dry run of its patterns
     except ValueError as e:
         flag = "--sam_exclude_layers" if "sam_exclude_layers=" in str(e).split(" ", 1)[0] else "--sam_target_layers"
         raise UsageError(f"{' '.join(str(e).split())} Pass {flag} with names of this model.") from None

@@ -1,4 +1,5 @@
-"""What every command-line entry point shares: training that resumes and stops cleanly on SIGTERM, the final save
+"""What every command-line entry point shares: one lifecycle ([`run_command`]: output directory, resume, train,
+final save with the model card, push, summary), training that resumes and stops cleanly on SIGTERM, the final save
 that is renamed into place, and the exit codes (0 done, 2 bad input, 143 preempted; one line on stderr)."""
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from accelerate import PartialState
 from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
+from ..model_card import ModelCardInfo
 from ..preemption import PreemptionCallback
-from .args import UsageError, brief
-from .core import network_error
+from .args import UsageError, brief, option_error
+from .core import network_error, summary
 from .output import (
     FINAL_TMP_NAME,
     UPLOAD_IGNORE,
@@ -29,6 +32,7 @@ from .output import (
     apply_plan,
     begin_final_save,
     finish_final_save,
+    plan_output_dir,
     record_written,
 )
 
@@ -244,3 +248,79 @@ def console_main(prog: str, run: Callable[[list[str] | None], Any], argv: list[s
             print(f"{prog}: preempted: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
+
+
+class Command:
+    r"""
+    What one command supplies to [`run_command`], which runs the steps both commands share around them.
+
+    Args:
+        prog (`str`): the command's name, in its report.
+        args (`TrainingArguments`): the parsed training arguments.
+        run_args (*any*): holds `overwrite_output_dir` and `measure_plain_steps` (the options both commands add).
+        options (`set[str]`): the command's option names: a `ValueError` raised while the trainer is built that names
+            one of them (as `option_error` reads it) is reported as one line.
+    """
+
+    def __init__(self, prog: str, args: Any, run_args: Any, options: set[str]):
+        self.prog, self.args, self.run_args, self.options = prog, args, run_args, options
+
+    def prepare(self, output_dir: Path) -> ModelCardInfo:
+        """Check and load the model, tokenizer and data (nothing written yet); what the card says about the run."""
+        raise NotImplementedError
+
+    def build_trainer(self, **common: Any) -> Any:
+        """The trainer, built with `common` (`args`, `card_info`, `card_name`, `measure_plain_steps`); before the
+        output directory is touched."""
+        raise NotImplementedError
+
+    def before_training(self, trainer: Any) -> None:
+        """Called once the output directory is taken, before training (e.g. a metric of the untrained model)."""
+
+    def evaluate(self, trainer: Any) -> dict[str, float]:
+        """The final evaluations' metrics, after training."""
+        raise NotImplementedError
+
+    def summary_rows(self, trainer: Any, metrics: dict[str, Any], card_info: ModelCardInfo) -> dict[str, str]:
+        """The command's rows of the end-of-run report (label: value)."""
+        raise NotImplementedError
+
+
+def run_command(command: Command) -> dict[str, Any]:
+    """The lifecycle of both commands: the Hub token out of the arguments, the output directory planned (a previous
+    run's last checkpoint to resume from), `command.prepare` (every check before anything is written), the trainer
+    built (and the Hub repo created) before the output directory is taken, training that resumes and stops cleanly on
+    SIGTERM, the final evaluation and save (with the model card), the push and the summary; returns the final metrics.
+    Raises `UsageError` for bad input and `Preempted` after a SIGTERM checkpoint."""
+    args = command.args
+    hub_token_to_environment(args)  # never pickled into training_args.bin
+    logging.set_verbosity(args.get_process_log_level())
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    plan = plan_output_dir(output_dir, command.run_args.overwrite_output_dir, args.resume_from_checkpoint)
+    card_info = command.prepare(output_dir)
+    card_info.repo_id = args.hub_model_id or output_dir.name
+    point_at_output_dir(args, plan)
+    try:  # built (the Hub repo created) before the output directory is touched
+        with create_repo_failures(args):
+            trainer = command.build_trainer(args=args, card_info=card_info, card_name=output_dir.name,
+                                            measure_plain_steps=command.run_args.measure_plain_steps)
+    except ValueError as e:  # a library's check that the command's own do not make, naming the option
+        error = option_error(e, command.options)
+        if error is None:
+            raise  # not about an option: a bug, reported with its traceback
+        raise error from None
+    take_output_dir(args, plan)
+    command.before_training(trainer)
+    metrics = train_resumably(trainer, plan.checkpoint, output_dir)
+    card_info.throughput = trainer.throughput(metrics["train_runtime"])
+    card_info.train_loss = metrics.get("train_loss")
+    with preemptible_finish(trainer, output_dir):
+        metrics.update(command.evaluate(trainer))
+        trainer.log_metrics("all", metrics)
+        save_final(trainer, output_dir, metrics)
+    if args.push_to_hub:
+        with push_failures(trainer, output_dir):
+            push_final(trainer, output_dir)  # uploads what save_final wrote, without saving again
+    if trainer.is_world_process_zero():
+        print(summary(command.prog, trainer, command.summary_rows(trainer, metrics, card_info), output_dir))
+    return metrics

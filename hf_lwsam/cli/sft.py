@@ -39,7 +39,6 @@ from .args import (
     given_flags,
     looks_like_path,
     measure_plain_steps_field,
-    option_error,
     overwrite_output_dir_field,
     parsing_error,
     read_config_file,
@@ -57,24 +56,12 @@ from .core import (
     check_sam_layers,
     load_model_config,
     load_tokenizer,
+    lora_card,
     quiet_datasets,
-    summary,
     weightless_model,
 )
 from .data import check_texts, describe_dataset, load_named_dataset
-from .lifecycle import (
-    console_main,
-    create_repo_failures,
-    hub_token_to_environment,
-    point_at_output_dir,
-    preemptible_finish,
-    push_failures,
-    push_final,
-    save_final,
-    take_output_dir,
-    train_resumably,
-)
-from .output import plan_output_dir
+from .lifecycle import Command, console_main, run_command
 from .sft_data import CONVERSATIONAL, sft_format, shortest_example_tokens
 from .speed import ThroughputMixin, speed_rows
 
@@ -279,105 +266,112 @@ def sft_trainer_class() -> type:
     return type("CLISFTTrainer", (ModelCardMixin, ThroughputMixin, SFTLWSAMTrainer), {"__module__": __name__})
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse, validate, train (resuming from the last checkpoint in `output_dir`), evaluate, save (with card) and
-    optionally push; returns the final metrics."""
-    from trl import get_peft_config
+class SFTCommand(Command):
+    """`hf-lwsam-sft`'s part of the lifecycle ([`run_command`]): the model, data, trainer, evaluation and report; with
+    no model and no dataset, the offline default (`sft_offline.py`) with its held-out answer accuracy."""
 
-    from . import sft_offline
-
-    script_args, args, model_args, run_args, embedded = parse_args(argv)
-    hub_token_to_environment(args)  # never pickled into training_args.bin
-    logging.set_verbosity(args.get_process_log_level())
-    output_dir = Path(args.output_dir).expanduser().resolve()
-    plan = plan_output_dir(output_dir, run_args.overwrite_output_dir, args.resume_from_checkpoint)
-    peft_config = get_peft_config(model_args)
-    if embedded:
-        model, tokenizer, data, held_out = sft_offline.embedded_model_and_data()
-        # before TRL tokenizes: a bad layer name fails first (names as PEFT will wrap them)
-        check_sam_layers(skeleton_model(sft_offline.BASE_MODEL, model.config, peft_config), args)
-        base_model, description, is_hub = sft_offline.BASE_MODEL, sft_offline.description(), True
-        dataset_ids: list[str] = []
-        with quiet_datasets():
-            train, test, _ = sft_splits(data, script_args, args)
-    else:
-        # Everything is checked before the weights load: the model's config, layer names and LoRA targets (on a
-        # weightless copy), the data's format and texts, the tokenizer.
-        hub = {"trust_remote_code": args.trust_remote_code, "revision": model_args.model_revision}
-        name, config, is_hub = load_model_config(model_args.model_name_or_path, **hub)
-        check_model_config(config, name, max_length=args.max_length)
-        check_sam_layers(skeleton_model(name, config, peft_config, **hub), args)
-        with quiet_datasets():
-            train, test, data_format = sft_splits(load_data(script_args), script_args, args)
-        tokenizer = load_tokenizer(name, **hub)
-        if data_format.startswith("conversational") and tokenizer.chat_template is None and \
-                args.chat_template_path is None:
-            raise UsageError(f"the data is conversational and the tokenizer of {name!r} has no chat template: pass "
-                             "--chat_template_path (a .jinja file, or a model id whose template to copy), a model "
-                             "with a chat template, or text data.")
-        model, base_model = name, name
-        description, dataset_ids = describe_dataset(script_args.dataset_name, script_args.dataset_config)
-    card_info = ModelCardInfo(
-        task="causal_lm", base_model=base_model, base_model_is_hub_id=is_hub, dataset_ids=dataset_ids,
-        dataset_description=description, num_train_examples=len(train),
-        num_eval_examples=len(test) if test is not None else 0, max_length=args.max_length,
-        metric_source="SFTTrainer (TRL) loss, entropy and token accuracy" + (
-            "; answer accuracy: the most likely of the three answers, before and after training" if embedded else ""),
-        lora={"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
-              "target_modules": model_args.lora_target_modules} if model_args.use_peft else None,
-        repo_id=args.hub_model_id or output_dir.name,
-    )
-    point_at_output_dir(args, plan)
-    try:  # built (weights loaded, data tokenized, the Hub repo created) before the output directory is touched
-        with quiet_datasets(), create_repo_failures(args):
-            if not embedded:
-                model = load_causal_lm(name, args, model_args)
-            trainer = sft_trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=test,
-                                          processing_class=tokenizer, peft_config=peft_config, card_info=card_info,
-                                          card_name=output_dir.name, measure_plain_steps=run_args.measure_plain_steps)
-    except ValueError as e:  # a check of TRL's or the trainer's that the ones above do not make, naming the option
+    def __init__(self, script_args: Any, args: Any, model_args: Any, run_args: RunArguments, embedded: bool):
         options = {f.name for parsed in (script_args, args, model_args, run_args) for f in fields(parsed)}
-        error = option_error(e, options)
-        if error is None:
-            raise  # not about an option: a bug, reported with its traceback
-        raise error from None
-    for split, rows, kept in (("train", train, trainer.train_dataset), ("eval", test, trainer.eval_dataset)):
-        if rows is not None and len(kept) == 0:  # TRL drops an example cut inside its prompt (no token to learn)
-            shortest = shortest_example_tokens(rows, trainer.processing_class, args.dataset_text_field)
-            raise UsageError(f"--max_length {args.max_length} leaves no {split} example with a token to learn from "
-                             f"(TRL drops an example cut inside its prompt; the shortest example is {shortest} "
-                             f"tokens): pass --max_length {shortest} or more.")
-    card_info.num_train_examples = len(trainer.train_dataset)  # what is trained: after TRL's own filtering (packing)
-    take_output_dir(args, plan)
-    if embedded:  # the task metric of the model as it starts (adapters at their zero init)
-        before = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
-    metrics = train_resumably(trainer, plan.checkpoint, output_dir)
-    card_info.throughput = trainer.throughput(metrics["train_runtime"])
-    card_info.train_loss = metrics.get("train_loss")
-    with preemptible_finish(trainer, output_dir):
-        if test is not None:
-            metrics.update(trainer.evaluate())
-        if embedded:  # logged as an evaluation: the model card and trainer_state.json show it
-            after = sft_offline.answer_accuracy(trainer.model, tokenizer, held_out, args.per_device_eval_batch_size)
-            task = {f"eval_{sft_offline.METRIC}_before": before, f"eval_{sft_offline.METRIC}": after}
+        super().__init__(PROG, args, run_args, options)
+        self.script_args, self.model_args, self.embedded = script_args, model_args, embedded
+
+    def prepare(self, output_dir: Path) -> ModelCardInfo:
+        from trl import get_peft_config
+
+        from . import sft_offline
+
+        script_args, args, model_args = self.script_args, self.args, self.model_args
+        self.peft_config = get_peft_config(model_args)
+        if self.embedded:
+            self.model, self.tokenizer, data, self.held_out = sft_offline.embedded_model_and_data()
+            # before TRL tokenizes: a bad layer name fails first (names as PEFT will wrap them)
+            check_sam_layers(skeleton_model(sft_offline.BASE_MODEL, self.model.config, self.peft_config), args)
+            base_model, description, is_hub = sft_offline.BASE_MODEL, sft_offline.description(), True
+            dataset_ids: list[str] = []
+            with quiet_datasets():
+                self.train, self.test, _ = sft_splits(data, script_args, args)
+        else:
+            # Everything is checked before the weights load: the model's config, layer names and LoRA targets (on a
+            # weightless copy), the data's format and texts, the tokenizer.
+            hub = {"trust_remote_code": args.trust_remote_code, "revision": model_args.model_revision}
+            name, config, is_hub = load_model_config(model_args.model_name_or_path, **hub)
+            check_model_config(config, name, max_length=args.max_length)
+            check_sam_layers(skeleton_model(name, config, self.peft_config, **hub), args)
+            with quiet_datasets():
+                self.train, self.test, data_format = sft_splits(load_data(script_args), script_args, args)
+            self.tokenizer = load_tokenizer(name, **hub)
+            if data_format.startswith("conversational") and self.tokenizer.chat_template is None and \
+                    args.chat_template_path is None:
+                raise UsageError(f"the data is conversational and the tokenizer of {name!r} has no chat template: "
+                                 "pass --chat_template_path (a .jinja file, or a model id whose template to copy), a "
+                                 "model with a chat template, or text data.")
+            self.model, base_model = name, name
+            description, dataset_ids = describe_dataset(script_args.dataset_name, script_args.dataset_config)
+        return ModelCardInfo(
+            task="causal_lm", base_model=base_model, base_model_is_hub_id=is_hub, dataset_ids=dataset_ids,
+            dataset_description=description, num_train_examples=len(self.train),
+            num_eval_examples=len(self.test) if self.test is not None else 0, max_length=args.max_length,
+            metric_source="SFTTrainer (TRL) loss, entropy and token accuracy" + (
+                "; answer accuracy: the most likely of the three answers, before and after training"
+                if self.embedded else ""),
+            lora=lora_card(model_args),
+        )
+
+    def build_trainer(self, **common: Any) -> Any:
+        args = self.args
+        with quiet_datasets():  # weights loaded, data tokenized
+            if not self.embedded:
+                self.model = load_causal_lm(self.model, args, self.model_args)
+            trainer = sft_trainer_class()(model=self.model, train_dataset=self.train, eval_dataset=self.test,
+                                          processing_class=self.tokenizer, peft_config=self.peft_config, **common)
+        for split, rows, kept in (("train", self.train, trainer.train_dataset), ("eval", self.test,
+                                                                                  trainer.eval_dataset)):
+            if rows is not None and len(kept) == 0:  # TRL drops an example cut inside its prompt (no token to learn)
+                shortest = shortest_example_tokens(rows, trainer.processing_class, args.dataset_text_field)
+                raise UsageError(f"--max_length {args.max_length} leaves no {split} example with a token to learn "
+                                 f"from (TRL drops an example cut inside its prompt; the shortest example is "
+                                 f"{shortest} tokens): pass --max_length {shortest} or more.")
+        # what is trained: after TRL's own filtering (packing)
+        common["card_info"].num_train_examples = len(trainer.train_dataset)
+        return trainer
+
+    def before_training(self, trainer: Any) -> None:
+        if self.embedded:  # the task metric of the model as it starts (adapters at their zero init)
+            self.before = self._answer_accuracy(trainer)
+
+    def _answer_accuracy(self, trainer: Any) -> float:
+        from .sft_offline import answer_accuracy
+
+        return answer_accuracy(trainer.model, self.tokenizer, self.held_out, self.args.per_device_eval_batch_size)
+
+    def evaluate(self, trainer: Any) -> dict[str, float]:
+        from .sft_offline import METRIC
+
+        metrics = trainer.evaluate() if self.test is not None else {}
+        if self.embedded:  # logged as an evaluation: the model card and trainer_state.json show it
+            task = {f"eval_{METRIC}_before": self.before, f"eval_{METRIC}": self._answer_accuracy(trainer)}
             metrics.update(task)
             trainer.log(task)
-        trainer.log_metrics("all", metrics)
-        save_final(trainer, output_dir, metrics)
-    if args.push_to_hub:
-        with push_failures(trainer, output_dir):
-            push_final(trainer, output_dir)  # uploads what save_final wrote, without saving again
-    if trainer.is_world_process_zero():
-        trained = "packed sequences" if args.packing else "examples"
-        rows = {"train loss": f"{metrics.get('train_loss', float('nan')):.4f}",
-                **speed_rows(trainer, card_info, trained)}
+        return metrics
+
+    def summary_rows(self, trainer: Any, metrics: dict[str, Any], info: ModelCardInfo) -> dict[str, str]:
+        """The train and eval loss, train time, tokens/s, the step-time ratio and, offline, the answer accuracy."""
+        from .sft_offline import METRIC
+
+        trained = "packed sequences" if self.args.packing else "examples"
+        rows = {"train loss": f"{metrics.get('train_loss', float('nan')):.4f}", **speed_rows(trainer, info, trained)}
         if "eval_loss" in metrics:
             rows["eval loss"] = f"{metrics['eval_loss']:.4f}"
-        if embedded:
-            rows["held-out answer accuracy"] = (f"{metrics[f'eval_{sft_offline.METRIC}_before']:.3f} before, "
-                                                f"{metrics[f'eval_{sft_offline.METRIC}']:.3f} after")
-        print(summary(PROG, trainer, rows, output_dir))
-    return metrics
+        if self.embedded:
+            rows["held-out answer accuracy"] = (f"{metrics[f'eval_{METRIC}_before']:.3f} before, "
+                                                f"{metrics[f'eval_{METRIC}']:.3f} after")
+        return rows
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse, validate, train (resuming from the last checkpoint in `output_dir`), evaluate, save (with card) and
+    optionally push ([`run_command`]); returns the final metrics."""
+    return run_command(SFTCommand(*parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

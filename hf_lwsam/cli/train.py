@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ from .core import (
     hub_kwargs,
     load_model_config,
     load_tokenizer,
+    lora_card,
     quiet_datasets,
-    summary,
     weightless_model,
 )
 from .data import (
@@ -52,20 +53,8 @@ from .data import (
     resolve_columns,
     tokenize_for_classification,
 )
-from .lifecycle import (
-    console_main,
-    create_repo_failures,
-    hub_token_to_environment,
-    point_at_output_dir,
-    preemptible_finish,
-    push_failures,
-    push_final,
-    save_final,
-    take_output_dir,
-    train_resumably,
-)
+from .lifecycle import Command, console_main, run_command
 from .metrics import causal_lm_metrics, classification_metrics, describe_metrics
-from .output import plan_output_dir
 from .speed import ThroughputMixin, speed_rows
 
 logger = logging.get_logger("hf_lwsam.cli.train")
@@ -163,117 +152,110 @@ def _max_length(data_args: DataArguments, tokenizer: Any, config: Any, task: str
 
 
 # --------------------------------------------------------------------------------------------------------- main
+class TrainCommand(Command):
+    """`hf-lwsam-train`'s part of the lifecycle ([`run_command`]): the model, data, trainer, evaluation and report."""
+
+    def __init__(self, model_args: ModelArguments, data_args: DataArguments, args: Any, embedded: bool):
+        options = {f.name for parsed in (model_args, data_args, args) for f in fields(parsed)}
+        super().__init__("hf-lwsam-train", args, args, options)
+        self.model_args, self.data_args, self.embedded = model_args, data_args, embedded
+
+    def prepare(self, output_dir: Path) -> ModelCardInfo:
+        model_args, data_args, args = self.model_args, self.data_args, self.args
+        name, config, is_hub = load_model_config(model_args.model_name_or_path, model_args.trust_remote_code,
+                                                 model_args.model_revision)
+        check_model_config(config, name, model_args.task, data_args.max_length)
+        with quiet_datasets():
+            raw = load_raw_data(data_args, self.embedded, args.seed)
+            if args.do_predict and "test" not in raw.splits:
+                raise UsageError("--do_predict needs a test split and the data has none: pass --test_file PATH, or "
+                                 "drop --do_predict.")
+            text_column, label_column = resolve_columns(raw.splits, data_args.text_column, data_args.label_column)
+            task = resolve_task(model_args.task, config, label_column if model_args.task != "causal_lm" else None,
+                                name)
+            if task == "classification" and label_column is None:
+                raise UsageError(f"--task classification needs labels and the data has none of the default label "
+                                 f"columns: pass --label_column with one of {raw.splits['train'].column_names}.")
+            if task == "classification":
+                check_label_cells(raw, label_column)  # a data file's rows without a label, by row number
+            if task == "causal_lm":
+                check_model_config(config, name, task, data_args.max_length)
+            splits = raw.splits
+            splits["train"] = _limit(splits["train"], data_args.max_train_samples)
+            if not args.do_predict and "test" in splits:
+                del splits["test"]  # only evaluated with --do_predict
+            for split in ("validation", "test"):
+                if split in splits:
+                    splits[split] = _limit(splits[split], data_args.max_eval_samples)
+            labels = None
+            if task == "classification":
+                splits, labels = prepare_labels(splits, label_column)
+            check_texts(splits, text_column)
+        tokenizer = load_tokenizer(name, model_args.trust_remote_code, model_args.model_revision)
+        max_length = _max_length(data_args, tokenizer, config, task)
+        with args.main_process_first(desc="dataset preprocessing"), quiet_datasets():
+            if task == "classification":
+                splits = tokenize_for_classification(splits, tokenizer, text_column, max_length,
+                                                     data_args.preprocessing_num_workers)
+                collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.fp16 or args.bf16 else None)
+                compute_metrics, metric_names = classification_metrics()
+                preprocess = None
+            else:
+                splits = pack_for_causal_lm(splits, tokenizer, text_column, max_length,
+                                            data_args.preprocessing_num_workers)
+                collator = default_data_collator
+                compute_metrics, preprocess, metric_names = causal_lm_metrics()
+        for split, rows in splits.items():
+            if len(rows) == 0:
+                raise UsageError(f"the {split} split has no rows left after dropping empty texts: pass data with "
+                                 "non-empty texts, a larger --max_train_samples/--max_eval_samples, or for causal LM "
+                                 "a smaller --max_length.")
+        # The LoRA and LW-SAM layer names are checked on a weightless copy, so a bad name fails before the weights load.
+        check_sam_layers(load_model(name, config, task, model_args, labels, tokenizer, skeleton=True), args)
+        self.model = load_model(name, config, task, model_args, labels, tokenizer)
+        self.splits, self.tokenizer, self.task = splits, tokenizer, task
+        self.trainer_kwargs = {"data_collator": collator, "compute_metrics": compute_metrics,
+                               "preprocess_logits_for_metrics": preprocess}
+        return ModelCardInfo(
+            task=task, base_model=EMBEDDED_BASE_MODEL if model_args.model_name_or_path is None else name,
+            base_model_is_hub_id=is_hub or model_args.model_name_or_path is None, dataset_ids=raw.dataset_ids,
+            dataset_description=raw.description, num_train_examples=len(splits["train"]),
+            num_eval_examples=len(splits["validation"]), labels=labels, max_length=max_length,
+            metric_source=describe_metrics(metric_names), lora=lora_card(model_args),
+        )
+
+    def build_trainer(self, **common: Any) -> CLITrainer:
+        return CLITrainer(model=self.model, train_dataset=self.splits["train"], eval_dataset=self.splits["validation"],
+                          processing_class=self.tokenizer, **self.trainer_kwargs, **common)
+
+    def evaluate(self, trainer: CLITrainer) -> dict[str, float]:
+        metrics = trainer.evaluate()
+        if self.args.do_predict and "test" in self.splits:
+            metrics.update(trainer.evaluate(self.splits["test"], metric_key_prefix="test"))
+        return metrics
+
+    def summary_rows(self, trainer: CLITrainer, metrics: dict[str, Any], info: ModelCardInfo) -> dict[str, str]:
+        """The task metrics, train time, tokens/s and the step-time ratio."""
+        nan = float("nan")
+        if self.task == "classification":
+            rows = {"eval accuracy": f"{metrics.get('eval_accuracy', nan):.4f}",
+                    "eval macro-F1": f"{metrics.get('eval_f1', nan):.4f}"}
+        else:
+            rows = {"eval perplexity": f"{metrics.get('eval_perplexity', nan):.2f}",
+                    "eval token accuracy": f"{metrics.get('eval_accuracy', nan):.4f}"}
+        rows.update(speed_rows(trainer, info, "examples" if self.task == "classification" else "blocks"))
+        rows["metrics"] = info.metric_source
+        return rows
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, validate, train (resuming from the last checkpoint in `output_dir`), evaluate, save (with card) and
-    optionally push; returns the final metrics. Raises `UsageError` for bad input before anything is written, and
-    `Preempted` after a SIGTERM checkpoint."""
+    optionally push ([`run_command`]); returns the final metrics. Raises `UsageError` for bad input before anything
+    is written, and `Preempted` after a SIGTERM checkpoint."""
     model_args, data_args, args, embedded = parse_args(argv)
-    hub_token_to_environment(args)  # never pickled into training_args.bin
-    log_level = args.get_process_log_level()
-    logging.set_verbosity(log_level)
     transformers.utils.logging.enable_explicit_format()
     set_seed(args.seed)
-
-    output_dir = Path(args.output_dir).expanduser().resolve()
-    plan = plan_output_dir(output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
-    name, config, is_hub = load_model_config(model_args.model_name_or_path, model_args.trust_remote_code,
-                                             model_args.model_revision)
-    check_model_config(config, name, model_args.task, data_args.max_length)
-    with quiet_datasets():
-        raw = load_raw_data(data_args, embedded, args.seed)
-        if args.do_predict and "test" not in raw.splits:
-            raise UsageError("--do_predict needs a test split and the data has none: pass --test_file PATH, or drop "
-                             "--do_predict.")
-        text_column, label_column = resolve_columns(raw.splits, data_args.text_column, data_args.label_column)
-        task = resolve_task(model_args.task, config, label_column if model_args.task != "causal_lm" else None, name)
-        if task == "classification" and label_column is None:
-            raise UsageError(f"--task classification needs labels and the data has none of the default label "
-                             f"columns: pass --label_column with one of {raw.splits['train'].column_names}.")
-        if task == "classification":
-            check_label_cells(raw, label_column)  # a data file's rows without a label, by row number
-        if task == "causal_lm":
-            check_model_config(config, name, task, data_args.max_length)
-        splits = raw.splits
-        splits["train"] = _limit(splits["train"], data_args.max_train_samples)
-        if not args.do_predict and "test" in splits:
-            del splits["test"]  # only evaluated with --do_predict
-        for split in ("validation", "test"):
-            if split in splits:
-                splits[split] = _limit(splits[split], data_args.max_eval_samples)
-        labels = None
-        if task == "classification":
-            splits, labels = prepare_labels(splits, label_column)
-        check_texts(splits, text_column)
-    tokenizer = load_tokenizer(name, model_args.trust_remote_code, model_args.model_revision)
-    max_length = _max_length(data_args, tokenizer, config, task)
-    with args.main_process_first(desc="dataset preprocessing"), quiet_datasets():
-        if task == "classification":
-            splits = tokenize_for_classification(splits, tokenizer, text_column, max_length,
-                                                 data_args.preprocessing_num_workers)
-            collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.fp16 or args.bf16 else None)
-            compute_metrics, metric_names = classification_metrics()
-            preprocess = None
-        else:
-            splits = pack_for_causal_lm(splits, tokenizer, text_column, max_length, data_args.preprocessing_num_workers)
-            collator = default_data_collator
-            compute_metrics, preprocess, metric_names = causal_lm_metrics()
-    for split, rows in splits.items():
-        if len(rows) == 0:
-            raise UsageError(f"the {split} split has no rows left after dropping empty texts: pass data with "
-                             "non-empty texts, a larger --max_train_samples/--max_eval_samples, or for causal LM a "
-                             "smaller --max_length.")
-    # The LoRA and LW-SAM layer names are checked on a weightless copy, so a bad name fails before the weights load.
-    check_sam_layers(load_model(name, config, task, model_args, labels, tokenizer, skeleton=True), args)
-    model = load_model(name, config, task, model_args, labels, tokenizer)
-
-    base_model = EMBEDDED_BASE_MODEL if model_args.model_name_or_path is None else name
-    card_info = ModelCardInfo(
-        task=task, base_model=base_model, base_model_is_hub_id=is_hub or model_args.model_name_or_path is None,
-        dataset_ids=raw.dataset_ids, dataset_description=raw.description,
-        num_train_examples=len(splits["train"]), num_eval_examples=len(splits["validation"]), labels=labels,
-        max_length=max_length, metric_source=describe_metrics(metric_names),
-        lora={"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
-              "target_modules": model_args.lora_target_modules} if model_args.use_peft else None,
-        repo_id=args.hub_model_id or output_dir.name,
-    )
-    point_at_output_dir(args, plan)
-    with create_repo_failures(args):  # built (the Hub repo created) before the output directory is touched
-        trainer = CLITrainer(
-            model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
-            processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
-            preprocess_logits_for_metrics=preprocess, card_info=card_info, card_name=output_dir.name,
-            measure_plain_steps=args.measure_plain_steps,
-        )
-    take_output_dir(args, plan)
-    metrics = train_resumably(trainer, plan.checkpoint, output_dir)
-    card_info.throughput = trainer.throughput(metrics["train_runtime"])
-    card_info.train_loss = metrics.get("train_loss")
-    with preemptible_finish(trainer, output_dir):
-        metrics.update(trainer.evaluate())
-        if args.do_predict and "test" in splits:
-            metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
-        trainer.log_metrics("all", metrics)
-        save_final(trainer, output_dir, metrics)
-    if args.push_to_hub:
-        with push_failures(trainer, output_dir):
-            push_final(trainer, output_dir)  # uploads what save_final wrote, without saving again
-    if trainer.is_world_process_zero():
-        print(summary("hf-lwsam-train", trainer, summary_rows(trainer, metrics, task, card_info), output_dir))
-    return metrics
-
-
-def summary_rows(trainer: CLITrainer, metrics: dict[str, Any], task: str, info: ModelCardInfo) -> dict[str, str]:
-    """The end-of-run report's rows of this command: the task metrics, train time, tokens/s and the step-time ratio."""
-    nan = float("nan")
-    if task == "classification":
-        rows = {"eval accuracy": f"{metrics.get('eval_accuracy', nan):.4f}",
-                "eval macro-F1": f"{metrics.get('eval_f1', nan):.4f}"}
-    else:
-        rows = {"eval perplexity": f"{metrics.get('eval_perplexity', nan):.2f}",
-                "eval token accuracy": f"{metrics.get('eval_accuracy', nan):.4f}"}
-    rows.update(speed_rows(trainer, info, "examples" if task == "classification" else "blocks"))
-    rows["metrics"] = info.metric_source
-    return rows
+    return run_command(TrainCommand(model_args, data_args, args, embedded))
 
 
 def main(argv: list[str] | None = None) -> int:
