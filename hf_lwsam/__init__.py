@@ -4,6 +4,7 @@ from .config import LWSAMConfig, LWSAMConfigMixin, lwsam_config
 from .preemption import PreemptionCallback
 from .probe import probe_layer_grad_norms
 from .selection import select_layers
+from .selection_rules import SelectionRule, register_selection_rule
 from .trainer import LWSAMMixin, LWSAMTrainer, lwsam_trainer
 
 __all__ = [
@@ -12,9 +13,11 @@ __all__ = [
     "LWSAMMixin",
     "LWSAMTrainer",
     "PreemptionCallback",
+    "SelectionRule",
     "lwsam_config",
     "lwsam_trainer",
     "probe_layer_grad_norms",
+    "register_selection_rule",
     "select_layers",
 ]
 __version__ = "0.1.0"

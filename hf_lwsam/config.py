@@ -15,8 +15,8 @@ from transformers import TrainingArguments
 from transformers.utils.generic import strtobool
 
 from .ascent import ASCENTS, ascent_help
+from .selection_rules import SELECTION_RULES, selection_help, selection_rule
 
-SELECTION_MODES = ("pattern", "all", "probe")
 ASCENT_MODES = tuple(ASCENTS)  # the registry's ascents (`hf_lwsam.ascent`)
 INTERVAL_REUSE_MODES = ("none", "looksam")
 PROBE_METRICS = ("grad_norm", "grad_norm_per_param", "grad_norm_per_cost")
@@ -171,12 +171,9 @@ class LWSAMConfigMixin:
     )
     sam_selection: str | None = field(
         default=None,
-        metadata={
-            "help": "Which parameters to perturb: 'pattern' (the default: the layers named by --sam_target_layers, "
-            "output-side default when unset), 'all' (conventional SAM, set by every preset: every trainable parameter "
-            "but the modules of --sam_exclude_layers) or 'probe' (largest measured gradient norms).",
-            "choices": list(SELECTION_MODES),
-        },
+        # the registry's rules (`hf_lwsam.selection_rules`); `choices` is the live view, so argparse also accepts a
+        # rule registered before the arguments are parsed
+        metadata={"help": selection_help(), "choices": SELECTION_RULES.keys()},
     )
     sam_target_layers: list[str] | str | None = field(
         default=None,
@@ -345,11 +342,16 @@ class LWSAMConfigMixin:
 
     def _refuse_unused_options(self) -> None:
         """An option that does nothing in the chosen mode is refused by name: one of a mode that is off, set off its
-        default; layer patterns under sam_selection='all'; sam_reuse_activations=False where nothing is reused."""
+        default; what the selection rule refuses (`SelectionRule.validate`: layer patterns and
+        sam_reuse_activations=False under sam_selection='all'); sam_reuse_activations=False where nothing is reused."""
         defaults = _sam_defaults()
-        probe_options = ("sam_top_k", "sam_top_ratio", "sam_probe_interval", "sam_probe_batches", "sam_probe_metric",
-                         "sam_probe_granularity")
-        needs = dict.fromkeys(probe_options, ("sam_selection='probe'", self.sam_selection == "probe"))
+        rule = SELECTION_RULES[self.sam_selection]
+        needs: dict[str, tuple[str, bool]] = {}
+        for other in SELECTION_RULES.values():  # the options only a selection rule reads (the probe's)
+            for name in other.options:
+                mode, on = needs.get(name, ("", False))
+                needs[name] = (f"{mode} or {other.name!r}" if mode else f"sam_selection={other.name!r}",
+                               on or other is rule)
         needs["sam_looksam_alpha"] = ("sam_interval_reuse='looksam'", self.sam_interval_reuse == "looksam")
         for name in ("sam_momentum", "sam_momentum_beta"):
             needs[name] = ("sam_ascent='momentum' (sam_preset='free')", self.sam_ascent == "momentum")
@@ -359,16 +361,8 @@ class LWSAMConfigMixin:
             value = getattr(self, name)
             if not on and value != defaults[name]:
                 raise ValueError(f"{name}={value!r} does nothing without {mode}: set that mode, or drop {name}.")
-        everything = "sam_selection='all'" + (f" (set by sam_preset={self.sam_preset!r})" if self.sam_preset else "")
-        if self.sam_selection == "all" and self.sam_target_layers is not None:
-            raise ValueError(f"sam_target_layers={self.sam_target_layers!r} does nothing with {everything}, which "
-                             "perturbs every trainable parameter: use sam_selection='pattern' (without a preset) to "
-                             "perturb only those layers, or drop sam_target_layers (sam_exclude_layers removes "
-                             "modules from 'all').")
+        rule.validate(self)
         if self.sam_reuse_activations is False:
-            if self.sam_selection == "all":
-                raise ValueError(f"sam_reuse_activations=False does nothing with {everything}: every layer is "
-                                 "perturbed, so there is nothing below them to reuse. Drop sam_reuse_activations.")
             if not ASCENTS[self.sam_ascent].clean_gradient:
                 raise ValueError(f"sam_reuse_activations=False does nothing with sam_ascent={self.sam_ascent!r}: a "
                                  "one-pass ascent has no first pass to reuse. Drop sam_reuse_activations.")
@@ -379,10 +373,7 @@ class LWSAMConfigMixin:
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (rho >= 0 and math.isfinite(rho)):
             raise ValueError(f"sam_rho={rho!r} is invalid: the perturbation radius must be >= 0 and finite "
                              "(e.g. 0.05).")
-        if self.sam_selection not in SELECTION_MODES:
-            raise ValueError(
-                f"sam_selection={self.sam_selection!r} is unknown: use one of {', '.join(map(repr, SELECTION_MODES))}."
-            )
+        selection_rule(self.sam_selection)  # a registered rule (the live registry), else a ValueError listing them
         self._validate_probe()
         if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
             raise ValueError(f"sam_interval={self.sam_interval!r} is invalid: use an integer >= 1 (SAM every "

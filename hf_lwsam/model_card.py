@@ -20,6 +20,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import sam_option_docs
 from .modes import mode_description, sam_mode
+from .selection_rules import SELECTION_RULES
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md.j2"
 CARD_TAGS = ("hf-lwsam", "sharpness-aware-minimization")  # every card; plus the mode's tag (`mode_tags`)
@@ -102,8 +103,8 @@ def _fmt(value: Any) -> Any:
 def _option_value(name: str, value: Any, args: Any) -> Any:
     """A `sam_*` option's value as the card shows it (an unset layer pattern of the pattern selection is the
     output-side default)."""
-    if name == "sam_target_layers" and value is None and args.sam_selection == "pattern":
-        return "default (output side)"
+    if name == "sam_target_layers" and value is None:
+        return SELECTION_RULES[args.sam_selection].target_layers_unset
     return value
 
 
@@ -211,14 +212,14 @@ def data_preparation(trainer: Any, info: ModelCardInfo) -> str | None:
 def citations(args: Any) -> list[str]:
     """BibTeX of the method that ran: layer-wise SAM (Lee, KDD 2024) for a layer-wise selection, Momentum-SAM (Becker
     et al.) for the momentum ascent, SAM (Foret et al., ICLR 2021) otherwise."""
-    keys = ["layer-wise"] if args.sam_selection != "all" else []
+    keys = ["layer-wise"] if SELECTION_RULES[args.sam_selection].layer_wise else []
     keys.append("momentum" if args.sam_ascent == "momentum" else "sam")
     return [_bibtex(key) for key in keys]
 
 
 def mode_tags(args: Any) -> list[str]:
     """The card's tags for the mode that ran."""
-    tags = ["layer-wise-sam"] if args.sam_selection != "all" else []
+    tags = ["layer-wise-sam"] if SELECTION_RULES[args.sam_selection].layer_wise else []
     return tags + (["momentum-sam"] if args.sam_ascent == "momentum" else [])
 
 

@@ -10,19 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from .config import LWSAMConfig
+from .selection_rules import SELECTION_RULES
 
 # The preset that README.md, docs/index.md, docs/guides/choosing-a-mode.md and both CLIs' --help recommend: it kept
 # all of full SAM's gain at one pass per step in the momentum study (docs/studies/momentum.md).
 RECOMMENDED_PRESET = "free"
-
-
-def _where(args: Any) -> str:
-    """Which parameters a layer-wise mode perturbs, in words."""
-    if args.sam_selection == "probe":
-        return "on the probed layers"
-    if args.sam_target_layers is None and args.sam_exclude_layers is None:
-        return "on the output side"
-    return "on the selected layers"
 
 
 def _schedule(args: Any) -> str:
@@ -51,8 +43,9 @@ def sam_mode(args: Any) -> str:
     method = {"momentum": "Momentum-SAM", "random": "random perturbation"}.get(args.sam_ascent, word)
     stale = ", stale ascent" if args.sam_ascent == "stale" else ""
     schedule = _schedule(args)
-    if args.sam_selection != "all":
-        return f"layer-wise {method} {_where(args)}{stale}{schedule}"
+    rule = SELECTION_RULES[args.sam_selection]
+    if rule.layer_wise:
+        return f"layer-wise {method} {rule.where(args)}{stale}{schedule}"
     if args.sam_ascent == "momentum":
         return f"Momentum-SAM on every parameter{schedule}"
     if not schedule and args.sam_ascent == "exact":
@@ -114,13 +107,6 @@ def mode_description(args: Any, moment: str | None = None) -> str:
     """What a run with `args` did, in two sentences (Markdown): the parameters S it perturbs, where the perturbation
     e_S comes from, what a step costs and which steps are SAM steps. `moment`: where the momentum ascent's m came from
     (`"optimizer"` or `"own"`, as the trainer decided it; default: `sam_momentum`)."""
-    if args.sam_selection == "all":
-        who = "every trainable parameter"
-    elif args.sam_selection == "probe":
-        who = "only the layers with the largest measured gradient norms (`sam_selection='probe'`, listed below)"
-    elif args.sam_target_layers is None and args.sam_exclude_layers is None:
-        who = "only the output-side layers (the default selection, listed below)"
-    else:
-        who = "only the selected layers (`sam_target_layers` / `sam_exclude_layers`, listed below)"
+    who = SELECTION_RULES[args.sam_selection].perturbs(args)
     return (f"S is {who}; {_perturbation(args, moment)}. S is then restored bit-exactly and the stock optimizer "
             f"steps at w with the gradient taken at w + e_S. {_steps(args)}.")

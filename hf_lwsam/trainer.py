@@ -24,7 +24,8 @@ from .reuse import ActivationReuse, capture_rng, is_compiled, plan_reuse, restor
 from .running_stats import BufferGuard
 from .sam import Perturbation, ascent_direction, global_norm, looksam_add_, looksam_component
 from .schedule import AscentSchedule
-from .selection import Pattern, layer_parameters, name_matches, select_layers, trace_execution_order
+from .selection import select_layers, trace_execution_order
+from .selection_rules import SelectionRule, selection_rule
 from .sharding import (
     all_reduce_mean,
     capture_unsharded,
@@ -36,25 +37,6 @@ from .sharding import (
 )
 
 logger = logging.get_logger(__name__)
-
-
-def excluded_parameters(model: nn.Module, exclude: Pattern) -> set[int]:
-    """`sam_selection="all"` with `sam_exclude_layers`: the ids of the parameters that the modules `exclude` matches,
-    and the modules under them, own (matched as `select_layers` matches). A parameter tied to one of them (GPT-2's
-    `lm_head.weight` is `wte.weight`) is excluded too: it is the same tensor.
-
-    Raises:
-        ValueError: `exclude` matches no module.
-    """
-    modules = [(name, module) for name, module in model.named_modules() if name]
-    roots = [name for name, _ in modules if name_matches(name, exclude)]
-    if not roots:
-        shown = [name for name, module in modules if list(module.parameters(recurse=False))][:6]
-        raise ValueError(f"sam_exclude_layers={exclude!r} matches no module of {type(model).__name__}. Real layer "
-                         f"names look like {shown}; a string is a regex matched with re.fullmatch against the whole "
-                         "name, a list matches exact names or dotted suffixes.")
-    return {id(p) for name, module in modules if any(name == r or name.startswith(r + ".") for r in roots)
-            for p in module.parameters(recurse=False)}
 
 
 # Trainers whose step does not compose with two passes over one prepared batch.
@@ -119,14 +101,14 @@ class LWSAMMixin:
                 raise TypeError(f"{base.__name__} takes extra positional arguments; pass them by keyword.")
         bound["args"] = args = as_lwsam_config(bound.get("args"), _native_config_class(base))
         model = bound.get("model")
-        if args.sam_selection == "pattern" and isinstance(model, nn.Module) and bound.get("peft_config") is None:
+        if isinstance(model, nn.Module) and bound.get("peft_config") is None:
             # Bad layer names fail here, before the base trainer creates output_dir or prepares data.
-            select_layers(model, args.sam_target_layers, args.sam_exclude_layers)
+            selection_rule(args.sam_selection).check_before_trainer(model, args)
         super().__init__(**bound)
         from .loss_kwargs import fix_loss_kwargs  # a loss that ignores num_items_in_batch is averaged, not multiplied
 
         fix_loss_kwargs(self)
-        self._layer_probe: LayerProbe | None = None
+        self._selection: SelectionRule | None = None
         self._start_model_state()  # validates the layer patterns now, not at the first step
         # `optimizers=(optimizer, scheduler)`: refused now, not at the first step (else decided from `optim`)
         self._ascent.prepare(self, self.optimizer)
@@ -143,14 +125,12 @@ class LWSAMMixin:
         self._sam_window: dict[str, Any] = {}
         self._buffer_guard = BufferGuard(self.model)
         self._noise_targets: tuple[list[str], list[tuple[torch.Tensor, Any, int]]] | None = None
-        if self._layer_probe is not None:  # probed on the previous model: a new probe, as a new callback
-            self.remove_callback(self._layer_probe)
-            self._layer_probe = None
-        self._set_sam_layers(self._select_sam_layers())
+        if self._selection is not None:  # the previous model's rule (a probe's callback): undone
+            self._selection.close()
+        self._selection = selection_rule(self.args.sam_selection)(self)
+        self._set_sam_layers(self._selection.select(self.model))  # validates the layer patterns now
         # The default selection ("after the trunk") is re-decided by execution order on the first batch.
-        self._default_selection_untraced = (
-            self.args.sam_selection == "pattern" and self.args.sam_target_layers is None
-        )
+        self._default_selection_untraced = self._selection.traces_first_batch
 
     def _hp_search_setup(self, trial: Any) -> None:
         """Called by `train()` after `model_init` built the model to train (and `hyperparameter_search` set the trial's
@@ -160,27 +140,11 @@ class LWSAMMixin:
             self._start_model_state()
 
     # ----------------------------------------------------------------------------------------------- selection
-    def _select_sam_layers(self) -> list[str] | None:
-        """Layer names for `"pattern"`; for `"all"`, `None` (every trainable parameter), or with `sam_exclude_layers`
-        the layers owning a trainable parameter that no excluded module owns (`""`: the model itself); for `"probe"` the
-        probe's current selection (before the first probe: the `k` output-most candidates)."""
-        if self.args.sam_selection == "all":
-            if self.args.sam_exclude_layers is None:
-                return None
-            excluded = excluded_parameters(self.model, self.args.sam_exclude_layers)
-            layers = [name for name, module in self.model.named_modules()
-                      if any(p.requires_grad and id(p) not in excluded for p in module.parameters(recurse=False))]
-            if not layers:
-                raise ValueError(f"sam_exclude_layers={self.args.sam_exclude_layers!r} leaves sam_selection='all' no "
-                                 "trainable parameter to perturb: the excluded modules own all of them. Exclude fewer "
-                                 "modules.")
-            return layers
-        if self.args.sam_selection == "probe":
-            if self._layer_probe is None:
-                self._layer_probe = LayerProbe(self)  # validates the candidates and k now
-                self.add_callback(self._layer_probe)  # restores the probed selection on resume
-            return self._layer_probe.selected_layers()
-        return select_layers(self.model, self.args.sam_target_layers, self.args.sam_exclude_layers)
+    @property
+    def _layer_probe(self) -> LayerProbe | None:
+        """The [`LayerProbe`] of `sam_selection="probe"` (its history, last norms and selection); `None` under another
+        rule."""
+        return getattr(self._selection, "probe", None)
 
     @torch.no_grad()
     def _trace_default_selection(self, model: nn.Module, inputs: dict[str, Any]) -> None:
@@ -230,15 +194,9 @@ class LWSAMMixin:
     def _sam_parameters(self) -> list[tuple[str, nn.Parameter]]:
         if self._sam_params is None:
             reshard(self.model)  # under FSDP2 S is the sharded parameters, even after a forward without backward
-            if self.args.sam_selection == "all":  # by identity, now: FSDP2 replaced the parameters since __init__
-                exclude = self.args.sam_exclude_layers
-                excluded = set() if exclude is None else excluded_parameters(self.model, exclude)
-                self._sam_params = [(n, p) for n, p in self.model.named_parameters()
-                                    if p.requires_grad and id(p) not in excluded]
-                layers = "all trainable parameters" + (f" but sam_exclude_layers={exclude!r}" if exclude else "")
-            else:
-                self._sam_params = layer_parameters(self.model, self._sam_layers)
-                layers = ", ".join(self._sam_layers)
+            # resolved now (`"all"` by identity: FSDP2 replaced the parameters since __init__)
+            self._sam_params = self._selection.parameters(self.model, self._sam_layers)
+            layers = self._selection.describe(self._sam_layers)
             numel = sum(p.numel() for _, p in self._sam_params)
             logger.info(f"LW-SAM perturbs {len(self._sam_params)} tensors ({numel:,} parameters): {layers}")
         return self._sam_params
@@ -252,9 +210,8 @@ class LWSAMMixin:
         if not self.args.sam_reuse_activations or self.reuse_disabled_reason is not None:
             return None
         if self._reuse_plan is None:
-            if self.args.sam_selection == "all":
-                plan = ("sam_selection='all' perturbs every layer, so there is nothing below the perturbed layers to "
-                        "reuse")
+            if self._selection.reuse_refusal is not None:
+                plan = self._selection.reuse_refusal
             elif is_compiled(self.model_wrapped) or is_compiled(self.model):
                 plan = ("torch_compile=True runs the model as a compiled graph, into which the per-block replay "
                         "(Python wrappers swapped in for each micro-batch) cannot be traced without recompiling; "
@@ -273,7 +230,7 @@ class LWSAMMixin:
 
     def _disable_reuse(self, reason: str) -> None:
         self.reuse_disabled_reason = reason
-        log = logger.info if self.args.sam_selection == "all" else logger.warning
+        log = logger.info if self._selection.reuse_refusal is not None else logger.warning  # expected: info
         log(f"LW-SAM activation reuse is off, pass 2 recomputes the whole model: {reason}.")
 
     def perturbed_parameter_names(self) -> list[str]:
@@ -362,8 +319,8 @@ class LWSAMMixin:
                 self._record_plain_step()
         else:
             loss = self._ascent.step(self, model, inputs, num_items_in_batch)  # `hf_lwsam.ascent`: where e_S comes from
-        if self.args.sam_selection == "probe":  # on a probe step's last micro-batch: rank the `.grad` norms, re-select
-            self._layer_probe.after_micro_batch(self)
+        if self._selection.changes_during_training:  # e.g. a probe step's last micro-batch: rank, re-select
+            self._selection.after_micro_batch()
         return loss
 
     def _ascent_step(self, params: list[nn.Parameter], shards: list[torch.Tensor], grads: list[torch.Tensor]):
@@ -485,8 +442,7 @@ class LWSAMMixin:
             self._schedule.save(output_dir, self.args.process_index, self.args.world_size, self._named_parameters())
             if self._schedule.per_process:  # every process's file is written before process 0 marks the checkpoint
                 self.accelerator.wait_for_everyone()  # complete (trainer_state.json, after this method returns)
-        if self.args.sam_selection == "probe":  # a running probe's sums, read from the device at checkpoint time
-            self._layer_probe._publish(self)
+        self._selection.on_save()  # e.g. a running probe's sums, read from the device at checkpoint time
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
@@ -608,8 +564,7 @@ class LWSAMMixin:
             logs.update({"sam/grad_norm_selected": round(grad_norm / max(micro_batches - skipped, 1e-12), 6),
                          "sam/skipped": skipped})  # micro-batches, counted over all processes
         logs["sam/num_perturbed_layers"] = float(self.num_perturbed_layers)
-        if self.args.sam_selection == "probe":  # selection changes in this window (the same on every process)
-            logs["sam/selection_changed"] = float(self._layer_probe.pop_changes())
+        logs.update(self._selection.window_metrics())  # e.g. the probe's selection changes in this window
         return logs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
