@@ -1,6 +1,8 @@
 """Layer-wise sharpness-aware minimization for the Hugging Face `Trainer` (Lee, KDD 2024, arXiv 2503.14205)."""
 
+from .ascent import Ascent, register_ascent
 from .config import LWSAMConfig, LWSAMConfigMixin, lwsam_config
+from .host import AscentHost
 from .preemption import PreemptionCallback
 from .probe import probe_layer_grad_norms
 from .selection import select_layers
@@ -8,6 +10,8 @@ from .selection_rules import SelectionRule, register_selection_rule
 from .trainer import LWSAMMixin, LWSAMTrainer, lwsam_trainer
 
 __all__ = [
+    "Ascent",
+    "AscentHost",
     "LWSAMConfig",
     "LWSAMConfigMixin",
     "LWSAMMixin",
@@ -17,6 +21,7 @@ __all__ = [
     "lwsam_config",
     "lwsam_trainer",
     "probe_layer_grad_norms",
+    "register_ascent",
     "register_selection_rule",
     "select_layers",
 ]

@@ -1,66 +1,112 @@
 """Where e_S comes from on a SAM step (`sam_ascent`): one class per ascent, in a registry.
 
-An ascent is one class and one registration line:
+An ascent is one class and one registration line, written against the public host (`hf_lwsam.AscentHost`, which the
+trainer implements):
+
+    from hf_lwsam import Ascent, register_ascent
 
     @register_ascent
     class MyAscent(Ascent):
         name = "mine"
         help = "what e_S is, and what a step costs"
 
-        def step(self, trainer, model, inputs, num_items_in_batch):
-            named = trainer._sam_parameters()
+        def step(self, host, model, inputs, num_items_in_batch):
+            named = host.sam_parameters()
             ...  # e_S for S
-            return trainer._pass_at(tensors, steps, model, inputs, num_items_in_batch)
+            loss = host.pass_at([p for _, p in named], steps, model, inputs, num_items_in_batch)
+            host.record_sam_step(None, loss, norm, finite)
+            return loss
 
-The class carries its options' checks (`validate`, called by `LWSAMConfig`), whether its logged loss is the clean one
-(`clean_loss`), whether a checkpoint must carry a kept vector for an exact resume (`keeps_vector`), and whether it
-supports the sharded parameters of FSDP2 (`supports_sharded`). `trainer._pass_at` is the one place that perturbs,
-runs the base class's pass and restores S bit-exactly. The allowed values of `sam_ascent` are the registry's keys.
+The class declares the options it uses (`options`: any other ascent's option is refused by `LWSAMConfig` when set),
+whether its logged loss is the clean one (`clean_loss`), whether it computes the clean gradient of S (`clean_gradient`,
+LookSAM needs it), which vector a checkpoint must carry for an exact resume (`kept_vector`), and whether it supports
+FSDP2's sharded parameters (`supports_sharded`) and ASAM (`supports_adaptive`); further checks of its options go in
+`validate`, called by `LWSAMConfig`. `host.pass_at` is the one place that perturbs, runs the base class's pass and
+restores S bit-exactly. The allowed values of `sam_ascent` are the registry's keys, read when a config is built.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .reuse import capture_rng, restore_rng
-from .sam import momentum_direction, noise_seed, random_direction
-from .sharding import is_sharded, local, sum_over_shards
+from .sam import global_norm, looksam_component, momentum_direction, noise_seed, random_direction
+from .sharding import all_reduce_mean, is_sharded, local, sum_over_shards
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from .host import AscentHost
 
 ASCENTS: dict[str, type[Ascent]] = {}
 
 
 def register_ascent(cls: type[Ascent]) -> type[Ascent]:
-    """Add `cls` to the registry under `cls.name` (the value of `sam_ascent` that selects it)."""
-    ASCENTS[cls.name] = cls
+    """Add an [`Ascent`] subclass to the registry under `cls.name`, the value of `sam_ascent` that selects it (usable
+    as a class decorator). Register before the config is built: `LWSAMConfig` accepts the registry's names.
+
+    Raises:
+        ValueError: `cls` is not an `Ascent` subclass with a `name` and a `help`, or its name is taken.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Ascent)):
+        raise ValueError(f"register_ascent({cls!r}): an ascent is a subclass of hf_lwsam.Ascent.")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__} has no name: set the class attribute name = '...', the sam_ascent "
+                         "value that selects it.")
+    if not isinstance(getattr(cls, "help", None), str):
+        raise ValueError(f"{cls.__name__} has no help: set the class attribute help = '...' (what e_S is and "
+                         "what a SAM step costs).")
+    if name in ASCENTS:
+        raise ValueError(f"sam_ascent={name!r} is already registered ({_qualname(ASCENTS[name])}): give "
+                         f"{cls.__name__} another name (taken: {', '.join(map(repr, ASCENTS))}).")
+    ASCENTS[name] = cls
     return cls
 
 
+def declared_options() -> dict[str, list[str]]:
+    """Each option some registered ascent declares in its `options`, with the names of the ascents declaring it."""
+    users: dict[str, list[str]] = {}
+    for name, cls in ASCENTS.items():
+        for option in cls.options:
+            users.setdefault(option, []).append(name)
+    return users
+
+
+def refuse_sharded(params: list[torch.Tensor], what: str) -> None:
+    """FSDP2 set up by the launcher rather than `fsdp=` (which the config refuses): refused at the first step."""
+    if is_sharded(params):
+        raise ValueError(f"{what} is not supported under FSDP2: it is implemented for whole (unsharded) parameters. "
+                         "Use DDP, or sam_ascent='exact'/'stale' without LookSAM.")
+
+
 class Ascent:
-    """One source of e_S. Subclasses set the class attributes and implement `step`.
+    """One source of e_S. Subclass it, set the class attributes, implement `step`, and register it
+    ([`register_ascent`]).
 
     Attributes:
         name (`str`): the `sam_ascent` value.
-        help (`str`): what e_S is and what a SAM step costs (the `--sam_ascent` help is built from these).
+        help (`str`): what e_S is and what a SAM step costs (the `--sam_ascent` help is built from the built-in ones).
+        options (`tuple[str, ...]`): the `LWSAMConfig` options it uses beyond `sam_rho` and the selection, among those
+            only some ascents use (`sam_sync_perturbation` and `sam_reuse_activations` are `ascent_gradient`'s); set
+            away from its default, an option declared by other ascents and not by this one is refused.
         clean_loss (`bool`): the returned (logged) loss is the clean loss at w; otherwise the perturbed one.
         clean_gradient (`bool`): a SAM step computes the clean gradient of S (LookSAM needs it).
-        keeps_vector (`bool`): a vector is kept between steps, saved with every checkpoint for an exact resume.
+        kept_vector (`str`, *optional*): the kind of vector of S kept between steps (e.g. `"stale"`), saved with every
+            checkpoint for an exact resume (`host.schedule`); `None`: nothing is kept. May be set per instance once
+            decided (`prepare`).
         supports_sharded (`bool`): works on FSDP2's sharded parameters.
         supports_adaptive (`bool`): combines with `sam_adaptive=True` (ASAM scales a gradient).
     """
 
     name: ClassVar[str]
     help: ClassVar[str]
+    options: ClassVar[tuple[str, ...]] = ()
     clean_loss: ClassVar[bool] = False
     clean_gradient: ClassVar[bool] = False
-    keeps_vector: ClassVar[bool] = False
+    kept_vector: str | None = None
     supports_sharded: ClassVar[bool] = True
     supports_adaptive: ClassVar[bool] = True
 
@@ -80,66 +126,73 @@ class Ascent:
                              "implemented for whole (unsharded) parameters. Use DDP, or sam_ascent='exact'/'stale' "
                              "without LookSAM.")
 
-    _no_adaptive: ClassVar[str] = ""
+    _no_adaptive: ClassVar[str] = "it does not support it (supports_adaptive=False)"
 
     def check_optimizer(self, optimizer: Any) -> None:
         """Refuse, before the first step, an optimizer this ascent cannot work with (`ValueError`)."""
 
-    def prepare(self, trainer: Any, optimizer: Any = None) -> None:
+    def prepare(self, host: AscentHost, optimizer: Any = None) -> None:
         """At the trainer's `__init__` (`optimizer`: the one passed, if any) and when it creates its optimizer: check
         `optimizer` (and attach to it what the ascent needs)."""
         if optimizer is not None:
             self.check_optimizer(optimizer)
 
-    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
-        """One micro-batch of a SAM step on `trainer` (an `LWSAMMixin`); returns the loss the step logs."""
+    def step(self, host: AscentHost, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+             ) -> torch.Tensor:
+        """One micro-batch of a SAM step on `host` (the trainer: [`AscentHost`]); returns the loss the step logs.
+        Perturb only through `host.pass_at`, and record the micro-batch (`host.record_sam_step` or
+        `host.record_plain_step`)."""
         raise NotImplementedError
 
 
 @register_ascent
 class ExactAscent(Ascent):
-    """SAM's ascent: pass 1 at w (a backward truncated at S) gives g_S, then the base step at w + e_S."""
+    """SAM's ascent: pass 1 at w (a backward truncated at S) gives g_S, then the base step at w + e_S. With LookSAM
+    (`sam_interval_reuse="looksam"`) it also keeps, per SAM window, the component g_v that the steps between add."""
 
     name = "exact"
     help = "a truncated ascent pass at w on the same micro-batch, two passes; the logged loss is the clean one"
+    options = ("sam_sync_perturbation", "sam_reuse_activations")
     clean_loss = True
     clean_gradient = True
 
-    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+    def step(self, host: AscentHost, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+             ) -> torch.Tensor:
         """Pass 1 at w (truncated ascent), then the base step at w + e_S; returns pass 1's clean loss."""
-        named = trainer._sam_parameters()
+        named = host.sam_parameters()
         params = [p for _, p in named]
-        reuse = trainer._activation_reuse(params)
-        rng = capture_rng()
-        trainer._buffer_guard.mark()
-        with reuse.session() if reuse is not None else nullcontext():
-            if reuse is not None:
-                reuse.record()  # keep the outputs of the blocks below the cut, graph included
-            # Each pass gets its own shallow copy: a compute_loss may pop from its inputs (labels for label smoothing).
-            clean_loss, grads, grad_scale = trainer._ascent_gradient(model, copy.copy(inputs), num_items_in_batch,
-                                                                     named)
-            if trainer._schedule.looksam:  # LookSAM: the window's clean gradient of S is the sum of pass 1's
-                trainer._schedule.add_clean(grads)
-            trainer._buffer_guard.keep_pass_one()  # running statistics: pass 1's update is the step's only one
-            # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks'
-            # graph (reuse) survives. Under FSDP2 everything below works on this process's shards of S.
-            shards = local(params)
-            steps, norm, finite = trainer._ascent_step(params, shards, grads)  # e_S = 0 where g_S is not finite
-            del grads
-            restore_rng(rng)  # pass 2 draws the same dropout masks as pass 1: e_S is evaluated where it was computed
-            if reuse is not None:
-                reuse.replay()
-            try:
-                perturbed_loss = trainer._pass_at(shards, steps, model, copy.copy(inputs), num_items_in_batch,
-                                                  after_pass_one=True)
-            finally:
-                trainer._buffer_guard.restore()
-        if reuse is not None and reuse.mismatch:
-            trainer._disable_reuse(reuse.mismatch)
-        if trainer._schedule.looksam and trainer.accelerator.sync_gradients:
-            trainer._keep_looksam_component(named)
-        trainer._record_sam_step(clean_loss, perturbed_loss, norm / grad_scale, finite)
+        clean_loss, grads, grad_scale = host.ascent_gradient(model, inputs, num_items_in_batch, named)
+        looksam = host.schedule.looksam
+        if looksam:  # LookSAM: the window's clean gradient of S is the sum of pass 1's (copied: e_S reuses grads)
+            host.schedule.add_clean(grads)
+        # Under FSDP2 everything below works on this process's shards of S.
+        steps, norm, finite = host.ascent_direction(params, grads)  # e_S = 0 where g_S is not finite
+        del grads
+        perturbed_loss = host.pass_at(params, steps, model, inputs, num_items_in_batch, after_pass_one=True)
+        if looksam and host.accelerator.sync_gradients:
+            self._keep_looksam_component(host, named)
+        host.record_sam_step(clean_loss, perturbed_loss, norm / grad_scale, finite)
         return clean_loss
+
+    @staticmethod
+    def _keep_looksam_component(host: AscentHost, named: list[tuple[str, nn.Parameter]]) -> None:
+        """After a SAM window's last backward (`.grad` of S is its all-reduced SAM gradient g_s), keep
+        g_v = g_s - (<g_s, g> / ||g||^2) g with g the window's clean gradient of S (pass 1's, summed; averaged over the
+        processes here unless `sam_sync_perturbation` already did it per micro-batch), so every process keeps the
+        same g_v. Costs no backward: one copy of S's gradient while the window runs, one all-reduce of it under DDP."""
+        names, params = [n for n, _ in named], [p for _, p in named]
+        refuse_sharded(params, "sam_interval_reuse='looksam'")
+        clean = host.schedule.pop_clean()
+        if host.accelerator.num_processes > 1 and not host.args.sam_sync_perturbation:
+            clean = all_reduce_mean(clean)
+        sam = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        kept = looksam_component(sam, clean)
+        host.schedule.keep(names, kept, like=params)
+        # sin of the angle between g_s and g: the share of the SAM gradient that LookSAM keeps. Its added term has
+        # norm alpha ||g|| whatever this is, so a small sin (SAM barely turned the gradient) is amplified alpha / sin.
+        sin = global_norm(kept) / (global_norm(sam) + 1e-30)
+        host.record_window("looksam_sin", sin.float())
+        host.record_window("looksam_kept", 1)
 
 
 @register_ascent
@@ -148,28 +201,28 @@ class StaleAscent(Ascent):
 
     name = "stale"
     help = ("the previous SAM step's gradient of S, one pass at w + e_S; the logged loss is the perturbed one")
-    keeps_vector = True
+    kept_vector = "stale"
 
-    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+    def step(self, host: AscentHost, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+             ) -> torch.Tensor:
         """One pass at w + e_S; returns the perturbed loss. Without a kept gradient for the current selection (first
         SAM step, or after a probe changed S): a plain step, whose gradient is kept for the next SAM step."""
-        named = trainer._sam_parameters()
+        named = host.sam_parameters()
         names, params = [n for n, _ in named], [p for _, p in named]
         shards = local(params)  # under FSDP2: this process's shards of S, and of their gradients
-        kept = trainer._schedule.direction(names, like=shards)
+        kept = host.schedule.direction(names, like=shards)
         if kept is None:
             steps, norm, finite = [torch.zeros_like(t) for t in shards], None, None
         else:
             # Clones: ascent_direction works in place, and every micro-batch of the window uses the same kept gradient.
-            steps, norm, finite = trainer._ascent_step(params, shards, [g.clone() for g in kept])
-        loss = trainer._pass_at(shards, steps, model, inputs, num_items_in_batch)
-        if trainer.accelerator.sync_gradients:  # the window's last backward: `.grad` holds its (all-reduced) gradient
-            trainer._schedule.keep(names, local([p.grad for p in params]), like=shards,
-                                  per_process=is_sharded(params))
+            steps, norm, finite = host.ascent_direction(params, [g.clone() for g in kept])
+        loss = host.pass_at(params, steps, model, inputs, num_items_in_batch)
+        if host.accelerator.sync_gradients:  # the window's last backward: `.grad` holds its (all-reduced) gradient
+            host.schedule.keep(names, local([p.grad for p in params]), like=shards, per_process=is_sharded(params))
         if kept is None:
-            trainer._record_plain_step()
+            host.record_plain_step()
         else:
-            trainer._record_sam_step(None, loss, norm, finite)  # scale-free direction: the norm is as kept (scaled)
+            host.record_sam_step(None, loss, norm, finite)  # scale-free direction: the norm is as kept (scaled)
         return loss
 
 
@@ -185,25 +238,65 @@ class RandomAscent(Ascent):
     _no_adaptive = ("the random perturbation is already scaled per weight row by the row's norm (ASAM scales a "
                     "gradient)")
 
-    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+    def __init__(self) -> None:
+        self._targets: tuple[list[str], list[tuple[torch.Tensor, Any, int]]] | None = None  # per selection
+
+    def step(self, host: AscentHost, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+             ) -> torch.Tensor:
         """One pass at w + e, e drawn from generators seeded by (`seed`, optimizer step, parameter index): the same e
         on every process, for every micro-batch of the window and after a resume. Returns the perturbed loss."""
-        targets = trainer._random_targets()
+        targets = self.targets(host)
         params = [t for t, _, _ in targets]
-        trainer._refuse_sharded(params, "sam_ascent='random'")
-        step = trainer.state.global_step
+        refuse_sharded(params, "sam_ascent='random'")
+        step = host.state.global_step
         with torch.no_grad():  # the merged LoRA weights only scale the noise: no graph through B A
             references = [ref() if callable(ref) else ref for _, ref, _ in targets]
-        steps = random_direction(params, trainer.args.sam_rho,
-                                 [noise_seed(trainer.args.seed, step, i) for i in range(len(params))],
+        steps = random_direction(params, host.args.sam_rho,
+                                 [noise_seed(host.args.seed, step, i) for i in range(len(params))],
                                  [d for _, _, d in targets], references)
         del references
-        loss = trainer._pass_at(params, steps, model, inputs, num_items_in_batch)
-        w = trainer._sam_window
-        w.setdefault("micro_batches", 0)
-        if trainer.accelerator.sync_gradients:
-            w["sam_steps"] = w.get("sam_steps", 0) + 1
+        loss = host.pass_at(params, steps, model, inputs, num_items_in_batch)
+        host.record_plain_step()  # no loss or norm is logged for the random perturbation: only its SAM steps
+        if host.accelerator.sync_gradients:
+            host.record_window("sam_steps", 1)
         return loss
+
+    def targets(self, host: AscentHost) -> list[tuple[torch.Tensor, Any, int]]:
+        """(tensor to perturb, the weight whose rows scale its noise (or a callable computing it), row dimension) for
+        the selection S. A LoRA module of S (PEFT) perturbs its frozen base weight, scaled by the rows of the merged
+        weight W + scale * B A (`get_delta_weight`, one r-rank product per module and micro-batch), as Flat-LoRA does;
+        its adapters are not perturbed. Every other parameter of S is perturbed itself. GPT-2's `Conv1D` stores W
+        transposed: its rows are dimension 1. Cached per selection."""
+        from transformers.pytorch_utils import Conv1D
+        from transformers.utils import logging
+
+        named = host.sam_parameters()
+        names = [n for n, _ in named]
+        if self._targets is not None and self._targets[0] == names:
+            return self._targets[1]
+        modules = dict(host.model.named_modules())
+        targets, merged = [], set()
+        for name, param in named:
+            if ".lora_A." in name or ".lora_B." in name:  # <owner>.lora_A.<adapter>.weight
+                owner, _, rest = name.partition(".lora_")
+                adapter = rest.split(".")[1]
+                module = modules.get(owner)
+                base = getattr(getattr(module, "base_layer", None), "weight", None)
+                if (isinstance(base, torch.nn.Parameter) and type(base) is torch.nn.Parameter
+                        and base.dtype.is_floating_point and hasattr(module, "get_delta_weight")):
+                    if owner not in merged:
+                        merged.add(owner)
+                        row_dim = 1 if isinstance(module.base_layer, Conv1D) else 0
+                        targets.append((base, lambda b=base, m=module, a=adapter: b + m.get_delta_weight(a), row_dim))
+                    continue
+                logging.get_logger(__name__).warning_once(
+                    f"LW-SAM random perturbation: {owner} has no plain floating-point base weight (quantized?); its "
+                    "adapters are perturbed instead of the merged weight.")
+            module = modules.get(name.rpartition(".")[0])
+            row_dim = 1 if isinstance(module, Conv1D) and name.endswith("weight") and param.dim() == 2 else 0
+            targets.append((param, param, row_dim))
+        self._targets = (names, targets)
+        return targets
 
 
 # The torch optimizers whose state holds Momentum-SAM's m, and under which key. Each one's step (single-tensor, foreach
@@ -361,13 +454,14 @@ class MomentumAscent(Ascent):
     help = ("Momentum-SAM: -sam_rho * m / ||m||, m the optimizer's first moment (Adam/AdamW exp_avg, SGD "
             "momentum_buffer) or an average of the gradients kept by hf_lwsam (sam_momentum) after the previous "
             "step; one pass at w + e_S, no ascent gradient; the logged loss is the perturbed one")
+    options = ("sam_momentum", "sam_momentum_beta")
     supports_adaptive = False
     _no_adaptive = "the adaptive (ASAM) form of the momentum ascent is not implemented"
 
     def __init__(self) -> None:
         self.source: str | None = None  # "optimizer" or "own", once decided (`prepare`)
         self._hooked: tuple[Any, Any] | None = None  # (weakref to the hooked torch optimizer, the hook's handle)
-        self._trainer: Any = None  # weakref to the trainer whose S the hook averages
+        self._host: Any = None  # weakref to the trainer whose S the hook averages
         self._cached: tuple[Any, list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None  # this window's e_S
 
     @classmethod
@@ -399,7 +493,7 @@ class MomentumAscent(Ascent):
         if self.source != "own":
             first_moments(optimizer)
 
-    def prepare(self, trainer: Any, optimizer: Any = None) -> None:
+    def prepare(self, host: AscentHost, optimizer: Any = None) -> None:
         """Decide where m comes from (`momentum_source`, logged when decided or changed): at `__init__` from `optim`,
         then again on the optimizer the trainer will step (created, or passed at `__init__`). On that optimizer,
         refuse it without a readable moment for `"optimizer"`, and for `"own"` register the pre-hook that averages the
@@ -408,19 +502,19 @@ class MomentumAscent(Ascent):
 
         from transformers.utils import logging
 
-        source = momentum_source(trainer.args, optimizer)
+        source = momentum_source(host.args, optimizer)
         inner = getattr(optimizer, "optimizer", optimizer)
         if source != self.source:
             self.source = source
-            which = f"optim={getattr(trainer.args.optim, 'value', trainer.args.optim)!r}" if inner is None else (
+            which = f"optim={getattr(host.args.optim, 'value', host.args.optim)!r}" if inner is None else (
                 _qualname(type(inner)))
-            why = ("sam_momentum='own'" if trainer.args.sam_momentum == "own" else
+            why = ("sam_momentum='own'" if host.args.sam_momentum == "own" else
                    f"{which} keeps no first moment it reads" if source == "own" else f"the first moment of {which}")
             logging.get_logger(__name__).info(
                 f"LW-SAM Momentum-SAM takes m from {why}" if source == "optimizer" else
-                f"LW-SAM Momentum-SAM keeps its own average of the gradients of S (beta={momentum_beta(trainer.args)}, "
+                f"LW-SAM Momentum-SAM keeps its own average of the gradients of S (beta={momentum_beta(host.args)}, "
                 f"one float32 copy of S): {why}")
-        trainer._schedule.own_moment = source == "own"  # the average is saved with every checkpoint
+        self.kept_vector = "momentum" if source == "own" else None  # the own average: saved with every checkpoint
         if inner is None:
             return
         self.check_optimizer(optimizer)
@@ -428,62 +522,63 @@ class MomentumAscent(Ascent):
             return  # `create_optimizer` runs again on every `train()`: one hook per optimizer
         if self._hooked is not None:
             self._hooked[1].remove()
-        self._trainer = weakref.ref(trainer)
+        self._host = weakref.ref(host)
         self._hooked = (weakref.ref(inner), inner.register_step_pre_hook(self._average))
 
     @torch.no_grad()
     def _average(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """The optimizer step pre-hook: m_S <- beta m_S + (1 - beta) g_S, g_S the `.grad` of S the optimizer is about
         to step with. Not called on a step the GradScaler skips; a non-finite g_S (no scaler) leaves m as it was."""
-        trainer = self._trainer() if self._trainer is not None else None
-        if trainer is None:
+        host = self._host() if self._host is not None else None
+        if host is None:
             return
-        named = trainer._sam_parameters()
+        named = host.sam_parameters()
         params = [p for _, p in named]
-        trainer._schedule.average([n for n, _ in named], local([p.grad for p in params]), local(params),
-                                  momentum_beta(trainer.args), per_process=is_sharded(params))
+        host.schedule.average([n for n, _ in named], local([p.grad for p in params]), local(params),
+                              momentum_beta(host.args), per_process=is_sharded(params))
 
-    def _moments(self, trainer: Any, named: list[tuple[str, Any]], shards: list[torch.Tensor]
+    def _moments(self, host: AscentHost, named: list[tuple[str, Any]], shards: list[torch.Tensor]
                  ) -> list[torch.Tensor] | None:
         """m of this process's `shards` of S (zeros where a parameter has none yet), `None` before any m."""
         if self.source == "own":
-            return trainer._schedule.direction([n for n, _ in named], like=shards)
-        key, optimizer = first_moments(trainer.optimizer)
+            return host.schedule.direction([n for n, _ in named], like=shards)
+        key, optimizer = first_moments(host.optimizer)
         state = [optimizer.state.get(p, {}).get(key) for _, p in named]
         if all(m is None for m in state):
             return None
         return [torch.zeros_like(t) if m is None else m for m, t in zip(local(state), shards)]
 
-    def step(self, trainer: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+    def step(self, host: AscentHost, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+             ) -> torch.Tensor:
         """One pass at w + e_S; returns the perturbed loss. e_S is computed on the window's first micro-batch and
         reused by the others (m only changes at the optimizer step), then freed after the window's last one."""
         if self.source is None:  # an optimizer set on the trainer after __init__, not through create_optimizer
-            self.prepare(trainer, trainer.optimizer)
-        named = trainer._sam_parameters()
+            self.prepare(host, host.optimizer)
+        named = host.sam_parameters()
         params = [p for _, p in named]
         shards = local(params)
-        key = (trainer.state.global_step, [n for n, _ in named])
+        key = (host.state.global_step, [n for n, _ in named])
         if self._cached is None or self._cached[0] != key:
-            moments = self._moments(trainer, named, shards)
+            moments = self._moments(host, named, shards)
             if moments is None:
                 self._cached = (key, None, None, None)
             else:
-                steps, norm, finite = momentum_direction(moments, trainer.args.sam_rho,
+                steps, norm, finite = momentum_direction(moments, host.args.sam_rho,
                                                          sum_across=sum_over_shards(params))
                 self._cached = (key, [e.to(t.dtype) for e, t in zip(steps, shards)], norm, finite)  # own m: float32
         _, cached, norm, finite = self._cached
-        last = trainer.accelerator.sync_gradients  # the window's last micro-batch: e_S is not needed after its pass
+        last = host.accelerator.sync_gradients  # the window's last micro-batch: e_S is not needed after its pass
         if last:
             self._cached = None
         if cached is None:  # no m yet (no optimizer step): a plain step
-            loss = trainer._pass_at([], [], model, inputs, num_items_in_batch)
-            trainer._record_plain_step()
+            loss = host.pass_at([], [], model, inputs, num_items_in_batch)
+            host.record_plain_step()
             return loss
-        steps = cached if last else list(cached)  # _pass_at clears the list it gets: on the last pass, e_S is freed
+        steps = cached if last else list(cached)  # pass_at clears the list it gets: on the last pass, e_S is freed
         del cached
-        loss = trainer._pass_at(shards, steps, model, inputs, num_items_in_batch)
+        loss = host.pass_at(params, steps, model, inputs, num_items_in_batch)
         # ||e_S|| is rho by construction (0 where m is unusable), over the whole of S: no norm of this process's shards
-        trainer._record_sam_step(None, loss, norm, finite, e_norm=finite * trainer.args.sam_rho)
+        host.record_sam_step(None, loss, norm, finite, e_norm=finite * host.args.sam_rho)
         return loss
 
 

@@ -14,10 +14,9 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.utils.generic import strtobool
 
-from .ascent import ASCENTS, ascent_help
+from .ascent import ASCENTS, ascent_help, declared_options
 from .selection_rules import SELECTION_RULES, selection_help, selection_rule
 
-ASCENT_MODES = tuple(ASCENTS)  # the registry's ascents (`hf_lwsam.ascent`)
 INTERVAL_REUSE_MODES = ("none", "looksam")
 PROBE_METRICS = ("grad_norm", "grad_norm_per_param", "grad_norm_per_cost")
 PROBE_GRANULARITIES = ("block", "layer")
@@ -221,7 +220,7 @@ class LWSAMConfigMixin:
     sam_ascent: str | None = field(
         default=None,
         metadata={"help": ascent_help() + " Default 'exact'; 'momentum' under sam_preset='free'.",
-                  "choices": list(ASCENT_MODES)},
+                  "choices": ASCENTS.keys()},  # live: an ascent registered later is a choice too
     )
     sam_momentum: str | None = field(
         default=None,
@@ -353,19 +352,21 @@ class LWSAMConfigMixin:
                 needs[name] = (f"{mode} or {other.name!r}" if mode else f"sam_selection={other.name!r}",
                                on or other is rule)
         needs["sam_looksam_alpha"] = ("sam_interval_reuse='looksam'", self.sam_interval_reuse == "looksam")
-        for name in ("sam_momentum", "sam_momentum_beta"):
-            needs[name] = ("sam_ascent='momentum' (sam_preset='free')", self.sam_ascent == "momentum")
-        needs["sam_sync_perturbation"] = ("sam_ascent='exact' (the only ascent with an ascent gradient to average)",
-                                          ASCENTS[self.sam_ascent].clean_gradient)
+        ascent = ASCENTS[self.sam_ascent]
+        for name, users in declared_options().items():  # the options the ascents declare (`Ascent.options`)
+            if name != "sam_reuse_activations":  # below, after sam_selection='all'
+                needs[name] = (_ascent_mode(users), name in ascent.options)
         for name, (mode, on) in needs.items():
             value = getattr(self, name)
             if not on and value != defaults[name]:
                 raise ValueError(f"{name}={value!r} does nothing without {mode}: set that mode, or drop {name}.")
         rule.validate(self)
         if self.sam_reuse_activations is False:
-            if not ASCENTS[self.sam_ascent].clean_gradient:
-                raise ValueError(f"sam_reuse_activations=False does nothing with sam_ascent={self.sam_ascent!r}: a "
-                                 "one-pass ascent has no first pass to reuse. Drop sam_reuse_activations.")
+            if "sam_reuse_activations" not in ascent.options:
+                why = ("a one-pass ascent has no first pass to reuse" if not ascent.clean_gradient else
+                       "the ascent does not declare it among its options (it reuses no activations)")
+                raise ValueError(f"sam_reuse_activations=False does nothing with sam_ascent={self.sam_ascent!r}: "
+                                 f"{why}. Drop sam_reuse_activations.")
 
     def _validate_sam(self) -> None:
         self._resolve_options()
@@ -378,9 +379,9 @@ class LWSAMConfigMixin:
         if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
             raise ValueError(f"sam_interval={self.sam_interval!r} is invalid: use an integer >= 1 (SAM every "
                              "sam_interval optimizer steps; 1 = every step).")
-        if self.sam_ascent not in ASCENT_MODES:
+        if self.sam_ascent not in ASCENTS:  # the live registry: an ascent registered before the config is built
             raise ValueError(f"sam_ascent={self.sam_ascent!r} is unknown: use one of "
-                             f"{', '.join(map(repr, ASCENT_MODES))}.")
+                             f"{', '.join(map(repr, ASCENTS))}, or register it first (hf_lwsam.register_ascent).")
         self._validate_schedule()
         self._refuse_unused_options()
         for name in ("sam_target_layers", "sam_exclude_layers"):
@@ -546,6 +547,13 @@ def _sam_parameters_docstring(indent: str = "        ") -> str:
             text += " Choices: " + ", ".join(f'`"{c}"`' for c in option["choices"]) + "."
         lines.append(textwrap.fill(text, width=120, initial_indent=indent + "    ", subsequent_indent=indent + "    "))
     return "\n".join(lines)
+
+
+def _ascent_mode(users: list[str]) -> str:
+    """The `sam_ascent` values `users` (and the presets that set one) as an unused-option refusal names them."""
+    presets = [name for name, options in SAM_PRESETS.items() if options.get("sam_ascent") in users]
+    shown = "sam_ascent=" + " or ".join(map(repr, users))
+    return shown + (f" (sam_preset={' or '.join(map(repr, presets))})" if presets else "")
 
 
 @functools.cache

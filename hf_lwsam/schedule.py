@@ -32,36 +32,40 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .ascent import ASCENTS
 from .sharding import layout
 
+if TYPE_CHECKING:
+    from .ascent import Ascent
+
 STATE_FILE = "lwsam_ascent.pt"
 RANK_STATE_FILE = "lwsam_ascent_rank{}.pt"  # one per process: the kept vector is sharded (FSDP2)
 
 
 class AscentSchedule:
-    """The SAM-step policy and the kept vector of S (the stale gradient, or LookSAM's g_v).
+    """The SAM-step policy and the kept vector of S (the stale gradient, LookSAM's g_v, or Momentum-SAM's own m).
 
     Args:
         interval (`int`): SAM steps are every `interval`-th optimizer step from `start` on.
-        ascent (`str`): a `sam_ascent` value (a key of `hf_lwsam.ascent.ASCENTS`).
+        ascent (`str` or `Ascent`): the ascent (a key of `hf_lwsam.ascent.ASCENTS`, or the trainer's instance of it);
+            its `kept_vector` says which vector a checkpoint carries.
         start (`int` or `float`, *optional*, defaults to `0`): an optimizer step, or a fraction in `[0, 1)` of the
             run's `max_steps`.
         reuse (`str`, *optional*, defaults to `"none"`): `"none"` or `"looksam"` (what the steps between do).
     """
 
-    def __init__(self, interval: int = 1, ascent: str = "exact", start: int | float = 0, reuse: str = "none"):
+    def __init__(self, interval: int = 1, ascent: str | Ascent = "exact", start: int | float = 0,
+                 reuse: str = "none"):
         self.interval, self.ascent, self.start, self.reuse = interval, ascent, start, reuse
         self._names: list[str] = []
         self._grads: list[torch.Tensor] | None = None
         self._per_process = False  # the kept vector is this process's shard of it (FSDP2)
         self._source = ""  # the checkpoint file it was loaded from, for error messages
         self._clean: list[torch.Tensor] | None = None  # LookSAM: the SAM window's clean gradient of S, summed
-        self.own_moment = False  # the kept vector is the momentum ascent's own average of the gradients of S
 
     def start_step(self, max_steps: int | None = None) -> int:
         """The first step of the SAM phase: `start` itself, or for a fraction the first step `s >= start * max_steps`
@@ -83,9 +87,18 @@ class AscentSchedule:
         return self.reuse == "looksam"
 
     @property
+    def kind(self) -> str | None:
+        """The kind of the kept vector (written with it, and compared on a resume): `"looksam"` (g_v) under LookSAM,
+        else the ascent's `kept_vector` (`"stale"`, `"momentum"` for the own m), `None` when nothing is kept."""
+        if self.looksam:
+            return "looksam"
+        ascent = ASCENTS[self.ascent] if isinstance(self.ascent, str) else self.ascent
+        return ascent.kept_vector
+
+    @property
     def keeps_state(self) -> bool:
         """Whether a checkpoint must carry the kept vector for an exact resume."""
-        return ASCENTS[self.ascent].keeps_vector or self.looksam or self.own_moment
+        return self.kind is not None
 
     @property
     def per_process(self) -> bool:
@@ -159,7 +172,7 @@ class AscentSchedule:
         if self._grads is None:
             return
         name = RANK_STATE_FILE.format(process_index) if self._per_process else STATE_FILE
-        torch.save({"names": self._names, "grads": [g.cpu() for g in self._grads], "kind": self._kind(),
+        torch.save({"names": self._names, "grads": [g.cpu() for g in self._grads], "kind": self.kind,
                     "per_process": self._per_process, "num_processes": num_processes,
                     "process_index": process_index, "layout": _layout_of(self._names, params)},
                    os.path.join(checkpoint_dir, name))
@@ -203,14 +216,11 @@ class AscentSchedule:
                                      "DistributedConfig(fsdp_size=..., dp_replicate_size=...)).")
         # A checkpoint of a run without a kept vector, or with another kind of one (stale gradient vs g_v): the next
         # SAM step starts over (a plain stale step; LookSAM reuses nothing until the next SAM step).
-        if state is not None and state.get("kind", "stale") == self._kind():
+        if state is not None and state.get("kind", "stale") == self.kind:
             self._names, self._grads = state["names"], [g.to(device) for g in state["grads"]]
             self._per_process, self._source = bool(state.get("per_process", False)), path
         else:
             self._names, self._grads, self._per_process = [], None, False
-
-    def _kind(self) -> str:
-        return "looksam" if self.looksam else "momentum" if self.own_moment else "stale"
 
 
 def _layout_of(names: list[str], params: Mapping[str, torch.Tensor] | None) -> list[list[str] | None] | None:

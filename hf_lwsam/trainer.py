@@ -8,7 +8,7 @@ import time
 import typing
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from .config import as_lwsam_config, mixed_subclass
 from .probe import LayerProbe
 from .reuse import ActivationReuse, capture_rng, is_compiled, plan_reuse, restore_rng
 from .running_stats import BufferGuard
-from .sam import Perturbation, ascent_direction, global_norm, looksam_add_, looksam_component
+from .sam import Perturbation, ascent_direction, looksam_add_
 from .schedule import AscentSchedule
 from .selection import select_layers, trace_execution_order
 from .selection_rules import SelectionRule, selection_rule
@@ -31,6 +31,7 @@ from .sharding import (
     capture_unsharded,
     gradient_of,
     is_sharded,
+    local,
     reshard,
     shards_of,
     sum_over_shards,
@@ -116,15 +117,15 @@ class LWSAMMixin:
     # ------------------------------------------------------------------------------------------ per-model state
     def _start_model_state(self) -> None:
         """Build, for `self.model`, everything that holds its modules or tensors or was decided on it: the selection and
-        its parameters, the reuse plan, the random ascent's targets, the buffer guard, the default selection's trace,
-        the probe, the schedule and its kept vector (and the ascent, from the current options)."""
+        its parameters, the reuse plan, the buffer guard, the default selection's trace, the probe, the schedule and its
+        kept vector, and the ascent (from the current options; with its caches, e.g. the random ascent's targets)."""
         self._state_model = weakref.ref(self.model)
-        self._schedule = AscentSchedule(self.args.sam_interval, self.args.sam_ascent, self.args.sam_start,
-                                        self.args.sam_interval_reuse)
         self._ascent = ASCENTS[self.args.sam_ascent]()
+        self._schedule = AscentSchedule(self.args.sam_interval, self._ascent, self.args.sam_start,
+                                        self.args.sam_interval_reuse)
         self._sam_window: dict[str, Any] = {}
         self._buffer_guard = BufferGuard(self.model)
-        self._noise_targets: tuple[list[str], list[tuple[torch.Tensor, Any, int]]] | None = None
+        self._pass_one: tuple[ExitStack, ActivationReuse | None, Any] | None = None  # `ascent_gradient`'s open pass 1
         if self._selection is not None:  # the previous model's rule (a probe's callback): undone
             self._selection.close()
         self._selection = selection_rule(self.args.sam_selection)(self)
@@ -259,13 +260,93 @@ class LWSAMMixin:
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
-    def _ascent_gradient(
+    # ------------------------------------------------------------------------- the ascent host (`AscentHost`)
+    @property
+    def schedule(self) -> AscentSchedule:
+        """Which optimizer steps are SAM steps, and the kept vector of S (`hf_lwsam.schedule.AscentSchedule`)."""
+        return self._schedule
+
+    def sam_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The selected parameters S of the current step, by name as in `model.named_parameters()` (under FSDP2 the
+        sharded parameters); resolved once per selection."""
+        return self._sam_parameters()
+
+    def ascent_gradient(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any,
+        named: list[tuple[str, nn.Parameter]] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | float]:
+        """Pass 1 of a two-pass ascent, at w: the clean loss and g_S, through a backward truncated at S. Leaves `.grad`
+        untouched. By default it never all-reduces (each process perturbs with its own micro-batch gradient); with
+        `sam_sync_perturbation`, and always under FSDP2, g_S is averaged over the processes. Under FSDP2 g_S is taken
+        with respect to the unsharded parameters the forward uses (`sharding.capture_unsharded`), and this process's
+        shards of it are returned.
+
+        It opens what `pass_at(..., after_pass_one=True)`, pass 2, closes: the random state (pass 2 draws the same
+        dropout masks, so e_S is evaluated where it was computed), the running statistics (a module's buffers stay as
+        pass 1 left them) and, with `sam_reuse_activations`, the kept activations of the blocks below S.
+
+        Args:
+            model (`nn.Module`): the model `training_step` got.
+            inputs (`dict`): the micro-batch's prepared inputs (shallow-copied: a `compute_loss` may pop from them).
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*): as `training_step` got it.
+            named (`list[tuple[str, nn.Parameter]]`, *optional*, defaults to `sam_parameters()`): S.
+
+        Returns:
+            `tuple`: the clean loss (detached, normalised as the stock step normalises it), g_S (one tensor per
+            parameter, in the loss scale under fp16) and that loss scale (`1.0` without one; a device tensor).
+        """
+        named = self.sam_parameters() if named is None else named
+        params = [p for _, p in named]
+        self._end_pass_one()  # a pass 1 that no pass 2 followed
+        reuse = self._activation_reuse(params)
+        rng = capture_rng()
+        self._buffer_guard.mark()
+        stack = ExitStack()
+        self._pass_one = (stack, reuse, rng)
+        if reuse is not None:
+            stack.enter_context(reuse.session())
+            reuse.record()  # keep the outputs of the blocks below the cut, graph included
+        stack.callback(self._buffer_guard.restore)  # after pass 2: the buffers as pass 1 left them
+        loss, grads, scale = self._pass_one_gradient(model, copy.copy(inputs), num_items_in_batch, named)
+        self._buffer_guard.keep_pass_one()  # running statistics: pass 1's update is the step's only one
+        # Pass 1's loss is gone here; autograd.grad freed what it traversed, and only the kept lower blocks' graph
+        # (reuse) survives.
+        return loss, grads, scale
+
+    def _end_pass_one(self) -> None:
+        """Close what `ascent_gradient` opened (after pass 2, or when a step ends without one): the running statistics
+        back as pass 1 left them, the reuse wrappers removed (reuse turned off if pass 2 did not match pass 1)."""
+        if self._pass_one is None:
+            return
+        stack, reuse, _ = self._pass_one
+        self._pass_one = None
+        stack.close()
+        if reuse is not None and reuse.mismatch:
+            self._disable_reuse(reuse.mismatch)
+
+    def ascent_direction(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """e_S = rho g_S / ||g_S|| (ASAM's form with `sam_adaptive`) on this process's shards of `params` (under FSDP2
+        the norm is summed over the processes' shards, each shard once under HSDP: `sharding.sum_over_shards`); see
+        `sam.ascent_direction`.
+
+        Args:
+            params (`list[torch.Tensor]`): S (e.g. from `sam_parameters()`).
+            grads (`list[torch.Tensor]`): g_S on this process's shards of `params` (as `ascent_gradient` returns it);
+                consumed (e_S is computed in their storage).
+
+        Returns:
+            `tuple`: the steps e_S (for `pass_at`), the norm they were scaled from (in the loss scale of `grads`), and
+            whether it is finite (a device bool: e_S is 0 where it is not).
+        """
+        return ascent_direction(local(params), grads, self.args.sam_rho, self.args.sam_adaptive,
+                                sum_across=sum_over_shards(params))
+
+    def _pass_one_gradient(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any, named: list[tuple[str, nn.Parameter]]
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | float]:
-        """Pass 1 at w: the clean loss and g_S, through a backward truncated at S. Leaves `.grad` untouched. By default
-        it never all-reduces (each process perturbs with its own micro-batch gradient); with `sam_sync_perturbation`,
-        and always under FSDP2, g_S is averaged over the processes. Under FSDP2 g_S is taken with respect to the
-        unsharded parameters the forward uses (`sharding.capture_unsharded`) and returned whole."""
+        """`ascent_gradient`'s loss and truncated backward."""
         params = [p for _, p in named]
         sharded = is_sharded(params)
         # TRL's SFT/DPO run their step inside an activation-offload context; pass 1 runs inside it too.
@@ -316,39 +397,17 @@ class LWSAMMixin:
             if self._schedule.is_looksam_step(self.state.global_step, self.state.max_steps):
                 self._add_looksam_component()
             else:
-                self._record_plain_step()
+                self.record_plain_step()
         else:
-            loss = self._ascent.step(self, model, inputs, num_items_in_batch)  # `hf_lwsam.ascent`: where e_S comes from
+            try:  # `hf_lwsam.ascent`: where e_S comes from; the trainer is its host (`AscentHost`)
+                loss = self._ascent.step(self, model, inputs, num_items_in_batch)
+            finally:
+                self._end_pass_one()
         if self._selection.changes_during_training:  # e.g. a probe step's last micro-batch: rank, re-select
             self._selection.after_micro_batch()
         return loss
 
-    def _ascent_step(self, params: list[nn.Parameter], shards: list[torch.Tensor], grads: list[torch.Tensor]):
-        """e_S on this process's `shards` of S from their gradients (under FSDP2 the norm is summed over the
-        processes' shards, each shard once under HSDP: `sharding.sum_over_shards`); see `sam.ascent_direction`."""
-        return ascent_direction(shards, grads, self.args.sam_rho, self.args.sam_adaptive,
-                                sum_across=sum_over_shards(params))
-
     # ------------------------------------------------------------------------------------------------- LookSAM
-    def _keep_looksam_component(self, named: list[tuple[str, nn.Parameter]]) -> None:
-        """After a SAM window's last backward (`.grad` of S is its all-reduced SAM gradient g_s), keep
-        g_v = g_s - (<g_s, g> / ||g||^2) g with g the window's clean gradient of S (pass 1's, summed; averaged over the
-        processes here unless `sam_sync_perturbation` already did it per micro-batch), so every process keeps the
-        same g_v. Costs no backward: one copy of S's gradient while the window runs, one all-reduce of it under DDP."""
-        names, params = [n for n, _ in named], [p for _, p in named]
-        self._refuse_sharded(params, "sam_interval_reuse='looksam'")
-        clean = self._schedule.pop_clean()
-        if self.accelerator.num_processes > 1 and not self.args.sam_sync_perturbation:
-            clean = all_reduce_mean(clean)
-        sam = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        kept = looksam_component(sam, clean)
-        self._schedule.keep(names, kept, like=params)
-        # sin of the angle between g_s and g: the share of the SAM gradient that LookSAM keeps. Its added term has
-        # norm alpha ||g|| whatever this is, so a small sin (SAM barely turned the gradient) is amplified alpha / sin.
-        sin = global_norm(kept) / (global_norm(sam) + 1e-30)
-        w = self._sam_window
-        w["looksam_sin"], w["looksam_kept"] = w.get("looksam_sin", 0.0) + sin.float(), w.get("looksam_kept", 0) + 1
-
     def _add_looksam_component(self) -> None:
         """A step between SAM steps: on the window's last micro-batch, after its backward (DDP has all-reduced `.grad`,
         so every process adds the same) and before the stock clipping and optimizer step, `.grad` of S becomes
@@ -368,63 +427,52 @@ class LWSAMMixin:
         added = looksam_add_([p.grad for p in params], kept, self.args.sam_looksam_alpha)
         self._sam_window["looksam_steps"] = self._sam_window.get("looksam_steps", 0.0) + added.float()
 
-    # -------------------------------------------------------------------------------------- random perturbation
-    @staticmethod
-    def _refuse_sharded(params: list[torch.Tensor], what: str) -> None:
-        """FSDP2 set up by the launcher rather than `fsdp=` (which the config refuses): refused at the first step."""
-        if is_sharded(params):
-            raise ValueError(f"{what} is not supported under FSDP2: it is implemented for whole (unsharded) "
-                             "parameters. Use DDP, or sam_ascent='exact'/'stale' without LookSAM.")
+    # ---------------------------------------------------------------------------------------- the perturbed pass
+    def pass_at(self, tensors: list[torch.Tensor], steps: list[torch.Tensor], model: nn.Module,
+                inputs: dict[str, Any], num_items_in_batch: Any, after_pass_one: bool = False) -> torch.Tensor:
+        """The base class's step (one forward and backward, into `.grad`) at `tensors + steps`, with `tensors` restored
+        bit-exactly afterwards, also when the step raises. Every ascent's perturbed pass runs here; `pass_at([], [],
+        ...)` is exactly the base step.
 
-    def _pass_at(self, tensors: list[torch.Tensor], steps: list[torch.Tensor], model: nn.Module,
-                 inputs: dict[str, Any], num_items_in_batch: Any, after_pass_one: bool = False) -> torch.Tensor:
-        """The base class's step (one forward and backward) at `tensors + steps`, with `tensors` restored bit-exactly
-        afterwards, also when the step raises; `steps` is consumed (the perturbation is applied in place). Every
-        ascent's perturbed pass runs here. `after_pass_one`: what the pass's `compute_loss` records as a side effect
-        is undone (metrics and token counts come from the clean pass 1)."""
-        perturbation = Perturbation.apply(tensors, steps)
-        steps.clear()  # the caller's list: free e before the pass
+        Args:
+            tensors (`list[torch.Tensor]`): what to perturb, e.g. S from `sam_parameters()` (under FSDP2 this
+                process's shards of them are perturbed).
+            steps (`list[torch.Tensor]`): e, one tensor per tensor (shaped as its local shard); consumed: the list is
+                emptied, so e is freed before the pass.
+            model (`nn.Module`), inputs (`dict`), num_items_in_batch: as `training_step` got them (`inputs` is
+                shallow-copied: a `compute_loss` may pop from it).
+            after_pass_one (`bool`, *optional*, defaults to `False`): this is pass 2 of a two-pass ascent, after
+                `ascent_gradient`: it draws pass 1's random state, replays pass 1's kept activations, keeps the
+                running statistics as pass 1 left them, and undoes what its `compute_loss` records as a side effect
+                (metrics and token counts come from the clean pass 1).
+
+        Returns:
+            `torch.Tensor`: the loss the base step returns (at the perturbed point).
+        """
+        tensors = local(tensors)
+        if len(tensors) != len(steps):
+            raise ValueError(f"pass_at got {len(tensors)} tensors but {len(steps)} steps: give one step per tensor.")
+        if after_pass_one:
+            if self._pass_one is None:
+                raise ValueError("pass_at(..., after_pass_one=True) is pass 2 of a two-pass ascent: call "
+                                 "ascent_gradient (pass 1) first, or pass after_pass_one=False.")
+            _, reuse, rng = self._pass_one
+            restore_rng(rng)  # pass 2 draws the same dropout masks as pass 1: e_S is evaluated where it was computed
+            if reuse is not None:
+                reuse.replay()
         try:
-            with self._inputs_already_prepared(), self._records_from_pass_one() if after_pass_one else nullcontext():
-                self._time_before_base_step()
-                return super().training_step(model, inputs, num_items_in_batch)
+            perturbation = Perturbation.apply(tensors, steps)
+            steps.clear()  # the caller's list: free e before the pass
+            try:
+                with (self._inputs_already_prepared(),
+                      self._records_from_pass_one() if after_pass_one else nullcontext()):
+                    self._time_before_base_step()
+                    return super().training_step(model, copy.copy(inputs), num_items_in_batch)
+            finally:
+                perturbation.restore()
         finally:
-            perturbation.restore()
-
-    def _random_targets(self) -> list[tuple[torch.Tensor, Any, int]]:
-        """(tensor to perturb, the weight whose rows scale its noise (or a callable computing it), row dimension) for
-        the selection S. A LoRA module of S (PEFT) perturbs its frozen base weight, scaled by the rows of the merged
-        weight W + scale * B A (`get_delta_weight`, one r-rank product per module and micro-batch), as Flat-LoRA does;
-        its adapters are not perturbed. Every other parameter of S is perturbed itself. GPT-2's `Conv1D` stores W
-        transposed: its rows are dimension 1. Cached per selection."""
-        from transformers.pytorch_utils import Conv1D
-
-        named = self._sam_parameters()
-        names = [n for n, _ in named]
-        if self._noise_targets is not None and self._noise_targets[0] == names:
-            return self._noise_targets[1]
-        modules = dict(self.model.named_modules())
-        targets, merged = [], set()
-        for name, param in named:
-            if ".lora_A." in name or ".lora_B." in name:  # <owner>.lora_A.<adapter>.weight
-                owner, _, rest = name.partition(".lora_")
-                adapter = rest.split(".")[1]
-                module = modules.get(owner)
-                base = getattr(getattr(module, "base_layer", None), "weight", None)
-                if (isinstance(base, nn.Parameter) and type(base) is nn.Parameter and base.dtype.is_floating_point
-                        and hasattr(module, "get_delta_weight")):
-                    if owner not in merged:
-                        merged.add(owner)
-                        row_dim = 1 if isinstance(module.base_layer, Conv1D) else 0
-                        targets.append((base, lambda b=base, m=module, a=adapter: b + m.get_delta_weight(a), row_dim))
-                    continue
-                logger.warning_once(f"LW-SAM random perturbation: {owner} has no plain floating-point base weight "
-                                    "(quantized?); its adapters are perturbed instead of the merged weight.")
-            module = modules.get(name.rpartition(".")[0])
-            row_dim = 1 if isinstance(module, Conv1D) and name.endswith("weight") and param.dim() == 2 else 0
-            targets.append((param, param, row_dim))
-        self._noise_targets = (names, targets)
-        return targets
+            if after_pass_one:
+                self._end_pass_one()
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """The base class's optimizer, checked by the ascent before the first step (the momentum ascent reads its
@@ -516,10 +564,18 @@ class LWSAMMixin:
                 self._total_train_tokens = tokens
 
     # ------------------------------------------------------------------------------------------------- logging
-    def _record_sam_step(self, clean: torch.Tensor | None, perturbed: torch.Tensor, norm: torch.Tensor,
-                         finite: torch.Tensor, e_norm: torch.Tensor | None = None) -> None:
-        """Add a SAM micro-batch to the window's sums, on the device (no host synchronisation until logging).
-        `clean` is `None` for a one-pass ascent; `norm` is the norm e_S was scaled from, `e_norm` ||e_S|| if known."""
+    def record_sam_step(self, clean: torch.Tensor | None, perturbed: torch.Tensor, norm: torch.Tensor,
+                        finite: torch.Tensor, e_norm: torch.Tensor | None = None) -> None:
+        """Add a SAM micro-batch to the logging window's sums (`sam/*`), on the device (no host synchronisation until
+        logging); on the window's last micro-batch, count a SAM optimizer step.
+
+        Args:
+            clean (`torch.Tensor`, *optional*): the clean loss at w (`None` for a one-pass ascent: no `sam/sharpness`).
+            perturbed (`torch.Tensor`): the loss at w + e_S (`pass_at`'s).
+            norm (`torch.Tensor`): the norm e_S was scaled from (`sam/grad_norm_selected`, unscaled).
+            finite (`torch.Tensor`): whether it was finite (a device bool; a non-finite one counts in `sam/skipped`).
+            e_norm (`torch.Tensor`, *optional*): ||e_S|| where known (`sam/e_norm`).
+        """
         w = self._sam_window
         if clean is not None:
             w["clean"] = w.get("clean", 0.0) + clean.detach().float()
@@ -533,9 +589,15 @@ class LWSAMMixin:
         if self.accelerator.sync_gradients:
             w["sam_steps"] = w.get("sam_steps", 0) + 1
 
-    def _record_plain_step(self) -> None:
-        """A non-SAM micro-batch (sam_interval, or the first stale step) only counts towards the window."""
+    def record_plain_step(self) -> None:
+        """A micro-batch without a perturbation (`sam_interval`, or a SAM step of an ascent with nothing to perturb
+        with yet) only counts towards the logging window."""
         self._sam_window.setdefault("micro_batches", 0)
+
+    def record_window(self, key: str, value: Any) -> None:
+        """Add `value` (a number or a device tensor) to the logging window's sum `key`: `sam_steps` (the SAM optimizer
+        steps, `sam/sam_steps`), `looksam_sin` and `looksam_kept` (`sam/looksam_sin`, their ratio)."""
+        self._sam_window[key] = self._sam_window.get(key, 0) + value
 
     def _window_metrics(self) -> dict[str, float]:
         """`sam/*` over the logging window (one host sync, here): losses per SAM step on the scale of the stock `loss`,

@@ -123,7 +123,7 @@ def run(name: str, out: str, rank: int, mesh) -> None:
 def step_at(model: torch.nn.Module, optimizer: torch.optim.Optimizer, shards: list[torch.Tensor],
             steps: list[torch.Tensor], batch: dict[str, torch.Tensor], after_backward=None) -> float:
     """One optimizer step whose gradient is taken at w + e (`steps` added to `shards`, restored exactly, as
-    `trainer._pass_at` does); `after_backward` runs before the optimizer step (the stale ascent keeps `.grad` there).
+    `trainer.pass_at` does); `after_backward` runs before the optimizer step (the stale ascent keeps `.grad` there).
     Returns ||e|| over every process's shards."""
     e_norm = float(all_reduce_sum(global_norm(steps).pow(2)).sqrt())
     perturbation = Perturbation.apply(shards, steps) if shards else Perturbation(params=[])

@@ -104,13 +104,13 @@ def test_a_non_finite_moment_skips_the_perturbation_and_is_counted(sgd_args):
             trainer.optimizer.state[selected]["exp_avg"].fill_(float("inf"))
 
     trainer.add_callback(Overflow())
-    original, perturbations = trainer._pass_at, []
+    original, perturbations = trainer.pass_at, []
 
     def recording(tensors, steps, *args, **kwargs):
         perturbations.append([float(s.abs().sum()) for s in steps])
         return original(tensors, steps, *args, **kwargs)
 
-    trainer._pass_at = recording
+    trainer.pass_at = recording
     trainer.train()
     assert perturbations[:2] == [[], []] and perturbations[2] and not any(perturbations[2] + perturbations[3])
     logs = [e for e in trainer.state.log_history if "sam/sam_steps" in e]
@@ -151,13 +151,13 @@ def test_momentum_ascent_under_lora_perturbs_the_adapters(sgd_args):
     trainer = LWSAMTrainer(model=model, args=sgd_args(sam_rho=0.3, sam_ascent="momentum", max_steps=2,
                                                       optim="adamw_torch", learning_rate=1e-2), train_dataset=data)
     seen: list[list[str]] = []
-    original = trainer._pass_at
+    original = trainer.pass_at
 
     def recording(tensors, steps, *args, **kwargs):
         seen.append([float(s.norm()) for s in steps])
         return original(tensors, steps, *args, **kwargs)
 
-    trainer._pass_at = recording
+    trainer.pass_at = recording
     trainer.train()
     assert all("lora_" in n for n in trainer.perturbed_parameter_names())
     assert seen[0] == [] and seen[-1] and sum(x ** 2 for x in seen[-1]) ** 0.5 == pytest.approx(0.3, rel=1e-4)

@@ -126,7 +126,7 @@ def test_the_free_preset_reads_adamws_moment(sgd_args, caplog):
     caplog.set_level(logging.INFO, logger="hf_lwsam")
     trainer = trained(sgd_args, shakespeare_lm_dataset(4 * STEPS), sam_preset="free", optim="adamw_torch",
                       learning_rate=1e-2)
-    assert trainer._ascent.source == "optimizer" and not trainer._schedule.own_moment
+    assert trainer._ascent.source == "optimizer" and not trainer.schedule.keeps_state
     assert "takes m from the first moment of" in caplog.text
     assert "the optimizer's first moment" in mode_description(trainer.args, trainer._ascent.source)
 
