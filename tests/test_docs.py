@@ -128,13 +128,16 @@ def test_python_block_runs(block: Block, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__main__"}
     from hf_lwsam.ascent import ASCENTS
+    from hf_lwsam.selection_rules import SELECTION_RULES
 
-    registered = dict(ASCENTS)
+    registered, rules = dict(ASCENTS), dict(SELECTION_RULES)
     try:
         exec(compile(block.code, block.id, "exec"), namespace)
-    finally:  # a block that registers an ascent (docs/development.md) leaves the registry as it was
-        ASCENTS.clear()
+    finally:  # a block that registers an ascent or a selection rule (docs/development.md) leaves the registries as
+        ASCENTS.clear()  # they were
         ASCENTS.update(registered)
+        SELECTION_RULES.clear()
+        SELECTION_RULES.update(rules)
     check = CHECKS.get((str(block.path.relative_to(REPO)), block.heading))
     if check is not None:
         check(namespace, capsys.readouterr().out)
