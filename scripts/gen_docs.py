@@ -71,8 +71,7 @@ def options_page() -> str:
 
 def _owned_names() -> set[str]:
     """The destinations of the flags hf_lwsam defines (documented in full; the stock ones by name)."""
-    from hf_lwsam.cli.args import DataArguments, ModelArguments, TrainArguments
-    from hf_lwsam.cli.sft import RunArguments
+    from hf_lwsam.cli.args import DataArguments, ModelArguments, RunArguments, TrainArguments
     from hf_lwsam.config import LWSAMConfig, LWSAMConfigMixin
 
     own = {f.name for f in fields(TrainArguments)} - {f.name for f in fields(LWSAMConfig)}

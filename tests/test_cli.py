@@ -298,6 +298,38 @@ def test_each_training_option_check_guards_a_value_training_arguments_accepts(op
         validate_training_args(namespace)
 
 
+# Values `TrainingArguments` refuses itself (option: the value, the start of the CLI's error line): the CLIs' checks
+# leave them to it, and its `ValueError` is reported as one line that starts with the flag and its value.
+STOCK_REFUSES = {
+    "warmup_steps": (-1.0, "--warmup_steps -1.0 is invalid (Got warmup_steps = -1.0"),
+    "logging_steps": (0.0, "--logging_steps 0.0 is invalid (logging strategy"),
+    "torch_empty_cache_steps": (0, "--torch_empty_cache_steps 0 is invalid ("),
+    "lr_scheduler_type": ("reduce_lr_on_plateau", "--lr_scheduler_type reduce_lr_on_plateau is invalid ("),
+}
+
+
+@pytest.mark.parametrize("option", list(STOCK_REFUSES))
+def test_a_value_training_arguments_refuses_is_its_one_line_error_naming_the_flag(option, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from hf_lwsam.cli.args import UsageError, validate_training_args
+
+    value, start = STOCK_REFUSES[option]
+    with pytest.raises(ValueError) as stock:
+        TrainingArguments(output_dir=str(tmp_path), report_to="none", **{option: value})
+    defaults = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    validate_training_args(SimpleNamespace(**{**vars(defaults), option: value}))  # left to TrainingArguments
+    with pytest.raises(UsageError) as error:
+        parse_args(["--train_file", "t.csv", "--model_name_or_path", "m", "--output_dir", str(tmp_path),
+                    f"--{option}", str(value)])
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(start)
+    assert " ".join(str(stock.value).split()).rstrip(".") in message  # transformers' own words
+    assert message.endswith(": pass a value that meets this.")
+
+
 def test_no_flags_selects_the_embedded_default():
     _, data_args, args, embedded = parse_args([])
     assert embedded and data_args.max_length == OFFLINE_DEFAULTS["hf-lwsam-train"]["max_length"] == 64

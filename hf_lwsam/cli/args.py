@@ -138,19 +138,17 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
 
-def overwrite_output_dir_field() -> Any:
-    """The `--overwrite_output_dir` option both commands add (a dataclass field)."""
-    return field(
+@dataclass
+class RunArguments:
+    """The options both commands add to the library's and TRL's."""
+
+    overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over: remove a previous run's checkpoints, logs and final files from --output_dir "
                           "(files it did not write are never touched). Default: a rerun resumes from the last "
                           "checkpoint there."},
     )
-
-
-def measure_plain_steps_field() -> Any:
-    """The `--measure_plain_steps` option both commands add (a dataclass field)."""
-    return field(
+    measure_plain_steps: int = field(
         default=4,
         metadata={"help": "Time this many micro-batches of SAM steps, spread over the run's SAM steps, with both the "
                           "SAM step and a plain (non-SAM) step, to report the SAM step's cost in the mode that runs "
@@ -160,11 +158,8 @@ def measure_plain_steps_field() -> Any:
 
 
 @dataclass
-class TrainArguments(LWSAMConfig):
-    """[`LWSAMConfig`] plus the two options the script adds."""
-
-    overwrite_output_dir: bool = overwrite_output_dir_field()
-    measure_plain_steps: int = measure_plain_steps_field()
+class TrainArguments(LWSAMConfig, RunArguments):
+    """[`LWSAMConfig`] plus the options both commands add ([`RunArguments`])."""
 
 
 def _one_line_error(message: str) -> None:
@@ -348,8 +343,8 @@ def parse_args(
     validate_args(namespace, namespace, namespace, given)  # before the dataclasses' own, terser checks
     try:
         model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:  # option validation in __post_init__ (e.g. LWSAMConfig), unused arguments
-        raise parsing_error(e, parser.prog) from None
+    except ValueError as e:  # option validation in __post_init__ (TrainingArguments, LWSAMConfig), unused arguments
+        raise parsing_error(e, parser.prog, namespace) from None
     if model_args.task is not None:
         if model_args.task not in TASK_ALIASES:
             raise UsageError(f"--task {model_args.task!r} is unknown: pass --task classification or "
@@ -358,12 +353,24 @@ def parse_args(
     return model_args, data_args, train_args, embedded
 
 
-def parsing_error(error: ValueError, prog: str) -> UsageError:
-    """A dataclass's own validation error, or the parser's unused arguments, as a one-line `UsageError`."""
+def parsing_error(error: ValueError, prog: str, values: Any = None) -> UsageError:
+    """A dataclass's own validation error (transformers' `TrainingArguments`, TRL's configs, [`LWSAMConfig`]), or the
+    parser's unused arguments, as a one-line `UsageError`. With the parsed `values` (the parser's namespace), a
+    message that names options without their values (`TrainingArguments`: "Got warmup_steps = -1, Expected value
+    warmup_steps >= 0") starts with each option's flag and value: `--warmup_steps -1 is invalid (...): pass ...`."""
     message = " ".join(str(error).split())
     if "not used by the HfArgumentParser" in message:
         message = f"unknown arguments {message.split(': ', 1)[-1]}: drop them, or pass flags that {prog} --help lists."
-    return UsageError(message)
+        return UsageError(message)
+    if values is None or re.search(r"\b[A-Za-z_]\w*=", message):  # `name=value`: the message gives the value itself
+        return UsageError(message)
+    named = [n for n in dict.fromkeys(re.findall(r"[A-Za-z_]\w*", message)) if n in vars(values)]
+    if not named:
+        return UsageError(message)
+    flags = ", ".join(f"--{n} {getattr(getattr(values, n), 'value', getattr(values, n))}" for n in named)
+    one = len(named) == 1
+    return UsageError(f"{flags} {'is' if one else 'are'} invalid ({message.rstrip('.')}): pass "
+                      f"{'a value that meets' if one else 'values that meet'} this.")
 
 
 def option_error(error: ValueError, options: set[str]) -> UsageError | None:
@@ -380,8 +387,16 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _require(ok: bool, flag: str, value: Any, fix: str) -> None:
-    if not ok:
+def check_number(flag: str, value: Any, fix: str, *, at_least: float | None = None, above: float | None = None,
+                 below: float | None = None, at_most: float | None = None, optional: bool = False,
+                 also: tuple[float, ...] = ()) -> None:
+    """The numeric check of every command-line option: `value` must be a finite number within the bounds given
+    (`optional`: or `None`; `also`: or one of these values), else one `UsageError` line naming the flag, the value
+    and the fix: `--{flag} {value} is invalid: pass {fix}.`"""
+    if (optional and value is None) or value in also:
+        return
+    if not (_finite(value) and (at_least is None or value >= at_least) and (above is None or value > above)
+            and (below is None or value < below) and (at_most is None or value <= at_most)):
         raise UsageError(f"--{flag} {value} is invalid: pass {fix}.")
 
 
@@ -396,12 +411,11 @@ def validate_args(model_args: Any, data_args: Any, args: Any, given: set[str]) -
     validate_measure_plain_steps(a)
     validate_lora_args(m, given, enabled=m.use_peft, switch="--use_peft")
 
-    _require(d.max_length is None or d.max_length >= 2, "max_length", d.max_length, "at least 2 (e.g. 128)")
+    check_number("max_length", d.max_length, "at least 2 (e.g. 128)", at_least=2, optional=True)
     for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
-        value = getattr(d, name)
-        _require(value is None or value >= 1, name, value, "an integer >= 1 (or leave it out)")
-    _require(1 <= d.validation_split_percentage <= 99, "validation_split_percentage", d.validation_split_percentage,
-             "a percentage between 1 and 99")
+        check_number(name, getattr(d, name), "an integer >= 1 (or leave it out)", at_least=1, optional=True)
+    check_number("validation_split_percentage", d.validation_split_percentage, "a percentage between 1 and 99",
+                 at_least=1, at_most=99)
     if d.dataset_config_name and not d.dataset_name:
         raise UsageError("--dataset_config_name given without --dataset_name: pass --dataset_name HUB_ID too, or drop "
                          "--dataset_config_name.")
@@ -417,36 +431,36 @@ def validate_args(model_args: Any, data_args: Any, args: Any, given: set[str]) -
 
 def validate_measure_plain_steps(a: Any) -> None:
     """`--measure_plain_steps`, which both commands add, on the parsed config or the parser's namespace."""
-    _require(a.measure_plain_steps >= 0, "measure_plain_steps", a.measure_plain_steps, "an integer >= 0 (0: off)")
+    check_number("measure_plain_steps", a.measure_plain_steps, "an integer >= 0 (0: off)", at_least=0)
 
 
 def validate_training_args(a: Any) -> None:
     """The checks of the `TrainingArguments` options both commands share (batch sizes, steps, rates, `report_to`,
-    ...), on the parsed config or the parser's namespace; each bad value raises a one-line `UsageError`."""
-    _require(_finite(a.learning_rate) and a.learning_rate >= 0, "learning_rate", a.learning_rate,
-             "a finite learning rate >= 0 (e.g. 5e-5)")
+    ...), on the parsed config or the parser's namespace; each bad value raises a one-line `UsageError`. Each check
+    refuses values `TrainingArguments` lets through; what it refuses itself (a negative `warmup_steps`, `logging_steps`
+    0) is left to it, its `ValueError` reported as one line by `parsing_error`."""
+    check_number("learning_rate", a.learning_rate, "a finite learning rate >= 0 (e.g. 5e-5)", at_least=0)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        _require(getattr(a, name) >= 1, name, getattr(a, name), "an integer >= 1")
-    _require(a.max_steps == -1 or a.max_steps >= 1, "max_steps", a.max_steps,
-             "a number of optimizer steps >= 1, or -1 to train for --num_train_epochs")
-    _require(_finite(a.num_train_epochs) and (a.num_train_epochs > 0 or a.max_steps >= 1), "num_train_epochs",
-             a.num_train_epochs, "a number of epochs > 0 (e.g. 3), or --max_steps N")
+        check_number(name, getattr(a, name), "an integer >= 1", at_least=1)
+    check_number("max_steps", a.max_steps, "a number of optimizer steps >= 1, or -1 to train for --num_train_epochs",
+                 at_least=1, also=(-1,))
+    check_number("num_train_epochs", a.num_train_epochs, "a number of epochs > 0 (e.g. 3), or --max_steps N",
+                 above=None if a.max_steps >= 1 else 0)
     for name in ("seed", "data_seed"):
-        value = getattr(a, name)
-        _require(value is None or 0 <= value < 2**32, name, value, "an integer between 0 and 2**32 - 1")
-    for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
-        value = getattr(a, name)
-        _require(value is None or (_finite(value) and value >= 0), name, value, "a finite value >= 0")
+        check_number(name, getattr(a, name), "an integer between 0 and 2**32 - 1", at_least=0, below=2**32,
+                     optional=True)
+    for name in ("weight_decay", "max_grad_norm"):
+        check_number(name, getattr(a, name), "a finite value >= 0", at_least=0, optional=True)
+    check_number("warmup_steps", a.warmup_steps, "a finite value >= 0", optional=True)  # < 0: TrainingArguments
     for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
-        value = getattr(a, name)
-        _require(_finite(value) and 0 <= value < 1, name, value, "a value in [0, 1)")
-    _require(_finite(a.adam_epsilon) and a.adam_epsilon > 0, "adam_epsilon", a.adam_epsilon, "a value > 0 (e.g. 1e-8)")
-    for name in ("logging_steps", "save_steps", "eval_steps"):
-        value = getattr(a, name)
-        _require(value is None or (_finite(value) and value > 0), name, value, "a number of steps > 0")
-    _require(a.save_total_limit is None or a.save_total_limit >= 1, "save_total_limit", a.save_total_limit,
-             "the number of checkpoints to keep, >= 1 (or leave it out to keep all)")
-    _require(a.dataloader_num_workers >= 0, "dataloader_num_workers", a.dataloader_num_workers, "an integer >= 0")
+        check_number(name, getattr(a, name), "a value in [0, 1)", at_least=0, below=1)
+    check_number("adam_epsilon", a.adam_epsilon, "a value > 0 (e.g. 1e-8)", above=0)
+    for name in ("logging_steps", "save_steps", "eval_steps"):  # logging_steps 0: TrainingArguments refuses it
+        check_number(name, getattr(a, name), "a number of steps > 0", optional=True,
+                     **({"at_least": 0} if name == "logging_steps" else {"above": 0}))
+    check_number("save_total_limit", a.save_total_limit,
+                 "the number of checkpoints to keep, >= 1 (or leave it out to keep all)", at_least=1, optional=True)
+    check_number("dataloader_num_workers", a.dataloader_num_workers, "an integer >= 0", at_least=0)
     _check_report_to(a.report_to)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_FSDP")
     if getattr(a, "fsdp", None) and not launched:  # the Trainer would raise "only works in distributed training"
@@ -456,9 +470,9 @@ def validate_training_args(a: Any) -> None:
 
 def validate_lora_args(m: Any, given: set[str], enabled: bool, switch: str) -> None:
     """LoRA rank, alpha and dropout; `--lora_*` flags given without the `switch` that enables LoRA are refused."""
-    _require(m.lora_r >= 1, "lora_r", m.lora_r, "a LoRA rank >= 1 (e.g. 8)")
-    _require(_finite(m.lora_alpha) and m.lora_alpha > 0, "lora_alpha", m.lora_alpha, "a scaling alpha > 0 (e.g. 16)")
-    _require(_finite(m.lora_dropout) and 0 <= m.lora_dropout < 1, "lora_dropout", m.lora_dropout, "a value in [0, 1)")
+    check_number("lora_r", m.lora_r, "a LoRA rank >= 1 (e.g. 8)", at_least=1)
+    check_number("lora_alpha", m.lora_alpha, "a scaling alpha > 0 (e.g. 16)", above=0)
+    check_number("lora_dropout", m.lora_dropout, "a value in [0, 1)", at_least=0, below=1)
     lora_flags = sorted(f"--{n}" for n in given if n.startswith("lora_"))
     if lora_flags and not enabled:
         raise UsageError(f"{', '.join(lora_flags)} given without {switch}, so it would be ignored: add {switch}, or "

@@ -23,7 +23,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,13 @@ from ..model_card import ModelCardInfo
 from .args import (
     OFFLINE_DEFAULTS,
     HelpFormatter,
+    RunArguments,
     UsageError,
     brief,
+    check_number,
     explain_options,
     given_flags,
     looks_like_path,
-    measure_plain_steps_field,
-    overwrite_output_dir_field,
     parsing_error,
     read_config_file,
     sam_options_first,
@@ -82,14 +82,6 @@ examples:
   hf-lwsam-sft --model_name_or_path ./my-model --dataset_name ./my-chats.jsonl --bf16 false  # local, all weights
 
 The --sam_* options come first below, then the script's, TRL's script and model flags, then every SFTConfig flag."""
-
-
-@dataclass
-class RunArguments:
-    """What the script adds to TRL's flags."""
-
-    overwrite_output_dir: bool = overwrite_output_dir_field()
-    measure_plain_steps: int = measure_plain_steps_field()
 
 
 def make_parser():
@@ -148,7 +140,7 @@ def parse_args(argv: list[str] | None = None):
         if "support bf16" in str(e):  # SFTConfig turns bf16 on by default; TrainingArguments' hint names use_cpu only
             raise UsageError("--bf16 is on (SFTConfig's default) and this machine has no bf16 accelerator: pass "
                              "--bf16 false, or --use_cpu true to train in bf16 on the CPU.") from None
-        raise parsing_error(e, PROG) from None
+        raise parsing_error(e, PROG, namespace) from None
     if not embedded and (model_args.model_name_or_path is None or script_args.dataset_name is None):
         missing = "--model_name_or_path" if model_args.model_name_or_path is None else "--dataset_name"
         raise UsageError(f"{missing} is missing (in --config or as a flag): pass both, or neither for the offline "
@@ -167,9 +159,8 @@ def validate_sft_args(a: Any, given: set[str]) -> None:
     validate_training_args(a)
     validate_measure_plain_steps(a)
     validate_lora_args(a, given, enabled=a.use_peft, switch="--use_peft")
-    if a.max_length is not None and a.max_length < 2:
-        raise UsageError(f"--max_length {a.max_length} is invalid: pass at least 2 tokens (e.g. 512), or none to "
-                         "keep whole sequences.")
+    check_number("max_length", a.max_length, "at least 2 tokens (e.g. 512), or none to keep whole sequences",
+                 at_least=2, optional=True)
     if not a.dataset_text_field:
         raise UsageError("--dataset_text_field is empty: pass the name of the text column (default: text).")
     template = a.chat_template_path
