@@ -87,9 +87,8 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from hf_lwsam.step_timer import StepTimer  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this file, also when
+from step_timer import StepTimer  # noqa: E402
 from study_harness import MACHINE, cached, machine, make_trainer, mean_std, quiet  # noqa: E402  # loaded by path
 from study_methods import (  # noqa: E402
     LABEL_SMOOTHINGS,

@@ -46,9 +46,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from hf_lwsam import LWSAMConfig, LWSAMTrainer
-from hf_lwsam.step_timer import StepTimer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the methods table's row type, also when loaded by path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study modules beside this file, also when loaded by path
+from step_timer import StepTimer  # noqa: E402
 from study_methods import Method  # noqa: E402
 
 PRESETS = {  # layers, d_model, heads, seq_len, batch, vocab

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study's modules, beside this file
-from hf_lwsam.step_timer import StepTimer  # noqa: E402
+from step_timer import StepTimer  # noqa: E402
 from study_harness import MACHINE, make_trainer, quiet  # noqa: E402
 from study_tasks import TASKS, Budget, answer_scores, chat_splits, run_config  # noqa: E402
 
@@ -87,9 +87,10 @@ def scorer(tokenizer, chats, bf16: bool):
     def score(model) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             scores = answer_scores(model, tokenizer, chats)
-        from hf_lwsam.cli.sft_offline import answer_predictions
+        from hf_lwsam.cli.sft_offline import answer_log_probs
 
-        guess = answer_predictions(model, tokenizer, chats.select(range(min(len(chats), 64))))
+        # the most likely answer of each of the first 64 chats (index into TWEET_LABELS)
+        guess = answer_log_probs(model, tokenizer, chats.select(range(min(len(chats), 64)))).argmax(-1).tolist()
         return dict(scores, top_answer_share=Counter(guess).most_common(1)[0][1] / len(guess))
     return score
 

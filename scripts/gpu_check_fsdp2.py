@@ -28,7 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer  
 
 from benchmark_throughput import RandomTokens  # noqa: E402
 from hf_lwsam import LWSAMConfig, LWSAMTrainer  # noqa: E402
-from hf_lwsam.step_timer import StepTimer  # noqa: E402
+from step_timer import StepTimer  # noqa: E402
 
 RHO, FAILED = 0.5, []
 

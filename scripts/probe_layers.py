@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from gradnorm_study import REPO, batches_of, build_task  # noqa: E402
 from hf_lwsam import probe_layer_grad_norms  # noqa: E402
+from hf_lwsam.config import PROBE_METRICS  # noqa: E402
 from hf_lwsam.probe import rank_layers, resolve_top_k  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm", choices=["minilm", "gpt2"])
     parser.add_argument("--model_name", default=None, help="minilm: a Hub/local sequence-classification checkpoint")
-    parser.add_argument("--metric", default="grad_norm", choices=["grad_norm", "grad_norm_per_param"])
+    parser.add_argument("--metric", default="grad_norm", choices=list(PROBE_METRICS))
     parser.add_argument("--top_k", type=int, default=2)
     parser.add_argument("--top_ratio", type=float, default=None, help="wins over --top_k when set")
     parser.add_argument("--batches", type=int, default=4, help="batches whose mean loss is differentiated")

@@ -1,10 +1,19 @@
-"""The benchmarks' step timer: one entry per optimizer step, not per micro-batch, for the plain and the SAM step."""
+"""The benchmarks' step timer (scripts/step_timer.py): one entry per optimizer step, not per micro-batch, for the
+plain and the SAM step."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 from conftest import shakespeare_lm_dataset, tiny_gpt2
 from hf_lwsam import LWSAMTrainer
-from hf_lwsam.step_timer import StepTimer
+
+_spec = importlib.util.spec_from_file_location("step_timer", Path(__file__).resolve().parents[1] / "scripts" /
+                                               "step_timer.py")
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+StepTimer = _module.StepTimer
 
 
 def test_step_timer_records_one_positive_time_per_optimizer_step(sgd_args):

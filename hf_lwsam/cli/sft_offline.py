@@ -93,15 +93,9 @@ def answer_log_probs(model: Any, tokenizer: Any, chats: Any, batch_size: int = 1
     return torch.cat(out)
 
 
-def answer_predictions(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16) -> list[int]:
-    """The index (into `TWEET_LABELS`) of the most likely answer among the labels for each of `chats`: the label whose
-    first token the model finds most likely right after the chat template's generation prompt (`answer_log_probs`;
-    same arguments)."""
-    return answer_log_probs(model, tokenizer, chats, batch_size).argmax(-1).tolist()
-
-
 def answer_accuracy(model: Any, tokenizer: Any, chats: Any, batch_size: int = 16) -> float:
-    """Share of `chats` (`prompt` messages and `label`) whose most likely answer among the labels is the right one
-    (`answer_predictions`; same arguments)."""
-    guesses = answer_predictions(model, tokenizer, chats, batch_size)
+    """Share of `chats` (`prompt` messages and `label`) whose most likely answer among the labels is the right one:
+    the label whose first token the model finds most likely right after the chat template's generation prompt
+    (`answer_log_probs`; same arguments)."""
+    guesses = answer_log_probs(model, tokenizer, chats, batch_size).argmax(-1).tolist()
     return sum(g == y for g, y in zip(guesses, chats["label"])) / len(guesses)

@@ -1,4 +1,5 @@
-"""A step timer for throughput measurements: the wall time of each optimizer step, seen from the `Trainer` loop."""
+"""The benchmarks' step timer (scripts beside this file): the wall time of each optimizer step, seen from the
+`Trainer` loop."""
 
 from __future__ import annotations
 
