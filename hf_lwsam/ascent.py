@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .registry import register
 from .sam import global_norm, looksam_component, momentum_direction, noise_seed, random_direction
 from .sharding import all_reduce_mean, is_sharded, local, sum_over_shards
 
@@ -50,20 +51,7 @@ def register_ascent(cls: type[Ascent]) -> type[Ascent]:
     Raises:
         ValueError: `cls` is not an `Ascent` subclass with a `name` and a `help`, or its name is taken.
     """
-    if not (isinstance(cls, type) and issubclass(cls, Ascent)):
-        raise ValueError(f"register_ascent({cls!r}): an ascent is a subclass of hf_lwsam.Ascent.")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{cls.__name__} has no name: set the class attribute name = '...', the sam_ascent "
-                         "value that selects it.")
-    if not isinstance(getattr(cls, "help", None), str):
-        raise ValueError(f"{cls.__name__} has no help: set the class attribute help = '...' (what e_S is and "
-                         "what a SAM step costs).")
-    if name in ASCENTS:
-        raise ValueError(f"sam_ascent={name!r} is already registered ({_qualname(ASCENTS[name])}): give "
-                         f"{cls.__name__} another name (taken: {', '.join(map(repr, ASCENTS))}).")
-    ASCENTS[name] = cls
-    return cls
+    return register(ASCENTS, cls, Ascent, "sam_ascent", {"help": "what e_S is and what a SAM step costs"})
 
 
 def declared_options() -> dict[str, list[str]]:

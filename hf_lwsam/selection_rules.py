@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from .probe import LayerProbe
+from .registry import register
 from .selection import Pattern, layer_parameters, name_matches, select_layers
 
 SELECTION_RULES: dict[str, type[SelectionRule]] = {}
@@ -41,17 +42,7 @@ def register_selection_rule(cls: type[SelectionRule]) -> type[SelectionRule]:
         ValueError: `cls` is no [`SelectionRule`], its `name` is not a non-empty string, or a rule of that name is
             already registered.
     """
-    if not (isinstance(cls, type) and issubclass(cls, SelectionRule)):
-        raise ValueError(f"register_selection_rule({cls!r}): pass a subclass of hf_lwsam.SelectionRule.")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"register_selection_rule({cls.__name__}): {cls.__name__}.name={name!r} is invalid: set a "
-                         "non-empty string, the value of sam_selection that selects the rule.")
-    if name in SELECTION_RULES:
-        raise ValueError(f"register_selection_rule({cls.__name__}): sam_selection={name!r} is already registered "
-                         f"({SELECTION_RULES[name].__qualname__}): give the rule another name.")
-    SELECTION_RULES[name] = cls
-    return cls
+    return register(SELECTION_RULES, cls, SelectionRule, "sam_selection")
 
 
 def selection_rule(name: Any) -> type[SelectionRule]:

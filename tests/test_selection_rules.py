@@ -100,7 +100,7 @@ def test_invalid_rule_classes_are_refused():
     class Nameless(SelectionRule):
         pass
 
-    with pytest.raises(ValueError, match=r"Nameless.name=None is invalid"):
+    with pytest.raises(ValueError, match=r"Nameless has no name \(Nameless.name=None\)"):
         register_selection_rule(Nameless)
     with pytest.raises(ValueError, match=r"pass a subclass of hf_lwsam.SelectionRule"):
         register_selection_rule(dict)
