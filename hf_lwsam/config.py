@@ -15,11 +15,11 @@ from transformers import TrainingArguments
 from transformers.utils.generic import strtobool
 
 from .ascent import ASCENTS, ascent_help, declared_options
+from .probe import GRANULARITIES, METRICS
 from .selection_rules import SELECTION_RULES, selection_help, selection_rule
 
 INTERVAL_REUSE_MODES = ("none", "looksam")
-PROBE_METRICS = ("grad_norm", "grad_norm_per_param", "grad_norm_per_cost")
-PROBE_GRANULARITIES = ("block", "layer")
+PROBE_METRICS, PROBE_GRANULARITIES = METRICS, GRANULARITIES  # the probe's own: one definition
 # What the options a preset or a mode can set resolve to when left unset (`None`) and no preset sets them. Their
 # fields default to `None`, so every way a config is built (keywords, HfArgumentParser, `dataclasses.replace`, the
 # copy into TRL's config classes) tells an option the user set, even at this value, from one left unset.
