@@ -1,5 +1,5 @@
 """Ascent schedules: which optimizer steps are SAM steps (`sam_start`, `sam_interval`), what the steps between do
-(`sam_interval_reuse`), and where e_S comes from (`sam_ascent`).
+(`sam_interval_reuse`), and the vector an ascent keeps between steps.
 
 When: optimizer step `s` is a SAM step when `s >= start` and `(s - start) % interval == 0`; `start` is `sam_start`, a
 step or a fraction of the run's `max_steps` (the first step `s >= fraction * max_steps`). The interval counts from the
@@ -7,16 +7,9 @@ start, so the first step of the late phase is a SAM step. Every other step is a 
 or, with `sam_interval_reuse="looksam"`, a LookSAM step (after the late phase started): the stock step plus the kept
 component (`sam.looksam_add_`) once per optimizer step, on the window's last micro-batch.
 
-Where e_S comes from:
-- `"exact"`: e_S from a truncated ascent pass at w on the same micro-batch (two passes; the default).
-- `"stale"`: e_S from the gradient of S that the previous SAM step left in `.grad`: the accumulated (and, under DDP,
-  all-reduced) gradient of its window at its perturbed point, copied after the window's last backward and before the
-  optimizer step zeroes it. A SAM step is then one forward and one backward at w + e_S. Every process holds the same
-  copy (DDP all-reduces `.grad` before the copy), so every process perturbs with the same e_S.
-- `"random"`: Gaussian e (`sam.random_direction`), seeded by (seed, optimizer step, parameter index): one forward and
-  one backward at w + e, the same noise on every process and after a resume, nothing kept.
-- `"momentum"`: e_S from a first moment m of S; with `sam_momentum="own"` m is kept here (`average`, one float32 copy
-  of S updated at each optimizer step) and checkpointed as the kept vector.
+Where e_S comes from is each ascent's own (`hf_lwsam.ascent`, one class per `sam_ascent`); this module keeps the vector
+an ascent carries between steps when its `kept_vector` names one: the stale ascent's gradient of S, LookSAM's g_v, the
+momentum ascent's own average m (`average`, one float32 copy of S updated at each optimizer step).
 
 The first stale SAM step of a run (or of the late phase), and the first one after the selection changed (a probe), has
 no stale gradient of S: it is a plain step, whose gradient is recorded for the next SAM step. The kept vector (the
