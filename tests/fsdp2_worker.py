@@ -10,7 +10,9 @@ uninterrupted and resumed after 2 from the model's shards and each process's `lw
 `LWSAMTrainer` itself under FSDP2 (`<out>/trainer_rank<r>.pt`): on a model that transformers shards at load time
 (`from_pretrained(distributed_config=DistributedConfig(fsdp_size=2))`, gloo on the CPU), whose parameters the Trainer
 neither wraps nor re-shards: the momentum ascent's steps and logs, and the stale ascent's checkpoint files (written by
-every process before `_save_rng_state` returns, with the layout of the parameters; refused under another layout)."""
+every process before `_save_rng_state` returns, with the layout of the parameters; refused under another layout), and
+Momentum-SAM's own average of the gradients (`sam_momentum="own"`): its steps, and its resume from each process's shard
+of m (`<out>/own_rank<r>.pt`)."""
 
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from hf_lwsam.sharding import (
 RHO, ROWS_PER_RANK = 0.5, 2
 STEPS, STALE_LR = 3, 0.2  # the one-pass ascents' runs: optimizer steps, SGD's learning rate for the stale ascent
 MOMENTUM_RHO, MOMENTUM_LR = 0.3, 1e-2  # AdamW, as test_momentum.reference_run computes it on one process
+OWN_LR, OWN_BETA = 0.1, 0.9  # plain SGD with Momentum-SAM's own average of the gradients (`sam_momentum="own"`)
 MODELS = {  # name -> (builder, the trunk's blocks)
     "gpt2": (tiny_gpt2, lambda m: m.transformer.h),
     "llama-lora": (tiny_llama_lora, lambda m: m.base_model.model.model.layers),
@@ -265,6 +268,28 @@ def distributed_gpt2(directory: str, **sizes: int) -> torch.nn.Module:
     return model
 
 
+def trainer_config(out: str, **overrides: Any) -> Any:
+    """The `LWSAMConfig` of the trainer runs: 2 rows per process, constant learning rate, no clipping, sequential
+    batches, `STEPS` steps, no checkpoints, a log per step; `overrides` on top."""
+    from hf_lwsam import LWSAMConfig
+
+    return LWSAMConfig(**{**dict(
+        output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=ROWS_PER_RANK, max_steps=STEPS,
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, warmup_steps=0,
+        train_sampling_strategy="sequential", report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
+        disable_tqdm=True, seed=0), **overrides})
+
+
+def train_sharded(directory: str, data: Any, args: Any, **sizes: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    """`LWSAMTrainer` trained with `args` on `data` and the tiny GPT-2 in `directory` sharded at load (`sizes`); the
+    trainer and the whole weights after."""
+    from hf_lwsam import LWSAMTrainer
+
+    trainer = LWSAMTrainer(model=distributed_gpt2(directory, **sizes), train_dataset=data, args=args)
+    trainer.train()
+    return trainer, {n: p.full_tensor().detach().clone() for n, p in trainer.model.named_parameters()}
+
+
 def trainer_runs(out: str, rank: int) -> None:
     """`LWSAMTrainer` on 2 processes, each with 2 rows of every global batch of 4 (accumulation 1).
 
@@ -273,7 +298,7 @@ def trainer_runs(out: str, rank: int) -> None:
     step (lr 1) there. Stale: `STEPS` SGD steps, then `_save_rng_state` (the checkpoint's last write of every process
     before process 0 writes `trainer_state.json`) with process 1 arriving 2 s late: which files process 0 sees when its
     call returns; the layout saved; a fresh trainer on the same layout loading it; and one on HSDP refused."""
-    from hf_lwsam import LWSAMConfig, LWSAMTrainer
+    from hf_lwsam import LWSAMTrainer
 
     directory, checkpoint = os.path.join(out, "gpt2"), os.path.join(out, "trainer_checkpoint")
     if rank == 0:
@@ -281,19 +306,13 @@ def trainer_runs(out: str, rank: int) -> None:
         os.makedirs(checkpoint)
     dist.barrier()
 
-    def config(**overrides: Any) -> LWSAMConfig:
-        overrides = {"max_steps": STEPS, **overrides}
-        return LWSAMConfig(output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=ROWS_PER_RANK,
-                           lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-                           warmup_steps=0, train_sampling_strategy="sequential", report_to="none", use_cpu=True,
-                           save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, **overrides)
+    def config(**overrides: Any) -> Any:
+        return trainer_config(out, **overrides)
 
     data = shakespeare_lm_dataset(4 * STEPS)
 
-    def trained(sizes: dict[str, int], **options: Any) -> tuple[LWSAMTrainer, dict[str, torch.Tensor]]:
-        trainer = LWSAMTrainer(model=distributed_gpt2(directory, **sizes), train_dataset=data, args=config(**options))
-        trainer.train()
-        return trainer, {n: p.full_tensor().clone() for n, p in trainer.model.named_parameters()}
+    def trained(sizes: dict[str, int], **options: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        return train_sharded(directory, data, config(**options), **sizes)
 
     adamw = dict(optim="adamw_torch", learning_rate=MOMENTUM_LR, sam_ascent="momentum", sam_rho=MOMENTUM_RHO)
     momentum, stepped = trained({"fsdp_size": 2}, **adamw)
@@ -330,6 +349,69 @@ def trainer_runs(out: str, rank: int) -> None:
                os.path.join(out, f"trainer_rank{rank}.pt"))
 
 
+def own_average_runs(out: str, rank: int) -> None:
+    """Momentum-SAM with its own average of the gradients of S (`sam_momentum="own"`) under `LWSAMTrainer`, the model
+    sharded at load (`fsdp_size=2`; the tiny GPT-2 that `trainer_runs` saved). Saves `<out>/own_rank<rank>.pt`.
+
+    SGD without momentum under `sam_preset="free"` (which picks the own average: SGD keeps no moment; S is every
+    parameter) for `STEPS` steps; AdamW with `sam_momentum="own"` and beta = beta1 for `STEPS` steps. The resume:
+    `STEPS - 1` free SGD steps, the checkpoint's ascent state written by the trainer (`_save_rng_state`: each process
+    its shard of m) with the model's shards, then a fresh trainer on the same shards that loads it (`_load_rng_state`)
+    and takes the last step on the last global batch; and the same last step without loading m (a plain step).
+    A full `Trainer` checkpoint cannot be taken here: transformers refuses checkpoints of models sharded at load time
+    (their optimizer state), and SGD without momentum has none."""
+    directory, checkpoint = os.path.join(out, "gpt2"), os.path.join(out, "own_checkpoint")
+    if rank == 0:
+        os.makedirs(checkpoint)
+    dist.barrier()
+    data = shakespeare_lm_dataset(4 * STEPS)
+    free = dict(optim="sgd", learning_rate=OWN_LR, sam_preset="free", sam_rho=MOMENTUM_RHO, sam_momentum_beta=OWN_BETA)
+    uninterrupted, stepped = train_sharded(directory, data, trainer_config(out, **free), fsdp_size=2)
+    adamw = dict(optim="adamw_torch", learning_rate=MOMENTUM_LR, sam_ascent="momentum", sam_rho=MOMENTUM_RHO,
+                 sam_momentum="own", sam_momentum_beta=OWN_BETA, adam_beta1=OWN_BETA)
+    adamw_trainer, adamw_stepped = train_sharded(directory, data, trainer_config(out, **adamw), fsdp_size=2)
+
+    first, _ = train_sharded(directory, data, trainer_config(out, **dict(free, max_steps=STEPS - 1)), fsdp_size=2)
+    first._save_rng_state(checkpoint)  # the ascent's part of a checkpoint: this process's lwsam_ascent_rank{N}.pt
+    shards = {n: p.to_local().clone() for n, p in first.model.named_parameters()}
+    mine = os.path.join(checkpoint, f"lwsam_ascent_rank{rank}.pt")
+    saved = torch.load(mine, weights_only=True) if os.path.isfile(mine) else None  # the test says which is missing
+    dist.barrier()
+    last = data.select(range(4 * (STEPS - 1), 4 * STEPS))  # the last global batch
+
+    def last_step(load: bool) -> tuple[Any, dict[str, torch.Tensor]]:
+        from hf_lwsam import LWSAMTrainer
+
+        trainer = LWSAMTrainer(model=distributed_gpt2(directory, fsdp_size=2), train_dataset=last,
+                               args=trainer_config(out, **dict(free, max_steps=1)))
+        with torch.no_grad():
+            for n, p in trainer.model.named_parameters():
+                p.to_local().copy_(shards[n])
+        if load:
+            trainer._load_rng_state(checkpoint)
+        trainer.train()
+        return trainer, {n: p.full_tensor().detach().clone() for n, p in trainer.model.named_parameters()}
+
+    resumed, resumed_stepped = last_step(load=True)
+    _, without_vector = last_step(load=False)
+
+    def sam_logs(trainer: Any) -> list[dict[str, float]]:
+        return [{k: v for k, v in e.items() if k.startswith("sam/")} for e in trainer.state.log_history
+                if "sam/sam_steps" in e]
+
+    names = uninterrupted.perturbed_parameter_names()
+    torch.save({"stepped": stepped, "logs": sam_logs(uninterrupted), "source": uninterrupted._ascent.source,
+                "selected": names, "sharded": type(uninterrupted._sam_parameters()[0][1]).__name__,
+                "adamw_stepped": adamw_stepped, "adamw_source": adamw_trainer._ascent.source,
+                "adamw_selected": adamw_trainer.perturbed_parameter_names(), "adamw_logs": sam_logs(adamw_trainer),
+                "saved": saved, "files": sorted(os.listdir(checkpoint)),
+                "full_shapes": {n: tuple(p.shape) for n, p in stepped.items()},
+                "resumed": resumed_stepped, "resumed_logs": sam_logs(resumed), "without_vector": without_vector,
+                "kept": [m.clone() for m in uninterrupted.schedule.direction(names)],
+                "resumed_kept": [m.clone() for m in resumed.schedule.direction(names)]},
+               os.path.join(out, f"own_rank{rank}.pt"))
+
+
 def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo")
@@ -340,6 +422,7 @@ def main() -> None:
     stale_resume(out, rank, mesh)
     momentum_steps(out, rank, mesh)
     trainer_runs(out, rank)
+    own_average_runs(out, rank)
     dist.barrier()
     dist.destroy_process_group()
     # `fully_shard` keeps the process group referenced past `destroy_process_group` (gloo's threads stay up), and

@@ -1,7 +1,9 @@
 """FSDP2 on the CPU: two gloo processes with raw `fully_shard` on a tiny GPT-2 and a tiny Llama with LoRA. One LW-SAM
 step through hf_lwsam's sharded pass 1 / perturb / restore equals single-process LW-SAM on the global batch, g_S is
 not zero, and a failing pass 2 leaves the shards exactly as they were; the stale ascent resumes bit for bit from each
-process's shard of its vector, and the momentum ascent equals Momentum-SAM on one process (`tests/fsdp2_worker.py`)."""
+process's shard of its vector, and the momentum ascent equals Momentum-SAM on one process, from the optimizer's first
+moment or from its own average of the gradients (`sam_momentum="own"`, resumed bit for bit from each process's shard of
+m) (`tests/fsdp2_worker.py`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import shakespeare_lm_dataset, tiny_gpt2, tiny_llama_lora
-from fsdp2_worker import MOMENTUM_LR, MOMENTUM_RHO, STEPS
+from fsdp2_worker import MOMENTUM_LR, MOMENTUM_RHO, OWN_BETA, OWN_LR, STEPS
 from hf_lwsam.selection import layer_parameters, select_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,3 +213,91 @@ def test_fsdp2_trainer_under_hsdp_counts_each_shard_once_in_the_norm(results):
     assert rel(got["hsdp_momentum"], reference_run(*adamw, MOMENTUM_RHO, SELECTED, data, steps=STEPS), start) <= 1e-5
     expected, _ = single_process_step(tiny_gpt2)
     assert rel(got["hsdp_exact"], expected, start) <= 1e-5
+
+
+# ------------------------------------------------------------------------ Momentum-SAM's own average of gradients
+def own_results(results: Path) -> list[dict]:
+    return [torch.load(results / f"own_rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def own_sgd(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer of the own-average runs: SGD without momentum (it keeps no first moment)."""
+    return torch.optim.SGD(params, lr=OWN_LR)
+
+
+def whole_moment(ranks: list[dict], key: str) -> list[torch.Tensor]:
+    """The processes' shards of m (`Shard(0)`: rank 0's rows first), put together into whole tensors."""
+    return [torch.cat(pieces) for pieces in zip(*(got[key] for got in ranks))]
+
+
+def moment_error(whole: list[torch.Tensor], names: list[str], expected: dict[str, torch.Tensor]) -> float:
+    num = sum(float(((m - expected[n]).double() ** 2).sum()) for n, m in zip(names, whole))
+    return (num / sum(float((expected[n].double() ** 2).sum()) for n in names)) ** 0.5
+
+
+def test_fsdp2_own_average_under_the_free_preset_takes_the_formula_steps(results):
+    """SGD without momentum keeps no moment, so `sam_preset="free"` keeps Momentum-SAM's own average (every parameter
+    in S), each process a shard of it: step 1 is plain (m = 0), then e_S = -rho m / ||m|| with the norm over the whole
+    of S. The weights are those of the formula by hand on one process on the global batches (m from the gradients the
+    optimizer stepped with), and the processes' shards of m, put together, are m by hand."""
+    from test_momentum import rel
+    from test_momentum_own import own_reference
+
+    ranks = own_results(results)
+    got = ranks[0]["stepped"]
+    assert ranks[0]["sharded"] == "DTensor" and all(torch.equal(p, ranks[1]["stepped"][n]) for n, p in got.items())
+    assert ranks[0]["source"] == "own" and ranks[0]["selected"] == list(got)
+    for r, own in enumerate(ranks):
+        assert [e["sam/sam_steps"] for e in own["logs"]] == [0.0] + [1.0] * (STEPS - 1), f"rank {r}"
+        assert [e["sam/e_norm"] for e in own["logs"][1:]] == pytest.approx([MOMENTUM_RHO] * (STEPS - 1), abs=1e-6)
+    data, kept = shakespeare_lm_dataset(4 * STEPS), {}
+    expected = own_reference(own_sgd, data, rho=MOMENTUM_RHO, beta=OWN_BETA, kept=kept)
+    start = {n: p.detach() for n, p in tiny_gpt2().named_parameters()}
+    assert rel(got, expected, start) <= 1e-5
+    assert rel(own_reference(own_sgd, data, rho=0.0), expected, start) > 1e-2  # SAM changed it
+    assert moment_error(whole_moment(ranks, "kept"), ranks[0]["selected"], kept) <= 1e-5
+
+
+def test_fsdp2_own_average_with_adamw_and_beta_one_equals_the_first_moment(results):
+    """AdamW with `sam_momentum="own"` and beta = beta1 on the default selection: the steps of Momentum-SAM by hand
+    from AdamW's `exp_avg`, and those of the same trainer reading the sharded `exp_avg` itself."""
+    from test_momentum import SELECTED, reference_run, rel
+
+    ranks = own_results(results)
+    got = ranks[0]["adamw_stepped"]
+    assert all(torch.equal(p, ranks[1]["adamw_stepped"][n]) for n, p in got.items())
+    assert ranks[0]["adamw_source"] == "own"
+    assert ranks[0]["adamw_selected"] == [n for n in got if n.startswith(SELECTED)]
+    assert [e["sam/sam_steps"] for e in ranks[0]["adamw_logs"]] == [0.0] + [1.0] * (STEPS - 1)
+    data, adamw = shakespeare_lm_dataset(4 * STEPS), (torch.optim.AdamW, dict(lr=MOMENTUM_LR, weight_decay=0.0))
+    start = {n: p.detach() for n, p in tiny_gpt2().named_parameters()}
+    assert rel(got, reference_run(*adamw, MOMENTUM_RHO, SELECTED, data, steps=STEPS), start) <= 1e-5
+    assert rel(got, trainer_results(results)[0]["stepped"], start) <= 1e-5
+
+
+def test_fsdp2_own_average_resumes_from_each_process_shard_bit_for_bit(results):
+    """After `STEPS - 1` steps each process writes its own shard of m (`lwsam_ascent_rank{N}.pt`: kind "momentum",
+    float32, this process's rows of each tensor of S); the shards put together are m by hand. A fresh trainer on the
+    saved model shards that loads it takes the last step exactly as the uninterrupted run (a SAM step), and holds the
+    same m after it; without m the last step is a plain one and lands elsewhere."""
+    from test_momentum_own import own_reference
+
+    ranks, kept = own_results(results), {}
+    own_reference(own_sgd, shakespeare_lm_dataset(4 * STEPS),
+                  steps=STEPS - 1, rho=MOMENTUM_RHO, beta=OWN_BETA, kept=kept)
+    names = ranks[0]["selected"]
+    for r, got in enumerate(ranks):
+        assert [f for f in got["files"] if f.startswith("lwsam")] == ["lwsam_ascent_rank0.pt", "lwsam_ascent_rank1.pt"]
+        saved = got["saved"]
+        assert saved is not None, f"process {r} wrote no lwsam_ascent_rank{r}.pt"
+        assert saved["per_process"] and saved["num_processes"] == 2 and saved["process_index"] == r
+        assert saved["kind"] == "momentum" and saved["names"] == names
+        assert all(entry == ["[0, 1]", "('fsdp',)", "(Shard(dim=0),)"] for entry in saved["layout"]), saved["layout"]
+        for name, m in zip(names, saved["grads"]):
+            assert m.dtype == torch.float32 and m.shape == torch.empty(got["full_shapes"][name]).chunk(2)[r].shape
+        assert all(torch.equal(got["resumed"][n], p) for n, p in got["stepped"].items()), f"rank {r}"
+        assert [e["sam/sam_steps"] for e in got["resumed_logs"]] == [1.0], f"rank {r}"
+        assert all(torch.equal(a, b) for a, b in zip(got["resumed_kept"], got["kept"])), f"rank {r}"
+        assert not all(torch.equal(got["without_vector"][n], p) for n, p in got["stepped"].items())
+    saved = [{"grads": got["saved"]["grads"]} for got in ranks]
+    assert moment_error(whole_moment(saved, "grads"), names, kept) <= 1e-5

@@ -22,10 +22,11 @@ STEPS, RHO, BETA = 3, 0.3, 0.9
 
 
 def own_reference(make_optimizer, data, steps: int = STEPS, rho: float = RHO, beta: float = BETA,
-                  make_model=tiny_gpt2) -> dict[str, torch.Tensor]:
+                  make_model=tiny_gpt2, kept: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Momentum-SAM with an own average by hand, every parameter perturbed: at each step (2 micro-batches) e =
     -rho m / ||m|| (none before the first step: a plain step), the window gradient G at w + e, e removed, then
-    m <- beta m + (1 - beta) G (m = 0 before) and a fresh optimizer's step at w with G."""
+    m <- beta m + (1 - beta) G (m = 0 before) and a fresh optimizer's step at w with G. `kept`: filled with the last m
+    by parameter name."""
     model = make_model()
     params = list(model.parameters())
     optimizer = make_optimizer(params)
@@ -46,6 +47,8 @@ def own_reference(make_optimizer, data, steps: int = STEPS, rho: float = RHO, be
             p.grad = g
         optimizer.step()
         optimizer.zero_grad()
+    if kept is not None:
+        kept.update((n, x) for (n, _), x in zip(model.named_parameters(), m))
     return weights(model)
 
 
