@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .registry import register
-from .sam import global_norm, looksam_component, momentum_direction, noise_seed, random_direction
+from .sam import global_norm, looksam_component, momentum_scale, noise_seed, random_direction
 from .sharding import all_reduce_mean, is_sharded, local, sum_over_shards
 
 if TYPE_CHECKING:
@@ -433,8 +433,10 @@ class MomentumAscent(Ascent):
     changes (a probe). With AdamW and beta = beta1 both give the same updates. m is identical on every process (DDP
     all-reduces g), so no communication; under FSDP2 each process holds a shard of m and the norm is one all-reduce.
 
-    e_S is computed once per optimizer step, on the window's first micro-batch, and freed after its last (m only
-    changes at the optimizer step). A SAM step before any m (the first step) is a plain step; a parameter of S without
+    e_S = s m_S is never formed on the CPU: its factor s = -rho / ||m_S|| is computed once per optimizer step, on the
+    window's first micro-batch (m only changes at the optimizer step), and every micro-batch adds s m_S to S a chunk
+    at a time (`Perturbation.apply`), rounded as `(m_S * s).to(S's dtype)`; on a GPU e_S is formed for each pass and
+    freed before it. A SAM step before any m (the first step) is a plain step; a parameter of S without
     a moment yet is not perturbed. Its radius is much larger than SAM's in the paper (rho = 3 for ViT on ImageNet);
     sweep it, small models collapse there."""
 
@@ -450,7 +452,7 @@ class MomentumAscent(Ascent):
         self.source: str | None = None  # "optimizer" or "own", once decided (`prepare`)
         self._hooked: tuple[Any, Any] | None = None  # (weakref to the hooked torch optimizer, the hook's handle)
         self._host: Any = None  # weakref to the trainer whose S the hook averages
-        self._cached: tuple[Any, list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None  # this window's e_S
+        self._cached: tuple[Any, Any, Any, Any, Any] | None = None  # this window's (key, m_S, scale, norm, usable)
 
     @classmethod
     def validate(cls, config: Any) -> None:
@@ -549,22 +551,19 @@ class MomentumAscent(Ascent):
         if self._cached is None or self._cached[0] != key:
             moments = self._moments(host, named, shards)
             if moments is None:
-                self._cached = (key, None, None, None)
-            else:
-                steps, norm, finite = momentum_direction(moments, host.args.sam_rho,
-                                                         sum_across=sum_over_shards(params))
-                self._cached = (key, [e.to(t.dtype) for e, t in zip(steps, shards)], norm, finite)  # own m: float32
-        _, cached, norm, finite = self._cached
-        last = host.accelerator.sync_gradients  # the window's last micro-batch: e_S is not needed after its pass
-        if last:
+                self._cached = (key, None, None, None, None)
+            else:  # e_S = scale * m_S, formed by no one: pass_at adds it chunk by chunk (own m: float32, S's dtype)
+                scale, norm, finite = momentum_scale(moments, host.args.sam_rho, sum_across=sum_over_shards(params))
+                self._cached = (key, moments, scale, norm, finite)
+        _, moments, scale, norm, finite = self._cached
+        if host.accelerator.sync_gradients:  # the window's last micro-batch: m is not needed after its pass
             self._cached = None
-        if cached is None:  # no m yet (no optimizer step): a plain step
+        if moments is None:  # no m yet (no optimizer step): a plain step
             loss = host.pass_at([], [], model, inputs, num_items_in_batch)
             host.record_plain_step()
             return loss
-        steps = cached if last else list(cached)  # pass_at clears the list it gets: on the last pass, e_S is freed
-        del cached
-        loss = host.pass_at(params, steps, model, inputs, num_items_in_batch)
+        # a copy of the list: pass_at clears the one it gets, and m itself is only read
+        loss = host.pass_at(params, list(moments), model, inputs, num_items_in_batch, scale=scale)
         # ||e_S|| is rho by construction (0 where m is unusable), over the whole of S: no norm of this process's shards
         host.record_sam_step(None, loss, norm, finite, e_norm=finite * host.args.sam_rho)
         return loss

@@ -70,8 +70,10 @@ class AscentHost(Protocol):
         ...
 
     def pass_at(self, tensors: list[torch.Tensor], steps: list[torch.Tensor], model: nn.Module,
-                inputs: dict[str, Any], num_items_in_batch: Any, after_pass_one: bool = False) -> torch.Tensor:
-        """The base class's step at `tensors + steps` (`steps` consumed), `tensors` restored bit-exactly; its loss."""
+                inputs: dict[str, Any], num_items_in_batch: Any, after_pass_one: bool = False,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The base class's step at `tensors + steps` (`steps` consumed; with a 0-dim `scale`, at `tensors + scale *
+        steps`, none where it is 0), `tensors` restored bit-exactly; its loss."""
         ...
 
     def record_sam_step(self, clean: torch.Tensor | None, perturbed: torch.Tensor, norm: torch.Tensor,

@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 
 _NORM_CHUNK = 2**20  # elements: the CPU widens one bf16/fp16 piece at a time to float32 (4 MiB), never a tensor
+_ADD_CHUNK = 2**17  # elements: a scaled perturbation is added one chunk (512 KiB of float32) at a time, in the cache
 
 
 def _norm_pieces(t: torch.Tensor) -> list[torch.Tensor]:
@@ -106,8 +107,19 @@ def momentum_direction(
 
     As in `ascent_direction`, everything stays on the device: a non-finite or zero m_S gives e_S = 0 (counted in
     `sam/skipped`). `moments` are not modified. `sum_across`: the sum over the processes holding shards (FSDP2)."""
-    norm, usable, scale = _norm_scale(moments, -rho, sum_across)
+    scale, norm, usable = momentum_scale(moments, rho, sum_across)
     return _zero_unless(usable, torch._foreach_mul(moments, scale)), norm, usable  # -rho m / ||m||, new tensors
+
+
+@torch.no_grad()
+def momentum_scale(
+    moments: list[torch.Tensor], rho: float, sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The factor s of Momentum-SAM's e_S = s * m_S: -rho / ||m_S|| where m_S is usable (finite and non-zero), 0 where
+    not; with ||m_S|| and whether it is usable, all on the device. `Perturbation.apply(params, moments, scale=s)`
+    perturbs by it without forming e_S (`momentum_direction` forms it)."""
+    norm, usable, scale = _norm_scale(moments, -rho, sum_across)
+    return torch.where(usable, scale, 0.0), norm, usable  # 0: no perturbation (m * 0 may be NaN: never formed)
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
@@ -182,7 +194,8 @@ def random_direction(
 class Perturbation:
     """An ascent step applied in place, with the saved values that undo it bit-exactly (w + e - e != w in floats).
 
-    Use `Perturbation.apply(params, e)`, then `restore()` (idempotent) in a `finally`.
+    Use `Perturbation.apply(params, e)` (or `apply(params, d, scale=s)` for e = s * d), then `restore()` (idempotent)
+    in a `finally`.
 
     On the CPU the backup's storage is kept after `restore()` and reused by the next `apply()` on tensors of the same
     shapes, dtypes and devices (the selection S, every micro-batch): a fresh copy is memory that glibc's allocator may
@@ -199,9 +212,31 @@ class Perturbation:
 
     @classmethod
     @torch.no_grad()
-    def apply(cls, params: list[torch.Tensor], steps: list[torch.Tensor]) -> Perturbation:
-        """Add `steps` to `params` in place."""
-        backup = cls._spare.pop(_layout(params), None) if _kept_on_restore(params) else None
+    def apply(cls, params: list[torch.Tensor], steps: list[torch.Tensor], scale: torch.Tensor | None = None
+              ) -> Perturbation:
+        """Add `steps` to `params` in place.
+
+        Args:
+            params (`list[torch.Tensor]`): the tensors to perturb.
+            steps (`list[torch.Tensor]`): e, one tensor per tensor of `params`; with `scale`, the directions d that e is
+                made from (not modified).
+            scale (`torch.Tensor`, *optional*): a 0-dim factor (e.g. `momentum_scale`'s): e = `(d * scale)` in the
+                parameter's dtype, rounded as that formula (the product, then the parameter's dtype, then the sum), and
+                e = 0 where `scale` is 0 (d may then be non-finite). On the CPU e is never formed (`_backup_and_add_`)
+                and a zero scale perturbs nothing (the pass runs at w, nothing to restore).
+        """
+        on_cpu = _kept_on_restore(params)
+        if scale is not None and on_cpu and scale.device.type == "cpu":
+            if float(scale) == 0.0:  # a host read, free on the CPU
+                return cls(params=params)
+            backup = cls._spare.pop(_layout(params), None)
+            if backup is None:
+                backup = [torch.empty_like(p) for p in params]
+            _backup_and_add_(params, steps, scale, backup)
+            return cls(params=params, backup=backup)
+        if scale is not None and params:  # on the device: e formed (no host synchronisation), 0 where scale is
+            steps = [e.to(p.dtype) for e, p in zip(_zero_unless(scale != 0, torch._foreach_mul(steps, scale)), params)]
+        backup = cls._spare.pop(_layout(params), None) if on_cpu else None
         if backup is None:
             backup = [p.detach().clone() for p in params]
         else:
@@ -219,6 +254,40 @@ class Perturbation:
                 Perturbation._spare.clear()  # a backup of an earlier selection is freed
                 Perturbation._spare[_layout(self.params)] = self.backup
             self.backup = []
+
+
+@torch.no_grad()
+def _backup_and_add_(params: list[torch.Tensor], directions: list[torch.Tensor], scale: torch.Tensor,
+                     backup: list[torch.Tensor]) -> None:
+    """`backup <- params`, then `params += (directions * scale).to(dtype)`, one chunk of `_ADD_CHUNK` elements at a
+    time: the chunk of S the copy reads is still in the cache for the add, and e is formed in a scratch chunk (one per
+    dtype) that stays there, so S is read once and written once, d read once, and nothing of S's size is allocated.
+    The rounding is the formula's: the product is written to the scratch in S's dtype, then added. If it is
+    interrupted (an exception between two chunks, e.g. a KeyboardInterrupt), the chunks already perturbed are
+    restored before it propagates."""
+    scratch: dict[torch.dtype, torch.Tensor] = {}
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (chunk of S, its backup), restored if interrupted
+    try:
+        for p, d, b in zip(params, directions, backup):
+            if not (p.is_contiguous() and d.is_contiguous() and b.is_contiguous() and d.shape == p.shape):
+                b.copy_(p)
+                done.append((p, b))
+                p.add_(torch.mul(d, scale).to(p.dtype))  # a strided tensor: e formed for it alone
+                continue
+            if p.dtype not in scratch:
+                size = max(t.numel() for t in params if t.dtype == p.dtype)
+                scratch[p.dtype] = torch.empty(min(_ADD_CHUNK, size), dtype=p.dtype, device=p.device)
+            for pc, dc, bc in zip(p.view(-1).split(_ADD_CHUNK), d.view(-1).split(_ADD_CHUNK),
+                                  b.view(-1).split(_ADD_CHUNK)):
+                bc.copy_(pc)
+                done.append((pc, bc))
+                e = scratch[p.dtype][: pc.numel()]
+                torch.mul(dc, scale, out=e)  # d * scale, rounded to S's dtype as `(d * scale).to(dtype)`
+                pc.add_(e)
+    except BaseException:
+        for pc, bc in done:
+            pc.copy_(bc)
+        raise
 
 
 def _kept_on_restore(params: list[torch.Tensor]) -> bool:

@@ -429,7 +429,8 @@ class LWSAMMixin:
 
     # ---------------------------------------------------------------------------------------- the perturbed pass
     def pass_at(self, tensors: list[torch.Tensor], steps: list[torch.Tensor], model: nn.Module,
-                inputs: dict[str, Any], num_items_in_batch: Any, after_pass_one: bool = False) -> torch.Tensor:
+                inputs: dict[str, Any], num_items_in_batch: Any, after_pass_one: bool = False,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
         """The base class's step (one forward and backward, into `.grad`) at `tensors + steps`, with `tensors` restored
         bit-exactly afterwards, also when the step raises. Every ascent's perturbed pass runs here; `pass_at([], [],
         ...)` is exactly the base step.
@@ -445,6 +446,9 @@ class LWSAMMixin:
                 `ascent_gradient`: it draws pass 1's random state, replays pass 1's kept activations, keeps the
                 running statistics as pass 1 left them, and undoes what its `compute_loss` records as a side effect
                 (metrics and token counts come from the clean pass 1).
+            scale (`torch.Tensor`, *optional*): a 0-dim factor: the step is `steps * scale` (in each tensor's dtype),
+                and none where it is 0 (`steps` may then be non-finite); `steps` are then only read, and on the CPU
+                their product is never formed (Momentum-SAM: m_S and -rho / ||m_S||, `sam.momentum_scale`).
 
         Returns:
             `torch.Tensor`: the loss the base step returns (at the perturbed point).
@@ -461,7 +465,7 @@ class LWSAMMixin:
             if reuse is not None:
                 reuse.replay()
         try:
-            perturbation = Perturbation.apply(tensors, steps)
+            perturbation = Perturbation.apply(tensors, steps, scale)
             steps.clear()  # the caller's list: free e before the pass
             try:
                 with (self._inputs_already_prepared(),

@@ -104,17 +104,31 @@ def test_a_non_finite_moment_skips_the_perturbation_and_is_counted(sgd_args):
             trainer.optimizer.state[selected]["exp_avg"].fill_(float("inf"))
 
     trainer.add_callback(Overflow())
-    original, perturbations = trainer.pass_at, []
-
-    def recording(tensors, steps, *args, **kwargs):
-        perturbations.append([float(s.abs().sum()) for s in steps])
-        return original(tensors, steps, *args, **kwargs)
-
-    trainer.pass_at = recording
+    perturbations = []  # |w_S + e - w_S| per tensor of S as each pass's forward sees it
+    watch_passes(trainer, model, lambda tensors, before: perturbations.append(
+        [float((t.detach() - w).abs().sum()) for t, w in zip(tensors, before)]))
     trainer.train()
     assert perturbations[:2] == [[], []] and perturbations[2] and not any(perturbations[2] + perturbations[3])
     logs = [e for e in trainer.state.log_history if "sam/sam_steps" in e]
     assert logs[1]["sam/skipped"] == 2.0 and logs[1]["sam/e_norm"] == 0.0  # both micro-batches of step 1
+
+
+def watch_passes(trainer: LWSAMTrainer, model: torch.nn.Module, at_forward) -> None:
+    """Wrap `trainer.pass_at`: `at_forward(tensors, before)` runs at the start of each pass's forward (`tensors`
+    perturbed, `before` their values before the pass), and the tensors are checked restored bit-exactly after it."""
+    original = trainer.pass_at
+
+    def watched(tensors, steps, *args, **kwargs):
+        before = [t.detach().clone() for t in tensors]
+        handle = model.register_forward_pre_hook(lambda *_: at_forward(tensors, before))
+        try:
+            loss = original(tensors, steps, *args, **kwargs)
+        finally:
+            handle.remove()
+        assert all(torch.equal(t, w) for t, w in zip(tensors, before))
+        return loss
+
+    trainer.pass_at = watched
 
 
 def test_momentum_ascent_resumes_exactly(sgd_args, tmp_path):
@@ -153,9 +167,9 @@ def test_momentum_ascent_under_lora_perturbs_the_adapters(sgd_args):
     seen: list[list[str]] = []
     original = trainer.pass_at
 
-    def recording(tensors, steps, *args, **kwargs):
-        seen.append([float(s.norm()) for s in steps])
-        return original(tensors, steps, *args, **kwargs)
+    def recording(tensors, steps, *args, scale=None, **kwargs):
+        seen.append([float(s.float().norm() * (1.0 if scale is None else abs(float(scale)))) for s in steps])  # ||e||
+        return original(tensors, steps, *args, scale=scale, **kwargs)
 
     trainer.pass_at = recording
     trainer.train()
