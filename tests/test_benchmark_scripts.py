@@ -22,6 +22,20 @@ def _run(*args: str, timeout: int) -> str:
     return done.stdout
 
 
+def test_throughput_benchmark_times_adamw_and_the_recommended_mode_side_by_side(tmp_path):
+    out = tmp_path / "t.json"
+    stdout = _run("scripts/benchmark_throughput.py", "--seq_len", "32", "--batch", "2", "--rounds", "2", "--steps", "4",
+                  "--warmup", "1", "--methods", "^adamw$", "^free preset$", "--json", str(out), timeout=300)
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["results"]] == ["adamw", "free preset"]
+    assert result["rounds"] == 2 and all(r["tokens_per_s"] > 0 for r in result["results"])
+    adamw, free = result["results"]
+    assert adamw["ratio_to_adamw"] == 1.0
+    assert free["ratio_to_adamw"] == pytest.approx(adamw["ms_per_step"] / free["ms_per_step"])
+    assert "| free preset |" in stdout
+
+
+@pytest.mark.slow  # every method (or a fresh process per method) end to end: 10-30 s
 def test_throughput_benchmark_runs_every_method_and_writes_json(tmp_path):
     out = tmp_path / "t.json"
     stdout = _run("scripts/benchmark_throughput.py", "--seq_len", "32", "--batch", "2", "--k", "1", "--rounds", "1",
@@ -42,6 +56,7 @@ def test_throughput_benchmark_runs_every_method_and_writes_json(tmp_path):
     assert "| LW-SAM k=1 reuse |" in stdout
 
 
+@pytest.mark.slow  # every method (or a fresh process per method) end to end: 10-30 s
 def test_throughput_benchmark_memory_column_from_a_fresh_process_per_method(tmp_path):
     out = tmp_path / "t.json"
     stdout = _run("scripts/benchmark_throughput.py", "--seq_len", "32", "--batch", "2", "--k", "1", "--rounds", "1",
@@ -56,6 +71,7 @@ def test_throughput_benchmark_memory_column_from_a_fresh_process_per_method(tmp_
     assert "| free preset |" in stdout
 
 
+@pytest.mark.slow  # every method (or a fresh process per method) end to end: 10-30 s
 def test_throughput_benchmark_runs_inside_trl_sft(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "t.json"
