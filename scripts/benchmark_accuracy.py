@@ -742,7 +742,8 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
             if name != ref_name and len(both) > 1:
                 d = paired_difference([ref[r["seed"]]["test"]["accuracy"] for r in both],
                                       [r["test"]["accuracy"] for r in both])
-                points.append(dict(task=task.name, method=name, gain=d.mean, lo=d.lo, hi=d.hi))
+                points.append(dict(task=task.name, method=figure_label(name, chosen.get(name)), gain=d.mean, lo=d.lo,
+                                   hi=d.hi))
         for name, why in info["not_applicable"].items():
             lines.append(f"| {task.name} | {name} | - | 0 | not applicable: {why.split('. ')[0]} | - | - |")
     grid = ", ".join(f"{opt} lr {list(lrs)} {args or ''}".strip() for opt, (args, lrs) in PLAIN_OPTIMIZERS.items())
@@ -762,6 +763,15 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
     write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot_gains(points, path), ctx["log"])
 
 
+def figure_label(name: str, rho: Any) -> str:
+    """A row of the baseline report as the figure names it: what it ran on, and its rho. Rows without 'on reference'
+    train on the suite's AdamW; 'full momentum' is the free preset's options there."""
+    shown = {"adamw": "AdamW (the suite's)", "full momentum": "free preset's options"}.get(name, name)
+    if name != "adamw" and not name.endswith(" on reference"):
+        shown += " on the suite's AdamW"
+    return shown if rho in (None, "-") else f"{shown}, rho {rho}"
+
+
 def plot_gains(points: list[dict], path: Path) -> None:
     """The paired test-accuracy gain over the reference (points, 95% t interval) per method, one panel per task."""
     import matplotlib
@@ -770,7 +780,7 @@ def plot_gains(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(p["task"] for p in points)) or ["(no runs)"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         shown = [p for p in points if p["task"] == task]
         for i, p in enumerate(shown):
@@ -779,7 +789,7 @@ def plot_gains(points: list[dict], path: Path) -> None:
         ax.set_yticks(range(len(shown)), [p["method"] for p in shown], fontsize=7)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_xlabel("test accuracy gain over the reference, points (95% CI)")
-        ax.set_title(task)
+        ax.set_title(f"{task}: gain over the best plain configuration (reference)", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
