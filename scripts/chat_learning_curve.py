@@ -50,15 +50,18 @@ TASK = "chat-noise40"
 
 
 class Curve(TrainerCallback):
-    """Scores the validation chats every `every` optimizer steps (and before the first)."""
+    """Scores the validation chats every `every` optimizer steps (and before the first); with `partial`, the points so
+    far are written there after each one (`"partial": true`), so a run stopped midway keeps its curve."""
 
-    def __init__(self, score, every: int):
-        self.score_fn, self.every, self.points = score, every, []
+    def __init__(self, score, every: int, partial: Path | None = None, about: dict | None = None):
+        self.score_fn, self.every, self.points, self.partial, self.about = score, every, [], partial, about or {}
 
     def score(self, model, step: int) -> None:
         start = time.perf_counter()
         point = dict(step=step, **self.score_fn(model), score_s=time.perf_counter() - start)
         self.points.append(point)
+        if self.partial is not None:
+            self.partial.write_text(json.dumps(dict(self.about, partial=True, curve=self.points), indent=1))
         print(f"step {step:4d}: validation answer accuracy {point['accuracy']:.3f}, answer NLL "
               f"{point['answer_nll']:.3f}, most frequent answer {point['top_answer_share']:.2f}", flush=True)
 
@@ -204,19 +207,21 @@ def main() -> None:
 
         from hf_lwsam.data import smollm2_path
 
-        curve = Curve(scorer(AutoTokenizer.from_pretrained(smollm2_path()), chats["validation"], a.bf16), a.every)
+        suffix = "_bf16" * a.bf16 + "_padding_free" * a.padding_free + f"_{a.steps}"
+        path = out / f"chat_learning_curve_{a.method.replace(' ', '_')}{suffix}.json"
+        about = dict(method=a.method, rho=a.rho if METHODS[a.method] else None, seed=a.seed, steps=a.steps, config=hp,
+                     machine=MACHINE)
+        curve = Curve(scorer(AutoTokenizer.from_pretrained(smollm2_path()), chats["validation"], a.bf16), a.every,
+                      partial=path, about=about)
         trainer, recipe = trainer_for(hp, chats, a.seed, out, a.steps, METHODS[a.method], a.rho, [curve])
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
         scoring = sum(point["score_s"] for point in curve.points)
-        result = dict(method=a.method, rho=a.rho if METHODS[a.method] else None, seed=a.seed, steps=a.steps,
-                      config=hp, machine=MACHINE, threads=torch.get_num_threads(), train_s=wall - scoring,
+        result = dict(about, threads=torch.get_num_threads(), train_s=wall - scoring,
                       scoring_s=scoring, validation_label_shares={k: v / len(chats["validation"]) for k, v in sorted(
                           Counter(chats["validation"]["label"]).items())},
                       curve=curve.points, **recipe.after(trainer))
-        suffix = "_bf16" * a.bf16 + "_padding_free" * a.padding_free + f"_{a.steps}"
-        path = out / f"chat_learning_curve_{a.method.replace(' ', '_')}{suffix}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -436,6 +436,7 @@ def test_chat_learning_curve_scores_every_step(tmp_path):
          "--out", str(tmp_path), timeout=1200)
     result = json.loads((tmp_path / "chat_learning_curve_adamw_bf16_padding_free_2.json").read_text())
     assert [p["step"] for p in result["curve"]] == [0, 1, 2] and result["config"]["train"] == 16
+    assert "partial" not in result  # the points written after each score are replaced by the finished run
     assert result["config"]["bf16"] and result["config"]["padding_free"] and result["forgetting"]["nll_after"] > 0
     assert all(0 <= p["accuracy"] <= 1 and p["answer_nll"] > 0 and 1 / 3 <= p["top_answer_share"] <= 1
                for p in result["curve"])
