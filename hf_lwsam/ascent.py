@@ -433,12 +433,13 @@ class MomentumAscent(Ascent):
     changes (a probe). With AdamW and beta = beta1 both give the same updates. m is identical on every process (DDP
     all-reduces g), so no communication; under FSDP2 each process holds a shard of m and the norm is one all-reduce.
 
-    e_S = s m_S is never formed on the CPU: its factor s = -rho / ||m_S|| is computed once per optimizer step, on the
-    window's first micro-batch (m only changes at the optimizer step), and every micro-batch adds s m_S to S a chunk
-    at a time (`Perturbation.apply`), rounded as `(m_S * s).to(S's dtype)`; on a GPU e_S is formed for each pass and
-    freed before it. A SAM step before any m (the first step) is a plain step; a parameter of S without
-    a moment yet is not perturbed. Its radius is much larger than SAM's in the paper (rho = 3 for ViT on ImageNet);
-    sweep it, small models collapse there."""
+    e_S = s m_S is never formed on its own: its factor s = -rho / ||m_S|| is computed once per optimizer step, on the
+    window's first micro-batch (m only changes at the optimizer step), and every micro-batch writes w + s m_S,
+    rounded as `w + (m_S * s).to(S's dtype)`, into a buffer swapped in as S's storage for the pass
+    (`Perturbation.apply`; in place with a backup where S's tensors are views, as FSDP2's shards are). The buffer is
+    kept between steps on the CPU, freed after each pass on a GPU. A SAM step before any m (the first step) is a plain
+    step; a parameter of S without a moment yet is not perturbed. Its radius is much larger than SAM's in the paper
+    (rho = 3 for ViT on ImageNet); sweep it, small models collapse there."""
 
     name = "momentum"
     help = ("Momentum-SAM: -sam_rho * m / ||m||, m the optimizer's first moment (Adam/AdamW exp_avg, SGD "
@@ -552,7 +553,7 @@ class MomentumAscent(Ascent):
             moments = self._moments(host, named, shards)
             if moments is None:
                 self._cached = (key, None, None, None, None)
-            else:  # e_S = scale * m_S, formed by no one: pass_at adds it chunk by chunk (own m: float32, S's dtype)
+            else:  # e_S = scale * m_S, formed by no one: pass_at writes w + e_S (own m: float32, S's dtype)
                 scale, norm, finite = momentum_scale(moments, host.args.sam_rho, sum_across=sum_over_shards(params))
                 self._cached = (key, moments, scale, norm, finite)
         _, moments, scale, norm, finite = self._cached

@@ -27,7 +27,6 @@ from typing import ClassVar
 import torch
 
 _NORM_CHUNK = 2**20  # elements: the CPU widens one bf16/fp16 piece at a time to float32 (4 MiB), never a tensor
-_ADD_CHUNK = 2**17  # elements: a scaled perturbation is added one chunk (512 KiB of float32) at a time, in the cache
 
 
 def _norm_pieces(t: torch.Tensor) -> list[torch.Tensor]:
@@ -98,26 +97,13 @@ def _zero_unless(usable: torch.Tensor, steps: list[torch.Tensor]) -> list[torch.
 
 
 @torch.no_grad()
-def momentum_direction(
-    moments: list[torch.Tensor], rho: float, sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Momentum-SAM's e_S = -rho * m_S / ||m_S|| for the first moments `moments` of S, ||m_S||, and whether e_S is
-    usable. The sign is the reference code's (`p.sub_(exp_avg, alpha=rho / ||exp_avg||)`): the perturbation points
-    along the optimizer's own next step, -m.
-
-    As in `ascent_direction`, everything stays on the device: a non-finite or zero m_S gives e_S = 0 (counted in
-    `sam/skipped`). `moments` are not modified. `sum_across`: the sum over the processes holding shards (FSDP2)."""
-    scale, norm, usable = momentum_scale(moments, rho, sum_across)
-    return _zero_unless(usable, torch._foreach_mul(moments, scale)), norm, usable  # -rho m / ||m||, new tensors
-
-
-@torch.no_grad()
 def momentum_scale(
     moments: list[torch.Tensor], rho: float, sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The factor s of Momentum-SAM's e_S = s * m_S: -rho / ||m_S|| where m_S is usable (finite and non-zero), 0 where
-    not; with ||m_S|| and whether it is usable, all on the device. `Perturbation.apply(params, moments, scale=s)`
-    perturbs by it without forming e_S (`momentum_direction` forms it)."""
+    not; with ||m_S|| and whether it is usable, all on the device. The sign is the reference code's
+    (`p.sub_(exp_avg, alpha=rho / ||exp_avg||)`): the perturbation points along the optimizer's own next step, -m.
+    `Perturbation.apply(params, moments, scale=s)` perturbs by e_S = s m_S without forming it on its own."""
     norm, usable, scale = _norm_scale(moments, -rho, sum_across)
     return torch.where(usable, scale, 0.0), norm, usable  # 0: no perturbation (m * 0 may be NaN: never formed)
 
@@ -192,109 +178,122 @@ def random_direction(
 
 @dataclass
 class Perturbation:
-    """An ascent step applied in place, with the saved values that undo it bit-exactly (w + e - e != w in floats).
+    """An ascent step applied to `params`, with what undoes it bit-exactly (w + e - e != w in floats).
 
     Use `Perturbation.apply(params, e)` (or `apply(params, d, scale=s)` for e = s * d), then `restore()` (idempotent)
-    in a `finally`.
+    in a `finally`. Two ways, chosen per call:
 
-    On the CPU the backup's storage is kept after `restore()` and reused by the next `apply()` on tensors of the same
-    shapes, dtypes and devices (the selection S, every micro-batch): a fresh copy is memory that glibc's allocator may
-    have given back to the system (always for a block of 32 MiB or more), whose pages then fault in again at every
-    micro-batch. One backup, of the last S perturbed, is kept (S's size, also after training); a perturbation
-    applied while another is active, or on another selection, allocates its own. CUDA tensors are cloned: the
-    caching allocator already reuses the block, and a kept one would hold S's size of GPU memory between steps.
+    - **swapped** (every tensor an `nn.Parameter` that no other tensor aliases: not a view, its storage shared with
+      nothing, e.g. the model's own weights): w + e is written into a buffer of S's size and swapped in as each
+      parameter's `.data`; `restore()` swaps w's storage back. w is never written, nothing is copied back: S is read
+      once and w + e written once (3 passes over S, against 7 for a backup, an add and a copy back).
+    - **in place** (anything else, e.g. FSDP2's local shards, views of the storage it all-gathers from): w is copied
+      to a backup, e is added in place, the backup is copied back.
+
+    On the CPU the buffer of S's size (the swapped-in w + e, or the backup) is kept after `restore()` and reused by the
+    next `apply()` on tensors of the same shapes, dtypes and devices (the selection S, every micro-batch): a fresh one
+    is memory that glibc's allocator may have given back to the system (always for a block of 32 MiB or more), whose
+    pages then fault in again at every micro-batch. One buffer, of the last S perturbed, is kept (S's size, also after
+    training); a perturbation applied while another is active, or on another selection, allocates its own. On a GPU
+    the caching allocator already reuses the block, and a kept one would hold S's size of GPU memory between steps.
     """
 
     params: list[torch.Tensor]
-    backup: list[torch.Tensor] = field(default_factory=list)
+    backup: list[torch.Tensor] = field(default_factory=list)  # what restore() puts back: w (swapped) or a copy of w
+    swapped: list[torch.Tensor] = field(default_factory=list)  # the swapped-in w + e (swapped only)
 
-    _spare: ClassVar[dict[tuple, list[torch.Tensor]]] = {}  # at most one entry: layout of S -> its kept backup
+    _spare: ClassVar[dict[tuple, list[torch.Tensor]]] = {}  # at most one entry: layout of S -> its kept buffer
 
     @classmethod
     @torch.no_grad()
     def apply(cls, params: list[torch.Tensor], steps: list[torch.Tensor], scale: torch.Tensor | None = None
               ) -> Perturbation:
-        """Add `steps` to `params` in place.
+        """Perturb `params` by `steps`.
 
         Args:
             params (`list[torch.Tensor]`): the tensors to perturb.
             steps (`list[torch.Tensor]`): e, one tensor per tensor of `params`; with `scale`, the directions d that e is
-                made from (not modified).
+                made from. Only read.
             scale (`torch.Tensor`, *optional*): a 0-dim factor (e.g. `momentum_scale`'s): e = `(d * scale)` in the
                 parameter's dtype, rounded as that formula (the product, then the parameter's dtype, then the sum), and
-                e = 0 where `scale` is 0 (d may then be non-finite). On the CPU e is never formed (`_backup_and_add_`)
-                and a zero scale perturbs nothing (the pass runs at w, nothing to restore).
+                e = 0 where `scale` is 0 (d may then be non-finite). Swapped, e is never formed on its own: the
+                product is written into the buffer that then receives w + e; on the CPU a zero scale perturbs nothing
+                (the pass runs at w, nothing to restore).
         """
-        on_cpu = _kept_on_restore(params)
-        if scale is not None and on_cpu and scale.device.type == "cpu":
-            if float(scale) == 0.0:  # a host read, free on the CPU
-                return cls(params=params)
-            backup = cls._spare.pop(_layout(params), None)
-            if backup is None:
-                backup = [torch.empty_like(p) for p in params]
-            _backup_and_add_(params, steps, scale, backup)
-            return cls(params=params, backup=backup)
-        if scale is not None and params:  # on the device: e formed (no host synchronisation), 0 where scale is
+        if not params:  # nothing to perturb (e.g. a step before any moment): the pass runs at w
+            return cls(params=params)
+        kept = _kept_on_restore(params)
+        if scale is not None and kept and scale.device.type == "cpu" and float(scale) == 0.0:  # a free host read
+            return cls(params=params)
+        buffer = cls._spare.pop(_layout(params), None) if kept else None
+        if buffer is not None and not all(_unaliased(b, owner=1) for b in buffer):
+            buffer = None  # something still holds the kept buffer (e.g. a retained graph): never written over
+        if buffer is None:
+            buffer = [torch.empty_like(p) for p in params]
+        if all(_swappable(p) for p in params):
+            for p, d, out in zip(params, steps, buffer):
+                _add_into(out, p, d, scale)  # w + e, w only read
+            backup = [p.data for p in params]  # w's storage, swapped back by restore()
+            for p, out in zip(params, buffer):
+                p.data = out
+            return cls(params=params, backup=backup, swapped=buffer)
+        if scale is not None:  # e formed, 0 where scale is (no host synchronisation)
             steps = [e.to(p.dtype) for e, p in zip(_zero_unless(scale != 0, torch._foreach_mul(steps, scale)), params)]
-        backup = cls._spare.pop(_layout(params), None) if on_cpu else None
-        if backup is None:
-            backup = [p.detach().clone() for p in params]
-        else:
-            torch._foreach_copy_(backup, params)
-        if params:  # nothing to perturb (e.g. a step before any moment): the pass runs at w
-            torch._foreach_add_(params, steps)
-        return cls(params=params, backup=backup)
+        torch._foreach_copy_(buffer, params)
+        torch._foreach_add_(params, steps)
+        return cls(params=params, backup=buffer)
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the saved values back; a no-op the second time."""
-        if self.backup:
+        """Put w back (swap its storage back, or copy the backup); a no-op the second time."""
+        if not self.backup:
+            return
+        if self.swapped:
+            for p, w in zip(self.params, self.backup):
+                p.data = w
+            kept = self.swapped
+        else:
             torch._foreach_copy_(self.params, self.backup)
-            if _kept_on_restore(self.params):
-                Perturbation._spare.clear()  # a backup of an earlier selection is freed
-                Perturbation._spare[_layout(self.params)] = self.backup
-            self.backup = []
+            kept = self.backup
+        if _kept_on_restore(self.params):
+            Perturbation._spare.clear()  # a buffer of an earlier selection is freed
+            Perturbation._spare[_layout(self.params)] = kept
+        self.backup, self.swapped = [], []
 
 
-@torch.no_grad()
-def _backup_and_add_(params: list[torch.Tensor], directions: list[torch.Tensor], scale: torch.Tensor,
-                     backup: list[torch.Tensor]) -> None:
-    """`backup <- params`, then `params += (directions * scale).to(dtype)`, one chunk of `_ADD_CHUNK` elements at a
-    time: the chunk of S the copy reads is still in the cache for the add, and e is formed in a scratch chunk (one per
-    dtype) that stays there, so S is read once and written once, d read once, and nothing of S's size is allocated.
-    The rounding is the formula's: the product is written to the scratch in S's dtype, then added. If it is
-    interrupted (an exception between two chunks, e.g. a KeyboardInterrupt), the chunks already perturbed are
-    restored before it propagates."""
-    scratch: dict[torch.dtype, torch.Tensor] = {}
-    done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (chunk of S, its backup), restored if interrupted
-    try:
-        for p, d, b in zip(params, directions, backup):
-            if not (p.is_contiguous() and d.is_contiguous() and b.is_contiguous() and d.shape == p.shape):
-                b.copy_(p)
-                done.append((p, b))
-                p.add_(torch.mul(d, scale).to(p.dtype))  # a strided tensor: e formed for it alone
-                continue
-            if p.dtype not in scratch:
-                size = max(t.numel() for t in params if t.dtype == p.dtype)
-                scratch[p.dtype] = torch.empty(min(_ADD_CHUNK, size), dtype=p.dtype, device=p.device)
-            for pc, dc, bc in zip(p.view(-1).split(_ADD_CHUNK), d.view(-1).split(_ADD_CHUNK),
-                                  b.view(-1).split(_ADD_CHUNK)):
-                bc.copy_(pc)
-                done.append((pc, bc))
-                e = scratch[p.dtype][: pc.numel()]
-                torch.mul(dc, scale, out=e)  # d * scale, rounded to S's dtype as `(d * scale).to(dtype)`
-                pc.add_(e)
-    except BaseException:
-        for pc, bc in done:
-            pc.copy_(bc)
-        raise
+def _add_into(out: torch.Tensor, w: torch.Tensor, d: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """`out <- w + e`, e = d (`scale` None) or `(d * scale).to(w.dtype)`, 0 where `scale` is 0, rounded as `w.add_(e)`
+    would round it (addition commutes bit for bit)."""
+    if scale is None:
+        torch.add(w, d, out=out)
+        return
+    torch.mul(d, scale, out=out)  # e in w's dtype, formed where w + e goes
+    if out.device.type != "cpu":  # the CPU returned before for a zero scale; a device decides without a host read
+        out.masked_fill_(scale == 0, 0.0)  # d * 0 may be NaN
+    out.add_(w)
+
+
+def _swappable(t: torch.Tensor) -> bool:
+    """Whether perturbing `t` by swapping its storage is the same as perturbing it in place: an `nn.Parameter` itself
+    (not a subclass such as a DTensor) whose storage no other tensor shares (no view of it, no alias), so every reader
+    of w reads the parameter."""
+    return type(t) is torch.nn.Parameter and not t._is_view() and _unaliased(t, owner=1)
+
+
+def _unaliased(t: torch.Tensor, owner: int) -> bool:
+    """Whether `t`'s storage is held by `owner` tensors and no more (the storage's use count, less the reference of the
+    Python storage object made to read it); an unknown count is taken as shared."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    return use_count(t.untyped_storage()._cdata) - 1 <= owner
 
 
 def _kept_on_restore(params: list[torch.Tensor]) -> bool:
-    """Whether the backup of `params` is kept for the next perturbation: a non-empty S on the CPU."""
+    """Whether the buffer of `params`' size is kept for the next perturbation: a non-empty S on the CPU."""
     return bool(params) and all(p.device.type == "cpu" for p in params)
 
 
 def _layout(params: list[torch.Tensor]) -> tuple:
-    """What a kept backup must match to be reused: every tensor's shape, dtype and device."""
+    """What a kept buffer must match to be reused: every tensor's shape, dtype and device."""
     return tuple((tuple(p.shape), p.dtype, p.device) for p in params)

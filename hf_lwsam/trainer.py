@@ -447,8 +447,8 @@ class LWSAMMixin:
                 running statistics as pass 1 left them, and undoes what its `compute_loss` records as a side effect
                 (metrics and token counts come from the clean pass 1).
             scale (`torch.Tensor`, *optional*): a 0-dim factor: the step is `steps * scale` (in each tensor's dtype),
-                and none where it is 0 (`steps` may then be non-finite); `steps` are then only read, and on the CPU
-                their product is never formed (Momentum-SAM: m_S and -rho / ||m_S||, `sam.momentum_scale`).
+                and none where it is 0 (`steps` may then be non-finite); `steps` are then only read, and their
+                product is formed only inside w + e (Momentum-SAM: m_S and -rho / ||m_S||, `sam.momentum_scale`).
 
         Returns:
             `torch.Tensor`: the loss the base step returns (at the perturbed point).

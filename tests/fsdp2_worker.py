@@ -30,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 from conftest import shakespeare_lm_dataset, tiny_gpt2, tiny_llama_lora
 from hf_lwsam.ascent import first_moments
 from hf_lwsam.probe import candidate_layers, grad_squared_norms, owned_parameters
-from hf_lwsam.sam import Perturbation, ascent_direction, global_norm, momentum_direction
+from hf_lwsam.sam import Perturbation, ascent_direction, global_norm
 from hf_lwsam.schedule import AscentSchedule
 from hf_lwsam.selection import layer_parameters, select_layers
 from hf_lwsam.sharding import (
@@ -248,7 +248,9 @@ def momentum_steps(out: str, rank: int, mesh) -> None:
         if not all(m is None for m in state):
             shards = local(params)
             moments = [torch.zeros_like(t) if m is None else m for m, t in zip(local(state), shards)]
-            steps, _, _ = momentum_direction(moments, MOMENTUM_RHO, sum_across=all_reduce_sum)
+            # -rho m / ||m||, the norm over every process's shards
+            norm = all_reduce_sum(sum((m.double() ** 2).sum() for m in moments)).sqrt()
+            steps = [(-MOMENTUM_RHO * m.double() / norm).to(m.dtype) for m in moments]
         e_norm = step_at(model, optimizer, shards, steps, batch_of(rank, step))
         if shards:
             e_norms.append(e_norm)

@@ -10,7 +10,7 @@ import torch
 from conftest import shakespeare_lm_dataset, tiny_gpt2, tiny_llama_lora
 from hf_lwsam import LWSAMConfig, LWSAMTrainer
 from hf_lwsam.ascent import ASCENTS, MomentumAscent
-from hf_lwsam.sam import momentum_direction
+from hf_lwsam.sam import Perturbation, momentum_scale
 from test_schedule import assert_resume_is_exact, weights, window_gradient
 from test_update_math import _batches
 
@@ -81,12 +81,18 @@ def test_momentum_ascent_equals_the_formula_over_several_steps(optimizer, select
 def test_the_perturbation_follows_the_reference_sign_and_norm():
     """-rho m / ||m|| over all tensors as one vector (the reference subtracts rho / ||exp_avg|| * exp_avg)."""
     moments = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]
-    steps, norm, usable = momentum_direction(moments, 2.0)
-    assert torch.allclose(steps[0], torch.tensor([-1.2, 0.0])) and torch.allclose(steps[1], torch.tensor([[-1.6]]))
-    assert float(norm) == 5.0 and bool(usable)
-    assert moments[0].tolist() == [3.0, 0.0]  # not modified
-    steps, _, usable = momentum_direction([torch.tensor([float("inf"), 1.0])], 2.0)
-    assert not bool(usable) and steps[0].tolist() == [0.0, 0.0]  # a non-finite moment: e = 0, counted
+    scale, norm, usable = momentum_scale(moments, 2.0)
+    assert float(scale) == pytest.approx(-0.4) and float(norm) == 5.0 and bool(usable)
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1, 1))]
+    perturbation = Perturbation.apply(params, moments, scale=scale)  # w = 0: S becomes e itself
+    assert torch.allclose(params[0], torch.tensor([-1.2, 0.0])) and torch.allclose(params[1], torch.tensor([[-1.6]]))
+    perturbation.restore()
+    assert moments[0].tolist() == [3.0, 0.0] and params[0].tolist() == [0.0, 0.0]  # m only read, w restored
+    moments = [torch.tensor([float("inf"), 1.0])]
+    scale, _, usable = momentum_scale(moments, 2.0)
+    perturbation = Perturbation.apply(params[:1], moments, scale=scale)
+    assert not bool(usable) and float(scale) == 0.0 and params[0].tolist() == [0.0, 0.0]  # e = 0, counted
+    perturbation.restore()
 
 
 def test_a_non_finite_moment_skips_the_perturbation_and_is_counted(sgd_args):

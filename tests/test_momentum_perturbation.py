@@ -1,9 +1,9 @@
-"""Momentum-SAM's perturbation without forming e_S: `Perturbation.apply(S, m, scale=s)` adds e = s m to S (s =
--rho / ||m||, `momentum_scale`), on the CPU one chunk at a time into a kept backup. Checked bit for bit against the
-formula `S + (m * s).to(S.dtype)` (the former path, e formed by `momentum_direction`) and against -rho m / ||m|| in
-float64; a non-finite m perturbs nothing; an interrupted perturbation and a failing pass leave S as it was; no tensor
-of S's size is allocated once the backup is kept; a bf16 model with its own float32 average is perturbed by the
-formula inside the trainer."""
+"""Momentum-SAM's perturbation without forming e_S: `Perturbation.apply(S, m, scale=s)` perturbs S by e = s m (s =
+-rho / ||m||, `momentum_scale`), swapping w + e in as the storage of parameters that own theirs, in place with a backup
+for views. Checked bit for bit against the formula `S + (m * s).to(S.dtype)` computed here, and against -rho m / ||m||
+in float64; a non-finite m perturbs nothing; a failing perturbation and a failing pass leave S as it was; no tensor of
+S's size is allocated once the buffer is kept; a bf16 model with its own float32 average is perturbed by the formula
+inside the trainer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from conftest import shakespeare_lm_dataset, tiny_gpt2
 from hf_lwsam import LWSAMTrainer
-from hf_lwsam.sam import _ADD_CHUNK, Perturbation, momentum_direction, momentum_scale
+from hf_lwsam.sam import Perturbation, momentum_scale
 from test_momentum import watch_passes
 from test_sam_memory import allocations, nbytes
 
@@ -29,32 +29,41 @@ def no_kept_backup():
     Perturbation._spare.clear()
 
 
-def _s_and_m(dtype: torch.dtype, m_dtype: torch.dtype, device: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """S: a tensor of several chunks with a partial last one, a small one, and a strided (transposed) one; m: moments
-    large enough that w + e rounds away low bits of w."""
+def _s_and_m(dtype: torch.dtype, m_dtype: torch.dtype, device: str, views: bool = False
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """S: a large tensor, a small one and a strided (transposed) one, parameters of their own or (`views`) views of
+    them; m: moments large enough that w + e rounds away low bits of w."""
     generator = torch.Generator().manual_seed(0)
     shapes = [(300, 500), (70,), (48, 32)]
-    assert 300 * 500 > _ADD_CHUNK and 300 * 500 % _ADD_CHUNK
     params = [torch.nn.Parameter(torch.randn(s, generator=generator).to(device, dtype)) for s in shapes]
     params[2] = torch.nn.Parameter(params[2].detach().t())  # not contiguous
+    if views:  # as FSDP2's local shards: views of a storage that something else reads
+        params = [p.detach()[:] for p in params]
     moments = [torch.randn(p.shape, generator=generator).to(device, m_dtype) for p in params]
     return params, moments
 
 
+def _swapped(params: list[torch.Tensor], perturbation: Perturbation) -> bool:
+    return bool(perturbation.swapped) and all(p.data_ptr() == b.data_ptr() for p, b in zip(params,
+                                                                                           perturbation.swapped))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("dtype", "m_dtype"), DTYPES)
-def test_the_scaled_perturbation_equals_the_formula_bit_for_bit_and_restores_exactly(dtype, m_dtype, device):
-    params, moments = _s_and_m(dtype, m_dtype, device)
+@pytest.mark.parametrize("views", [False, True], ids=["swapped", "in place"])
+def test_the_scaled_perturbation_equals_the_formula_bit_for_bit_and_restores_exactly(dtype, m_dtype, device, views):
+    params, moments = _s_and_m(dtype, m_dtype, device, views)
     start = [p.detach().clone() for p in params]
     rho = 2.0
     scale, norm, usable = momentum_scale(moments, rho)
     assert bool(usable)
-    formed, _, _ = momentum_direction(moments, rho)  # e formed, as the ascent did before
-    expected = [w + e.to(w.dtype) for w, e in zip(start, formed)]
     exact_norm = torch.sqrt(sum((m.double() ** 2).sum() for m in moments))
-    for _ in range(2):  # the second time into the kept backup (CPU)
+    assert float(scale) == pytest.approx(-rho / float(exact_norm), rel=1e-5)
+    expected = [w + (m * scale).to(w.dtype) for w, m in zip(start, moments)]  # the formula, e formed here
+    for _ in range(2):  # the second time into the kept buffer (CPU)
         perturbation = Perturbation.apply(params, list(moments), scale=scale)
         try:
+            assert _swapped(params, perturbation) is not views
             assert all(torch.equal(p, x) for p, x in zip(params, expected))
             for p, w, m in zip(params, start, moments):  # -rho m / ||m|| in float64, within S's rounding
                 e = -rho * m.double() / exact_norm
@@ -86,28 +95,29 @@ def test_an_unusable_moment_perturbs_nothing(bad, device):
     assert all(torch.equal(p, w) for p, w in zip(params, start))
 
 
-def test_an_interrupted_perturbation_restores_the_chunks_it_changed():
+def test_a_perturbation_that_fails_midway_leaves_s_as_it_was():
     params, moments = _s_and_m(torch.float32, torch.float32, "cpu")
     start = [p.detach().clone() for p in params]
     scale, _, _ = momentum_scale(moments, 2.0)
     moments[1] = moments[1].to(torch.complex64)  # the second tensor's product cannot be written: it raises there
     with pytest.raises(RuntimeError):
         Perturbation.apply(params, moments, scale=scale)
-    assert all(torch.equal(p, w) for p, w in zip(params, start))  # the first tensor, perturbed, is restored
+    assert all(torch.equal(p, w) for p, w in zip(params, start))  # w + e is written apart: w never changed
+    assert all(p.data_ptr() == w.data_ptr() for p, w in zip(params, [p.data for p in params]))
 
 
-def test_no_tensor_of_s_size_is_allocated_once_the_backup_is_kept():
+def test_no_tensor_of_s_size_is_allocated_once_the_buffer_is_kept():
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(300, 500, generator=generator)) for _ in range(8)]
     moments = [torch.randn(p.shape, generator=generator) for p in params]
     scale, _, _ = momentum_scale(moments, 1.0)
-    Perturbation.apply(params, list(moments), scale=scale).restore()  # the backup, kept
+    first = Perturbation.apply(params, list(moments), scale=scale)  # the buffer for w + e, kept after restore
+    first.restore()
     holder = []
     _, allocated = allocations(lambda: holder.append(Perturbation.apply(params, list(moments), scale=scale)))
+    assert _swapped(params, holder[0])
     holder[0].restore()
-    assert allocated <= _ADD_CHUNK * 4 + 4096 < nbytes(params) / 8  # one scratch chunk, no e, no backup
-    _, formed = allocations(lambda: momentum_direction(moments, 1.0))
-    assert formed >= nbytes(params)  # forming e, as before, allocates S's size
+    assert allocated <= 4096 < nbytes(params) / 8  # no e, no backup, no new buffer
 
 
 def test_a_bf16_model_with_its_own_float32_average_is_perturbed_by_the_formula(sgd_args):

@@ -1,5 +1,6 @@
 """What the perturbation costs in memory: the norm of S reads bf16/fp16 moments without a float32 copy of them, and
-the backup of S is allocated once per selection on the CPU and restored bit-exactly at every micro-batch.
+the buffer of S's size (w + e swapped in, or a backup of w) is allocated once per selection on the CPU; w is
+restored bit-exactly at every micro-batch, and a tensor whose storage something else reads is perturbed in place.
 
 Allocations are read from the profiler's memory records (`torch.profiler.profile(profile_memory=True)`): every CPU
 allocation and free, in order, so the bytes held at once are their running sum.
@@ -14,7 +15,7 @@ from transformers import TrainerCallback
 
 from conftest import shakespeare_lm_dataset, tiny_gpt2
 from hf_lwsam import LWSAMTrainer
-from hf_lwsam.sam import Perturbation, global_norm, momentum_direction
+from hf_lwsam.sam import Perturbation, global_norm, momentum_scale
 
 
 def allocations(fn) -> tuple[int, int]:
@@ -69,7 +70,7 @@ def test_global_norm_of_half_tensors_equals_the_float32_norm_within_rounding(dty
     assert float(global_norm(big)) == pytest.approx(300.0 * 1000**0.5, rel=1e-3)
 
 
-def test_momentum_direction_of_bf16_moments_allocates_e_and_no_float32_copy():
+def test_the_momentum_norm_of_bf16_moments_makes_no_float32_copy():
     torch.manual_seed(0)
     # 24 MiB of bf16 moments; the largest tensor alone is 2/3 of S, so a per-tensor float32 copy would show too
     moments = [torch.randn(8 * 2**20, dtype=torch.bfloat16), torch.randn(1024, 2048, dtype=torch.bfloat16),
@@ -77,15 +78,12 @@ def test_momentum_direction_of_bf16_moments_allocates_e_and_no_float32_copy():
     size = nbytes(moments)
     before_peak, _ = allocations(lambda: [t.float() for t in moments])
     assert before_peak >= 2 * size  # the measurement sees the float32 copies the former norm made
-    peak, _ = allocations(lambda: momentum_direction(moments, 0.3))
-    assert size <= peak < 1.5 * size  # e itself (S's size) and one float32 chunk of the norm at a time
+    peak, _ = allocations(lambda: momentum_scale(moments, 0.3))
+    assert peak < size / 4  # one float32 chunk of the norm at a time (4 MiB), nothing of S's size
 
-    e, norm, usable = momentum_direction(moments, 0.3)
+    scale, norm, usable = momentum_scale(moments, 0.3)
     assert bool(usable) and float(norm) == pytest.approx(exact_norm(moments), rel=1e-4)
-    assert all(x.dtype == torch.bfloat16 for x in e)
-    for x, m in zip(e, moments):  # -rho m / ||m||, rounded to bf16: within one bf16 unit in the last place
-        expected = (-0.3 * m.double() / exact_norm(moments)).to(torch.bfloat16).double()
-        assert bool(((x.double() - expected).abs() <= 2**-7 * expected.abs()).all())
+    assert float(scale) == pytest.approx(-0.3 / exact_norm(moments), rel=1e-4)
 
 
 @pytest.fixture(autouse=True)
@@ -96,10 +94,12 @@ def no_kept_backup():
     Perturbation._spare.clear()
 
 
-def _params() -> list[torch.Tensor]:
+def _params(views: bool = False) -> list[torch.Tensor]:
+    """Parameters of their own (swapped), or (`views`) views of them (perturbed in place)."""
     torch.manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(300, 200)), torch.nn.Parameter(torch.randn(50)),
-            torch.nn.Parameter(torch.randn(40, 30, dtype=torch.bfloat16))]
+    params = [torch.nn.Parameter(torch.randn(300, 200)), torch.nn.Parameter(torch.randn(50)),
+              torch.nn.Parameter(torch.randn(40, 30, dtype=torch.bfloat16))]
+    return [p.detach()[:] for p in params] if views else params
 
 
 def _steps(params: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
@@ -109,9 +109,19 @@ def _steps(params: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
     return [3 * torch.randn(p.shape, generator=generator).to(p.dtype) for p in params]
 
 
-def test_restore_is_bit_exact_at_every_step_and_the_backup_is_allocated_once():
-    params = _params()
+def _buffer(perturbation: Perturbation) -> list[torch.Tensor]:
+    """The tensors of S's size a perturbation holds: w + e swapped in, or the backup of w."""
+    return perturbation.swapped or perturbation.backup
+
+
+WAYS = pytest.mark.parametrize("views", [False, True], ids=["swapped", "in place"])
+
+
+@WAYS
+def test_restore_is_bit_exact_at_every_step_and_the_buffer_is_allocated_once(views):
+    params = _params(views)
     start = [p.detach().clone() for p in params]
+    storage = [p.data_ptr() for p in params]
     assert all(not torch.equal(w + e - e, w) for w, e in zip(start, _steps(params, 0)))  # not arithmetic
     for step in range(4):
         steps = _steps(params, step)
@@ -119,51 +129,84 @@ def test_restore_is_bit_exact_at_every_step_and_the_backup_is_allocated_once():
         holder = []
         _, allocated = allocations(lambda h=holder, e=steps: h.append(Perturbation.apply(params, e)))
         perturbation = holder[0]
+        assert bool(perturbation.swapped) is not views
         if step == 0:
-            assert allocated >= nbytes(params)  # the first micro-batch allocates the backup
+            assert allocated >= nbytes(params)  # the first micro-batch allocates the buffer
         else:
-            assert allocated < nbytes(params) / 10  # later ones copy into the one kept (it was S's size each time)
+            assert allocated < nbytes(params) / 10  # later ones write into the one kept (it was S's size each time)
         assert all(torch.equal(p, x) for p, x in zip(params, expected))
         perturbation.restore()
         perturbation.restore()  # idempotent
         assert all(torch.equal(p, w) for p, w in zip(params, start))
+        assert [p.data_ptr() for p in params] == storage  # w is back in its own storage
 
 
-def test_restore_after_a_failing_pass_is_exact_and_the_next_step_reuses_the_backup():
-    params = _params()
+@WAYS
+def test_restore_after_a_failing_pass_is_exact_and_the_next_step_reuses_the_buffer(views):
+    params = _params(views)
     start = [p.detach().clone() for p in params]
     with pytest.raises(RuntimeError, match="failing pass"):
         perturbation = Perturbation.apply(params, _steps(params, 1))
-        kept = [b.data_ptr() for b in perturbation.backup]
+        kept = [b.data_ptr() for b in _buffer(perturbation)]
         try:
             raise RuntimeError("failing pass")
         finally:
             perturbation.restore()
     assert all(torch.equal(p, w) for p, w in zip(params, start))
     again = Perturbation.apply(params, _steps(params, 2))
-    assert [b.data_ptr() for b in again.backup] == kept
+    assert [b.data_ptr() for b in _buffer(again)] == kept
     again.restore()
     assert all(torch.equal(p, w) for p, w in zip(params, start))
 
 
-def test_another_selection_allocates_its_own_backup_and_an_active_one_is_never_shared():
+def test_a_parameter_whose_storage_is_read_elsewhere_is_perturbed_in_place_and_its_aliases_see_it():
+    """A view of a weight kept by another module, or a second parameter on the same storage (weights tied by storage,
+    not by object): swapping the parameter's storage would leave them at w, so the perturbation goes in place."""
+    tied, alone = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))
+    alias = torch.nn.Parameter(tied.data)  # another parameter on tied's storage
+    view = alone.detach()[1:]  # a view kept elsewhere
+    for param, reader in ((tied, alias), (alone, view)):
+        start, e = param.detach().clone(), torch.ones_like(param)
+        perturbation = Perturbation.apply([param], [e])
+        assert not perturbation.swapped
+        assert torch.equal(reader, (start + e)[1:] if reader is view else start + e)  # the alias sees w + e
+        perturbation.restore()
+        assert torch.equal(param, start) and torch.equal(reader, start[1:] if reader is view else start)
+
+
+def test_a_kept_buffer_that_something_still_holds_is_never_written_over():
+    params = _params()
+    first = Perturbation.apply(params, _steps(params, 1))
+    held = first.swapped[0][:]  # e.g. a graph kept with retain_graph saved w + e
+    snapshot = held.clone()
+    first.restore()
+    again = Perturbation.apply(params, _steps(params, 2))
+    assert again.swapped[0].data_ptr() != held.data_ptr() and torch.equal(held, snapshot)
+    again.restore()
+
+
+def test_another_selection_allocates_its_own_buffer_and_an_active_one_is_never_shared():
     params, other = _params(), [torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(64))]
     start, other_start = [p.detach().clone() for p in params], [p.detach().clone() for p in other]
     Perturbation.apply(params, _steps(params, 0)).restore()
     first = Perturbation.apply(params, _steps(params, 1))
-    mine = {b.data_ptr() for b in first.backup}
+    mine = {b.data_ptr() for b in _buffer(first)}
     first.restore()
-    # different shapes: a backup of their own, and the kept one of the first selection is freed, not kept beside it
+    # different shapes: a buffer of their own, and the kept one of the first selection is freed, not kept beside it
     holder = []
     _, allocated = allocations(lambda: holder.append(Perturbation.apply(other, _steps(other, 2))))
-    assert allocated >= nbytes(other) and not mine & {b.data_ptr() for b in holder[0].backup}
+    assert allocated >= nbytes(other) and not mine & {b.data_ptr() for b in _buffer(holder[0])}
     holder[0].restore()
     assert all(torch.equal(p, w) for p, w in zip(other, other_start))
     assert len(Perturbation._spare) == 1
-    # two perturbations of the same tensors active at once (nested): the second gets its own backup
+    # two perturbations of the same tensors active at once (nested): the second gets its own buffer
+    # (it perturbs the outer w + e in place: that storage is held by the outer perturbation)
     outer = Perturbation.apply(other, _steps(other, 3))
     inner = Perturbation.apply(other, _steps(other, 4))
-    assert not {b.data_ptr() for b in outer.backup} & {b.data_ptr() for b in inner.backup}
+    assert outer.swapped and not inner.swapped
+    assert not {b.data_ptr() for b in _buffer(outer)} & {b.data_ptr() for b in _buffer(inner)}
+    assert all(torch.equal(p, w + e3 + e4) for p, w, e3, e4 in zip(other, other_start, _steps(other, 3),
+                                                                   _steps(other, 4)))
     inner.restore()
     outer.restore()
     assert all(torch.equal(p, w) for p, w in zip(other, other_start))
