@@ -92,6 +92,7 @@ from step_timer import StepTimer  # noqa: E402
 from study_harness import MACHINE, cached, machine, make_trainer, mean_std, quiet  # noqa: E402  # loaded by path
 from study_methods import (  # noqa: E402
     LABEL_SMOOTHINGS,
+    PLAIN_LRS,
     PLAIN_OPTIMIZERS,
     WEIGHT_DECAYS,
     Method,
@@ -324,7 +325,7 @@ def on_reference(task: Task, methods: list[Method], a, ctx: dict, own_lr: dict[s
     `on_reference` row on the reference's optimizer settings; a row the reference's optimizer cannot run (the free
     preset without a first moment) is left out as not applicable. The grid's scores go to `ctx["baselines"]`."""
     name, log = task.name, ctx["log"]
-    grid, seeds = baseline_grid(), list(a.reference_seeds)
+    grid, seeds = baseline_grid(task.family), list(a.reference_seeds)
     # seed-major: a stopped grid has every configuration's first seeds
     jobs = [Job(name, m, 0.0, seed, x) for seed in seeds for m in grid for x in (m.lrs[:1] if a.quick else m.lrs)]
     runs = execute(jobs, ctx)
@@ -746,7 +747,9 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
                                    hi=d.hi))
         for name, why in info["not_applicable"].items():
             lines.append(f"| {task.name} | {name} | - | 0 | not applicable: {why.split('. ')[0]} | - | - |")
-    grid = ", ".join(f"{opt} lr {list(lrs)} {args or ''}".strip() for opt, (args, lrs) in PLAIN_OPTIMIZERS.items())
+    families = [f for f in PLAIN_LRS if any(t.family == f and t.name in ctx.get("baselines", {}) for t, *_ in results)]
+    grid = "; ".join(f"{family}: " + ", ".join(f"{opt} lr {list(PLAIN_LRS[family][opt])} {args or ''}".strip()
+                                                for opt, args in PLAIN_OPTIMIZERS.items()) for family in families)
     header = ("| task | plain configuration | TrainingArguments | lr | seeds | validation acc. (mean ± std) | "
               "test acc. (mean ± std) |\n|---|---|---|---|---|---|---|\n" + "\n".join(grid_lines) + "\n\n"
               "| task | method | rho | seeds | test acc. at the end | Δ vs reference, pt [95% CI] (wins) | "

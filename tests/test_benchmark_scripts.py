@@ -160,7 +160,7 @@ def _row(bench, task, name: str):
     """The methods-table row `name` of `task`'s suite (every flag of the main suite on; the robustness suite with its
     plain-baseline grid and the rows on its reference)."""
     if task.epochs:
-        table = bench.robust_methods(task.family) + bench.baseline_grid() + bench.reference_methods()
+        table = bench.robust_methods(task.family) + bench.baseline_grid(task.family) + bench.reference_methods()
     else:
         table = bench.chat_methods() if task.suite == "chat" else bench.main_methods(True, None, True, True, True)
     return next(m for m in table if m.name == name)
@@ -458,6 +458,12 @@ def test_plain_baseline_grid_rows_and_the_momentum_ascents_optimizers():
     sgd = next(m for m in grid if m.name == "plain sgd wd0.1 ls0.1")
     assert sgd.args == dict(optim="sgd", optim_args="momentum=0.9", weight_decay=0.1, label_smoothing_factor=0.1)
     assert "optim" not in next(m for m in grid if m.name == "plain adamw wd0 ls0").args  # the adamw row's default
+    # the fine-tuned tweets tasks: the same 36 configurations, each optimizer with learning rates of its own for them
+    tweets = {m.name: m.lrs for m in methods.baseline_grid("tweets")}
+    assert list(tweets) == [m.name for m in grid] and tweets["plain adamw wd0 ls0"] == (3e-5, 1e-4, 3e-4)
+    assert all(tweets[m.name] != m.lrs for m in grid)
+    with pytest.raises(ValueError, match="no plain-baseline grid for the 'chat' tasks"):
+        methods.baseline_grid("chat")
     # a row on the reference: the library's own refusal decides. The free preset keeps its own gradient average where
     # the optimizer has no readable first moment; the optimizer's moment asked for explicitly is refused there.
     free, optimizer_moment = dict(sam_preset="free"), dict(sam_selection="all", sam_ascent="momentum",
