@@ -40,9 +40,10 @@ Suites (`--suite`, or the suite of the `--tasks` given), each with its methods t
                        30 epochs
 Each comparison: the mean paired difference against AdamW with its 95% t interval, and the share of full SAM's gain
 kept with a paired bootstrap interval (`scripts/study_stats.py`); the robustness report adds `<report>_pareto.png`
-(the gain against throughput ÷ AdamW). `--measure_cost` adds each method's throughput ÷ AdamW on the cls, lm and
-tweets tasks, measured side by side (run it on an idle machine); the digits and chat tasks take the ratio of the same
-mode in `benchmarks/throughput/` (`Task.cost_files`).
+(the gain against throughput ÷ AdamW). `--measure_cost` adds each method's throughput ÷ AdamW on the cls, lm, tweets
+and chat tasks, measured side by side with each task's own TrainingArguments (run it on an idle machine); the digits
+tasks (a Python-bound tiny ViT), and a chat task not timed yet, take the ratio of the same mode in
+`benchmarks/throughput/` (`Task.cost_files`).
 
 Adding a method is one row in its suite's methods table (`scripts/study_methods.py`, with examples: a new ascent with
 its own rho grid, a learning-rate schedule that needs other TrainingArguments); adding a task is one `Task` row in
@@ -554,23 +555,26 @@ def plot(points: list[dict], path: Path) -> None:
 
 def measure_costs(task: Task, methods: list[Method], ctx: dict, lr: float | None, rounds: int = 3,
                   steps: int = 12) -> dict[str, float]:
-    """Throughput ÷ AdamW of each method on the task's model and data: interleaved rounds of `steps` timed steps
-    (after 2 warm-up steps; whole `sam_interval=4` cycles; a probe picks its layers at step 0), each round's mean step
-    time, the median over rounds of the per-round ratio. Needs an otherwise idle machine."""
+    """Throughput ÷ AdamW of each method on the task's model and data, with the task's own TrainingArguments (e.g. the
+    chat tasks' bf16 autocast and padding-free batches, through TRL's `SFTTrainer`): interleaved rounds of `steps`
+    timed steps (after 2 warm-up steps; whole `sam_interval=4` cycles; a probe picks its layers at step 0), each
+    round's mean step time, the median over rounds of the per-round ratio. Needs an otherwise idle machine."""
     budget = task.budget(ctx["quick"])
     hp = run_config(task.name, budget, lr)
+    if ctx["quick"]:  # the smoke sizes: one short round
+        rounds, steps = 1, 4
     per_round: dict[str, list[float]] = {m.name: [] for m in methods}
     for _ in range(rounds):
         step_time = {}
         for m in methods:
             recipe = task.recipe(task, hp, task_data(task, budget, ctx), 0)
-            common = dict(output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no",
+            common = dict(recipe.args, output_dir=str(ctx["out"] / "tmp"), report_to="none", save_strategy="no",
                           use_cpu=ctx["device"] == "cpu", disable_tqdm=True, logging_strategy="no", seed=0,
                           per_device_train_batch_size=hp["batch"], learning_rate=hp["lr"], max_steps=steps + 2)
             timer = StepTimer(ctx["device"])  # the first 2 steps are warm-up, left out below
-            quiet(make_trainer(m.training_args(common), m.sam, 0.05, model=recipe.model,
-                               train_dataset=recipe.splits["train"],
-                               data_collator=recipe.trainer_kwargs["data_collator"], callbacks=[timer])).train()
+            train = recipe.train if recipe.train is not None else recipe.splits["train"]
+            quiet(make_trainer(m.training_args(common), m.sam, 0.05, sft=recipe.sft, model=recipe.model,
+                               train_dataset=train, **dict(recipe.trainer_kwargs, callbacks=[timer]))).train()
             step_time[m.name] = statistics.mean(timer.times[2:])
         for m in methods:
             per_round[m.name].append(step_time["adamw"] / step_time[m.name])
@@ -814,9 +818,10 @@ def forgetting(run: dict) -> float:
 
 def report_chat(a, results: list[tuple], seeds: list[int], rhos: list[float], ctx: dict) -> None:
     """The SmolLM2 report: per method its test answer accuracy, answer NLL and forgetting, each with the mean paired
-    difference against AdamW and its 95% t interval; the learning rates and rhos chosen on validation."""
+    difference against AdamW and its 95% t interval; the learning rates and rhos chosen on validation; throughput ÷
+    AdamW (`--measure_cost` on the task's own recipe, else the benchmark's ratio of the same mode)."""
     lines, points = [], []
-    for task, finals, chosen, _, _ in results:
+    for task, finals, chosen, costs, _ in results:
         base = {r["seed"]: r for r in finals["adamw"]}
         lrs = ctx.get("chosen_lr", {}).get(task.name, {})
         for name, runs in finals.items():
@@ -831,12 +836,13 @@ def report_chat(a, results: list[tuple], seeds: list[int], rhos: list[float], ct
             lines.append(f"| {task.name} | {name} | {chosen.get(name, '-')} | {lr if lr is not None else '-'} | "
                          f"{len(runs)} | {mean_std(acc)} | {cells[0]} | {mean_std(nll)} | {cells[1]} | "
                          f"{mean_std(forget, '+.4f')} | {cells[2]} | "
-                         f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
+                         f"{statistics.mean(r['wall_s'] for r in runs):.0f} | "
+                         f"{f'{costs[name]:.2f}' if name in costs else 'not measured'} |")
             points.append(dict(task=task.name, method=name, mean=statistics.mean(acc),
                                std=statistics.stdev(acc) if len(acc) > 1 else 0.0, cost=None))
     header = ("| task | method | rho | lr | seeds | test answer accuracy | Δ vs AdamW, pt [95% CI] (wins) | answer NLL "
-              "| Δ vs AdamW [95% CI] | forgetting (NLL after - before) | Δ vs AdamW [95% CI] | wall s |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| Δ vs AdamW [95% CI] | forgetting (NLL after - before) | Δ vs AdamW [95% CI] | wall s | "
+              "throughput ÷ AdamW |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     wds = {t.name: ctx.get("chosen_lr", {}).get(t.name, {}).get("weight_decay") for t, *_ in results}
     note = (f"Seeds {seeds}; mean ± std over seeds; Δ: the mean paired difference against AdamW (same seed: the "
             "same data order, LoRA initialisation and label noise) with its 95% t interval; an interval holding 0 is "
@@ -846,8 +852,11 @@ def report_chat(a, results: list[tuple], seeds: list[int], rhos: list[float], ct
             "a-midsummer-night-s-dream (not fine-tuned on) after training minus before (positive: forgot). AdamW's "
             f"learning rate and weight decay chosen on validation (seed 0) from the task's grids (chosen weight "
             f"decay: {wds}), Adafactor's learning rate likewise; every SAM row trains with AdamW's; rho from each "
-            f"row's grid{own_grids(results)}. Machine: {machines([r[1] for r in results])}. "
-            f"Budget: {results[0][0].budget(a.quick)}.")
+            f"row's grid{own_grids(results)}. Throughput ÷ AdamW: `--measure_cost`, the methods timed side by side on "
+            "the task's own recipe (bf16 autocast, padding-free batches, TRL's SFTTrainer) on an idle machine, the "
+            "median over 3 rounds of 12 steps (`costs_<task>.json`); where not timed yet, the ratio of the same mode "
+            "on the SmolLM2 LoRA benchmark shape (`benchmarks/throughput/`). "
+            f"Machine: {machines([r[1] for r in results])}. Budget: {results[0][0].budget(a.quick)}.")
     write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot(points, path), ctx["log"])
 
 
@@ -935,9 +944,6 @@ def main() -> None:
     a.reference_seeds = a.reference_seeds or ([0] if a.quick else [0, 1, 2])
     a.report = a.report or ("baselines" if a.baselines else REPORTS[suite]) + ("" if a.device == "cpu" else
                                                                                 f"_{a.device}")
-    if a.measure_cost and any(t.startswith("chat") for t in a.tasks):
-        p.error("--measure_cost does not time the chat tasks: run scripts/benchmark_throughput.py --preset "
-                "smollm2-135m --lora --trainer sft for their throughput")
     if a.device == "cuda" and not (a.report_only or a.dry_run) and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here (use --device cpu, or --report_only / --dry_run)")
     if a.workers < 1:

@@ -86,8 +86,8 @@ class Budget:
     chat_val: int = 500  # validation tweets (the learning rate's and rho's choice)
     chat_test: int = 1000  # test tweets
     # CPU bf16 autocast for training and scoring, and TRL's padding-free batches (one packed row per batch, the same
-    # loss as padded on the same chats): 0.53x float32-padded's LoRA step time, bf16 0.50x its scoring time (one
-    # thread, the other core busy: benchmarks/accuracy/chat_sizing_cost.json)
+    # loss as padded on the same chats): 0.57x float32-padded's LoRA step time, bf16 0.46x its scoring time (one
+    # thread, idle, 3 rounds: benchmarks/accuracy/chat_sizing_cost.json)
     chat_bf16: bool = True
     chat_padding_free: bool = True
     # forgetting: the NLL of a held-out Shakespeare play (`LM_TEST_PLAY`), before and after fine-tuning
@@ -529,8 +529,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("lm", "main", "lm", "lm", _lm, _lm_recipe, metric="perplexity", method_in_config=False),
     *[Task(name, "chat", "chat", name, _chats, _chat_recipe, lr_grid=CHAT_LR_GRID.get(name),
            wd_grid=CHAT_WD_GRID if name in CHAT_LR_GRID else (0.0,),
-           cost_files=() if name.endswith("full") else SMOLLM2_LORA_FILES, cost_proxy=CHAT_COST_PROXY,
-           measurable=False) for name in CHAT_TASKS],
+           cost_files=() if name.endswith("full") else SMOLLM2_LORA_FILES, cost_proxy=CHAT_COST_PROXY)
+      for name in CHAT_TASKS],
     *[Task(name, "robustness", name.split("-")[0], name, _robust, _robust_recipe, epochs=True,
            lr_grid=tuple(ROBUST_LR_GRID[name.split("-")[0]]), cost_files=SHAPE_FILES, cost_proxy=SHAPE_COST_PROXY,
            measurable=not name.startswith("digits")) for name in ROBUST_TASKS],

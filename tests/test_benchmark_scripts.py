@@ -430,6 +430,17 @@ def test_accuracy_benchmark_chat_task_quick(tmp_path):
     assert "| answer NLL |" in table and "forgetting (NLL after - before)" in table
 
 
+@pytest.mark.slow  # SmolLM2 LoRA SFT: AdamW and the free preset, trained and then timed side by side (80 s)
+def test_measure_cost_times_a_chat_task_on_its_own_recipe(tmp_path):
+    _run("scripts/benchmark_accuracy.py", "--quick", "--tasks", "chat-small", "--methods", "adamw", "free preset",
+         "--seeds", "0", "--measure_cost", "--out", str(tmp_path), timeout=1800)
+    costs = json.loads((tmp_path / "quick" / "costs_chat-small.json").read_text())
+    assert set(costs) == {"adamw", "free preset"} and costs["adamw"] == 1.0 and costs["free preset"] > 0
+    table = (tmp_path / "quick" / "accuracy_smollm2.md").read_text()
+    assert "| throughput ÷ AdamW |" in table
+    assert f"| {costs['free preset']:.2f} |" in next(line for line in table.splitlines() if "| free preset |" in line)
+
+
 @pytest.mark.slow  # the real SmolLM2-135M, 2 LoRA steps
 def test_chat_learning_curve_scores_every_step(tmp_path):
     _run("scripts/chat_learning_curve.py", "--steps", "2", "--every", "1", "--quick", "--padding_free", "--bf16",
