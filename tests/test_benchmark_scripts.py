@@ -386,12 +386,12 @@ def test_chat_tasks_noise_only_the_training_answers_and_keep_the_chat_format():
     budget = tasks.Budget()
     noisy, clean = tasks.chat_splits("chat-noise40", budget), tasks.chat_splits("chat", budget)
     small = tasks.chat_splits("chat-small", budget)
-    assert [len(noisy[s]) for s in ("train", "validation", "test")] == [1024, 500, 1000] and len(small["train"]) == 128
+    assert [len(noisy[s]) for s in ("train", "validation", "test")] == [2048, 500, 1000] and len(small["train"]) == 128
     for split in ("validation", "test"):
         assert noisy[split]["completion"] == clean[split]["completion"]
         assert noisy[split]["prompt"] == clean[split]["prompt"]
     assert noisy["train"]["prompt"] == clean["train"]["prompt"]
-    assert sum(a != b for a, b in zip(noisy["train"]["label"], clean["train"]["label"])) == round(0.4 * 1024)
+    assert sum(a != b for a, b in zip(noisy["train"]["label"], clean["train"]["label"])) == round(0.4 * 2048)
     for chat in noisy["train"]:  # the answer is the (noisy) label's name, in the assistant's turn
         assert [m["role"] for m in chat["prompt"]] == ["system", "user"]
         assert chat["completion"] == [{"role": "assistant", "content": TWEET_LABELS[chat["label"]]}]
