@@ -179,9 +179,8 @@ def train_and_eval(task: Task, job: Job, budget: Budget | RobustBudget, ctx: dic
         best = BestValidation()
         args.update(logging_strategy="epoch", eval_strategy="epoch")
         kwargs.update(eval_dataset=recipe.splits["validation"], callbacks=[best])
-    train = recipe.train if recipe.train is not None else recipe.splits["train"]
     trainer = quiet(make_trainer(method.training_args(args), method.sam, job.rho, sft=recipe.sft,
-                                 model=recipe.model, train_dataset=train, **kwargs))
+                                 model=recipe.model, train_dataset=recipe.train_dataset, **kwargs))
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -572,9 +571,9 @@ def measure_costs(task: Task, methods: list[Method], ctx: dict, lr: float | None
                           use_cpu=ctx["device"] == "cpu", disable_tqdm=True, logging_strategy="no", seed=0,
                           per_device_train_batch_size=hp["batch"], learning_rate=hp["lr"], max_steps=steps + 2)
             timer = StepTimer(ctx["device"])  # the first 2 steps are warm-up, left out below
-            train = recipe.train if recipe.train is not None else recipe.splits["train"]
             quiet(make_trainer(m.training_args(common), m.sam, 0.05, sft=recipe.sft, model=recipe.model,
-                               train_dataset=train, **dict(recipe.trainer_kwargs, callbacks=[timer]))).train()
+                               train_dataset=recipe.train_dataset,
+                               **dict(recipe.trainer_kwargs, callbacks=[timer]))).train()
             step_time[m.name] = statistics.mean(timer.times[2:])
         for m in methods:
             per_round[m.name].append(step_time["adamw"] / step_time[m.name])

@@ -305,6 +305,11 @@ class Recipe:
     sft: bool = False  # TRL's SFTTrainer (SFTLWSAMTrainer with SAM) instead of the Trainer (LWSAMTrainer)
     train: Dataset | None = None  # the training split as the trainer takes it (default: `splits["train"]`)
 
+    @property
+    def train_dataset(self) -> Dataset:
+        """The dataset the trainer trains on: `train`, or `splits["train"]` when the recipe gives none of its own."""
+        return self.train if self.train is not None else self.splits["train"]
+
 
 @dataclass(frozen=True)
 class Task:
