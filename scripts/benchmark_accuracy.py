@@ -20,8 +20,8 @@ Suites (`--suite`, or the suite of the `--tasks` given), each with its methods t
     chat-noise40, chat-noise40-full (also chat, chat-small)
               the shipped pretrained SmolLM2-135M-Instruct, SFT (TRL's SFTTrainer; LoRA r=16 on every linear layer,
               every weight for `-full`) on tweet sentiment as a chat in its chat template (`hf-lwsam-sft`'s offline
-              task): 1024 tweets with 40% noisy answers, 1 epoch of 128 steps of 8 (AdamW answers the majority label
-              up to 64 steps), CPU bf16 autocast, padding-free batches. Scores on 1000 test tweets (500 validation):
+              task): 2048 tweets with 40% noisy answers, 1 epoch of 256 steps of 8 (where AdamW's validation curve
+              peaked), CPU bf16 autocast, padding-free batches. Scores on 1000 test tweets (500 validation):
               the accuracy of the most likely answer among negative/neutral/positive, the answer NLL, and the NLL of
               a held-out play before and after (forgetting). ~25 min an AdamW run on one busy CPU core; a GPU's
               study (`--device cuda`, scripts/gpu_study.sh)
@@ -51,11 +51,13 @@ its own rho grid, a learning-rate schedule that needs other TrainingArguments); 
 
 Every finished run is cached as JSON under `<out>/runs/<task>__<method>__rho<rho>__seed<seed>.json` (with the
 configuration it was made with; a run made with another configuration is redone) and skipped when the script runs
-again (resumable). `--report_only` trains nothing and tabulates the cached runs (missing ones are left out);
-`--dry_run` lists the runs still to do. `--device cuda` trains on the GPU: its runs are cached under their own keys
-(`...__cuda.json`, the device in their configuration) and every run records its `machine`, so a report never
-mixes CPU and GPU runs. `--workers N` trains N runs at a time in separate processes (on one GPU: its small models
-leave it mostly idle); `--time_budget S` starts no run after S seconds (the rest resume next time).
+again (resumable); the long chat runs also keep a checkpoint every 1/8 of the run under `<out>/partial/<key>/`, so
+a run stopped part-way resumes from it (the same run an uninterrupted one makes; removed once cached).
+`--report_only` trains nothing and tabulates the cached runs (missing ones are left out); `--dry_run` lists the
+runs still to do. `--device cuda` trains on the GPU: its runs are cached under their own keys (`...__cuda.json`, the
+device in their configuration) and every run records its `machine`, so a report never mixes CPU and GPU runs.
+`--workers N` trains N runs at a time in separate processes (on one GPU: its small models leave it mostly idle);
+`--time_budget S` starts no run after S seconds (the rest resume next time).
 Outputs: `<out>/runs/*.json`, `<out>/<report>.md` (table), `<out>/<report>.png` (metric vs relative cost).
 
     python scripts/benchmark_accuracy.py            # the default run (79 min measured on 2 CPU cores, +3 to pretrain)
@@ -73,6 +75,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -86,6 +89,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this file, also when
@@ -142,6 +146,40 @@ class BestValidation(TrainerCallback):
             self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class RunClock(TrainerCallback):
+    """The run's training time across resumes: written into each checkpoint when it is complete (the mark that it
+    is: the Trainer calls `on_save` after writing everything), read back when the run resumes from it."""
+
+    FILE = "run_clock.json"
+
+    def __init__(self, before: float = 0.0):
+        self.before, self.start = before, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        (folder / self.FILE).write_text(json.dumps(dict(wall_s=self.elapsed(), step=state.global_step)))
+
+
+def partial_run(task: Task, job: Job, budget: Budget | RobustBudget, ctx: dict) -> tuple[Path, Path | None]:
+    """Where a resumable run (`Task.save_steps`) keeps its checkpoints, `<out>/partial/<key>/`, and its last complete
+    checkpoint to resume from (`None`: start). Checkpoints made with another configuration are removed."""
+    folder = ctx["out"] / "partial" / run_key(task, job, ctx["device"])
+    config = json.loads(json.dumps(run_configuration(task, job, budget, ctx["device"])))
+    stamp = folder / "configuration.json"
+    if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != config):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(config, indent=1))
+    complete = [c for c in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (c / RunClock.FILE).exists()]
+    return folder, max(complete, key=lambda c: int(c.name.rsplit("-", 1)[1]), default=None)
+
+
 # ------------------------------------------------------------------------------------------------------ runs
 @dataclass
 class Job:
@@ -175,18 +213,27 @@ def train_and_eval(task: Task, job: Job, budget: Budget | RobustBudget, ctx: dic
                 data_seed=job.seed, weight_decay=job.wd, per_device_train_batch_size=hp["batch"],
                 learning_rate=hp["lr"], **recipe.args)
     kwargs = dict(recipe.trainer_kwargs)
+    clock, resume = RunClock(), None
+    if task.save_steps:  # a checkpoint every `save_steps` of the run; the last two kept, the newest resumed from
+        folder, resume = partial_run(task, job, budget, ctx)
+        args.update(output_dir=str(folder), save_strategy="steps", save_steps=task.save_steps, save_total_limit=2)
+        if resume is not None:
+            clock = RunClock(json.loads((resume / RunClock.FILE).read_text())["wall_s"])
+            ctx["log"](f"     resumed from {resume.name}")
+    kwargs["callbacks"] = [clock]
     if task.epochs:  # validated (and logged) every epoch
         best = BestValidation()
         args.update(logging_strategy="epoch", eval_strategy="epoch")
-        kwargs.update(eval_dataset=recipe.splits["validation"], callbacks=[best])
+        kwargs.update(eval_dataset=recipe.splits["validation"], callbacks=[clock, best])
     trainer = quiet(make_trainer(method.training_args(args), method.sam, job.rho, sft=recipe.sft,
                                  model=recipe.model, train_dataset=recipe.train_dataset, **kwargs))
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    wall = clock.elapsed()  # training only, summed over the run's resumes
     record = dict(task=task.name, method=method.name, rho=job.rho, seed=job.seed, wall_s=wall,
                   machine=machine(ctx["device"]), perturbed=trainer.perturbed_parameter_names() if method.sam else [],
                   config=hp)
+    if resume is not None:
+        record["resumed_from_step"] = int(resume.name.rsplit("-", 1)[1])
     if recipe.tokens is not None:
         record["tokens_per_s"] = recipe.tokens(trainer) / wall
     if recipe.after is not None:
@@ -247,6 +294,8 @@ def cached_run(job: Job, ctx: dict, peek: bool = False) -> dict | None:
             return None
         log(f"run {key}")
         result = train_and_eval(task, job, budget, ctx)
+        if task.save_steps:  # finished: its checkpoints go once the run is cached
+            ctx.setdefault("finished", []).append(ctx["out"] / "partial" / key)
         val = f"validation {_metric_str(result['validation'])}, " if "validation" in result else ""
         best = ""
         if "best_epoch" in result:
@@ -255,8 +304,11 @@ def cached_run(job: Job, ctx: dict, peek: bool = False) -> dict | None:
         log(f"     -> {val}test {_metric_str(result['test'])}{best}, {result['wall_s']:.0f} s")
         return result
 
-    return cached(ctx["out"] / "runs" / f"{key}.json", run_configuration(task, job, budget, ctx["device"]), make,
-                  None if peek else log)
+    run = cached(ctx["out"] / "runs" / f"{key}.json", run_configuration(task, job, budget, ctx["device"]), make,
+                 None if peek else log)
+    for folder in ctx.pop("finished", []):
+        shutil.rmtree(folder, ignore_errors=True)
+    return run
 
 
 _WORKER: dict = {}

@@ -333,6 +333,9 @@ class Task:
         cost_files: `benchmark_throughput.py` JSON files (under `benchmarks/throughput/`, `{device}` filled in) whose
             ratios stand for the methods' costs, through `cost_proxy` (method -> benchmark method).
         measurable: `--measure_cost` times the methods on the task itself (its ratios win over `cost_files`').
+        save_steps: a checkpoint every this share of the run (TrainingArguments' `save_steps` as a ratio), so a run
+            stopped part-way resumes from its last one (`None`: runs start over; the short tasks, and every task
+            with `epochs`, whose best epoch's weights are kept in memory).
     """
 
     name: str
@@ -349,6 +352,7 @@ class Task:
     cost_files: tuple[str, ...] = ()
     cost_proxy: dict[str, str] = field(default_factory=dict)
     measurable: bool = True
+    save_steps: float | None = None
 
     @property
     def lower_is_better(self) -> bool:
@@ -434,6 +438,11 @@ def text_nll(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
         model.train(was_training)
     return sum(losses) / len(blocks)
 
+
+# The chat runs (15-60 min on one CPU core) keep a checkpoint every 1/8 of the run (32 steps of 256): a run stopped
+# part-way loses at most that much when it resumes. Resuming gives the run an uninterrupted one would have made
+# (the Trainer restores weights, optimizer, scheduler, RNG and data order; hf_lwsam its ascent's state).
+CHAT_SAVE_STEPS = 0.125
 
 _NLL_BEFORE: dict[tuple, float] = {}  # the pretrained model's forgetting NLL, once per configuration
 
@@ -534,7 +543,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("lm", "main", "lm", "lm", _lm, _lm_recipe, metric="perplexity", method_in_config=False),
     *[Task(name, "chat", "chat", name, _chats, _chat_recipe, lr_grid=CHAT_LR_GRID.get(name),
            wd_grid=CHAT_WD_GRID if name in CHAT_LR_GRID else (0.0,),
-           cost_files=() if name.endswith("full") else SMOLLM2_LORA_FILES, cost_proxy=CHAT_COST_PROXY)
+           cost_files=() if name.endswith("full") else SMOLLM2_LORA_FILES, cost_proxy=CHAT_COST_PROXY,
+           save_steps=CHAT_SAVE_STEPS)
       for name in CHAT_TASKS],
     *[Task(name, "robustness", name.split("-")[0], name, _robust, _robust_recipe, epochs=True,
            lr_grid=tuple(ROBUST_LR_GRID[name.split("-")[0]]), cost_files=SHAPE_FILES, cost_proxy=SHAPE_COST_PROXY,

@@ -549,3 +549,37 @@ def test_baselines_pick_a_reference_and_train_sam_on_its_optimizer(tmp_path):
     assert f"| digits-noise40 | {name} (reference, lr" in report and "| digits-noise40 | fast on reference |" in report
     # the free preset runs on every reference: on Adafactor with its own gradient average
     assert "| digits-noise40 | free on reference |" in report
+
+
+@pytest.mark.slow  # SmolLM2 LoRA SFT, 4 steps: run whole, then killed after a checkpoint and resumed (~2 min)
+def test_a_chat_run_killed_part_way_resumes_to_the_run_an_uninterrupted_one_makes(tmp_path):
+    """The long chat runs keep checkpoints (`Task.save_steps`): a run killed after one resumes from it at the next
+    start, and its record (test scores, forgetting) is the uninterrupted run's; its checkpoints go once it is cached."""
+    import signal
+    import time
+
+    args = ["scripts/benchmark_accuracy.py", "--quick", "--tasks", "chat-small", "--methods", "free preset",
+            "--seeds", "0", "--threads", "1"]
+    key = "chat-small__free_preset__rho0.2__seed0"
+    _run(*args, "--out", str(tmp_path / "whole"), timeout=1800)
+    whole = json.loads((tmp_path / "whole" / "quick" / "runs" / f"{key}.json").read_text())
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, *args, "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = out / "quick" / "partial" / key
+    deadline = time.time() + 1200
+    while not list(partial.glob("checkpoint-*/run_clock.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(partial.glob("checkpoint-*/run_clock.json")), "no complete checkpoint before the run ended"
+    assert not (out / "quick" / "runs" / f"{key}.json").exists()  # killed before it was cached
+
+    _run(*args, "--out", str(out), timeout=1800)
+    resumed = json.loads((out / "quick" / "runs" / f"{key}.json").read_text())
+    assert 1 <= resumed["resumed_from_step"] < 4 and "resumed_from_step" not in whole
+    for field in ("test", "forgetting", "perturbed", "config"):
+        assert resumed[field] == whole[field], field
+    assert resumed["wall_s"] > 0 and not partial.exists()
