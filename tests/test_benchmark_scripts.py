@@ -428,6 +428,17 @@ def test_accuracy_benchmark_chat_task_quick(tmp_path):
     assert fast["config"]["sam"] == {"sam_preset": "fast"} and len(fast["perturbed"]) == len(
         json.loads((runs / "chat-noise40__full_SAM__rho0.05__seed0.json").read_text())["perturbed"])
     assert "| answer NLL |" in table and "forgetting (NLL after - before)" in table
+    assert "| Δ vs the strongest plain row, pt [95% CI] |" in table and "| chat-noise40 | adafactor |" in table
+
+
+def test_the_strongest_plain_row_is_the_better_mean_over_the_seeds_both_ran():
+    bench = _script("benchmark_accuracy")
+    run = lambda seed, acc: dict(seed=seed, test=dict(accuracy=acc))  # noqa: E731
+    adamw = [run(0, 0.60), run(1, 0.62), run(2, 0.70)]
+    assert bench.strongest_plain(dict(adamw=adamw, adafactor=[run(0, 0.63), run(1, 0.61)])) == "adafactor"
+    assert bench.strongest_plain(dict(adamw=adamw, adafactor=[run(0, 0.60), run(1, 0.62)])) == "adamw"  # a tie
+    assert bench.strongest_plain(dict(adamw=adamw, adafactor=[])) == "adamw"
+    assert bench.strongest_plain(dict(adamw=adamw)) == "adamw"
 
 
 @pytest.mark.slow  # SmolLM2 LoRA SFT: AdamW and the free preset, trained and then timed side by side (80 s)
