@@ -243,11 +243,12 @@ def train_and_eval(task: Task, job: Job, budget: Budget | RobustBudget, ctx: dic
         return dict(record, **{split: recipe.evaluate(trainer, split) for split in splits})
     best.active = False
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    test_end = recipe.evaluate(trainer, "test")
-    trainer.model.load_state_dict(best.weights)
+    test_end = at_best = recipe.evaluate(trainer, "test")
+    if best.best_epoch != trainer.state.epoch:  # at the last epoch the best weights are the final ones: scored above
+        trainer.model.load_state_dict(best.weights)
+        at_best = recipe.evaluate(trainer, "test")
     return dict(record, validation=dict(accuracy=best.curve[-1]), validation_curve=best.curve,
-                train_loss_curve=losses, best_epoch=best.best_epoch, test=test_end,
-                test_at_best_validation=recipe.evaluate(trainer, "test"))
+                train_loss_curve=losses, best_epoch=best.best_epoch, test=test_end, test_at_best_validation=at_best)
 
 
 def run_key(task: Task, job: Job, device: str) -> str:

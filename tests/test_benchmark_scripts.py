@@ -377,6 +377,10 @@ def test_accuracy_robustness_suite_quick(tmp_path):
     run = json.loads((tmp_path / "quick" / "runs" / "digits-noise40__LW-SAM_default__rho0.05__seed1.json").read_text())
     assert len(run["validation_curve"]) == 3 and run["test_at_best_validation"]["accuracy"] > 0
     assert (tmp_path / "quick" / "robustness.png").stat().st_size > 1000
+    for path in (tmp_path / "quick" / "runs").glob("*.json"):  # best at the last epoch: the final test is the best's
+        run = json.loads(path.read_text())
+        last = run["best_epoch"] == len(run["validation_curve"])
+        assert (run["test_at_best_validation"] == run["test"]) or not last, path.name
 
 
 def test_chat_tasks_noise_only_the_training_answers_and_keep_the_chat_format():
