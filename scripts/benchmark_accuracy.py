@@ -99,6 +99,7 @@ from study_methods import (  # noqa: E402
     LABEL_SMOOTHINGS,
     PLAIN_LRS,
     PLAIN_OPTIMIZERS,
+    REFERENCE_RHOS,
     WEIGHT_DECAYS,
     Method,
     baseline_grid,
@@ -766,12 +767,14 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
     configuration and the chosen reference, then each row's test accuracy with its paired gain over the reference
     and over the suite's AdamW; `<report>.png`: the gains over the reference."""
     grid_lines, lines, points = [], [], []
-    for task, finals, chosen, _, _ in results:
+    for task, finals, chosen, _, methods in results:
+        grids = swept_rhos(methods, rhos)
         info = ctx.get("baselines", {}).get(task.name)
         if info is None:
             continue
         ref_name, ref_lr = info["reference"] or (None, None)
-        args = {m.name: m.args for m in baseline_grid()}
+        args = {m.name: m.args for m in baseline_grid(task.family)}
+        lrs = {m.name: m.lrs for m in baseline_grid(task.family)}
         # the configurations run on every selection seed first (best first), then the partly run ones
         selection_seeds = len(info["seeds"])
 
@@ -781,7 +784,8 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
         for (row, lr), vals in sorted(info["scores"].items(), key=order):
             mark = " **reference**" if (row, lr) == (ref_name, ref_lr) else ""
             opts = ", ".join(f"{k}={v}" for k, v in args[row].items())
-            grid_lines.append(f"| {task.name} | {row}{mark} | {opts} | {lr:g} | {len(vals)} | {mean_std(vals)} | "
+            lr_cell = on_edge(lr, lrs[row]) if mark else f"{lr:g}"
+            grid_lines.append(f"| {task.name} | {row}{mark} | {opts} | {lr_cell} | {len(vals)} | {mean_std(vals)} | "
                               f"{mean_std(info['tests'][(row, lr)])} |")
         if ref_name is None:
             lines.append(f"| {task.name} | (no reference yet: {len(info['scores'])} of {info['configurations']} "
@@ -793,7 +797,8 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
             vals = [r["test"]["accuracy"] for r in runs]
             vs_ref = "-" if name == ref_name else paired_cell(ref, runs)
             vs_adamw = "-" if name == "adamw" else paired_cell(base, runs)
-            lines.append(f"| {task.name} | {label} | {chosen.get(name, '-')} | {len(runs)} | {mean_std(vals)} | "
+            lines.append(f"| {task.name} | {label} | {on_edge(chosen.get(name, '-'), grids.get(name))} | {len(runs)} | "
+                         f"{mean_std(vals)} | "
                          f"{vs_ref} | {vs_adamw} |")
             both = [r for r in runs if r["seed"] in ref]
             if name != ref_name and len(both) > 1:
@@ -813,8 +818,10 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
     note = (f"Plain-baseline grid: {grid}, each with weight decay {list(WEIGHT_DECAYS)} and label smoothing "
             f"{list(LABEL_SMOOTHINGS)} (label_smoothing_factor); the reference is the configuration with the best mean "
             f"final validation accuracy over seeds {a.reference_seeds}. The rows 'on reference' train with the "
-            "reference's optimizer settings and learning rate, rho chosen on validation (seed 0) as in the robustness "
-            f"suite ({rhos}; the free preset from its momentum grid); 'adamw' is the suite's AdamW (lr chosen from "
+            "reference's optimizer settings and learning rate, rho chosen on validation (seed 0) from its own grid "
+            f"(full SAM and the fast preset {list(REFERENCE_RHOS['full'])}, the free preset "
+            f"{list(REFERENCE_RHOS['free'])}); full SAM on the suite's AdamW from {rhos}, full momentum from its "
+            "momentum grid; '(grid edge)': chosen on an edge of its grid; 'adamw' is the suite's AdamW (lr chosen from "
             f"{ROBUST_LR_GRID}, weight decay 0); full SAM and full momentum (the free preset's options) without "
             f"'on reference' train on it. Seeds {seeds}; Δ: the mean paired difference in points with its 95% t "
             "interval (seeds ahead); a difference whose interval holds 0 is no measured effect. "
@@ -854,6 +861,24 @@ def plot_gains(points: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def on_edge(value: Any, grid: Any) -> str:
+    """`value`, marked when validation chose it on an edge of its `grid` of several values (the best may lie
+    beyond: a grid to extend).
+
+        >>> on_edge(0.01, (0.01, 0.05, 0.1)), on_edge(0.05, (0.01, 0.05, 0.1)), on_edge(0.05, (0.05,))
+        ('0.01 (grid edge)', '0.05', '0.05')
+    """
+    grid = list(grid or ())
+    if value is None or value == "-":
+        return "-"
+    return f"{value} (grid edge)" if len(grid) > 1 and value in (min(grid), max(grid)) else f"{value}"
+
+
+def swept_rhos(methods: list[Method], rhos: list[float]) -> dict[str, list[float]]:
+    """Each row's rho grid where it sweeps one (not a row taking another's rho, not a plain row)."""
+    return {m.name: m.grid(rhos) for m in methods if m.sam is not None and m.rho_from is None}
+
+
 def paired_metric(base: dict[int, dict], runs: list[dict], read, scale: float = 1.0) -> str:
     """The mean paired difference `read(run) - read(base run)` over the seeds both ran, times `scale`, with its 95%
     t interval; `-` without a shared seed."""
@@ -886,8 +911,10 @@ def report_chat(a, results: list[tuple], seeds: list[int], rhos: list[float], ct
     difference against AdamW and its 95% t interval; the learning rates and rhos chosen on validation; throughput ÷
     AdamW (`--measure_cost` on the task's own recipe, else the benchmark's ratio of the same mode)."""
     lines, points, strongest = [], [], {}
-    for task, finals, chosen, costs, _ in results:
+    for task, finals, chosen, costs, methods in results:
         base = {r["seed"]: r for r in finals["adamw"]}
+        grids = dict(swept_rhos(methods, rhos))
+        lr_grids = {m.name: m.lrs for m in methods if m.lrs} | {"adamw": task.lr_grid}
         plain = strongest[task.name] = strongest_plain(finals)
         best = {r["seed"]: r for r in finals[plain]}
         lrs = ctx.get("chosen_lr", {}).get(task.name, {})
@@ -901,7 +928,8 @@ def report_chat(a, results: list[tuple], seeds: list[int], rhos: list[float], ct
                 f"{paired_metric(base, runs, lambda r: r['test']['accuracy'], 100)} ({wins}/{len(runs)})",
                 paired_metric(base, runs, lambda r: r["test"]["answer_nll"]), paired_metric(base, runs, forgetting)]
             vs_best = "-" if name in PLAIN_ROWS else paired_metric(best, runs, lambda r: r["test"]["accuracy"], 100)
-            lines.append(f"| {task.name} | {name} | {chosen.get(name, '-')} | {lr if lr is not None else '-'} | "
+            lr_cell = on_edge(lr, lr_grids.get(name) if name in PLAIN_ROWS else ())  # SAM rows: AdamW's
+            lines.append(f"| {task.name} | {name} | {on_edge(chosen.get(name, '-'), grids.get(name))} | {lr_cell} | "
                          f"{len(runs)} | {mean_std(acc)} | {cells[0]} | {vs_best} | {mean_std(nll)} | {cells[1]} | "
                          f"{mean_std(forget, '+.4f')} | {cells[2]} | "
                          f"{statistics.mean(r['wall_s'] for r in runs):.0f} | "

@@ -480,11 +480,11 @@ def test_the_reference_is_the_best_mean_over_the_selection_seeds_not_seed_0():
 def test_plain_baseline_grid_rows_and_the_momentum_ascents_optimizers():
     methods = _script("study_methods")
     grid = methods.baseline_grid()
-    assert sum(len(m.lrs) for m in grid) == 36 and all(m.sam is None for m in grid)
+    assert sum(len(m.lrs) for m in grid) == 48 and all(m.sam is None for m in grid)
     sgd = next(m for m in grid if m.name == "plain sgd wd0.1 ls0.1")
     assert sgd.args == dict(optim="sgd", optim_args="momentum=0.9", weight_decay=0.1, label_smoothing_factor=0.1)
     assert "optim" not in next(m for m in grid if m.name == "plain adamw wd0 ls0").args  # the adamw row's default
-    # the fine-tuned tweets tasks: the same 36 configurations, each optimizer with learning rates of its own for them
+    # the fine-tuned tweets tasks: the same rows (36 configurations), each optimizer with learning rates of its own
     tweets = {m.name: m.lrs for m in methods.baseline_grid("tweets")}
     assert list(tweets) == [m.name for m in grid] and tweets["plain adamw wd0 ls0"] == (3e-5, 1e-4, 3e-4)
     assert all(tweets[m.name] != m.lrs for m in grid)
@@ -598,3 +598,11 @@ def test_a_chat_run_killed_part_way_resumes_to_the_run_an_uninterrupted_one_make
     for field in ("test", "forgetting", "perturbed", "config"):
         assert resumed[field] == whole[field], field
     assert resumed["wall_s"] > 0 and not partial.exists()
+
+
+@pytest.mark.parametrize("name", ["benchmark_accuracy", "study_harness", "study_methods", "study_stats"])
+def test_the_study_scripts_docstring_examples_hold(name):
+    import doctest
+
+    result = doctest.testmod(_script(name))
+    assert result.attempted > 0 and result.failed == 0
