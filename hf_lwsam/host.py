@@ -33,7 +33,7 @@ class AscentHost(Protocol):
     """The public surface of the trainer an ascent runs on ([`LWSAMMixin`] implements it).
 
     Attributes:
-        args ([`LWSAMConfig`]): the training options, `sam_*` included (`args.sam_rho`, `args.seed`, ...).
+        args (`LWSAMConfig`): the training options, `sam_*` included (`args.sam_rho`, `args.seed`, ...).
         optimizer (`torch.optim.Optimizer` or `None`): the optimizer the base class steps (accelerate's wrapper once
             training started; `None` before it is created).
         accelerator (`accelerate.Accelerator`): `accelerator.sync_gradients` is `True` on the last micro-batch of an

@@ -205,8 +205,9 @@ def train_once(task: Task, label: str, sam: dict[str, Any] | None, opts: argpars
     )
     model = task.make_model()
     recorder = GradNormRecorder(batches_of(task.train, opts.batch_size, opts.measure_batches), opts.measure_every)
-    trainer = make_trainer(common, None if sam is None else dict(sam_probe_interval=opts.probe_interval, **sam),
-                           opts.rho, model=model, train_dataset=task.train, eval_dataset=task.eval,
+    if sam is not None and sam.get("sam_selection") == "probe":  # the interval only for the probe (refused elsewhere)
+        sam = dict(sam, sam_probe_interval=opts.probe_interval)
+    trainer = make_trainer(common, sam, opts.rho, model=model, train_dataset=task.train, eval_dataset=task.eval,
                            data_collator=default_data_collator, compute_metrics=task.compute_metrics,
                            callbacks=[recorder])
     start = time.perf_counter()
