@@ -214,18 +214,20 @@ def train_and_eval(task: Task, job: Job, budget: Budget | RobustBudget, ctx: dic
                 data_seed=job.seed, weight_decay=job.wd, per_device_train_batch_size=hp["batch"],
                 learning_rate=hp["lr"], **recipe.args)
     kwargs = dict(recipe.trainer_kwargs)
-    clock, resume = RunClock(), None
+    clock, resume, saved = RunClock(), None, None
     if task.save_steps:  # a checkpoint every `save_steps` of the run; the last two kept, the newest resumed from
         folder, resume = partial_run(task, job, budget, ctx)
         args.update(output_dir=str(folder), save_strategy="steps", save_steps=task.save_steps, save_total_limit=2)
         if resume is not None:
-            clock = RunClock(json.loads((resume / RunClock.FILE).read_text())["wall_s"])
+            saved = json.loads((resume / RunClock.FILE).read_text())
+            clock = RunClock(saved["wall_s"])
             ctx["log"](f"     resumed from {resume.name}")
     kwargs["callbacks"] = [clock]
     if task.epochs:  # validated (and logged) every epoch
         best = BestValidation()
         args.update(logging_strategy="epoch", eval_strategy="epoch")
-        kwargs.update(eval_dataset=recipe.splits["validation"], callbacks=[clock, best])
+        kwargs["eval_dataset"] = recipe.splits["validation"]
+        kwargs["callbacks"].append(best)
     trainer = quiet(make_trainer(method.training_args(args), method.sam, job.rho, sft=recipe.sft,
                                  model=recipe.model, train_dataset=recipe.train_dataset, **kwargs))
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
@@ -233,8 +235,8 @@ def train_and_eval(task: Task, job: Job, budget: Budget | RobustBudget, ctx: dic
     record = dict(task=task.name, method=method.name, rho=job.rho, seed=job.seed, wall_s=wall,
                   machine=machine(ctx["device"]), perturbed=trainer.perturbed_parameter_names() if method.sam else [],
                   config=hp)
-    if resume is not None:
-        record["resumed_from_step"] = int(resume.name.rsplit("-", 1)[1])
+    if saved is not None:
+        record["resumed_from_step"] = saved["step"]
     if recipe.tokens is not None:
         record["tokens_per_s"] = recipe.tokens(trainer) / wall
     if recipe.after is not None:
@@ -296,8 +298,6 @@ def cached_run(job: Job, ctx: dict, peek: bool = False) -> dict | None:
             return None
         log(f"run {key}")
         result = train_and_eval(task, job, budget, ctx)
-        if task.save_steps:  # finished: its checkpoints go once the run is cached
-            ctx.setdefault("finished", []).append(ctx["out"] / "partial" / key)
         val = f"validation {_metric_str(result['validation'])}, " if "validation" in result else ""
         best = ""
         if "best_epoch" in result:
@@ -308,8 +308,8 @@ def cached_run(job: Job, ctx: dict, peek: bool = False) -> dict | None:
 
     run = cached(ctx["out"] / "runs" / f"{key}.json", run_configuration(task, job, budget, ctx["device"]), make,
                  None if peek else log)
-    for folder in ctx.pop("finished", []):
-        shutil.rmtree(folder, ignore_errors=True)
+    if run is not None and task.save_steps:  # cached: its checkpoints (`partial_run`) are no longer needed
+        shutil.rmtree(ctx["out"] / "partial" / key, ignore_errors=True)
     return run
 
 
@@ -768,13 +768,12 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
     and over the suite's AdamW; `<report>.png`: the gains over the reference."""
     grid_lines, lines, points = [], [], []
     for task, finals, chosen, _, methods in results:
-        grids = swept_rhos(methods, rhos)
         info = ctx.get("baselines", {}).get(task.name)
         if info is None:
             continue
+        grids = swept_rhos(methods, rhos)
         ref_name, ref_lr = info["reference"] or (None, None)
-        args = {m.name: m.args for m in baseline_grid(task.family)}
-        lrs = {m.name: m.lrs for m in baseline_grid(task.family)}
+        plain = {m.name: m for m in baseline_grid(task.family)}
         # the configurations run on every selection seed first (best first), then the partly run ones
         selection_seeds = len(info["seeds"])
 
@@ -783,8 +782,8 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
 
         for (row, lr), vals in sorted(info["scores"].items(), key=order):
             mark = " **reference**" if (row, lr) == (ref_name, ref_lr) else ""
-            opts = ", ".join(f"{k}={v}" for k, v in args[row].items())
-            lr_cell = on_edge(lr, lrs[row]) if mark else f"{lr:g}"
+            opts = ", ".join(f"{k}={v}" for k, v in plain[row].args.items())
+            lr_cell = on_edge(lr, plain[row].lrs) if mark else f"{lr:g}"
             grid_lines.append(f"| {task.name} | {row}{mark} | {opts} | {lr_cell} | {len(vals)} | {mean_std(vals)} | "
                               f"{mean_std(info['tests'][(row, lr)])} |")
         if ref_name is None:
@@ -913,7 +912,7 @@ def report_chat(a, results: list[tuple], seeds: list[int], rhos: list[float], ct
     lines, points, strongest = [], [], {}
     for task, finals, chosen, costs, methods in results:
         base = {r["seed"]: r for r in finals["adamw"]}
-        grids = dict(swept_rhos(methods, rhos))
+        grids = swept_rhos(methods, rhos)
         lr_grids = {m.name: m.lrs for m in methods if m.lrs} | {"adamw": task.lr_grid}
         plain = strongest[task.name] = strongest_plain(finals)
         best = {r["seed"]: r for r in finals[plain]}
