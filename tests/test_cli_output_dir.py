@@ -249,3 +249,59 @@ def test_a_readme_the_run_did_not_write_is_kept_and_the_card_goes_beside_it(comm
     # the card beside it is the run's: the next --overwrite_output_dir removes it, and keeps the user's README.md
     plan = plan_output_dir(out, overwrite=True, resume_from_checkpoint=None)
     assert out / "_hf-lwsam-card.md" in plan.remove and out / "README.md" not in plan.remove
+
+
+def test_an_error_in_the_final_evaluation_keeps_the_trained_steps_and_the_rerun_finishes(command, tmp_path):
+    """Training ends, then the final evaluation raises (a real one: `--eval_accumulation_steps 0` divides by zero
+    there), with no checkpoint saved during training: the last step is saved as one, and the same command again,
+    without the bad flag, only evaluates and saves the weights an uninterrupted run ends with, bit for bit."""
+    whole = tmp_path / "whole"
+    assert _run(command, whole, "--save_strategy", "no")[0] == 0
+    out = tmp_path / "out"
+    with _capture() as records, pytest.raises(ZeroDivisionError):
+        run_cli([*command, "--output_dir", out, "--save_strategy", "no", "--eval_accumulation_steps", "0"])
+    log = "\n".join(r.getMessage() for r in records)
+    assert f"the trained weights are saved in {out / 'checkpoint-4'}" in log, log
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert not (out / RESULTS_NAME).exists(), "a run that did not finish must not look finished"
+    code, log = _run(command, out, "--save_strategy", "no")
+    assert code == 0, log
+    assert f"Resuming from {out / 'checkpoint-4'} (global step 4)" in log
+    assert "eval_accuracy" in json.loads((out / RESULTS_NAME).read_text())
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
+def test_another_tools_run_is_never_continued_or_overwritten_unasked(command, tmp_path):
+    """A stock `Trainer`'s run in the same folder (both default to `trainer_output`): finished, it is refused; with
+    its checkpoint only, it is refused too, naming `--resume_from_checkpoint`; continued with that flag, every file
+    it wrote is kept, the ones under the final save's names moved to `_hf-lwsam-kept/`."""
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    from conftest import tweet_bytes_dataset
+
+    out = tmp_path / "out"
+    stock = Trainer(model=AutoModelForSequenceClassification.from_pretrained(command[1]),
+                    train_dataset=tweet_bytes_dataset(16), args=TrainingArguments(
+                        output_dir=str(out), max_steps=2, save_strategy="steps", save_steps=2, report_to="none",
+                        use_cpu=True, per_device_train_batch_size=8, disable_tqdm=True))
+    stock.save_metrics("all", stock.train().metrics)
+    stock.save_model()
+    before = _tree(out)
+    code, log = _run(command, out)
+    assert code == 2 and "holds a finished run hf_lwsam did not write (all_results.json)" in log, log
+    assert _tree(out) == before
+    (out / RESULTS_NAME).unlink()  # as a script that saves the model and no metrics leaves it
+    before = _tree(out)
+    code, log = _run(command, out)
+    assert code == 2 and "holds checkpoint-2, which hf_lwsam did not write: pass --resume_from_checkpoint" in log, log
+    assert _tree(out) == before
+    code, log = _run(command, out, "--resume_from_checkpoint", out / "checkpoint-2", "--save_strategy", "no")
+    assert code == 0, log
+    assert f"Resuming from {out / 'checkpoint-2'} (global step 2)" in log
+    assert "model.safetensors" in log and "are kept in" in log
+    kept = out / "_hf-lwsam-kept"
+    for name, data in before.items():
+        assert (out / name).is_file() and (out / name).read_bytes() == data or (kept / name).read_bytes() == data, name
+    assert (kept / "model.safetensors").read_bytes() == before["model.safetensors"] != (out / "model.safetensors"
+                                                                                        ).read_bytes()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4 and (out / RESULTS_NAME).exists()

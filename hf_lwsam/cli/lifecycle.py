@@ -36,6 +36,8 @@ from .output import (
     record_written,
 )
 
+logger = logging.get_logger("hf_lwsam.cli.train")
+
 EXIT_PREEMPTED = 128 + 15  # the shell's status for SIGTERM
 
 
@@ -188,32 +190,59 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated
 
 
+def _save_last_step(trainer: Any, output_dir: Path) -> Path:
+    """The last step as `checkpoint-N` in `output_dir` (unless a complete one is there already), recorded as written
+    by this run; its path."""
+    step = trainer.state.global_step
+    checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    if not (checkpoint / TRAINER_STATE_NAME).is_file():
+        trainer._save_checkpoint(trainer.model, trial=None)
+        if trainer.args.should_save:
+            record_written(output_dir, {checkpoint.name: checkpoint})
+    return checkpoint
+
+
 @contextlib.contextmanager
 def preemptible_finish(trainer: Any, output_dir: Path) -> Iterator[None]:
-    """Around the final evaluation and save, after training: SIGTERM stops them, the last step is saved as a
-    checkpoint (unless one is there already), and `Preempted` is raised (exit 143). Running the command again
-    resumes from that checkpoint with nothing left to train, so it only evaluates and saves. (Single process: with
-    several, each rank handles the signal it receives itself.)"""
+    """Around the final evaluation and save, after training: nothing trained is lost when they do not finish.
+
+    - SIGTERM stops them, the last step is saved as a checkpoint (unless one is there already), and `Preempted` is
+      raised (exit 143).
+    - An error (e.g. out of memory in the evaluation, a full disk, Ctrl-C) saves the last step the same way, logs
+      where, and is raised again as it was.
+
+    Running the command again resumes from that checkpoint with nothing left to train, so it only evaluates and saves.
+    (Single process: with several, each rank handles the signal it receives itself, and an error is raised without
+    a save, which would wait for the other ranks.)"""
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
+        previous = None
     try:
         yield
     except _Terminated:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the checkpoint below is written whole
-        step = trainer.state.global_step
-        checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        if not (checkpoint / TRAINER_STATE_NAME).is_file():
-            trainer._save_checkpoint(trainer.model, trial=None)
-            if trainer.args.should_save:
-                record_written(output_dir, {checkpoint.name: checkpoint})
-        raise Preempted(f"stopped by SIGTERM during the final evaluation or save, after step {step} of "
-                        f"{trainer.state.max_steps}; saved {checkpoint}: run the same command again to finish "
-                        "(it evaluates and saves, with nothing left to train).") from None
+        checkpoint = _save_last_step(trainer, output_dir)
+        raise Preempted(f"stopped by SIGTERM during the final evaluation or save, after step "
+                        f"{trainer.state.global_step} of {trainer.state.max_steps}; saved {checkpoint}: run the same "
+                        "command again to finish (it evaluates and saves, with nothing left to train).") from None
+    except (Exception, KeyboardInterrupt) as error:
+        if trainer.args.world_size > 1:
+            raise
+        try:
+            checkpoint = _save_last_step(trainer, output_dir)
+        except Exception as failed:  # e.g. the disk is full: the original error is the one to see
+            logger.error(f"The final evaluation or save failed ({type(error).__name__}) and the last step could not be "
+                         f"saved as a checkpoint either ({type(failed).__name__}: {failed}).")
+            raise error from None
+        logger.error(f"The final evaluation or save failed ({type(error).__name__}: {error}) after step "
+                     f"{trainer.state.global_step} of {trainer.state.max_steps}; the trained weights are saved in "
+                     f"{checkpoint}: fix the cause and run the same command again to finish (it evaluates and saves, "
+                     "with nothing left to train).")
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def save_final(trainer: Any, output_dir: Path, metrics: dict[str, Any]) -> None:

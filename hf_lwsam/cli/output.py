@@ -45,6 +45,7 @@ LOGS_NAME = "runs"  # the Trainer's default logging_dir
 ID_NAME = ".hf-lwsam-id"  # inside each directory a run records: a random id no other directory has
 CARD_NAME = "README.md"
 CARD_ASIDE_NAME = "_hf-lwsam-card.md"  # the run's card when output_dir holds a README.md the run did not write
+KEPT_NAME = "_hf-lwsam-kept"  # where the final save moves files of another tool that had the names of the run's files
 UPLOAD_IGNORE = ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", f"*{ID_NAME}"]  # the Trainer's push patterns, plus the ids
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
 
@@ -259,9 +260,18 @@ def plan_output_dir(output_dir: Path, overwrite: bool, resume_from_checkpoint: s
                              "--output_dir, or pass a new --output_dir.")
         plan.remove = sorted(p for p in output_dir.iterdir() if p.name in ours)
         return plan
+    if (output_dir / RESULTS_NAME).is_file() and RESULTS_NAME not in ours:
+        raise UsageError(f"--output_dir {str(output_dir)!r} holds a finished run hf_lwsam did not write "
+                         f"({RESULTS_NAME}): pass a new --output_dir (with --resume_from_checkpoint to continue from "
+                         "one of its checkpoints).")
     if (output_dir / RESULTS_NAME).is_file() and (output_dir / MANIFEST_NAME).is_file():
         raise UsageError(f"--output_dir {str(output_dir)!r} holds a finished run: pass --overwrite_output_dir to train "
                          "again from step 0 (only the previous run's files are removed), or a new --output_dir.")
+    others = [name for name in _checkpoints(output_dir) if name not in ours]
+    if others and plan.checkpoint is None:  # another tool's run (a stock Trainer's, `trl sft`): never continued unasked
+        raise UsageError(f"--output_dir {str(output_dir)!r} holds {', '.join(others)}, which hf_lwsam did not write: "
+                         f"pass --resume_from_checkpoint {str(output_dir / others[-1])!r} to continue that run, move "
+                         "it out of --output_dir, or pass a new --output_dir.")
     if plan.checkpoint is None:
         plan.checkpoint = last_complete_checkpoint(output_dir)
     return plan
@@ -316,6 +326,20 @@ def finish_final_save(output_dir: Path, tmp: Path, results: dict) -> None:
         targets[CARD_NAME] = CARD_ASIDE_NAME
         logger.warning(f"{output_dir / CARD_NAME} was not written by hf_lwsam and is kept (it is what a Hub upload of "
                        f"the folder sends); the run's model card is {output_dir / CARD_ASIDE_NAME}")
+    recorded = _recorded(output_dir)
+    foreign = [t for t in targets.values()
+               if t not in recorded and ((output_dir / t).exists() or (output_dir / t).is_symlink())]
+    if foreign:  # another tool's files where the run's go (e.g. a stock Trainer finished here first): kept, moved aside
+        kept = output_dir / KEPT_NAME
+        kept.mkdir(exist_ok=True)
+        for target in foreign:
+            aside = kept / target
+            n = 1
+            while aside.exists() or aside.is_symlink():
+                aside, n = kept / f"{target}.{n}", n + 1
+            os.replace(output_dir / target, aside)
+        logger.warning(f"{', '.join(foreign)} in {output_dir} were not written by hf_lwsam and are kept in {kept}; the "
+                       "run's own files take their names")
     # renaming keeps what `_identity` reads (a directory's id, a file's inode, size and modification time)
     record_written(output_dir, {target: tmp / name for name, target in targets.items()})
     for name, target in targets.items():
