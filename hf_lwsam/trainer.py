@@ -8,7 +8,7 @@ import time
 import typing
 import weakref
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -57,6 +57,9 @@ def _native_config_class(trainer_cls: type) -> type[TrainingArguments]:
         return TrainingArguments
     found = [t for t in (typing.get_args(hint) or (hint,)) if isinstance(t, type) and issubclass(t, TrainingArguments)]
     return max(found, key=lambda t: len(t.__mro__), default=TrainingArguments)
+
+
+_MISSING = object()  # no instance attribute of that name
 
 
 class LWSAMMixin:
@@ -508,13 +511,22 @@ class LWSAMMixin:
         return dict(self.model.named_parameters())
 
     @contextmanager
-    def _inputs_already_prepared(self) -> Iterator[None]:
-        """The base step's own `_prepare_inputs` call passes the prepared inputs through."""
-        self._prepare_inputs = lambda prepared: prepared
+    def _instance_attribute(self, name: str, value: Any) -> Iterator[None]:
+        """`self.<name> = value` for the block, then the instance's own attribute put back as it was (one a user set
+        on the trainer, e.g. a `compute_loss`, stays set), or removed when it had none."""
+        saved = vars(self).get(name, _MISSING)
+        setattr(self, name, value)
         try:
             yield
         finally:
-            del self._prepare_inputs
+            if saved is _MISSING:
+                delattr(self, name)
+            else:
+                setattr(self, name, saved)
+
+    def _inputs_already_prepared(self) -> AbstractContextManager[None]:
+        """The base step's own `_prepare_inputs` call passes the prepared inputs through."""
+        return self._instance_attribute("_prepare_inputs", lambda prepared: prepared)
 
     def _time_before_base_step(self) -> None:
         """TRL's GRPO times its own `training_step` into `step_time`: add what this micro-batch spent before it
@@ -545,11 +557,8 @@ class LWSAMMixin:
             with self._compute_loss_records_undone():
                 return compute_loss(*args, **kwargs)
 
-        self.compute_loss = undone
-        try:
+        with self._instance_attribute("compute_loss", undone):
             yield
-        finally:
-            del self.compute_loss
 
     @contextmanager
     def _compute_loss_records_undone(self) -> Iterator[None]:

@@ -345,3 +345,26 @@ def test_fsdp2_from_accelerate_launch_is_sharding_for_every_check(tmp_path, monk
         _config(tmp_path, sam_interval=2, sam_interval_reuse="looksam")
     monkeypatch.setenv("FSDP_VERSION", "1")  # the options win over the environment, as in the Trainer
     assert fsdp_version(_config(tmp_path, fsdp="full_shard", fsdp_config={"version": 2})) == 2
+
+
+@pytest.mark.parametrize("preset", [None, "exact", "free"])
+def test_a_compute_loss_set_on_the_trainer_is_kept_for_the_whole_run(sgd_args, preset):
+    """A loss set on the trainer instance (as users patch one in) is the loss of every step, as in the stock Trainer:
+    at sam_rho=0 the weights are the stock Trainer's with the same loss, bit for bit, and it is still set after."""
+    import types
+
+    def tripled(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return 3.0 * type(self).compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    common = dict(optim="adamw_torch", learning_rate=1e-2, max_steps=4, gradient_accumulation_steps=2)
+    plain, sam = tiny_gpt2(), tiny_gpt2()
+    stock = Trainer(model=plain, args=sgd_args(**common), train_dataset=shakespeare_lm_dataset(16))
+    stock.compute_loss = types.MethodType(tripled, stock)
+    stock.train()
+    trainer = LWSAMTrainer(model=sam, args=sgd_args(sam_preset=preset, sam_rho=0.0, **common),
+                           train_dataset=shakespeare_lm_dataset(16))
+    trainer.compute_loss = types.MethodType(tripled, trainer)
+    trainer.train()
+    assert vars(trainer)["compute_loss"].__func__ is tripled and "_prepare_inputs" not in vars(trainer)
+    for (name, p), q in zip(plain.named_parameters(), sam.parameters()):
+        assert torch.equal(p, q), name
