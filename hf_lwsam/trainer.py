@@ -481,6 +481,15 @@ class LWSAMMixin:
             if after_pass_one:
                 self._end_pass_one()
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """The base class's, but none once `max_steps` is reached: resumed from a checkpoint of the last step, part-way
+        through an epoch, the stock loop (transformers 5.x) takes one more optimizer step before it checks the limit
+        (the run ends at `max_steps + 1`, unlike the uninterrupted one); with no batch it stops where it was."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """The base class's optimizer, checked by the ascent before the first step (the momentum ascent reads its
         first moment, or hooks its own average of the gradients to the optimizer's step)."""

@@ -130,3 +130,21 @@ def test_a_file_copied_to_another_process_name_is_refused(gradient, tmp_path):
     (tmp_path / "lwsam_ascent_rank1.pt").write_bytes((tmp_path / "lwsam_ascent_rank0.pt").read_bytes())
     with pytest.raises(ValueError, match=re.escape("holds the ascent vector of process 0, not of process 1")):
         loaded(tmp_path, 1)
+
+
+@pytest.mark.parametrize("preset", ["exact", "free"])
+def test_resumed_from_the_last_steps_checkpoint_part_way_through_an_epoch_it_trains_no_step_more(sgd_args, preset):
+    """The stock loop (transformers 5.x) takes one optimizer step past max_steps when resumed from the last step's
+    checkpoint part-way through an epoch: here it stops where it was, the weights those of the checkpoint."""
+    from hf_lwsam import LWSAMTrainer
+
+    args = sgd_args(sam_preset=preset, learning_rate=0.1, max_steps=2, save_strategy="steps", save_steps=1)
+    data = shakespeare_lm_dataset(16)  # 4 optimizer steps an epoch
+    whole = tiny_gpt2()
+    LWSAMTrainer(model=whole, args=args, train_dataset=data).train()
+    resumed = tiny_gpt2()
+    trainer = LWSAMTrainer(model=resumed, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=f"{args.output_dir}/checkpoint-2")
+    assert trainer.state.global_step == 2
+    for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name

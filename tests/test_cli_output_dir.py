@@ -305,3 +305,35 @@ def test_another_tools_run_is_never_continued_or_overwritten_unasked(command, tm
     assert (kept / "model.safetensors").read_bytes() == before["model.safetensors"] != (out / "model.safetensors"
                                                                                         ).read_bytes()
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4 and (out / RESULTS_NAME).exists()
+
+
+def test_the_same_command_resumes_only_with_the_options_the_checkpoint_was_trained_with(command, tmp_path):
+    """A rerun that finds a checkpoint resumes it only with the options it was trained with (`_hf-lwsam-run.json`
+    in each checkpoint): a changed sam_* option, learning rate or training file is refused in one line naming it,
+    nothing touched; logging and a longer run are not changes; naming the checkpoint continues with the new options
+    and says which changed."""
+    out = tmp_path / "out"
+    assert _run(command, out)[0] == 0
+    saved = json.loads((out / "checkpoint-4" / "_hf-lwsam-run.json").read_text())
+    assert saved["sam_rho"] == 0.05 and saved["learning_rate"] == 5e-5 and saved["optim"] == "adamw_torch_fused"
+    (out / RESULTS_NAME).unlink()  # as if stopped in the final save: the rerun resumes checkpoint-4
+    before = _state(out)
+    fewer = write_tweet_csvs(tmp_path / "fewer", n_train=24, n_validation=16)[0]
+    for changed, named in [(["--sam_rho", "0.5"], "sam_rho: 0.05 -> 0.5"),
+                           (["--sam_preset", "free"], "sam_ascent: 'exact' -> 'momentum'"),
+                           (["--learning_rate", "0.05"], "learning_rate: 5e-05 -> 0.05"),
+                           (["--train_file", fewer], "num_train_examples: 32 -> 24")]:
+        code, _, stderr = run_cli([*command, "--output_dir", out, *changed])
+        errors = [line for line in stderr.splitlines() if line.startswith("hf-lwsam-train: error: ")]
+        assert code == 2 and len(errors) == 1 and named in errors[0], stderr[-3000:]
+        assert "trained with other options" in stderr and _state(out) == before
+        if named.startswith(("sam_", "learning_rate")):  # checked before the model is loaded: nothing else printed
+            assert len(stderr.splitlines()) == 1, stderr[-3000:]
+    code, log = _run(command, out, "--logging_steps", "1", "--max_steps", "6")
+    assert code == 0, log
+    assert f"Resuming from {out / 'checkpoint-4'} (global step 4)" in log
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    (out / RESULTS_NAME).unlink()
+    code, log = _run(command, out, "--max_steps", "6", "--resume_from_checkpoint", out / "checkpoint-6", "--sam_rho",
+                     "0.5")
+    assert code == 0 and "with options changed from the ones it was trained with: sam_rho: 0.05 -> 0.5" in log, log

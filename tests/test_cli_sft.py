@@ -389,3 +389,19 @@ def test_one_lora_flag_in_both_commands_with_the_former_name_accepted(form, tmp_
     _, _, model_args, _, _ = parse_args(["--model_name_or_path", "m", "--dataset_name", "d", "--bf16", "false",
                                          "--output_dir", str(tmp_path), *form, "--lora_r", "4"])
     assert model_args.use_peft is True and model_args.lora_r == 4
+
+
+def test_the_same_command_resumes_and_a_changed_option_is_refused(local, tmp_path, capsys):
+    """As for hf-lwsam-train: each checkpoint records the options it was trained with, the same command resumes,
+    a changed one is refused in one line naming it."""
+    out = tmp_path / "run"
+    flags = ["--output_dir", str(out), *local, *TINY, "--save_strategy", "steps", "--save_steps", "1"]
+    assert main(flags) == 0
+    assert json.loads((out / "checkpoint-2" / "_hf-lwsam-run.json").read_text())["sam_rho"] == 0.05
+    (out / "all_results.json").unlink()  # as if stopped in the final save
+    capsys.readouterr()
+    assert main([*flags, "--sam_rho", "0.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained with other options (sam_rho: 0.05 -> 0.2)" in err[0], err
+    assert main(flags) == 0 and (out / "all_results.json").is_file()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2

@@ -24,6 +24,7 @@ from ..model_card import (
 from ..selection_rules import SELECTION_RULES
 from .args import UsageError, brief, looks_like_path
 from .output import card_name, write_card
+from .run_options import run_options, write_run_options
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
@@ -230,6 +231,13 @@ class ModelCardMixin:
     def __init__(self, *args: Any, card_info: ModelCardInfo, card_name: str, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.card_info, self.card_name = card_info, card_name
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Checkpoints also carry the options the run trains with (`run_options`), so a rerun resumes only with
+        them; written before `trainer_state.json`, which marks a checkpoint complete."""
+        super()._save_rng_state(output_dir)
+        if self.args.should_save:
+            write_run_options(output_dir, run_options(self.args, self.card_info))
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The LW-SAM card in `output_dir` instead of the stock draft (TRL calls it at each checkpoint)."""

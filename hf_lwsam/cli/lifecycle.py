@@ -35,6 +35,7 @@ from .output import (
     plan_output_dir,
     record_written,
 )
+from .run_options import card_options, check_resume_options, run_options
 
 logger = logging.get_logger("hf_lwsam.cli.train")
 
@@ -326,7 +327,12 @@ def run_command(command: Command) -> dict[str, Any]:
     logging.set_verbosity(args.get_process_log_level())
     output_dir = Path(args.output_dir).expanduser().resolve()
     plan = plan_output_dir(output_dir, command.run_args.overwrite_output_dir, args.resume_from_checkpoint)
+    named = bool(args.resume_from_checkpoint)
+    if plan.checkpoint is not None:  # resumed with the options it was trained with, unless named: checked before
+        check_resume_options(plan.checkpoint, run_options(args), named)  # anything is loaded, then the model and data
     card_info = command.prepare(output_dir)
+    if plan.checkpoint is not None:
+        check_resume_options(plan.checkpoint, card_options(card_info), named, unrecorded_warning=False)
     card_info.repo_id = args.hub_model_id or output_dir.name
     point_at_output_dir(args, plan)
     try:  # built (the Hub repo created) before the output directory is touched
