@@ -24,7 +24,8 @@ class PreemptionCallback(TrainerCallback):
     `train()` then returns normally; check `preempted` afterwards and exit non-zero, and resume later with
     `trainer.train(resume_from_checkpoint=True)` (or `get_last_checkpoint(output_dir)`). With more than one process
     the flag is all-reduced (max) at every step end, so every process stops at the same step even when only one
-    received the signal. The previous signal handlers are restored when training ends.
+    received the signal. The previous signal handlers are restored when training ends, and by `LWSAMTrainer` when
+    `train()` raises (with a stock `Trainer`, call `restore_signal_handlers()` in a `finally`).
 
     ```python
     callback = PreemptionCallback()
@@ -55,6 +56,8 @@ class PreemptionCallback(TrainerCallback):
         self._requested = True
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._previous:  # the same train() again (`auto_find_batch_size` retries): a signal already received stays
+            return
         self._requested, self.preempted, self.stopped_at_step = False, False, None
         for signum in self.signals:
             try:
@@ -78,6 +81,11 @@ class PreemptionCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self.restore_signal_handlers()
+
+    def restore_signal_handlers(self) -> None:
+        """Put back the handlers `on_train_begin` replaced (called at the end of training; `LWSAMTrainer.train` also
+        calls it when training raises, which skips `on_train_end`: with a stock `Trainer`, call it in a `finally`)."""
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()

@@ -19,6 +19,7 @@ from transformers.utils import logging
 
 from .ascent import ASCENTS
 from .config import as_lwsam_config, mixed_subclass
+from .preemption import PreemptionCallback
 from .probe import LayerProbe
 from .reuse import ActivationReuse, capture_rng, is_compiled, plan_reuse, restore_rng
 from .running_stats import BufferGuard
@@ -480,6 +481,17 @@ class LWSAMMixin:
         finally:
             if after_pass_one:
                 self._end_pass_one()
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The base class's `train`; when it raises (which skips `on_train_end`), a [`PreemptionCallback`] puts the
+        signal handlers back, so a SIGTERM after the failure is not swallowed."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, PreemptionCallback):
+                    callback.restore_signal_handlers()
+            raise
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """The base class's, but none once `max_steps` is reached: resumed from a checkpoint of the last step, part-way

@@ -70,3 +70,38 @@ def test_sigterm_checkpoint_resumes_bit_identically(tmp_path, selection, accumul
         assert resumed._sam_layers == reference._sam_layers
     for (name, a), (_, b) in zip(reference.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), f"{name} differs after resuming"
+
+
+def test_the_signal_handler_is_put_back_after_an_out_of_memory_retry_and_after_train_raises(sgd_args):
+    """`auto_find_batch_size` runs `on_train_begin` again after an out-of-memory error: the handler put back at the end
+    is the one before training (not the callback's own, which would swallow every later SIGTERM), and a SIGTERM
+    received in the failed attempt still stops the retried one. A `train()` that raises puts it back too."""
+    from conftest import shakespeare_lm_dataset
+    from test_works_with import MemoryBoundLlama
+
+    class SigtermOnce(TrainerCallback):  # at the start of the attempt that runs out of memory
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not hasattr(self, "sent"):
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    preemption = PreemptionCallback()
+    model = MemoryBoundLlama(max_batch=2, fail_at=3)
+    trainer = LWSAMTrainer(model=model, args=sgd_args(per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                                                      max_steps=3, auto_find_batch_size=True, sam_rho=0.05),
+                           train_dataset=shakespeare_lm_dataset(16), callbacks=[preemption, SigtermOnce()])
+    trainer.train()
+    assert model.failures >= 1, "the first attempt ran out of memory and was retried"
+    assert preemption.preempted and preemption.stopped_at_step == 1 and trainer.state.global_step == 1
+    assert signal.getsignal(signal.SIGTERM) == before
+
+    class Fails(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("a user's callback failed")
+
+    failing = LWSAMTrainer(model=MemoryBoundLlama(max_batch=8, fail_at=3), args=sgd_args(max_steps=2),
+                           train_dataset=shakespeare_lm_dataset(8), callbacks=[PreemptionCallback(), Fails()])
+    with pytest.raises(RuntimeError, match="a user's callback failed"):
+        failing.train()
+    assert signal.getsignal(signal.SIGTERM) == before
