@@ -199,7 +199,9 @@ def data_preparation(trainer: Any, info: ModelCardInfo) -> str | None:
             text = (f"each example truncated to its first {length} tokens" if length else "examples kept whole") + (
                 ", each batch flattened into one sequence without padding" if getattr(trainer, "padding_free", False)
                 else ", each batch padded to its longest example (no packing)")
-        loss = ("the completion only" if getattr(trainer, "completion_only_loss", False) else
+        columns = getattr(trainer.train_dataset, "column_names", None) or ["completion_mask"]  # unknown: the flag
+        completion_only = getattr(trainer, "completion_only_loss", False) and "completion_mask" in columns
+        loss = ("the completion only" if completion_only else
                 "the assistant turns only" if getattr(args, "assistant_only_loss", False) else "every token")
         return f"{text}; loss on {loss}"
     if info.task == "causal_lm":

@@ -464,6 +464,8 @@ def _sft_cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "messages without a chat template": (data("messages"), "no chat template"),
         "assistant_only_loss on text": (["--assistant_only_loss", "true"],
                                         "--assistant_only_loss needs conversational"),
+        "completion_only_loss on text": (["--completion_only_loss", "true"],
+                                         "--completion_only_loss needs prompt/completion data"),
         # output directory and config files
         "output_dir holds other files": (["--output_dir", root / "text"], "did not write"),
         "resume_from_checkpoint missing": (["--resume_from_checkpoint", "/nonexistent"], "does not exist"),

@@ -246,6 +246,11 @@ def sft_splits(data: Any, script_args: Any, args: Any) -> tuple[Any, Any, str]:
     if args.assistant_only_loss and not formats["train"].startswith("conversational"):
         raise UsageError(f"--assistant_only_loss needs conversational data and the train split is {formats['train']}: "
                          f"pass data in {CONVERSATIONAL}, or drop --assistant_only_loss.")
+    masked = formats["train"].endswith("prompt_completion") or "completion_mask" in splits["train"].column_names
+    if args.completion_only_loss and not masked:  # TRL would train on every token, the card would say otherwise
+        raise UsageError(f"--completion_only_loss needs prompt/completion data and the train split is "
+                         f"{formats['train']}: pass 'prompt' and 'completion' columns (or a tokenized split with a "
+                         "'completion_mask'), or drop --completion_only_loss.")
     return splits["train"], splits.get("eval"), formats["train"]
 
 
