@@ -46,11 +46,13 @@ def sam_mode(args: Any) -> str:
     rule = SELECTION_RULES[args.sam_selection]
     if rule.layer_wise:
         return f"layer-wise {method} {rule.where(args)}{stale}{schedule}"
+    exclude = args.sam_exclude_layers
+    excluded = "" if exclude is None else f", excluding {exclude if isinstance(exclude, str) else ' '.join(exclude)}"
     if args.sam_ascent == "momentum":
-        return f"Momentum-SAM on every parameter{schedule}"
+        return f"Momentum-SAM on every parameter{schedule}{excluded}"
     if not schedule and args.sam_ascent == "exact":
         schedule = " every step"  # told apart from its late phases
-    return f"full {method}{stale}{schedule}"
+    return f"full {method}{stale}{schedule}{excluded}"
 
 
 def preset_options(preset: str | None, **options: Any) -> LWSAMConfig:

@@ -266,7 +266,10 @@ class AllSelection(SelectionRule):
 
     @classmethod
     def perturbs(cls, args: Any) -> str:
-        return "every trainable parameter"
+        if args.sam_exclude_layers is None:
+            return "every trainable parameter"
+        return ("every trainable parameter but those of the modules that "
+                f"`sam_exclude_layers={args.sam_exclude_layers!r}` matches")
 
     def layers(self, model: nn.Module) -> list[str] | None:
         """`None` (every trainable parameter), or with `sam_exclude_layers` the layers owning a trainable parameter

@@ -142,6 +142,12 @@ MODES = {
     "stale": ({"sam_ascent": "stale", "sam_target_layers": "classifier"},
               "layer-wise SAM on the selected layers, stale ascent", "kept from the previous SAM step"),
     "random": ({"sam_selection": "all", "sam_ascent": "random"}, "full random perturbation", "Gaussian noise"),
+    "exact excluding": ({"sam_preset": "exact", "sam_exclude_layers": "classifier"},
+                        "full SAM every step, excluding classifier",
+                        "S is every trainable parameter but those of the modules that `sam_exclude_layers='classifier'`"),
+    "free excluding": ({"sam_preset": "free", "sam_exclude_layers": ["classifier", "pooler"]},
+                       "Momentum-SAM on every parameter, excluding classifier pooler",
+                       "S is every trainable parameter but those of the modules that `sam_exclude_layers=['classifier',"),
 }
 
 
@@ -164,7 +170,7 @@ def test_the_card_says_which_mode_ran(mode, sgd_args):
     assert f"- SAM step time ({name}) relative to plain training" in text
     layer_wise = trainer.args.sam_selection != "all"
     assert ("layer-wise-sam" in ModelCard(text).data.tags) == layer_wise
-    assert ("Lee, Sunwoo" in text) == layer_wise and ("Becker" in text) == (mode == "free") != ("Foret" in text)
+    assert ("Lee, Sunwoo" in text) == layer_wise and ("Becker" in text) == mode.startswith("free") != ("Foret" in text)
     if not layer_wise:
         assert "layer-wise" not in text.lower() and "LW-SAM" not in text and "perturbs only" not in text
         assert "| `sam_target_layers` | None |" in text  # not the output-side default: the selection is 'all'
