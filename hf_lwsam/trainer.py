@@ -405,6 +405,9 @@ class LWSAMMixin:
         else:
             try:  # `hf_lwsam.ascent`: where e_S comes from; the trainer is its host (`AscentHost`)
                 loss = self._ascent.step(self, model, inputs, num_items_in_batch)
+            except BaseException:  # the window starts over (an out-of-memory retry): LookSAM's sum of its clean
+                self._schedule.pop_clean()  # gradients keeps none of the failed micro-batches
+                raise
             finally:
                 self._end_pass_one()
         if self._selection.changes_during_training:  # e.g. a probe step's last micro-batch: rank, re-select

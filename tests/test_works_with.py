@@ -319,6 +319,24 @@ def test_auto_find_batch_size_retries_from_unperturbed_weights(fail_at, sgd_args
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_an_out_of_memory_retry_keeps_no_clean_gradient_of_the_failed_attempt_for_looksam(sgd_args):
+    """LookSAM sums the window's clean gradients of S over its micro-batches: an out-of-memory error in pass 2 of the
+    window's first micro-batch, then the retry at a smaller batch, ends with the weights of LookSAM run directly at
+    that batch size (the failed micro-batch's clean gradient is not in the retried window's sum)."""
+    looksam = dict(sam_rho=RHO, max_steps=4, gradient_accumulation_steps=2, sam_interval=2,
+                   sam_interval_reuse="looksam", sam_looksam_alpha=0.7, learning_rate=0.5)
+    data = shakespeare_lm_dataset(16)
+    model = MemoryBoundLlama(max_batch=2, fail_at=3)  # the trace, pass 1, then pass 2 fails
+    trainer = LWSAMTrainer(model=model, args=sgd_args(per_device_train_batch_size=4, auto_find_batch_size=True,
+                                                      **looksam), train_dataset=data)
+    trainer.train()
+    assert model.failures >= 1 and trainer._train_batch_size == 2
+    reference = MemoryBoundLlama(max_batch=1 << 30, fail_at=1)
+    LWSAMTrainer(model=reference, args=sgd_args(per_device_train_batch_size=2, **looksam), train_dataset=data).train()
+    a, b = weights(model), weights(reference)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 # ------------------------------------------------------------------------------------------------------ NEFTune
 class EmbeddingRecorder(TrainerCallback):
     """Records the (noisy) input-embedding outputs of every training-mode forward; registered at train begin, after
