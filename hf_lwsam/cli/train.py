@@ -152,6 +152,15 @@ def _max_length(data_args: DataArguments, tokenizer: Any, config: Any, task: str
 
 
 # --------------------------------------------------------------------------------------------------------- main
+def check_best_metric(metric: str | None, names: list[str]) -> None:
+    """`--metric_for_best_model` must name a metric the evaluations report (the loss or one of `names`), else the
+    Trainer fails with a `KeyError` at the first evaluation, after training started."""
+    known = ["loss", *names]
+    if metric is not None and metric.removeprefix("eval_") not in known:
+        raise UsageError(f"--metric_for_best_model {metric!r} is not a metric the evaluations report: pass one of "
+                         f"{known}.")
+
+
 class TrainCommand(Command):
     """`hf-lwsam-train`'s part of the lifecycle ([`run_command`]): the model, data, trainer, evaluation and report."""
 
@@ -210,6 +219,7 @@ class TrainCommand(Command):
                 raise UsageError(f"the {split} split has no rows left after dropping empty texts: pass data with "
                                  "non-empty texts, a larger --max_train_samples/--max_eval_samples, or for causal LM "
                                  "a smaller --max_length.")
+        check_best_metric(args.metric_for_best_model, metric_names)
         # The LoRA and LW-SAM layer names are checked on a weightless copy, so a bad name fails before the weights load.
         check_sam_layers(load_model(name, config, task, model_args, labels, tokenizer, skeleton=True), args)
         self.model = load_model(name, config, task, model_args, labels, tokenizer)
