@@ -171,6 +171,8 @@ def _cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
                                             "--metric_for_best_model", "acuracy"], "--metric_for_best_model 'acuracy'"),
         "metric_for_best_model not reported": (["--metric_for_best_model", "eval_perplexity"],
                                                "pass one of ['loss', 'accuracy', 'f1']"),
+        "lr_scheduler_kwargs not JSON": (["--lr_scheduler_kwargs", "{bad"],
+                                         "--lr_scheduler_kwargs '{bad' is not valid JSON"),
         "same text and label column": (["--text_column", "sentiment"], "both 'sentiment'"),
         "label_column with causal_lm": (["--task", "causal_lm", "--model_name_or_path", a["gpt2"]],
                                         "--label_column is not used"),
@@ -471,6 +473,7 @@ def _sft_cases(a: dict[str, Path]) -> dict[str, tuple[list, str]]:
                                         "--assistant_only_loss needs conversational"),
         "completion_only_loss on text": (["--completion_only_loss", "true"],
                                          "--completion_only_loss needs prompt/completion data"),
+        "dataset_kwargs not JSON": (["--dataset_kwargs", "{bad"], "--dataset_kwargs '{bad' is not valid JSON"),
         # output directory and config files
         "output_dir holds other files": (["--output_dir", root / "text"], "did not write"),
         "resume_from_checkpoint missing": (["--resume_from_checkpoint", "/nonexistent"], "does not exist"),

@@ -144,10 +144,12 @@ MODES = {
     "random": ({"sam_selection": "all", "sam_ascent": "random"}, "full random perturbation", "Gaussian noise"),
     "exact excluding": ({"sam_preset": "exact", "sam_exclude_layers": "classifier"},
                         "full SAM every step, excluding classifier",
-                        "S is every trainable parameter but those of the modules that `sam_exclude_layers='classifier'`"),
+                        "S is every trainable parameter but those of the modules that "
+                        "`sam_exclude_layers='classifier'`"),
     "free excluding": ({"sam_preset": "free", "sam_exclude_layers": ["classifier", "pooler"]},
                        "Momentum-SAM on every parameter, excluding classifier pooler",
-                       "S is every trainable parameter but those of the modules that `sam_exclude_layers=['classifier',"),
+                       "S is every trainable parameter but those of the modules that "
+                       "`sam_exclude_layers=['classifier',"),
 }
 
 

@@ -362,6 +362,12 @@ def parsing_error(error: ValueError, prog: str, values: Any = None) -> UsageErro
     if "not used by the HfArgumentParser" in message:
         message = f"unknown arguments {message.split(': ', 1)[-1]}: drop them, or pass flags that {prog} --help lists."
         return UsageError(message)
+    if isinstance(error, json.JSONDecodeError) and values is not None:  # a dict option's value (no option named)
+        bad = [n for n, v in vars(values).items() if isinstance(v, str) and v.lstrip().startswith(("{", "[")) and
+               not _is_json(v)]
+        if bad:
+            return UsageError(f"--{bad[0]} {getattr(values, bad[0])!r} is not valid JSON ({message}): pass a JSON "
+                              "object, e.g. '{\"key\": 1}'.")
     if values is None or re.search(r"\b[A-Za-z_]\w*=", message):  # `name=value`: the message gives the value itself
         return UsageError(message)
     named = [n for n in dict.fromkeys(re.findall(r"[A-Za-z_]\w*", message)) if n in vars(values)]
@@ -371,6 +377,14 @@ def parsing_error(error: ValueError, prog: str, values: Any = None) -> UsageErro
     one = len(named) == 1
     return UsageError(f"{flags} {'is' if one else 'are'} invalid ({message.rstrip('.')}): pass "
                       f"{'a value that meets' if one else 'values that meet'} this.")
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def option_error(error: ValueError, options: set[str]) -> UsageError | None:
