@@ -50,9 +50,12 @@ its own rho grid, a learning-rate schedule that needs other TrainingArguments); 
 `study_tasks.TASKS` (its loader, its recipe: model, splits, TrainingArguments, scoring; its `run_config` entry).
 
 Every finished run is cached as JSON under `<out>/runs/<task>__<method>__rho<rho>__seed<seed>.json` (with the
-configuration it was made with; a run made with another configuration is redone) and skipped when the script runs
-again (resumable); the long chat runs also keep a checkpoint every 1/8 of the run under `<out>/partial/<key>/`, so
-a run stopped part-way resumes from it (the same run an uninterrupted one makes; removed once cached).
+configuration it was made with and, for a SAM run, its `sam_*` options as the library resolves them; a run made with
+another configuration, or resolved otherwise since, is redone) and skipped when the script runs again (resumable); a
+learning rate or rho chosen from a sweep some of whose runs are not in the cache is named in the report's note; a
+row that takes another row's rho is left out without it; the long chat runs also keep a checkpoint every 1/8 of the
+run under `<out>/partial/<key>/`, so a run stopped part-way resumes from it (the same run an uninterrupted one
+makes; removed once cached).
 `--report_only` trains nothing and tabulates the cached runs (missing ones are left out); `--dry_run` lists the
 runs still to do. `--device cuda` trains on the GPU: its runs are cached under their own keys (`...__cuda.json`, the
 device in their configuration) and every run records its `machine`, so a report never mixes CPU and GPU runs.
@@ -94,7 +97,15 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this file, also when
 from step_timer import StepTimer  # noqa: E402
-from study_harness import MACHINE, cached, machine, make_trainer, mean_std, quiet  # noqa: E402  # loaded by path
+from study_harness import (  # noqa: E402  # loaded by path
+    MACHINE,
+    cached,
+    machine,
+    make_trainer,
+    mean_std,
+    quiet,
+    resolved_sam,
+)
 from study_methods import (  # noqa: E402
     LABEL_SMOOTHINGS,
     PLAIN_LRS,
@@ -256,11 +267,11 @@ def train_and_eval(task: Task, job: Job, budget: Budget | RobustBudget, ctx: dic
 
 def run_key(task: Task, job: Job, device: str) -> str:
     """The run's cache file name (without `.json`): task, method, rho, seed; the learning rate of a plain run of a
-    task that sweeps it; the device, unless the CPU."""
+    task that sweeps it, or of a row with learning rates of its own; the device, unless the CPU."""
     name = job.method.name.replace(" ", "_").replace("=", "").replace("/", "-")
     key = f"{task.name}__{name}__rho{job.rho}__seed{job.seed}"
-    if task.lr_grid and job.method.sam is None:
-        key += f"__lr{job.lr}"  # AdamW's learning-rate sweep
+    if job.method.sam is None and (task.lr_grid or job.method.lrs):
+        key += f"__lr{job.lr}"  # AdamW's learning-rate sweep, or the row's own (e.g. Adafactor's)
         key += f"__wd{job.wd}" if job.wd else ""
     return key if device == "cpu" else f"{key}__{device}"
 
@@ -307,7 +318,7 @@ def cached_run(job: Job, ctx: dict, peek: bool = False) -> dict | None:
         return result
 
     run = cached(ctx["out"] / "runs" / f"{key}.json", run_configuration(task, job, budget, ctx["device"]), make,
-                 None if peek else log)
+                 None if peek else log, resolved_sam(job.method.sam, job.rho))
     if run is not None and task.save_steps:  # cached: its checkpoints (`partial_run`) are no longer needed
         shutil.rmtree(ctx["out"] / "partial" / key, ignore_errors=True)
     return run
@@ -416,6 +427,13 @@ def on_reference(task: Task, methods: list[Method], a, ctx: dict, own_lr: dict[s
     return out
 
 
+def incomplete(ctx: dict, task: str, what: str, ran: int, grid: int) -> None:
+    """Record (for the report's note) and log a choice made on `ran` of a sweep's `grid` values."""
+    if ran < grid:
+        ctx.setdefault("partial_sweeps", []).append(f"{task} {what} from {ran} of {grid} values")
+        ctx["log"](f"{task} {what}: chosen from {ran} of {grid} values (the others are not in the cache)")
+
+
 def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[float], ctx: dict,
              a) -> tuple[dict[str, list[dict]], dict[str, float], float | None] | None:
     """The task's study: AdamW's learning rate (`Task.lr_grid`), rho per method, then every seed. The runs per
@@ -431,6 +449,7 @@ def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[flo
             return None
         lr, wd = choose(sweep)
         log(f"{name} adamw: final validation accuracy by (lr, weight decay) {sweep} -> lr={lr}, weight decay={wd}")
+        incomplete(ctx, name, "adamw (lr, weight decay)", len(sweep), len(grid))
     own_lr: dict[str, float] = {}  # the plain rows with their own learning rate, and the rows on the reference
     if getattr(a, "baselines", False):  # the grid and its reference, also with no row on it (`--methods adamw`)
         methods = on_reference(task, methods, a, ctx, own_lr)
@@ -446,16 +465,20 @@ def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[flo
             if sweep:
                 own_lr[m.name] = choose(sweep, task.lower_is_better)
                 log(f"{name} {m.name}: validation {metric} by lr {sweep} -> lr={own_lr[m.name]}")
+                incomplete(ctx, name, f"{m.name} lr", len(sweep), sum(n is m for n, _ in grid))
         methods = [m for m in methods if not (m in sweeps_lr and m.name not in own_lr)]
     job = lambda m, rho, seed: Job(name, m, rho, seed, own_lr.get(m.name, lr), validate, wd)  # noqa: E731
     ctx.setdefault("chosen_lr", {})[name] = dict(own_lr, adamw=lr, weight_decay=wd)
     chosen: dict[str, float] = {}
     names = {m.name for m in methods}
     for dependent in (False, True):  # the rows with their own rho first, then those that take another row's
-        todo = [m for m in methods if m.sam is not None and (m.rho_from in names) is dependent]
+        todo = [m for m in methods if m.sam is not None and bool(m.rho_from) is dependent]
         for m in [m for m in todo if m.rho_from in chosen]:
             chosen[m.name] = chosen[m.rho_from]  # the same layers and e_S, applied on a schedule
-        todo = [m for m in todo if m.name not in chosen]
+        for m in [m for m in todo if dependent and m.rho_from not in chosen]:  # never a rho of the study's grid
+            why = "not among the rows run" if m.rho_from not in names else "left out"
+            log(f"{name} {m.name}: takes its rho from {m.rho_from!r}, {why}: left out")
+        todo = [m for m in todo if m.name not in chosen and not dependent]
         for m in [m for m in todo if len(grid_of(m)) == 1]:
             chosen[m.name] = grid_of(m)[0]  # one rho: no sweep
         sweeps = [(m, rho) for m in todo if len(grid_of(m)) > 1 for rho in grid_of(m)]
@@ -468,6 +491,7 @@ def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[flo
                 continue
             chosen[m.name] = choose(sweep, task.lower_is_better)
             log(f"{name} {m.name}: validation {metric} by rho {sweep} -> rho={chosen[m.name]}")
+            incomplete(ctx, name, f"{m.name} rho", len(sweep), len(grid_of(m)))
     methods = [m for m in methods if m.sam is None or m.name in chosen]
     # seed-major: each seed's runs back to back, so its throughput ratios are side by side
     jobs = [job(m, chosen.get(m.name, 0.0), seed) for seed in seeds for m in methods]
@@ -476,6 +500,9 @@ def run_task(task: Task, methods: list[Method], seeds: list[int], rhos: list[flo
         if r is not None:
             finals[j.method.name].append(r)
     paired = {r["seed"] for r in finals[methods[0].name]}  # seeds with an AdamW run to pair with
+    for n, runs in finals.items():
+        if unpaired := sorted(r["seed"] for r in runs if r["seed"] not in paired):
+            log(f"{name} {n}: seeds {unpaired} left out (no AdamW run of theirs to pair with)")
     finals = {n: [r for r in runs if r["seed"] in paired] for n, runs in finals.items()}
     finals = {n: runs for n, runs in finals.items() if runs}
     if methods[0].name not in finals:
@@ -501,6 +528,7 @@ def summarise(task: Task, finals: dict[str, list[dict]], chosen: dict[str, float
     """Test metric per method; throughput ÷ AdamW from `costs` (measured side by side) when given, else from the
     runs' wall times (`wall_ratios`; otherwise 'not measured': runs that shared the cores)."""
     metric, lower = task.metric, task.lower_is_better
+    sign = -1 if lower else 1  # the share of a gain: a drop in perplexity is one
     base = {r["seed"]: r for r in finals["adamw"]}
     full = {r["seed"]: r for r in finals.get("full SAM", [])}
     lines, points = [], []
@@ -519,8 +547,9 @@ def summarise(task: Task, finals: dict[str, list[dict]], chosen: dict[str, float
         scale = 1 if lower else 100  # perplexity; accuracy in points
         paired = "-" if name == "adamw" else f"{diff.format(scale)} ({wins}/{len(runs)} better)"
         share = None if name in ("adamw", "full SAM") else share_of_gain(base, full, runs,
-                                                                         lambda r: r["test"][metric])
-        share = "-" if share is None else share.format(1).replace("+", "")
+                                                                         lambda r: sign * r["test"][metric])
+        share = ("-" if share is None else "- (full SAM gained nothing)" if math.isnan(share.mean) else
+                 share.format(1).replace("+", ""))
         lines.append(f"| {task.name} | {name} | {chosen.get(name, '-')} | {mean_std(vals)} | {f1} | "
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f} | "
                      f"{f'{statistics.mean(thr):.2f}' if thr else 'not measured'} | {paired} | "
@@ -548,8 +577,8 @@ def summarise_robust(task: Task, finals: dict[str, list[dict]], chosen: dict[str
             row += [mean_std(vals), "-" if name == "adamw" else f"{diff.format(100)} ({wins}/{len(runs)})"]
             if split == "test":
                 share = None if name == "adamw" else share_of_gain(base, full, runs, lambda r: r["test"]["accuracy"])
-                row.append("-" if share is None or name == "full SAM" else
-                           f"{share.format(1)} (n={share.n})".replace("+", ""))
+                row.append("-" if share is None or name == "full SAM" else "- (full SAM gained nothing)"
+                           if math.isnan(share.mean) else f"{share.format(1)} (n={share.n})".replace("+", ""))
             points.append(dict(task=task.name, method=name, split=split, mean=statistics.mean(vals),
                                std=statistics.stdev(vals) if len(vals) > 1 else 0.0, throughput=costs.get(name),
                                gain=diff.mean, gain_lo=diff.lo, gain_hi=diff.hi))
@@ -717,13 +746,17 @@ def machines(finals: list[dict[str, list[dict]]]) -> str:
     return "; ".join(sorted({r.get("machine", MACHINE) for f in finals for runs in f.values() for r in runs}))
 
 
-def write_report(stem: Path, header: str, lines: list[str], note: str, draw, log) -> None:
-    """`<stem>.md` (the table and its note) and `<stem>.png` (`draw(path)`), and the table on stdout."""
+def write_report(stem: Path, header: str, lines: list[str], note: str, draw, ctx: dict) -> None:
+    """`<stem>.md` (the table and its note, with the choices made on an incomplete sweep) and `<stem>.png`
+    (`draw(path)`), and the table on stdout."""
+    partial = ctx.get("partial_sweeps", [])
+    if partial:  # the choice is the best of the runs there are: said, not hidden
+        note += (" Chosen from an incomplete sweep (runs not in the cache): " + "; ".join(partial) + ".")
     table = header + "\n" + "\n".join(lines) + "\n\n" + note + "\n"
     stem.with_suffix(".md").write_text(table)
     draw(stem.with_suffix(".png"))
     print("\n" + table)
-    log(f"done: {stem}.md, {stem}.png")
+    ctx["log"](f"done: {stem}.md, {stem}.png")
 
 
 def report_robust(a, results: list[tuple], seeds: list[int], rhos: list[float], ctx: dict) -> None:
@@ -747,7 +780,7 @@ def report_robust(a, results: list[tuple], seeds: list[int], rhos: list[float], 
             "(`benchmarks/throughput/{cheaper_roads,late_phase,late_phase_long,late_phase_final}_cpu.json`, a "
             "later file's figure first; 'not measured' where they have no such mode). "
             f"Machine: {machines([r[1] for r in results])}. Budget: {results[0][0].budget(a.quick)}.")
-    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot_robust(points, path), ctx["log"])
+    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot_robust(points, path), ctx)
     plot_pareto(points, ctx["out"] / f"{a.report}_pareto.png")
 
 
@@ -825,7 +858,7 @@ def report_baselines(a, results: list[tuple], seeds: list[int], rhos: list[float
             f"'on reference' train on it. Seeds {seeds}; Δ: the mean paired difference in points with its 95% t "
             "interval (seeds ahead); a difference whose interval holds 0 is no measured effect. "
             f"Machine: {machines([r[1] for r in results])}. Budget: {results[0][0].budget(a.quick)}.")
-    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot_gains(points, path), ctx["log"])
+    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot_gains(points, path), ctx)
 
 
 def figure_label(name: str, rho: Any) -> str:
@@ -880,11 +913,12 @@ def swept_rhos(methods: list[Method], rhos: list[float]) -> dict[str, list[float
 
 def paired_metric(base: dict[int, dict], runs: list[dict], read, scale: float = 1.0) -> str:
     """The mean paired difference `read(run) - read(base run)` over the seeds both ran, times `scale`, with its 95%
-    t interval; `-` without a shared seed."""
+    t interval (and `(n=k)` when `base` has fewer of the seeds than `runs`); `-` without a shared seed."""
     both = [r for r in runs if r["seed"] in base]
     if not both:
         return "-"
-    return paired_difference([read(base[r["seed"]]) for r in both], [read(r) for r in both]).format(scale)
+    cell = paired_difference([read(base[r["seed"]]) for r in both], [read(r) for r in both]).format(scale)
+    return cell if len(both) == len(runs) else f"{cell} (n={len(both)})"
 
 
 def forgetting(run: dict) -> float:
@@ -947,15 +981,15 @@ def report_chat(a, results: list[tuple], seeds: list[int], rhos: list[float], ct
             "vocabulary); forgetting: the NLL per token of the first forget_blocks x forget_block tokens of "
             "a-midsummer-night-s-dream (not fine-tuned on) after training minus before (positive: forgot). AdamW's "
             f"learning rate and weight decay chosen on validation (seed 0) from the task's grids (chosen weight "
-            f"decay: {wds}), Adafactor's learning rate likewise; every SAM row trains with AdamW's; rho from each "
-            f"row's grid{own_grids(results)}. The strongest plain row: of {list(PLAIN_ROWS)}, the one with the "
-            f"higher mean test accuracy over the seeds both ran ({strongest}); every SAM row's accuracy is also "
+            f"decay: {wds}), Adafactor's learning rate likewise (with AdamW's chosen weight decay); every SAM row "
+            f"trains with AdamW's; rho from each row's grid{own_grids(results)}. The strongest plain row: of "
+            f"{list(PLAIN_ROWS)}, the one with the higher mean test accuracy over the seeds both ran ({strongest}); every SAM row's accuracy is also "
             "paired against it. Throughput ÷ AdamW: `--measure_cost`, the methods timed side by side on "
             "the task's own recipe (bf16 autocast, padding-free batches, TRL's SFTTrainer) on an idle machine, the "
             "median over 3 rounds of 12 steps (`costs_<task>.json`); where not timed yet, the ratio of the same mode "
             "on the SmolLM2 LoRA benchmark shape (`benchmarks/throughput/`). "
             f"Machine: {machines([r[1] for r in results])}. Budget: {results[0][0].budget(a.quick)}.")
-    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot(points, path), ctx["log"])
+    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot(points, path), ctx)
 
 
 def own_grids(results: list[tuple]) -> str:
@@ -986,7 +1020,7 @@ def report_main(a, results: list[tuple], seeds: list[int], rhos: list[float], ct
             f"full SAM's own gain not established). Chat tasks' throughput: the SmolLM2 LoRA benchmark "
             f"(`benchmarks/throughput/throughput_smollm2_lora_{ctx['device']}.json`), not the study's runs, which "
             f"shared the cores.")
-    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot(points, path), ctx["log"])
+    write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot(points, path), ctx)
 
 
 def main() -> None:

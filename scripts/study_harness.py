@@ -34,7 +34,7 @@ def machine(device: str = "cpu") -> str:
 
 
 def cached(path: Path, config: dict[str, Any], make: Callable[[], dict | None],
-           log: Callable[[str], None] | None = None) -> dict | None:
+           log: Callable[[str], None] | None = None, resolved: dict[str, Any] | None = None) -> dict | None:
     """The run stored at `path` if it was made with `config`, else `make()` stored there with `config` (resumable).
 
     Args:
@@ -43,18 +43,24 @@ def cached(path: Path, config: dict[str, Any], make: Callable[[], dict | None],
             stored run with another `config` is redone.
         make: runs it and returns its record (`config` is set on it); `None` (nothing run) stores nothing.
         log: told when a stored run is redone.
+        resolved: a SAM run's options as the library resolves them (`resolved_sam`), stored as `resolved_sam`; a
+            stored run that holds other ones (a preset or a default changed since) is redone. Runs stored before
+            it was recorded are not checked.
     """
     config = json.loads(json.dumps(config))
+    resolved = None if resolved is None else json.loads(json.dumps(resolved))
     if path.exists():
         stored = json.loads(path.read_text())
-        if stored.get("config") == config:
+        same = resolved is None or stored.get("resolved_sam", resolved) == resolved
+        if stored.get("config") == config and same:
             return stored
         if log:
-            log(f"{path.name} was made with another configuration: redoing it")
+            log(f"{path.name} was made with another configuration" + ("" if same else " (the library resolves its "
+                "sam_* options otherwise now)") + ": redoing it")
     result = make()
     if result is None:
         return None
-    result = dict(result, config=config)
+    result = dict(result, config=config, **({} if resolved is None else {"resolved_sam": resolved}))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}")  # a run stopped while writing leaves no half a file
     partial.write_text(json.dumps(result, indent=1))
@@ -77,6 +83,23 @@ def make_trainer(args: dict[str, Any], sam: dict[str, Any] | None, rho: float, s
     if sam is None:
         return plain(args=plain_args(**args), **kwargs)
     return lw(args=lw_args(**args, sam_rho=rho, **sam), **kwargs)
+
+
+def resolved_sam(sam: dict[str, Any] | None, rho: float, args: dict[str, Any] | None = None
+                 ) -> dict[str, Any] | None:
+    """Every `sam_*` option of `LWSAMConfig(**args, sam_rho=rho, **sam)` as the library resolves it (a preset's, the
+    defaults): what a SAM run trains with; `None` for a plain run (`sam=None`) or options the library refuses.
+
+        >>> resolved_sam(dict(sam_preset="free"), 0.2)["sam_ascent"], resolved_sam(None, 0.0)
+        ('momentum', None)
+    """
+    if sam is None:
+        return None
+    try:
+        config = LWSAMConfig(**{"output_dir": "unused", "report_to": "none", **(args or {})}, sam_rho=rho, **sam)
+    except ValueError:
+        return None
+    return {name: getattr(config, name) for name in sorted(vars(config)) if name.startswith("sam_")}
 
 
 def quiet(trainer: Trainer) -> Trainer:

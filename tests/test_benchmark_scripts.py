@@ -606,3 +606,50 @@ def test_the_study_scripts_docstring_examples_hold(name):
 
     result = doctest.testmod(_script(name))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_row_taking_another_rows_rho_is_left_out_without_it(tmp_path):
+    """A row whose rho is another row's (`rho_from`) is never given a rho of the study's grid instead: without that
+    row among the ones run it is left out, saying why, and nothing of it is run."""
+    (tmp_path / "runs").symlink_to(ROOT / "benchmarks" / "accuracy" / "runs")  # AdamW's cached runs choose its lr
+    stdout = _run("scripts/benchmark_accuracy.py", "--suite", "robustness", "--tasks", "digits-noise40", "--methods",
+                  "LW-SAM stale", "--seeds", "0", "--dry_run", "--out", str(tmp_path), timeout=300)
+    assert "digits-noise40 LW-SAM stale: takes its rho from 'LW-SAM default', not among the rows run: left out" in stdout
+    assert not [line for line in stdout.splitlines() if "LW-SAM_stale" in line and line.endswith(": to run")]
+
+
+def test_a_plain_rows_own_learning_rates_are_cached_apart_and_a_changed_resolution_is_redone(tmp_path):
+    """Adafactor's own learning rates on a task without AdamW's grid (`chat`) have a key each; a SAM run stored with
+    `sam_*` options the library now resolves otherwise is redone, one stored before they were recorded is kept."""
+    bench, harness = _script("benchmark_accuracy"), _script("study_harness")
+    task = bench.TASKS["chat"]
+    keys = {bench.run_key(task, bench.Job(task.name, _row(bench, task, "adafactor"), 0.0, 0, lr), "cpu")
+            for lr in (1e-3, 2e-3, 4e-3)}
+    assert keys == {f"chat__adafactor__rho0.0__seed0__lr{lr}" for lr in (0.001, 0.002, 0.004)}
+    made = []
+    make = lambda: made.append(1) or {"test": {"accuracy": 0.5}}  # noqa: E731
+    path, free = tmp_path / "run.json", harness.resolved_sam(dict(sam_preset="free"), 0.2)
+    harness.cached(path, {"lr": 1}, make, resolved=free)
+    assert json.loads(path.read_text())["resolved_sam"]["sam_ascent"] == "momentum" and made == [1]
+    assert harness.cached(path, {"lr": 1}, make, resolved=free)["test"]["accuracy"] == 0.5 and made == [1]
+    harness.cached(path, {"lr": 1}, make, resolved=dict(free, sam_selection="pattern"))
+    assert made == [1, 1], "redone: the library resolves the options otherwise"
+    legacy = {k: v for k, v in json.loads(path.read_text()).items() if k != "resolved_sam"}
+    path.write_text(json.dumps(legacy))
+    assert harness.cached(path, {"lr": 1}, make, resolved=free) == legacy and made == [1, 1]
+
+
+def test_the_share_of_full_sams_gain_reads_a_lower_perplexity_as_the_gain():
+    """Perplexity: full SAM's gain is a drop; where full SAM raised it, no share of a gain is reported."""
+    bench = _script("benchmark_accuracy")
+    task = bench.TASKS["lm"]
+    run = lambda seed, ppl: {"seed": seed, "test": {"perplexity": ppl}, "wall_s": 1.0, "tokens_per_s": 1.0}  # noqa
+    finals = {"adamw": [run(s, p) for s, p in enumerate((30.0, 31.0, 29.5))],
+              "full SAM": [run(s, p) for s, p in enumerate((29.0, 30.2, 28.9))],
+              "half": [run(s, p) for s, p in enumerate((29.5, 30.6, 29.2))]}
+    lines, _ = bench.summarise(task, finals, {}, wall_ratios=False)
+    share = lines[2].rstrip(" |").rsplit(" | ", 1)[1]
+    assert share.startswith("0.5"), lines[2]  # half of full SAM's drop of 0.8
+    worse = dict(finals, **{"full SAM": [run(s, p) for s, p in enumerate((30.5, 31.4, 29.9))]})
+    lines, _ = bench.summarise(task, worse, {}, wall_ratios=False)
+    assert lines[2].endswith("| - (full SAM gained nothing) |"), lines[2]
