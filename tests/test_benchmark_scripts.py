@@ -614,7 +614,8 @@ def test_a_row_taking_another_rows_rho_is_left_out_without_it(tmp_path):
     (tmp_path / "runs").symlink_to(ROOT / "benchmarks" / "accuracy" / "runs")  # AdamW's cached runs choose its lr
     stdout = _run("scripts/benchmark_accuracy.py", "--suite", "robustness", "--tasks", "digits-noise40", "--methods",
                   "LW-SAM stale", "--seeds", "0", "--dry_run", "--out", str(tmp_path), timeout=300)
-    assert "digits-noise40 LW-SAM stale: takes its rho from 'LW-SAM default', not among the rows run: left out" in stdout
+    why = "digits-noise40 LW-SAM stale: takes its rho from 'LW-SAM default', not among the rows run: left out"
+    assert why in stdout
     assert not [line for line in stdout.splitlines() if "LW-SAM_stale" in line and line.endswith(": to run")]
 
 
