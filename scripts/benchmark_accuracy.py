@@ -984,10 +984,10 @@ def report_chat(a, results: list[tuple], seeds: list[int], rhos: list[float], ct
             f"decay: {wds}), Adafactor's learning rate likewise (with AdamW's chosen weight decay); every SAM row "
             f"trains with AdamW's; rho from each row's grid{own_grids(results)}. The strongest plain row: of "
             f"{list(PLAIN_ROWS)}, the one with the higher mean test accuracy over the seeds both ran ({strongest}); "
-            "every SAM row's accuracy is also paired against it. Throughput ÷ AdamW: `--measure_cost`, the methods timed side by side on "
-            "the task's own recipe (bf16 autocast, padding-free batches, TRL's SFTTrainer) on an idle machine, the "
-            "median over 3 rounds of 12 steps (`costs_<task>.json`); where not timed yet, the ratio of the same mode "
-            "on the SmolLM2 LoRA benchmark shape (`benchmarks/throughput/`). "
+            "every SAM row's accuracy is also paired against it. Throughput ÷ AdamW: `--measure_cost`, the methods "
+            "timed side by side on the task's own recipe (bf16 autocast, padding-free batches, TRL's SFTTrainer) "
+            "on an idle machine, the median over 3 rounds of 12 steps (`costs_<task>.json`); where not timed yet, the "
+            "ratio of the same mode on the SmolLM2 LoRA benchmark shape (`benchmarks/throughput/`). "
             f"Machine: {machines([r[1] for r in results])}. Budget: {results[0][0].budget(a.quick)}.")
     write_report(ctx["out"] / a.report, header, lines, note, lambda path: plot(points, path), ctx)
 
