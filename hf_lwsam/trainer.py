@@ -394,12 +394,13 @@ class LWSAMMixin:
         inputs = self._prepare_inputs(inputs)
         if self._default_selection_untraced:
             self._trace_default_selection(model, copy.copy(inputs))
+        looksam = None  # LookSAM's S on a step between SAM steps: the one this backward ran with
         if not self._schedule.is_sam_step(self.state.global_step, self.state.max_steps):
             with self._inputs_already_prepared():
                 self._time_before_base_step()
                 loss = super().training_step(model, inputs, num_items_in_batch)  # the stock step, bit for bit
             if self._schedule.is_looksam_step(self.state.global_step, self.state.max_steps):
-                self._add_looksam_component()
+                looksam = self._sam_parameters()
             else:
                 self.record_plain_step()
         else:
@@ -411,19 +412,21 @@ class LWSAMMixin:
             finally:
                 self._end_pass_one()
         if self._selection.changes_during_training:  # e.g. a probe step's last micro-batch: rank, re-select
-            self._selection.after_micro_batch()
+            self._selection.after_micro_batch()  # it reads .grad before LookSAM's component is added to it
+        if looksam is not None:
+            self._add_looksam_component(looksam)
         return loss
 
     # ------------------------------------------------------------------------------------------------- LookSAM
-    def _add_looksam_component(self) -> None:
+    def _add_looksam_component(self, named: list[tuple[str, nn.Parameter]]) -> None:
         """A step between SAM steps: on the window's last micro-batch, after its backward (DDP has all-reduced `.grad`,
         so every process adds the same) and before the stock clipping and optimizer step, `.grad` of S becomes
-        `g + alpha * ||g|| / ||g_v|| * g_v` (norms over the whole of S; fp16: both in the loss scale). Nothing is added
-        without a g_v for the current selection (before the first SAM step, or after a probe changed S)."""
+        `g + alpha * ||g|| / ||g_v|| * g_v` (norms over the whole of S; fp16: both in the loss scale), `named` the S
+        this backward ran with (added after a probe step has read the clean `.grad`). Nothing is added without a g_v
+        for that S (before the first SAM step, or after a probe changed S)."""
         self._sam_window.setdefault("micro_batches", 0)
         if not self.accelerator.sync_gradients:
             return
-        named = self._sam_parameters()
         kept = self._schedule.direction([n for n, _ in named])
         if kept is None:
             return

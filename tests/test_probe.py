@@ -217,3 +217,32 @@ def test_trainer_restricts_probe_to_pattern(sgd_args):
     trainer.train()
     assert len(trainer._sam_layers) == 3 and all(n.startswith("transformer.h.1.") for n in trainer._sam_layers)
     assert set(trainer._layer_probe.last_norms) == {n for n in candidate_layers(model) if ".h.1." in n}
+
+
+def test_a_probe_on_a_looksam_step_ranks_the_clean_gradient_and_looksam_still_adds_its_component(sgd_args):
+    """A probe step that is also a LookSAM step (a step between SAM steps): the probe ranks `.grad` before LookSAM's
+    component is added to the selected layers' (which would favour them: alpha 3 triples their norms), and the
+    component is still added to the S that step ran with."""
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):  # the model at w when step 3 begins
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                self.model = copy.deepcopy(model)
+
+    data, snapshot = shakespeare_lm_dataset(16), Snapshot()
+    args = sgd_args(per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=4, learning_rate=1e-3,
+                    sam_selection="probe", sam_probe_granularity="layer", sam_probe_metric="grad_norm", sam_top_k=2,
+                    sam_probe_interval=3, sam_interval=2, sam_interval_reuse="looksam", sam_looksam_alpha=3.0,
+                    sam_rho=0.5)
+    trainer = LWSAMTrainer(model=tiny_gpt2(), args=args, train_dataset=data, callbacks=[snapshot])
+    trainer.train()
+    batch = {k: torch.tensor(data[6:8][k]) for k in data.column_names}  # step 3's batch (sequential, batch 2)
+    clean = probe_layer_grad_norms(snapshot.model.train(), [batch])
+    probe = trainer._layer_probe
+    assert probe.history[0][1] != probe.history[-1][1], "the probe at step 3 changed the selection"
+    for name, norm in clean.items():
+        assert math.isclose(probe.last_norms[name], norm, rel_tol=1e-5), name
+    assert probe.history[-1][1] == sorted(sorted(clean, key=clean.get)[-2:], key=list(clean).index)
+    added = {e["step"]: e["sam/looksam_steps"] for e in trainer.state.log_history if "sam/looksam_steps" in e}
+    assert added.get(4) == 1.0, "the probe step (the 4th) added LookSAM's component to the S it ran with"
