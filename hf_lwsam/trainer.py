@@ -395,7 +395,10 @@ class LWSAMMixin:
         if self._default_selection_untraced:
             self._trace_default_selection(model, copy.copy(inputs))
         looksam = None  # LookSAM's S on a step between SAM steps: the one this backward ran with
-        if not self._schedule.is_sam_step(self.state.global_step, self.state.max_steps):
+        sam_step = self._schedule.is_sam_step(self.state.global_step, self.state.max_steps)
+        if sam_step and self.args.sam_rho > 0:
+            inputs = self._sampling_log_probs(model, inputs)
+        if not sam_step:
             with self._inputs_already_prepared():
                 self._time_before_base_step()
                 loss = super().training_step(model, inputs, num_items_in_batch)  # the stock step, bit for bit
@@ -416,6 +419,26 @@ class LWSAMMixin:
         if looksam is not None:
             self._add_looksam_component(looksam)
         return loss
+
+    _IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+    @torch.no_grad()
+    def _sampling_log_probs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """TRL's GRPO on-policy (no `old_per_token_logps` in the batch): its loss then takes the pass's own detached
+        log-probabilities as the old ones, which at w + e_S makes every importance ratio 1 and the clipping inert. The
+        sampling policy's log-probabilities, at w, are put in the batch instead (one forward without gradient, TRL's
+        own `_get_per_token_logps_and_entropies`), as TRL's buffered case has them: both passes weigh the same
+        completions against the policy that sampled them. Any other batch is returned as it is."""
+        if (not hasattr(self, "_get_per_token_logps_and_entropies") or "completion_ids" not in inputs
+                or "advantages" not in inputs or inputs.get("old_per_token_logps") is not None):
+            return inputs
+        completion = inputs["completion_ids"]
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            model, torch.cat([inputs["prompt_ids"], completion], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1), completion.size(1),
+            **{name: inputs.get(name) for name in self._IMAGE_INPUTS})
+        return {**inputs, "old_per_token_logps": logps}
 
     # ------------------------------------------------------------------------------------------------- LookSAM
     def _add_looksam_component(self, named: list[tuple[str, nn.Parameter]]) -> None:

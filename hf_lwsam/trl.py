@@ -17,7 +17,8 @@ GRPO: `GRPOTrainer._prepare_inputs` generates and scores completions (and, when 
 aligned, the old log-probabilities) once per generation batch and buffers them; it runs once per micro-batch, at the
 unperturbed weights w, before either pass, and both passes compute GRPO's loss on the batch it returned: the ascent
 gradient at w and the descent gradient at w + e_S, against the same sampled completions, advantages and old
-log-probabilities. `RLOOTrainer` is refused (see `LWSAMMixin`).
+log-probabilities (on-policy, where TRL records none and its loss would take the pass's own, the log-probabilities at
+w, computed once per SAM micro-batch without gradient). `RLOOTrainer` is refused (see `LWSAMMixin`).
 """
 
 from __future__ import annotations

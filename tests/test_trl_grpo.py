@@ -119,6 +119,18 @@ def test_grpo_without_sam_equals_grpotrainer_bit_for_bit_with_buffering_and_eval
 
 
 # ----------------------------------------------------------------------------------------------- exact ascent
+def with_sampling_log_probs(trainer, model, prepared: dict) -> dict:
+    """GRPO's objective at any weights weighs the completions against the policy that sampled them (at w): where TRL
+    leaves `old_per_token_logps` unset (on-policy: its loss then takes the pass's own), they are TRL's log-probs at w."""
+    if prepared.get("old_per_token_logps") is not None:
+        return prepared
+    ids = torch.cat([prepared["prompt_ids"], prepared["completion_ids"]], dim=1)
+    mask = torch.cat([prepared["prompt_mask"], prepared["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logps = trainer._get_per_token_logps_and_entropies(model, ids, mask, prepared["completion_ids"].size(1))[0]
+    return {**prepared, "old_per_token_logps": logps}
+
+
 class ExactSAMByHand(trl.GRPOTrainer):
     """TRL's GRPOTrainer whose micro-batch is SAM written out: TRL's `_prepare_inputs` at w, g_S of TRL's loss at w,
     e_S = rho g_S / ||g_S||, the gradient of TRL's loss at w + e_S on the same prepared batch into `.grad`."""
@@ -127,7 +139,7 @@ class ExactSAMByHand(trl.GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
-        prepared = self._prepare_inputs(inputs)
+        prepared = with_sampling_log_probs(self, model, self._prepare_inputs(inputs))
         selected = [p for n, p in model.named_parameters() if n.startswith(TRUNK_END)]
         g = torch.autograd.grad(self.compute_loss(model, prepared), selected)
         norm = torch.sqrt(sum((gi.double() ** 2).sum() for gi in g)).float()
@@ -179,7 +191,7 @@ class MomentumSAMByHand(trl.GRPOTrainer):
         if self.state.global_step == 0:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
-        prepared = self._prepare_inputs(inputs)  # generation at w, before any perturbation
+        prepared = with_sampling_log_probs(self, model, self._prepare_inputs(inputs))  # generation at w, first
         params = [p for p in model.parameters() if p.requires_grad]
         if self._step % self.args.gradient_accumulation_steps == 0:  # the window's first micro-batch
             m = [self.optimizer.state[p]["exp_avg"] for p in params]
