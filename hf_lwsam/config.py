@@ -266,8 +266,8 @@ class LWSAMConfigMixin:
     sam_top_ratio: float | None = field(
         default=None,
         metadata={
-            "help": "sam_selection='probe': perturb ceil(ratio * number of candidate layers) layers, 0 < ratio <= 1. "
-            "Wins over --sam_top_k when set."
+            "help": "sam_selection='probe': perturb ceil(ratio * number of candidates) candidates (layers, or blocks "
+            "under sam_probe_granularity='block'), 0 < ratio <= 1. Wins over --sam_top_k when set."
         },
     )
     sam_probe_interval: int = field(
