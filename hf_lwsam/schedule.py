@@ -28,12 +28,15 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers.utils import logging
 
 from .ascent import ASCENTS
 from .sharding import layout
 
 if TYPE_CHECKING:
     from .ascent import Ascent
+
+logger = logging.get_logger(__name__)
 
 STATE_FILE = "lwsam_ascent.pt"
 RANK_STATE_FILE = "lwsam_ascent_rank{}.pt"  # one per process: the kept vector is sharded (FSDP2)
@@ -161,8 +164,13 @@ class AscentSchedule:
     def save(self, checkpoint_dir: str, process_index: int = 0, num_processes: int = 1,
              params: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write the kept vector: one file for the run, or with `per_process` one per process, with the layout of the
-        model's parameters `params` (by name) it was kept for (`sharding.layout`)."""
+        model's parameters `params` (by name) it was kept for (`sharding.layout`). Without one yet, the run's file
+        says so (`grads` None), so a checkpoint missing its file is told apart from one saved before any."""
         if self._grads is None:
+            if process_index == 0:
+                torch.save({"names": [], "grads": None, "kind": self.kind, "per_process": False,
+                            "num_processes": num_processes, "process_index": 0, "layout": None},
+                           os.path.join(checkpoint_dir, STATE_FILE))
             return
         name = RANK_STATE_FILE.format(process_index) if self._per_process else STATE_FILE
         torch.save({"names": self._names, "grads": [g.cpu() for g in self._grads], "kind": self.kind,
@@ -190,6 +198,10 @@ class AscentSchedule:
         # Read onto the CPU, then moved: torch.load cannot map onto an indexed CPU device ("cpu:0", as a model sharded
         # by transformers at load time on the CPU makes the Trainer's device).
         state = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+        if state is None:  # every save writes it (also without a vector): removed, or saved by an older version
+            logger.warning(f"{checkpoint_dir} has no {STATE_FILE}: the run's kept vector ({self.kind}) is not "
+                           "restored, so the resumed run's next steps differ from an uninterrupted one's until it is "
+                           "kept again. Resume from a complete checkpoint to continue the run exactly.")
         if state is not None and state.get("per_process") and state.get("num_processes") != num_processes:
             raise ValueError(f"{path} was written by {state.get('num_processes')} processes, each keeping its shard of "
                              f"the ascent vector; this run has {num_processes}. Resume with "
@@ -209,7 +221,7 @@ class AscentSchedule:
                                      "DistributedConfig(fsdp_size=..., dp_replicate_size=...)).")
         # A checkpoint of a run without a kept vector, or with another kind of one (stale gradient vs g_v): the next
         # SAM step starts over (a plain stale step; LookSAM reuses nothing until the next SAM step).
-        if state is not None and state.get("kind", "stale") == self.kind:
+        if state is not None and state.get("grads") is not None and state.get("kind", "stale") == self.kind:
             self._names, self._grads = state["names"], [g.to(device) for g in state["grads"]]
             self._per_process, self._source = bool(state.get("per_process", False)), path
         else:

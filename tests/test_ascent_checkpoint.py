@@ -148,3 +148,21 @@ def test_resumed_from_the_last_steps_checkpoint_part_way_through_an_epoch_it_tra
     assert trainer.state.global_step == 2
     for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_a_checkpoint_before_any_vector_says_so_and_one_missing_its_file_is_warned(gradient, tmp_path, caplog):
+    """Every save writes the run's file, also before a vector is kept; a checkpoint without it (removed, or from an
+    older version) resumes without one, with a warning that the next steps differ from an uninterrupted run's."""
+    import logging
+
+    names, grads = gradient
+    (tmp_path / "early").mkdir()
+    AscentSchedule(ascent="stale").save(str(tmp_path / "early"), 0, 1)
+    assert [p.name for p in (tmp_path / "early").iterdir()] == ["lwsam_ascent.pt"]
+    with caplog.at_level(logging.WARNING, logger="hf_lwsam"):
+        assert loaded(tmp_path / "early", 0, 1).direction(names, like=grads) is None
+        assert not caplog.records
+        (tmp_path / "removed").mkdir()
+        assert loaded(tmp_path / "removed", 0, 1).direction(names, like=grads) is None
+    assert any("has no lwsam_ascent.pt: the run's kept vector (stale) is not restored" in r.getMessage()
+               for r in caplog.records)
