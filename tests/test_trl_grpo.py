@@ -120,8 +120,8 @@ def test_grpo_without_sam_equals_grpotrainer_bit_for_bit_with_buffering_and_eval
 
 # ----------------------------------------------------------------------------------------------- exact ascent
 def with_sampling_log_probs(trainer, model, prepared: dict) -> dict:
-    """GRPO's objective at any weights weighs the completions against the policy that sampled them (at w): where TRL
-    leaves `old_per_token_logps` unset (on-policy: its loss then takes the pass's own), they are TRL's log-probs at w."""
+    """GRPO's objective at any weights weighs the completions against the policy that sampled them (at w): where
+    TRL leaves `old_per_token_logps` unset (on-policy: its loss then takes the pass's own), TRL's log-probs at w."""
     if prepared.get("old_per_token_logps") is not None:
         return prepared
     ids = torch.cat([prepared["prompt_ids"], prepared["completion_ids"]], dim=1)
