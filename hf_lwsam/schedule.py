@@ -137,6 +137,7 @@ class AscentSchedule:
         if self._grads is None or names != self._names:
             self._names, self._grads = list(names), [torch.zeros_like(t, dtype=torch.float32) for t in like]
             self._per_process, self._source = per_process, ""
+        self.direction(names, like=like)  # a restored m of another sharding: refused, as on a SAM step
         pairs = [(m, g.float()) for m, g in zip(self._grads, grads) if g is not None]
         if not pairs:
             return

@@ -166,3 +166,18 @@ def test_a_checkpoint_before_any_vector_says_so_and_one_missing_its_file_is_warn
         assert loaded(tmp_path / "removed", 0, 1).direction(names, like=grads) is None
     assert any("has no lwsam_ascent.pt: the run's kept vector (stale) is not restored" in r.getMessage()
                for r in caplog.records)
+
+
+def test_an_own_average_restored_for_another_sharding_is_refused_at_the_first_optimizer_step(gradient, tmp_path):
+    """The momentum ascent's own m, saved whole (one process or DDP), loaded where S is sharded (this process's
+    halves): the optimizer step's average refuses it as a SAM step would, before any step (a plain first step
+    included), not with a shape error from inside the update."""
+    names, grads = gradient
+    whole = AscentSchedule(ascent="momentum")
+    whole.average(names, grads, like=grads, beta=0.9)
+    whole.save(str(tmp_path), 0, 1)
+    restored = AscentSchedule(ascent="momentum")
+    restored.load(str(tmp_path), CPU, 0, WORLD)
+    halves = shard(grads, 0)
+    with pytest.raises(ValueError, match=r"does not fit this run: .* Resume with the same number of processes"):
+        restored.average(names, halves, like=halves, beta=0.9)
