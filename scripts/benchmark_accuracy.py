@@ -577,7 +577,7 @@ def summarise_robust(task: Task, finals: dict[str, list[dict]], chosen: dict[str
             row += [mean_std(vals), "-" if name == "adamw" else f"{diff.format(100)} ({wins}/{len(runs)})"]
             if split == "test":
                 share = None if name == "adamw" else share_of_gain(base, full, runs, lambda r: r["test"]["accuracy"])
-                row.append("-" if share is None or name == "full SAM" else "- (full SAM gained nothing)"
+                row.append("-" if share is None or name == "full SAM" else f"- (full SAM gained nothing) (n={share.n})"
                            if math.isnan(share.mean) else f"{share.format(1)} (n={share.n})".replace("+", ""))
             points.append(dict(task=task.name, method=name, split=split, mean=statistics.mean(vals),
                                std=statistics.stdev(vals) if len(vals) > 1 else 0.0, throughput=costs.get(name),

@@ -259,7 +259,7 @@ def test_time_budget_spent_starts_no_run(tmp_path):
 @pytest.mark.slow  # 2 x 6 tiny-ViT runs
 def test_worker_processes_make_the_same_runs_as_one_process(tmp_path):
     args = ("scripts/benchmark_accuracy.py", "--suite", "robustness", "--quick", "--tasks", "digits", "--threads", "1",
-            "--seeds", "0", "1", "--methods", "full SAM", "LW-SAM stale")
+            "--seeds", "0", "1", "--methods", "full SAM", "LW-SAM default")
     _run(*args, "--out", str(tmp_path / "one"), timeout=1800)
     _run(*args, "--workers", "2", "--out", str(tmp_path / "two"), timeout=1800)
     one, two = (sorted((tmp_path / d / "quick" / "runs").glob("*.json")) for d in ("one", "two"))
