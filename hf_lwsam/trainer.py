@@ -61,6 +61,9 @@ def _native_config_class(trainer_cls: type) -> type[TrainingArguments]:
 
 
 _MISSING = object()  # no instance attribute of that name
+# The image inputs TRL's GRPO batch carries for the whole batch and passes to the model with it
+_GRPO_IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                      "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
 class LWSAMMixin:
@@ -420,9 +423,6 @@ class LWSAMMixin:
             self._add_looksam_component(looksam)
         return loss
 
-    _IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-
     @torch.no_grad()
     def _sampling_log_probs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """TRL's GRPO on-policy (no `old_per_token_logps` in the batch): its loss then takes the pass's own detached
@@ -437,7 +437,7 @@ class LWSAMMixin:
         logps, _, _ = self._get_per_token_logps_and_entropies(
             model, torch.cat([inputs["prompt_ids"], completion], dim=1),
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1), completion.size(1),
-            **{name: inputs.get(name) for name in self._IMAGE_INPUTS})
+            **{name: inputs.get(name) for name in (*_GRPO_IMAGE_INPUTS, "num_images", "num_tiles")})
         return {**inputs, "old_per_token_logps": logps}
 
     # ------------------------------------------------------------------------------------------------- LookSAM
@@ -591,9 +591,7 @@ class LWSAMMixin:
         if "prompt_ids" in inputs and "completion_ids" in inputs and "input_ids" not in inputs:
             joined = {"input_ids": torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
                       "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)}
-            images = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-                      "token_type_ids", "mm_token_type_ids", "image_position_ids")
-            return {**joined, **{k: inputs[k] for k in images if inputs.get(k) is not None}}
+            return {**joined, **{k: inputs[k] for k in _GRPO_IMAGE_INPUTS if inputs.get(k) is not None}}
         return inputs
 
     @contextmanager

@@ -85,9 +85,8 @@ def make_trainer(args: dict[str, Any], sam: dict[str, Any] | None, rho: float, s
     return lw(args=lw_args(**args, sam_rho=rho, **sam), **kwargs)
 
 
-def resolved_sam(sam: dict[str, Any] | None, rho: float, args: dict[str, Any] | None = None
-                 ) -> dict[str, Any] | None:
-    """Every `sam_*` option of `LWSAMConfig(**args, sam_rho=rho, **sam)` as the library resolves it (a preset's, the
+def resolved_sam(sam: dict[str, Any] | None, rho: float) -> dict[str, Any] | None:
+    """Every `sam_*` option of `LWSAMConfig(sam_rho=rho, **sam)` as the library resolves it (a preset's, the
     defaults): what a SAM run trains with; `None` for a plain run (`sam=None`) or options the library refuses.
 
         >>> resolved_sam(dict(sam_preset="free"), 0.2)["sam_ascent"], resolved_sam(None, 0.0)
@@ -96,7 +95,7 @@ def resolved_sam(sam: dict[str, Any] | None, rho: float, args: dict[str, Any] | 
     if sam is None:
         return None
     try:
-        config = LWSAMConfig(**{"output_dir": "unused", "report_to": "none", **(args or {})}, sam_rho=rho, **sam)
+        config = LWSAMConfig(output_dir="unused", report_to="none", sam_rho=rho, **sam)
     except ValueError:
         return None
     return {name: getattr(config, name) for name in sorted(vars(config)) if name.startswith("sam_")}

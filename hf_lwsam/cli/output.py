@@ -241,6 +241,7 @@ def plan_output_dir(output_dir: Path, overwrite: bool, resume_from_checkpoint: s
         return plan
     ours = _written_by_cli(output_dir)
     foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in ours)
+    others = [name for name in _checkpoints(output_dir) if name not in ours]  # another tool's checkpoints
     if not _is_previous_run(output_dir):
         if foreign:
             shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
@@ -253,7 +254,6 @@ def plan_output_dir(output_dir: Path, overwrite: bool, resume_from_checkpoint: s
         if resume_from_checkpoint and Path(resume_from_checkpoint).resolve().is_relative_to(output_dir):
             raise UsageError("--resume_from_checkpoint is inside --output_dir, which --overwrite_output_dir clears: "
                              "drop one of the two flags.")
-        others = [name for name in _checkpoints(output_dir) if name not in ours]
         if others:  # kept, the Trainer would resume from it or rotate it away: the user decides where it goes
             raise UsageError(f"--output_dir {str(output_dir)!r} holds {', '.join(others)}, which hf_lwsam did not "
                              "write, and --overwrite_output_dir removes only what it wrote: move it out of "
@@ -267,7 +267,6 @@ def plan_output_dir(output_dir: Path, overwrite: bool, resume_from_checkpoint: s
     if (output_dir / RESULTS_NAME).is_file() and (output_dir / MANIFEST_NAME).is_file():
         raise UsageError(f"--output_dir {str(output_dir)!r} holds a finished run: pass --overwrite_output_dir to train "
                          "again from step 0 (only the previous run's files are removed), or a new --output_dir.")
-    others = [name for name in _checkpoints(output_dir) if name not in ours]
     if others and plan.checkpoint is None:  # another tool's run (a stock Trainer's, `trl sft`): never continued unasked
         raise UsageError(f"--output_dir {str(output_dir)!r} holds {', '.join(others)}, which hf_lwsam did not write: "
                          f"pass --resume_from_checkpoint {str(output_dir / others[-1])!r} to continue that run, move "
