@@ -337,3 +337,12 @@ def test_the_same_command_resumes_only_with_the_options_the_checkpoint_was_train
     code, log = _run(command, out, "--max_steps", "6", "--resume_from_checkpoint", out / "checkpoint-6", "--sam_rho",
                      "0.5")
     assert code == 0 and "with options changed from the ones it was trained with: sam_rho: 0.05 -> 0.5" in log, log
+
+
+def test_the_refusal_of_another_tools_checkpoints_names_the_latest(tmp_path):
+    """checkpoint-10 is later than checkpoint-2 (by step, not by name)."""
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    with pytest.raises(Exception, match=r"holds checkpoint-10, checkpoint-2, .*checkpoint-10'"):
+        plan_output_dir(tmp_path, overwrite=False, resume_from_checkpoint=None)

@@ -182,6 +182,11 @@ def _checkpoints(output_dir: Path) -> list[str]:
     return sorted(p.name for p in output_dir.iterdir() if _CHECKPOINT.match(p.name) and p.is_dir())
 
 
+def _step(checkpoint_name: str) -> int:
+    """The global step of a `checkpoint-N` folder's name."""
+    return int(checkpoint_name.rsplit("-", 1)[1])
+
+
 def _is_previous_run(output_dir: Path) -> bool:
     return bool(_recorded(output_dir)) or (output_dir / FINAL_TMP_NAME).is_dir() or bool(_checkpoints(output_dir))
 
@@ -194,7 +199,7 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
         return last
     logger.warning(f"{last} is incomplete (no {TRAINER_STATE_NAME}: interrupted while saving); it is not resumed from")
     complete = [p for p in output_dir.iterdir() if _CHECKPOINT.match(p.name) and (p / TRAINER_STATE_NAME).is_file()]
-    return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if complete else None
+    return str(max(complete, key=lambda p: _step(p.name))) if complete else None
 
 
 def check_resume_checkpoint(path: str) -> None:
@@ -268,9 +273,10 @@ def plan_output_dir(output_dir: Path, overwrite: bool, resume_from_checkpoint: s
         raise UsageError(f"--output_dir {str(output_dir)!r} holds a finished run: pass --overwrite_output_dir to train "
                          "again from step 0 (only the previous run's files are removed), or a new --output_dir.")
     if others and plan.checkpoint is None:  # another tool's run (a stock Trainer's, `trl sft`): never continued unasked
+        last = output_dir / max(others, key=_step)
         raise UsageError(f"--output_dir {str(output_dir)!r} holds {', '.join(others)}, which hf_lwsam did not write: "
-                         f"pass --resume_from_checkpoint {str(output_dir / others[-1])!r} to continue that run, move "
-                         "it out of --output_dir, or pass a new --output_dir.")
+                         f"pass --resume_from_checkpoint {str(last)!r} to continue that run, move it out of "
+                         "--output_dir, or pass a new --output_dir.")
     if plan.checkpoint is None:
         plan.checkpoint = last_complete_checkpoint(output_dir)
     return plan
