@@ -226,7 +226,7 @@ def lora_lm():
 
 def test_dpo_with_peft_reference_by_disabled_adapters_reuse_is_exact(tmp_path):
     """DPO with a PEFT model and no reference model computes the reference with the adapters disabled: activation
-    reuse must tell that forward from the policy's (issue #11)."""
+    reuse must tell that forward from the policy's."""
     runs = [dpo(DPOLWSAMTrainer, DPOLWSAMConfig, tmp_path, model=lora_lm(), **{**SGD, "learning_rate": 0.1},
                 sam_rho=0.5, sam_reuse_activations=reuse) for reuse in (True, False)]
     assert runs[0].reuse_disabled_reason is None
